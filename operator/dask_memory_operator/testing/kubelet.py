@@ -1,0 +1,888 @@
+"""A process kubelet: runs the pods of Deployments as local processes.
+
+The local stack has an emulated Kubernetes API but no nodes. This module stands in
+for what a node and the Deployment controller do, just enough for dask-kubernetes'
+clusters to become real Dask processes on this machine:
+
+- It list-watches ``apps/v1`` Deployments, Services and Pods in all namespaces
+  through kr8s (the client dask-kubernetes uses) and reconciles: a Deployment with
+  ``spec.replicas = n`` gets ``n`` pods, each a Pod object (labels of the template,
+  ownerReference to the Deployment, ``status.phase``, ``podIP``, a ``Ready``
+  condition, ``containerStatuses[].restartCount``) and a local process for its
+  container. ``.status`` of the Deployment (replicas, readyReplicas,
+  availableReplicas, updatedReplicas, observedGeneration) is kept up to date. A
+  change of the pod template replaces the pods (the ``Recreate`` strategy: the
+  old pods are gone before the new ones start, as they would bind the same address).
+- A container is started like a kubelet starts it: its env (``value`` and
+  ``valueFrom.fieldRef``), ``$(VAR)`` expansion in command and args, restart
+  policy Always with a back-off (restarts are counted), and on deletion or scale
+  down the ``preStop`` exec hook, SIGTERM, and SIGKILL of the whole process group
+  once ``terminationGracePeriodSeconds`` (default 30) have passed. Deleting a Pod
+  object stops its process and the Deployment gets a new pod.
+- Only what can run here runs: ``dask scheduler``/``dask-scheduler``/``dask worker``/
+  ``dask-worker`` and ``python`` commands, started with the ``dask`` script and the
+  Python of this venv. Any other container makes the pod ``Failed`` with the
+  reason ``UnsupportedContainer``; the image is ignored.
+
+Networking without network namespaces: every pod gets a pod IP on loopback from
+127.2.0.0/16 and Dask is told to listen there (``--host`` is replaced or added,
+``--dashboard-address`` is moved to the pod IP keeping its port). There is no
+kube-proxy; instead a pod selected by a Service gets the Service's clusterIP
+(allocated by the API server from 127.1.0.0/16) as its pod IP, so a scheduler binds
+``<clusterIP>:8786`` and its dashboard ``<clusterIP>:8787`` and the Service's
+address reaches it directly. Only one pod per Service can hold its clusterIP; a
+scheduler pod (label ``dask.org/component=scheduler``) waits a few seconds for its
+Service, which dask-kubernetes creates right after the Deployment. Names resolve
+through :mod:`dask_memory_operator.testing.dns`: the kubelet writes the hosts file
+of all Services and starts every process with that resolver installed.
+
+A worker in a pod sees its cgroup memory limit; here ``resources.limits.memory``
+becomes ``--memory-limit`` unless the args give one.
+
+Each pod's stdout and stderr go to ``<log-dir>/<namespace>_<pod>.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import datetime
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import kr8s
+import kr8s.asyncio
+from kr8s.asyncio.objects import Deployment, Pod, Service
+from kubernetes.utils.quantity import parse_quantity
+
+from dask_memory_operator.testing import dns
+
+logger = logging.getLogger("dask_memory_operator.kubelet")
+
+#: Pod IPs are taken from this range; 127.0.0.0/8 is all on loopback.
+POD_CIDR = ipaddress.ip_network("127.2.0.0/16")
+#: spec.nodeName of the pods of this kubelet.
+NODE_NAME = "process-kubelet"
+#: Scripts next to the interpreter of this venv.
+BIN_DIR = Path(sys.executable).parent
+DASK_SCRIPT = str(BIN_DIR / "dask")
+#: Restart back-off: first delay, cap, and how long a container must run to reset it.
+BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 0.5, 10.0, 10.0
+#: Label of dask-kubernetes' scheduler pods, whose Service comes right after them.
+SCHEDULER_LABEL = ("dask.org/component", "scheduler")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: a new session (the container's process group), and
+    SIGKILL when the kubelet dies, so that no pod outlives a crashed kubelet."""
+    os.setsid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class UnsupportedContainer(Exception):
+    """The container cannot run as a local process."""
+
+
+# ---------------------------------------------------------------------------------
+# From a container spec to a command line
+
+
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes' ``$(VAR)`` expansion: defined variables are replaced, ``$$``
+    becomes ``$``, references to undefined variables stay as they are."""
+
+    def replace(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1)
+        return env[name] if name in env else m.group(0)
+
+    return _VAR_REF.sub(replace, text)
+
+
+def _field_ref(path: str, pod: Mapping[str, Any], pod_ip: str) -> str:
+    meta = pod["metadata"]
+    simple = {
+        "metadata.name": meta["name"],
+        "metadata.namespace": meta["namespace"],
+        "metadata.uid": meta.get("uid", ""),
+        "spec.nodeName": NODE_NAME,
+        "spec.serviceAccountName": pod["spec"].get("serviceAccountName", "default"),
+        "status.podIP": pod_ip,
+        "status.podIPs": pod_ip,
+        "status.hostIP": "127.0.0.1",
+        "status.hostIPs": "127.0.0.1",
+    }
+    if path in simple:
+        return simple[path]
+    m = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
+    if m:
+        return meta.get(m.group(1), {}).get(m.group(2), "")
+    raise UnsupportedContainer(f"env valueFrom.fieldRef {path!r} is not supported")
+
+
+def container_env(container: Mapping[str, Any], pod: Mapping[str, Any], pod_ip: str) -> dict[str, str]:
+    """The variables a container declares, in order, each expanded against the earlier ones."""
+    env: dict[str, str] = {}
+    for item in container.get("env") or []:
+        name = item["name"]
+        if "valueFrom" in item:
+            source = item["valueFrom"]
+            if "fieldRef" not in source:
+                raise UnsupportedContainer(f"env {name}: only valueFrom.fieldRef is supported")
+            env[name] = _field_ref(source["fieldRef"]["fieldPath"], pod, pod_ip)
+        else:
+            env[name] = expand(item.get("value", ""), env)
+    return env
+
+
+def _program(argv0: str) -> list[str]:
+    """The local command line for a container's program, or UnsupportedContainer."""
+    base = os.path.basename(argv0)
+    if base == "dask":
+        return [DASK_SCRIPT]
+    if base in ("dask-scheduler", "dask-worker"):
+        return [DASK_SCRIPT, base.split("-", 1)[1]]
+    if re.fullmatch(r"python(3(\.\d+)?)?", base):
+        return [sys.executable]
+    raise UnsupportedContainer(
+        f"{argv0!r} is neither a dask nor a python command; only those run as local processes"
+    )
+
+
+def _find_option(argv: list[str], option: str) -> int | None:
+    """Index of ``--option value`` or ``--option=value`` in argv."""
+    for i, arg in enumerate(argv):
+        if arg == option or arg.startswith(option + "="):
+            return i
+    return None
+
+
+def _set_option(argv: list[str], option: str, value: str) -> None:
+    i = _find_option(argv, option)
+    if i is None:
+        argv += [option, value]
+    elif argv[i] == option:
+        argv[i + 1] = value
+    else:
+        argv[i] = f"{option}={value}"
+
+
+def _option_value(argv: list[str], option: str) -> str | None:
+    i = _find_option(argv, option)
+    if i is None:
+        return None
+    return argv[i + 1] if argv[i] == option else argv[i].split("=", 1)[1]
+
+
+def container_argv(container: Mapping[str, Any], env: Mapping[str, str], pod_ip: str) -> list[str]:
+    """The command line that runs ``container`` here, listening on ``pod_ip``."""
+    raw = [expand(a, env) for a in (container.get("command") or []) + (container.get("args") or [])]
+    if not raw:
+        raise UnsupportedContainer("no command or args: an image's entrypoint cannot run here")
+    argv = _program(raw[0]) + raw[1:]
+    if argv[0] == DASK_SCRIPT and len(argv) > 1 and argv[1] in ("scheduler", "worker"):
+        role = argv[1]
+        if _find_option(argv, "--listen-address") is None:
+            _set_option(argv, "--host", pod_ip)
+        if "--no-dashboard" not in argv:
+            # ":8787", "8787", "0.0.0.0:8787": keep the port, bind the pod IP.
+            given = _option_value(argv, "--dashboard-address")
+            default = "8787" if role == "scheduler" else "0"
+            port = (given or default).rsplit(":", 1)[-1] or default
+            _set_option(argv, "--dashboard-address", f"{pod_ip}:{port}")
+        limit = (container.get("resources") or {}).get("limits", {}).get("memory")
+        if role == "worker" and limit is not None and _find_option(argv, "--memory-limit") is None:
+            argv += ["--memory-limit", str(int(parse_quantity(limit)))]
+    return argv
+
+
+def template_hash(template: Mapping[str, Any]) -> str:
+    """A stable hash of a pod template, like ``pod-template-hash``."""
+    return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def selects(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bool:
+    """Whether a Service's selector selects a pod with these labels."""
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+# ---------------------------------------------------------------------------------
+# One pod
+
+
+class PodRunner:
+    """One pod: its Pod object, its IP and its container's process, restarted until stopped."""
+
+    #: The kubelet that runs it.
+    kubelet: Kubelet
+    #: The owning Deployment (as seen when the pod was created).
+    deployment: dict[str, Any]
+    #: Hash of the pod template this pod runs.
+    template_hash: str
+    #: The Pod object as last written.
+    pod: dict[str, Any]
+    #: The pod IP, given at creation.
+    ip: str
+    #: Set when the pod should end.
+    stopping: asyncio.Event
+    #: Set once the process is gone and the Pod object deleted.
+    done: asyncio.Event
+    #: The running container process, if any.
+    process: asyncio.subprocess.Process | None
+    #: Container restarts so far.
+    restart_count: int
+    #: Whether the readiness check passed for the current process.
+    ready: bool
+    #: Failed: the container cannot run here (reason, message).
+    failure: tuple[str, str] | None
+    #: The task of run().
+    task: asyncio.Task | None
+
+    def __init__(self, kubelet: Kubelet, deployment: dict[str, Any], ip: str):
+        self.kubelet = kubelet
+        self.deployment = deployment
+        template = deployment["spec"]["template"]
+        self.template_hash = template_hash(template)
+        meta = deployment["metadata"]
+        name = f"{meta['name']}-{self.template_hash}-{secrets.token_hex(3)[:5]}"
+        spec = json.loads(json.dumps(template.get("spec") or {}))
+        spec["nodeName"] = NODE_NAME
+        self.pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": meta["namespace"],
+                "labels": {**(template.get("metadata") or {}).get("labels", {}), "pod-template-hash": self.template_hash},
+                "annotations": dict((template.get("metadata") or {}).get("annotations") or {}),
+                "ownerReferences": [
+                    {
+                        "apiVersion": "apps/v1",
+                        "kind": "Deployment",
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
+            },
+            "spec": spec,
+        }
+        self.ip = ip
+        self.stopping = asyncio.Event()
+        self.done = asyncio.Event()
+        self.process = None
+        self.restart_count = 0
+        self.ready = False
+        self.failure = None
+        self.task = None
+        self._grace: float = float(spec.get("terminationGracePeriodSeconds", 30))
+        self._skip_hooks = False
+        self._started_at = _now()
+        self._last_state: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return self.pod["metadata"]["name"]
+
+    @property
+    def namespace(self) -> str:
+        return self.pod["metadata"]["namespace"]
+
+    @property
+    def uid(self) -> str | None:
+        return self.pod["metadata"].get("uid")
+
+    @property
+    def container(self) -> dict[str, Any]:
+        return self.pod["spec"]["containers"][0]
+
+    @property
+    def log_path(self) -> Path:
+        return self.kubelet.log_dir / f"{self.namespace}_{self.name}.log"
+
+    # -- the Pod object --------------------------------------------------------
+
+    def _status(self) -> dict[str, Any]:
+        container = self.container
+        cstatus: dict[str, Any] = {
+            "name": container.get("name", "main"),
+            "image": container.get("image", ""),
+            "imageID": "",
+            "restartCount": self.restart_count,
+            "ready": self.ready,
+            "started": self.process is not None,
+            "lastState": self._last_state,
+        }
+        conditions = [
+            {"type": "PodScheduled", "status": "True"},
+            {"type": "Initialized", "status": "True"},
+        ]
+        ready = "True" if self.ready else "False"
+        conditions += [{"type": "ContainersReady", "status": ready}, {"type": "Ready", "status": ready}]
+        status: dict[str, Any] = {
+            "hostIP": "127.0.0.1",
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "podIP": self.ip,
+            "podIPs": [{"ip": self.ip}],
+            "startTime": self._started_at,
+            "conditions": conditions,
+        }
+        if self.failure is not None:
+            reason, message = self.failure
+            status.update(phase="Failed", reason=reason, message=message)
+            cstatus["state"] = {"waiting": {"reason": reason, "message": message}}
+        elif self.process is not None:
+            status["phase"] = "Running"
+            cstatus["containerID"] = f"process://{self.process.pid}"
+            cstatus["state"] = {"running": {"startedAt": self._process_started_at}}
+        else:
+            status["phase"] = "Running" if self.restart_count else "Pending"
+            reason = "CrashLoopBackOff" if self.restart_count else "ContainerCreating"
+            cstatus["state"] = {"waiting": {"reason": reason}}
+        status["containerStatuses"] = [cstatus]
+        return status
+
+    async def _publish(self) -> None:
+        """Write the pod's status; a pod deleted meanwhile is left alone."""
+        if self.uid is None or self.done.is_set():
+            return
+        try:
+            obj = Pod(self.pod, api=self.kubelet.api)
+            await obj.patch({"status": self._status()}, subresource="status")
+        except kr8s.NotFoundError:
+            return
+        self.kubelet.changed()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            obj = Pod(json.loads(json.dumps(self.pod)), api=self.kubelet.api)
+            await obj.create()
+            self.pod = obj.raw
+        except Exception:
+            # Left to the next reconcile, which makes a new pod.
+            logger.exception("could not create pod %s/%s", self.namespace, self.name)
+            await asyncio.sleep(1.0)
+            self.done.set()
+            self.kubelet.changed()
+            return
+        try:
+            await self._publish()
+            if len(self.pod["spec"].get("containers", [])) != 1:
+                self.failure = ("UnsupportedContainer", "the process kubelet runs pods of exactly one container")
+            else:
+                await self._run_container()
+            if self.failure is not None:
+                logger.warning("pod %s/%s failed: %s", self.namespace, self.name, self.failure[1])
+                await self._publish()
+                await self.stopping.wait()
+        except Exception:
+            logger.exception("pod %s/%s crashed in the kubelet", self.namespace, self.name)
+            await self.stopping.wait()
+        finally:
+            await self._delete()
+
+    async def _run_container(self) -> None:
+        container = self.container
+        try:
+            env = container_env(container, self.pod, self.ip)
+            argv = container_argv(container, env, self.ip)
+        except UnsupportedContainer as exc:
+            self.failure = ("UnsupportedContainer", str(exc))
+            return
+        env = self.kubelet.process_env(self, env)
+        backoff = BACKOFF_START
+        while not self.stopping.is_set():
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            with open(self.log_path, "ab") as log:
+                log.write(f"=== process kubelet: start #{self.restart_count} at {_now()}: {argv}\n".encode())
+                log.flush()
+                self.process = await asyncio.create_subprocess_exec(
+                    *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log,
+                    stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent,
+                    cwd=self.kubelet.state_dir,
+                )
+            self._process_started_at = _now()
+            logger.info("pod %s/%s: started pid %d: %s", self.namespace, self.name, self.process.pid, argv)
+            await self._publish()
+            probe = asyncio.create_task(self._probe_readiness())
+            exited = asyncio.create_task(self.process.wait())
+            stop = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait([exited, stop], return_when=asyncio.FIRST_COMPLETED)
+            probe.cancel()
+            if not exited.done():
+                stop.cancel()
+                await self._terminate()
+                await exited
+                self._kill_group()
+                return
+            stop.cancel()
+            self._kill_group()
+            code = self.process.returncode
+            logger.info("pod %s/%s: process exited with %s", self.namespace, self.name, code)
+            self._last_state = {"terminated": {"exitCode": code, "finishedAt": _now(),
+                                               "reason": "Completed" if code == 0 else "Error"}}
+            self.process = None
+            self.ready = False
+            self.restart_count += 1
+            await self._publish()
+            if loop.time() - began > BACKOFF_RESET:
+                backoff = BACKOFF_START
+            try:
+                await asyncio.wait_for(self.stopping.wait(), backoff)
+            except TimeoutError:
+                pass
+            backoff = min(2 * backoff, BACKOFF_MAX)
+
+    async def _probe_readiness(self) -> None:
+        """Ready once the readinessProbe passes (httpGet, tcpSocket) or at once without one."""
+        probe = self.container.get("readinessProbe") or {}
+        period = min(float(probe.get("periodSeconds", 10)), 0.5)
+        while True:
+            try:
+                passed = await self._probe_once(probe)
+            except UnsupportedContainer as exc:
+                logger.warning("pod %s/%s: readiness probe not run, pod never ready: %s", self.namespace, self.name, exc)
+                return
+            if passed:
+                self.ready = True
+                await self._publish()
+                return
+            await asyncio.sleep(period)
+
+    def _port(self, port: int | str) -> int:
+        if isinstance(port, int) or str(port).isdigit():
+            return int(port)
+        for p in self.container.get("ports") or []:
+            if p.get("name") == port:
+                return int(p["containerPort"])
+        raise UnsupportedContainer(f"probe port {port!r} is not a port of the container")
+
+    async def _probe_once(self, probe: Mapping[str, Any]) -> bool:
+        if "httpGet" in probe:
+            get = probe["httpGet"]
+            url = f"http://{self.ip}:{self._port(get['port'])}{get.get('path', '/')}"
+            try:
+                async with httpx.AsyncClient(timeout=1.0) as client:
+                    return (await client.get(url)).status_code < 400
+            except httpx.HTTPError:
+                return False
+        if "tcpSocket" in probe:
+            try:
+                _, writer = await asyncio.open_connection(self.ip, self._port(probe["tcpSocket"]["port"]))
+            except OSError:
+                return False
+            writer.close()
+            return True
+        # No probe, or an exec probe: the container is ready once it runs.
+        return True
+
+    async def _terminate(self) -> None:
+        """preStop hook, SIGTERM, then SIGKILL when the grace period is over."""
+        assert self.process is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._grace
+        hook = ((self.container.get("lifecycle") or {}).get("preStop") or {}).get("exec")
+        if hook and not self._skip_hooks:
+            await self._run_pre_stop(hook.get("command") or [], deadline)
+        logger.info("pod %s/%s: SIGTERM to pid %d", self.namespace, self.name, self.process.pid)
+        self._signal(signal.SIGTERM)
+        # As a kubelet does, a hook that used up the grace period leaves 2 s for SIGTERM.
+        try:
+            await asyncio.wait_for(self.process.wait(), max(deadline - loop.time(), 2.0))
+        except TimeoutError:
+            logger.warning("pod %s/%s: SIGKILL after the grace period", self.namespace, self.name)
+            self._kill_group()
+
+    async def _run_pre_stop(self, command: list[str], deadline: float) -> None:
+        env = container_env(self.container, self.pod, self.ip)
+        try:
+            argv = _program(command[0]) + [expand(a, env) for a in command[1:]] if command else []
+        except UnsupportedContainer as exc:
+            logger.warning("pod %s/%s: preStop hook not run: %s", self.namespace, self.name, exc)
+            return
+        loop = asyncio.get_running_loop()
+        with open(self.log_path, "ab") as log:
+            log.write(f"=== process kubelet: preStop at {_now()}: {argv}\n".encode())
+            log.flush()
+            hook = await asyncio.create_subprocess_exec(
+                *argv, env=self.kubelet.process_env(self, env), stdin=asyncio.subprocess.DEVNULL,
+                stdout=log, stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent,
+                cwd=self.kubelet.state_dir,
+            )
+        try:
+            code = await asyncio.wait_for(hook.wait(), max(deadline - loop.time(), 0))
+            logger.info("pod %s/%s: preStop hook exited with %s", self.namespace, self.name, code)
+        except TimeoutError:
+            logger.warning("pod %s/%s: preStop hook still running after the grace period", self.namespace, self.name)
+            os.killpg(hook.pid, signal.SIGKILL)
+            await hook.wait()
+
+    def _signal(self, sig: int) -> None:
+        assert self.process is not None
+        try:
+            os.kill(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _kill_group(self) -> None:
+        """Kill whatever is left in the container's process group (e.g. a nanny's worker)."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, *, grace: float | None = None, hooks: bool = True) -> None:
+        """Ask the pod to end; ``done`` is set once its process and Pod object are gone."""
+        if grace is not None:
+            self._grace = min(self._grace, grace)
+        self._skip_hooks = not hooks
+        self.stopping.set()
+
+    async def _delete(self) -> None:
+        self.process = None
+        if self.uid is not None and not self.kubelet.shutting_down:
+            try:
+                await Pod(self.pod, api=self.kubelet.api).delete(grace_period=None)
+            except kr8s.NotFoundError:
+                pass
+            except Exception:
+                logger.exception("pod %s/%s: could not delete the Pod object", self.namespace, self.name)
+        self.done.set()
+        self.kubelet.changed()
+
+
+# ---------------------------------------------------------------------------------
+# The kubelet
+
+
+class Kubelet:
+    """Watches Deployments, Services and Pods and keeps one PodRunner per wanted pod."""
+
+    #: The kr8s API client.
+    api: Any
+    #: Working directory of the processes; holds the hosts file.
+    state_dir: Path
+    #: Where each pod's output goes.
+    log_dir: Path
+    #: The cluster DNS hosts file (see dns.py).
+    hosts_file: Path
+    #: Cached objects by uid.
+    deployments: dict[str, dict[str, Any]]
+    services: dict[str, dict[str, Any]]
+    #: Pods by Deployment uid; stopped pods leave once done.
+    runners: dict[str, list[PodRunner]]
+    #: Pod IPs in use.
+    ips_in_use: set[str]
+    #: How long a scheduler pod waits for its Service before taking a pod IP.
+    service_wait: float
+    #: Set by SIGTERM.
+    shutting_down: bool
+
+    def __init__(self, api: Any, state_dir: Path, log_dir: Path, *, service_wait: float = 10.0):
+        self.api = api
+        self.state_dir = state_dir
+        self.log_dir = log_dir
+        self.hosts_file = state_dir / "cluster-hosts"
+        self.deployments = {}
+        self.services = {}
+        self.runners = {}
+        self.ips_in_use = set()
+        self.service_wait = service_wait
+        self.shutting_down = False
+        self._wake = asyncio.Event()
+        self._hosts_written: list[tuple[str, str, str]] | None = None
+        self._pending_scheduler_since: dict[str, float] = {}
+
+    def changed(self) -> None:
+        """Something changed: reconcile soon."""
+        self._wake.set()
+
+    def process_env(self, runner: PodRunner, env: Mapping[str, str]) -> dict[str, str]:
+        """The environment of a container process: the kubelet's own minus Dask and
+        Kubernetes settings, the pod's identity, the cluster DNS, then the container's env."""
+        base = {k: v for k, v in os.environ.items() if not k.startswith("DASK_") and k != "KUBECONFIG"}
+        base.update(
+            HOSTNAME=runner.name,
+            PYTHONUNBUFFERED="1",
+            DMO_POD=f"{runner.namespace}/{runner.name}",
+        )
+        base = dns.process_env(self.hosts_file, base)
+        base.update(env)
+        return base
+
+    # -- watching --------------------------------------------------------------
+
+    async def _list_watch(
+        self, kind: type, cache: dict[str, dict[str, Any]] | None, on_event=None,
+        listed: asyncio.Event | None = None,
+    ) -> None:
+        """Keep ``cache`` equal to the objects of ``kind`` (all namespaces): list, then
+        watch from the list's resourceVersion; on any error list again."""
+        while True:
+            try:
+                async with self.api.async_get_kind(kind, namespace=kr8s.ALL) as (_, response):
+                    listing = response.json()
+                if cache is not None:
+                    cache.clear()
+                    cache.update({o["metadata"]["uid"]: o for o in listing.get("items") or []})
+                self.changed()
+                if listed is not None:
+                    listed.set()
+                since = listing["metadata"].get("resourceVersion")
+                async for event, obj in self.api.watch(kind, namespace=kr8s.ALL, since=since):
+                    raw = obj.raw
+                    if cache is not None:
+                        if event == "DELETED":
+                            cache.pop(raw["metadata"]["uid"], None)
+                        elif event in ("ADDED", "MODIFIED"):
+                            cache[raw["metadata"]["uid"]] = raw
+                    if on_event is not None:
+                        on_event(event, raw)
+                    self.changed()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("watch of %s ended (%s: %s); listing again", kind.kind, type(exc).__name__, exc)
+                await asyncio.sleep(1.0)
+
+    def _on_pod_event(self, event: str, pod: dict[str, Any]) -> None:
+        """A Pod of ours deleted by someone else (kubectl delete pod, garbage collection) ends its process."""
+        if event != "DELETED" and not pod["metadata"].get("deletionTimestamp"):
+            return
+        uid = pod["metadata"]["uid"]
+        for runners in self.runners.values():
+            for runner in runners:
+                if runner.uid == uid and not runner.stopping.is_set():
+                    grace = pod["metadata"].get("deletionGracePeriodSeconds")
+                    logger.info("pod %s/%s deleted: stopping it", runner.namespace, runner.name)
+                    runner.stop(grace=None if grace is None else float(grace))
+
+    # -- reconciling -----------------------------------------------------------
+
+    def _service_ip_for(self, deployment: dict[str, Any]) -> str | None:
+        """The clusterIP of a Service selecting this Deployment's pods, when free."""
+        labels = (deployment["spec"]["template"].get("metadata") or {}).get("labels") or {}
+        namespace = deployment["metadata"]["namespace"]
+        for svc in self.services.values():
+            ip = svc.get("spec", {}).get("clusterIP")
+            if (
+                svc["metadata"]["namespace"] == namespace
+                and ip and ip != "None"
+                and selects(svc["spec"].get("selector"), labels)
+                and ip not in self.ips_in_use
+            ):
+                return ip
+        return None
+
+    def _allocate_ip(self) -> str:
+        for host in POD_CIDR.hosts():
+            ip = str(host)
+            if ip not in self.ips_in_use and not ip.endswith(".0") and not ip.endswith(".255"):
+                return ip
+        raise RuntimeError("no pod IP left in 127.2.0.0/16")
+
+    def _start_pod(self, deployment: dict[str, Any], ip: str) -> None:
+        runner = PodRunner(self, deployment, ip)
+        self.ips_in_use.add(ip)
+        self.runners.setdefault(deployment["metadata"]["uid"], []).append(runner)
+        runner.task = asyncio.create_task(runner.run(), name=f"pod {runner.namespace}/{runner.name}")
+
+    async def reconcile(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Pods whose process and object are gone leave the books.
+        for uid, runners in list(self.runners.items()):
+            for runner in [r for r in runners if r.done.is_set()]:
+                runners.remove(runner)
+                self.ips_in_use.discard(runner.ip)
+            if not runners:
+                del self.runners[uid]
+        # Pods of deleted Deployments end.
+        for uid, runners in self.runners.items():
+            if uid not in self.deployments:
+                for runner in runners:
+                    runner.stop()
+        self._write_hosts()
+        # A copy: the watches change the cache while this awaits status patches.
+        for uid, deployment in list(self.deployments.items()):
+            runners = self.runners.get(uid, [])
+            current = template_hash(deployment["spec"]["template"])
+            active = [r for r in runners if not r.stopping.is_set()]
+            outdated = [r for r in active if r.template_hash != current]
+            for runner in outdated:
+                runner.stop()
+            active = [r for r in active if r.template_hash == current]
+            wanted = 0 if deployment["metadata"].get("deletionTimestamp") else deployment["spec"].get("replicas", 1)
+            for runner in active[wanted:][::-1]:
+                runner.stop()
+            # Recreate: new pods start once the old template's pods are gone.
+            if len(active) < wanted and not any(r.template_hash != current for r in runners):
+                for _ in range(wanted - len(active)):
+                    ip = self._service_ip_for(deployment)
+                    if ip is None and self._waits_for_service(deployment):
+                        since = self._pending_scheduler_since.setdefault(uid, loop.time())
+                        if loop.time() - since < self.service_wait:
+                            loop.call_later(0.5, self.changed)
+                            break
+                        logger.warning("no Service selects %s: it gets a pod IP", deployment["metadata"]["name"])
+                    self._pending_scheduler_since.pop(uid, None)
+                    self._start_pod(deployment, ip or self._allocate_ip())
+            await self._update_deployment_status(deployment)
+
+    def _waits_for_service(self, deployment: dict[str, Any]) -> bool:
+        labels = (deployment["spec"]["template"].get("metadata") or {}).get("labels") or {}
+        return labels.get(SCHEDULER_LABEL[0]) == SCHEDULER_LABEL[1]
+
+    def _write_hosts(self) -> None:
+        entries = sorted(
+            (svc["metadata"]["name"], svc["metadata"]["namespace"], svc["spec"]["clusterIP"])
+            for svc in self.services.values()
+            if svc.get("spec", {}).get("clusterIP") not in (None, "", "None")
+        )
+        if entries != self._hosts_written:
+            dns.write_hosts(self.hosts_file, entries)
+            self._hosts_written = entries
+
+    async def _update_deployment_status(self, deployment: dict[str, Any]) -> None:
+        runners = [r for r in self.runners.get(deployment["metadata"]["uid"], []) if not r.stopping.is_set()]
+        current = template_hash(deployment["spec"]["template"])
+        ready = sum(1 for r in runners if r.ready)
+        status = {
+            "observedGeneration": deployment["metadata"].get("generation", 1),
+            "replicas": len(runners),
+            "updatedReplicas": sum(1 for r in runners if r.template_hash == current),
+            "readyReplicas": ready,
+            "availableReplicas": ready,
+            "unavailableReplicas": len(runners) - ready,
+        }
+        old = deployment.get("status") or {}
+        if all(old.get(k, 0) == v for k, v in status.items()):
+            return
+        try:
+            obj = Deployment(deployment, api=self.api)
+            await obj.patch({"status": status}, subresource="status")
+            deployment["status"] = obj.raw.get("status", status)
+        except kr8s.NotFoundError:
+            pass
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("reconcile failed; retrying")
+                await asyncio.sleep(1.0)
+                self.changed()
+
+    async def _delete_stale_pods(self) -> None:
+        """Pods of an earlier run of this kubelet have no process any more."""
+        async for pod in self.api.get(Pod, namespace=kr8s.ALL, field_selector=f"spec.nodeName={NODE_NAME}"):
+            if pod.raw["spec"].get("nodeName") != NODE_NAME:
+                continue  # a server that ignores field selectors
+            logger.info("deleting stale pod %s/%s", pod.namespace, pod.name)
+            try:
+                await pod.delete()
+            except kr8s.NotFoundError:
+                pass
+
+    async def run(self, ready_file: Path | None = None) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._write_hosts()
+        await self._delete_stale_pods()
+        services_listed = asyncio.Event()
+        tasks = [
+            asyncio.create_task(self._list_watch(Service, self.services, listed=services_listed)),
+            asyncio.create_task(self._list_watch(Pod, None, self._on_pod_event)),
+        ]
+        # Services first, so that a scheduler finds its clusterIP at the first reconcile.
+        await services_listed.wait()
+        tasks.append(asyncio.create_task(self._list_watch(Deployment, self.deployments)))
+        tasks.append(asyncio.create_task(self._reconcile_loop()))
+        if ready_file is not None:
+            ready_file.write_text(str(os.getpid()))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop every pod: SIGTERM, SIGKILL after ``grace``; no hooks, Pod objects stay."""
+        self.shutting_down = True
+        runners = [r for rs in self.runners.values() for r in rs]
+        for runner in runners:
+            runner.stop(grace=grace, hooks=False)
+        tasks = [r.task for r in runners if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace + 5)
+        for runner in runners:
+            runner._kill_group()
+
+
+async def amain(args: argparse.Namespace) -> None:
+    state_dir = Path(args.state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(args.log_dir).resolve() if args.log_dir else state_dir / "pods"
+    api = await kr8s.asyncio.api(kubeconfig=args.kubeconfig)
+    kubelet = Kubelet(api, state_dir, log_dir, service_wait=args.service_wait)
+    loop = asyncio.get_running_loop()
+    main = asyncio.create_task(kubelet.run(ready_file=state_dir / "kubelet.ready"))
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await asyncio.wait([main, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    logger.info("shutting down")
+    main.cancel()
+    await kubelet.shutdown(args.shutdown_grace)
+    if main.done() and not main.cancelled() and main.exception():
+        raise main.exception()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--state-dir", required=True, help="working directory, hosts file, ready marker")
+    parser.add_argument("--log-dir", help="one log file per pod (default: <state-dir>/pods)")
+    parser.add_argument("--service-wait", type=float, default=10.0,
+                        help="seconds a scheduler pod waits for its Service")
+    parser.add_argument("--shutdown-grace", type=float, default=5.0,
+                        help="seconds between SIGTERM and SIGKILL of the pods when the kubelet stops")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    main()
