@@ -1,0 +1,551 @@
+"""A scheduler plugin through which an outside controller (the dask-memory-operator)
+configures the Active Memory Manager of a live scheduler.
+
+Why a plugin: a running scheduler reads ``distributed.scheduler.active-memory-manager``
+only once, when it builds its AMM extension, and the only run-time controls upstream
+offers are ``client.amm.start()/stop()/run_once()``. Changing policies, interval or
+measure of a live scheduler otherwise means shipping pickled code to it. This plugin
+adds three scheduler handlers that take and return plain data (msgpack-able dicts),
+so the operator never sends code for day-to-day work:
+
+``amm_core_status()``
+    What is in force: running, interval, measure, policies with their arguments,
+    counters, and whatever the policies report about themselves.
+``amm_core_apply(config, owner)``
+    Make the AMM what ``config`` says (the dask-config shape of the AMM section).
+    Everything is validated before anything changes; an invalid config raises
+    ``ValueError`` and leaves the scheduler as it was. Applying what is already in
+    force under the same owner and generation keeps the existing policy objects, so
+    that policies holding state (e.g. wanted replica counts) survive the operator's
+    periodic re-apply; drift of start/interval/measure is repaired in place.
+``amm_core_restore()``
+    Back to the scheduler's own configuration, as recorded when the plugin started.
+
+``RetireWorker`` policies belong to ``Scheduler.retire_workers`` calls in progress,
+which poll them until done: they are never removed. When a config stops the AMM while
+retirements are in progress, they are handed over to an ad-hoc AMM, exactly as
+``retire_workers`` itself does when the AMM is off, so that they cannot hang.
+
+Install with ``dask scheduler --preload amm_core.plugin`` (or
+``DASK_DISTRIBUTED__SCHEDULER__PRELOAD=amm_core.plugin``); the operator can also
+register it on a running scheduler (see dask_memory_operator.scheduler_rpc).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Literal
+
+import dask
+import distributed
+from dask.utils import parse_timedelta
+from distributed.active_memory_manager import (
+    ActiveMemoryManagerExtension,
+    ActiveMemoryManagerPolicy,
+    RetireWorker,
+)
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.utils import import_term
+
+import amm_core
+
+if TYPE_CHECKING:
+    from distributed.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+#: Version of the message shapes below; bump on an incompatible change.
+PLUGIN_VERSION = 1
+#: Name under which the plugin is registered in ``Scheduler.plugins``
+PLUGIN_NAME = "amm-core"
+#: dask config section of the AMM
+AMM_CONFIG = "distributed.scheduler.active-memory-manager"
+#: Interval of the ad-hoc AMM that finishes retirements when a config stops the AMM;
+#: the same as upstream's ad-hoc AMM in ``Scheduler.retire_workers``.
+RETIREMENT_INTERVAL = 2.0
+
+Source = Literal["preload", "live"]
+
+
+def plain(value: Any) -> Any:
+    """Tuples to lists, recursively: distributed's msgpack decodes lists as tuples,
+    and configs must compare equal however they travelled."""
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def dotted_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class AMMSpec:
+    """A validated AMM configuration, normalized for comparison."""
+
+    #: Start the AMM (run every ``interval`` seconds)
+    start: bool
+    #: Seconds between AMM cycles
+    interval: float
+    #: Attribute of MemoryState used as the memory measure
+    measure: str
+    #: [(dotted class path as given, kwargs)] in config order
+    policies: list[tuple[str, dict[str, Any]]]
+
+    def __init__(
+        self,
+        start: bool,
+        interval: float,
+        measure: str,
+        policies: list[tuple[str, dict[str, Any]]],
+    ):
+        self.start = start
+        self.interval = interval
+        self.measure = measure
+        self.policies = policies
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AMMSpec) and self.to_config() == other.to_config()
+
+    def to_config(self) -> dict[str, Any]:
+        """Back to the dask-config shape (interval in seconds)."""
+        return {
+            "start": self.start,
+            "interval": self.interval,
+            "measure": self.measure,
+            "policies": [{"class": cls, **kwargs} for cls, kwargs in self.policies],
+        }
+
+    @classmethod
+    def parse(
+        cls, config: Any, measures: set[str], defaults: AMMSpec | None = None
+    ) -> AMMSpec:
+        """Validate a dask-config-shaped AMM section. Keys left out take their value
+        from ``defaults``. Raises ValueError with a message meant for a person."""
+        if not isinstance(config, dict):
+            raise ValueError(f"AMM config must be a mapping, got {config!r}")
+        config = plain(config)
+        unknown = set(config) - {"start", "interval", "measure", "policies"}
+        if unknown:
+            raise ValueError(
+                f"unknown AMM config key(s) {sorted(unknown)}; expected start, "
+                "interval, measure, policies"
+            )
+        if defaults is None and set(config) != {
+            "start",
+            "interval",
+            "measure",
+            "policies",
+        }:
+            raise ValueError("AMM config needs start, interval, measure and policies")
+
+        def get(key: str) -> Any:
+            if key in config:
+                return config[key]
+            assert defaults is not None
+            return defaults.to_config()[key]
+
+        start = get("start")
+        if not isinstance(start, bool):
+            raise ValueError(f"AMM start must be true or false, got {start!r}")
+
+        raw_interval = get("interval")
+        not_a_duration = ValueError(
+            f"AMM interval {raw_interval!r} is not a positive duration "
+            "(e.g. '2s', '500ms', or seconds as a number)"
+        )
+        # parse_timedelta's own errors name internals ("could not convert '1-1'")
+        try:
+            interval = parse_timedelta(raw_interval, default="seconds")
+        except (ValueError, KeyError, TypeError):
+            raise not_a_duration from None
+        if (
+            isinstance(raw_interval, bool)
+            or not isinstance(interval, (int, float))
+            or not math.isfinite(interval)
+            or interval <= 0
+        ):
+            raise not_a_duration
+
+        measure = get("measure")
+        if not isinstance(measure, str) or measure not in measures:
+            raise ValueError(
+                f"AMM measure {measure!r} is not one of {', '.join(sorted(measures))}"
+            )
+
+        raw_policies = get("policies")
+        if not isinstance(raw_policies, list):
+            raise ValueError(f"AMM policies must be a list, got {raw_policies!r}")
+        policies = []
+        for i, entry in enumerate(raw_policies):
+            if not isinstance(entry, dict) or not isinstance(entry.get("class"), str):
+                raise ValueError(
+                    f"AMM policy #{i} must be a mapping with a 'class' string, "
+                    f"got {entry!r}"
+                )
+            kwargs = {k: v for k, v in entry.items() if k != "class"}
+            policies.append((entry["class"], kwargs))
+        return cls(start, float(interval), measure, policies)
+
+
+def policy_class(path: str) -> type[ActiveMemoryManagerPolicy]:
+    """Import an AMM policy class by dotted path or amm_core short name (e.g.
+    "Rebalance"); ValueError if that is not one."""
+    try:
+        cls = import_term(amm_core.BUILTIN_POLICIES.get(path, path))
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"AMM policy class {path!r} cannot be imported: {e}") from None
+    if not isinstance(cls, type) or not issubclass(cls, ActiveMemoryManagerPolicy):
+        raise ValueError(
+            f"{path!r} is not an AMM policy (a subclass of "
+            "distributed.active_memory_manager.ActiveMemoryManagerPolicy)"
+        )
+    if inspect.isabstract(cls):
+        raise ValueError(f"AMM policy class {path!r} is abstract")
+    return cls
+
+
+def build_policy(path: str, kwargs: dict[str, Any]) -> ActiveMemoryManagerPolicy:
+    cls = policy_class(path)
+    try:
+        return cls(**kwargs)
+    # The constructor validates user input here; whatever it raises, the user must
+    # see why their arguments were refused.
+    except Exception as e:
+        raise ValueError(
+            f"AMM policy {path} does not accept arguments {kwargs!r}: "
+            f"{type(e).__name__}: {e}"
+        ) from None
+
+
+class MemoryPolicyPlugin(SchedulerPlugin):
+    """Scheduler plugin that lets an operator configure the AMM with plain messages.
+
+    See the module docstring for the handlers and their semantics.
+    """
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    #: How the plugin got here: "preload" (from the image) or "live" (registered by
+    #: the operator over RPC)
+    source: Source
+    scheduler: Scheduler
+    #: The scheduler's AMM extension
+    amm: ActiveMemoryManagerExtension
+    #: The scheduler's own AMM configuration, recorded at plugin start
+    baseline: AMMSpec
+    #: What was last applied (the baseline until the first apply)
+    applied: AMMSpec
+    #: The policy objects created for ``applied``, with the entry they came from;
+    #: None for entries that had no object in force at plugin start
+    configured: list[tuple[ActiveMemoryManagerPolicy | None, str, dict[str, Any]]]
+    #: The MemoryPolicy in force: {uid, namespace, name, generation}; None = baseline
+    owner: dict[str, Any] | None
+    #: Ad-hoc AMMs finishing retirements that were in progress when a config stopped
+    #: the main AMM
+    retirement_amms: set[ActiveMemoryManagerExtension]
+    #: AMM cycles run since the plugin started
+    cycles: int
+    #: Replicate and drop suggestions the AMM enacted (sent to workers) since start
+    replicas_copied: int
+    replicas_dropped: int
+
+    def __init__(self, source: Source = "live"):
+        if source not in ("preload", "live"):
+            raise ValueError(f"source must be 'preload' or 'live', got {source!r}")
+        self.source = source
+        self.owner = None
+        self.retirement_amms = set()
+        self.cycles = 0
+        self.replicas_copied = 0
+        self.replicas_dropped = 0
+
+    # --- lifecycle ------------------------------------------------------------
+
+    async def start(self, scheduler: Scheduler) -> None:
+        # No await in here: a concurrent registration cannot interleave with it.
+        self.scheduler = scheduler
+        amm = scheduler.extensions.get("amm")
+        if not isinstance(amm, ActiveMemoryManagerExtension):
+            raise RuntimeError(
+                "amm_core.plugin needs the scheduler's Active Memory Manager "
+                "extension (scheduler.extensions['amm']), which is missing"
+            )
+        self.amm = amm
+        self.baseline = AMMSpec.parse(dask.config.get(AMM_CONFIG), self.measures())
+        self.applied = self.baseline
+        self.configured = self._match_in_force(self.baseline)
+        self._count(amm)
+        scheduler.handlers.update(
+            {
+                "amm_core_status": self.status,
+                "amm_core_apply": self.apply,
+                "amm_core_restore": self.restore,
+            }
+        )
+        logger.info(
+            "amm_core plugin started (%s); scheduler's own AMM config: %s",
+            self.source,
+            self.baseline.to_config(),
+        )
+
+    def _count(self, amm: ActiveMemoryManagerExtension) -> None:
+        """Count cycles and enacted suggestions by wrapping the extension instance's
+        methods. ``run_once`` (also called directly by retire_workers) looks both up on
+        the instance at every cycle, so a running periodic callback picks them up."""
+        run_policies = amm._run_policies
+        enact = amm._enact_suggestions
+
+        def counting_run_policies() -> None:
+            self.cycles += 1
+            run_policies()
+
+        def counting_enact() -> None:
+            # Same filter as _enact_suggestions: keys with no replica left are skipped
+            for ts, (pending_repl, pending_drop) in amm.pending.items():
+                if ts.who_has:
+                    self.replicas_copied += len(pending_repl)
+                    self.replicas_dropped += len(pending_drop)
+            enact()
+
+        amm._run_policies = counting_run_policies  # type: ignore[method-assign]
+        amm._enact_suggestions = counting_enact  # type: ignore[method-assign]
+
+    def measures(self) -> set[str]:
+        """Valid memory measures, computed as the AMM extension does."""
+        mem = self.scheduler.memory
+        return {n for n in dir(mem) if not n.startswith("_") and n != "sum"}
+
+    def _match_in_force(
+        self, spec: AMMSpec
+    ) -> list[tuple[ActiveMemoryManagerPolicy | None, str, dict[str, Any]]]:
+        """Pair the config entries with the policy objects the extension built from
+        them (by exact class, in order). Entries left without an object mean that
+        what is in force differs from the config."""
+        free = [p for p in self.amm.policies if not isinstance(p, RetireWorker)]
+        matched: list[tuple[ActiveMemoryManagerPolicy | None, str, dict[str, Any]]] = []
+        for path, kwargs in spec.policies:
+            cls = policy_class(path)
+            obj = next((p for p in free if type(p) is cls), None)
+            if obj is not None:
+                free.remove(obj)
+            matched.append((obj, path, kwargs))
+        return matched
+
+    # --- handlers -------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        amm = self.amm
+        configured_ids = {id(p) for p, _, _ in self.configured if p is not None}
+        policies = [
+            {"class": path, "kwargs": kwargs, "role": "configured"}
+            for p, path, kwargs in self.configured
+            if p is not None and p in amm.policies
+        ]
+        others = sorted(
+            (p for p in amm.policies if id(p) not in configured_ids),
+            key=lambda p: (dotted_name(type(p)), repr(p)),
+        )
+        for p in others:
+            if isinstance(p, RetireWorker):
+                policies.append(
+                    {
+                        "class": dotted_name(type(p)),
+                        "kwargs": {"address": p.address},
+                        "role": "retirement",
+                    }
+                )
+            else:
+                # Added by someone else (e.g. add_policy from a client): arguments
+                # unknown
+                policies.append(
+                    {"class": dotted_name(type(p)), "kwargs": None, "role": "foreign"}
+                )
+
+        reports = []
+        for p in self._all_policies():
+            report = getattr(p, "report", None)
+            if not callable(report):
+                continue
+            try:
+                reports.append(report())
+            # One faulty policy must not blind the operator to all the others; the
+            # failure is reported in its place and logged with its traceback.
+            except Exception as e:
+                logger.exception("report() of AMM policy %r failed", p)
+                reports.append(
+                    {"class": type(p).__name__, "error": f"{type(e).__name__}: {e}"}
+                )
+
+        retiring = sorted(
+            p.address for p in self._all_policies() if isinstance(p, RetireWorker)
+        )
+        # Workers that policies (amm_core.retire_paused) want replaced by whoever runs
+        # the cluster
+        replace = [entry for r in reports for entry in r.get("replace", ())]
+        return {
+            "plugin_version": PLUGIN_VERSION,
+            "amm_core_version": getattr(amm_core, "__version__", None),
+            "amm_core_path": os.path.dirname(amm_core.__file__),
+            "distributed_version": distributed.__version__,
+            "source": self.source,
+            "owner": self.owner,
+            "in_force": self.in_force(self.applied),
+            "amm": {
+                "running": amm.running,
+                "interval": amm.interval,
+                "measure": amm.measure,
+                "policies": policies,
+                "cycles": self.cycles,
+                "replicas_copied": self.replicas_copied,
+                "replicas_dropped": self.replicas_dropped,
+                "memory_bytes": sum(
+                    getattr(ws.memory, amm.measure)
+                    for ws in self.scheduler.workers.values()
+                ),
+                "retiring_workers": retiring,
+            },
+            "workers": len(self.scheduler.workers),
+            "policy_reports": reports,
+            "replace": replace,
+        }
+
+    def apply(self, config: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(owner, dict) or not owner.get("uid"):
+            raise ValueError(f"owner must be a mapping with a uid, got {owner!r}")
+        spec = AMMSpec.parse(config, self.measures(), defaults=self.baseline)
+        if self._same_owner(owner) and spec == self.applied:
+            self._repair(spec)
+        else:
+            self._swap(spec, owner)
+        return self.status()
+
+    def restore(self) -> dict[str, Any]:
+        if self.owner is None and self.baseline == self.applied:
+            self._repair(self.baseline)
+        else:
+            self._swap(self.baseline, None)
+        return self.status()
+
+    # --- mechanics ------------------------------------------------------------
+
+    def _same_owner(self, owner: dict[str, Any]) -> bool:
+        return self.owner is not None and (
+            (self.owner.get("uid"), self.owner.get("generation"))
+            == (owner.get("uid"), owner.get("generation"))
+        )
+
+    def _all_policies(self) -> Iterable[ActiveMemoryManagerPolicy]:
+        yield from self.amm.policies
+        for side in self.retirement_amms:
+            yield from side.policies
+
+    def in_force(self, spec: AMMSpec) -> bool:
+        """Whether the extension is exactly what ``spec`` and its policy objects say,
+        besides retirements in progress."""
+        amm = self.amm
+        return (
+            amm.running == spec.start
+            and amm.interval == spec.interval
+            and amm.measure == spec.measure
+            and all(p is not None for p, _, _ in self.configured)
+            and {id(p) for p, _, _ in self.configured}
+            == {id(p) for p in amm.policies if not isinstance(p, RetireWorker)}
+        )
+
+    def _repair(self, spec: AMMSpec) -> None:
+        """Same config again: keep the policy objects (they may hold state) and only
+        put back what someone changed behind our back."""
+        if self.in_force(spec):
+            return
+        policies_intact = all(p is not None for p, _, _ in self.configured) and {
+            id(p) for p, _, _ in self.configured
+        } == {id(p) for p in self.amm.policies if not isinstance(p, RetireWorker)}
+        if not policies_intact:
+            logger.info("AMM policies were changed outside amm_core; re-applying")
+            self._swap(spec, self.owner)
+            return
+        logger.info("AMM start/interval/measure drifted; putting them back")
+        self._set(spec, [p for p, _, _ in self.configured if p is not None])
+
+    def _swap(self, spec: AMMSpec, owner: dict[str, Any] | None) -> None:
+        # Build every policy before touching the extension: a failure here leaves the
+        # scheduler as it was.
+        built = [
+            (build_policy(path, kwargs), path, kwargs) for path, kwargs in spec.policies
+        ]
+        self._set(spec, [p for p, _, _ in built])
+        self.configured = list(built)
+        self.applied = spec
+        self.owner = dict(owner) if owner is not None else None
+        logger.info(
+            "AMM configured for %s: %s",
+            "the scheduler's own config" if owner is None else owner,
+            spec.to_config(),
+        )
+
+    def _set(self, spec: AMMSpec, policies: list[ActiveMemoryManagerPolicy]) -> None:
+        """Put ``spec`` in force with these policy objects. Synchronous: no AMM cycle
+        can run in between."""
+        amm = self.amm
+        amm.stop()
+        for p in list(amm.policies):
+            if not isinstance(p, RetireWorker):
+                amm.policies.discard(p)
+        for p in policies:
+            amm.add_policy(p)
+        amm.interval = spec.interval
+        amm.measure = spec.measure
+        if spec.start:
+            amm.start()
+        else:
+            self._hand_over_retirements()
+
+    def _hand_over_retirements(self) -> None:
+        """Move RetireWorker policies of a stopped AMM to an ad-hoc running one, as
+        Scheduler.retire_workers does when the AMM is off. RetireWorker.done() asks
+        its own manager, so the retire_workers call in progress follows along."""
+        retiring = [p for p in self.amm.policies if isinstance(p, RetireWorker)]
+        if not retiring:
+            return
+        side = ActiveMemoryManagerExtension(
+            self.scheduler,
+            policies=set(),
+            measure=self.amm.measure,
+            register=False,
+            start=False,
+            interval=RETIREMENT_INTERVAL,
+        )
+        for p in retiring:
+            self.amm.policies.discard(p)
+            side.add_policy(p)
+        self._stop_when_empty(side)
+        self.retirement_amms.add(side)
+        side.start()
+        logger.info(
+            "AMM stopped with %d retirement(s) in progress; they go on in an ad-hoc AMM",
+            len(retiring),
+        )
+
+    def _stop_when_empty(self, side: ActiveMemoryManagerExtension) -> None:
+        run_policies: Callable[[], None] = side._run_policies
+
+        def run_then_stop_when_done() -> None:
+            run_policies()
+            if not side.policies:
+                side.stop()
+                self.retirement_amms.discard(side)
+
+        side._run_policies = run_then_stop_when_done  # type: ignore[method-assign]
+
+
+def dask_setup(scheduler: Scheduler) -> None:
+    """Preload entry point: ``dask scheduler --preload amm_core.plugin``. The
+    scheduler calls the plugin's start() right after its preloads."""
+    scheduler.add_plugin(MemoryPolicyPlugin(source="preload"), name=PLUGIN_NAME)

@@ -1,0 +1,502 @@
+"""The amm_core scheduler plugin and the operator's RPC client for it, against real
+schedulers: LocalCluster (scheduler in this process, worker processes) when the test
+needs workers and a look at the scheduler's objects, ``dask scheduler`` subprocesses
+when the scheduler's own environment matters (env config, preload, no amm_core).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+import zipfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from distributed import Client, LocalCluster
+from distributed.active_memory_manager import (
+    ActiveMemoryManagerPolicy,
+    ReduceReplicas,
+    RetireWorker,
+    Suggestion,
+)
+
+from amm_core.plugin import PLUGIN_NAME
+from dask_memory_operator import scheduler_rpc
+from dask_memory_operator.scheduler_rpc import (
+    ApplyRejected,
+    PluginMissing,
+    SchedulerUnreachable,
+)
+
+REDUCE = "distributed.active_memory_manager.ReduceReplicas"
+DEADLINE = 30.0
+
+
+class KeepCopies(ActiveMemoryManagerPolicy):
+    """Test-local policy: wants ``copies`` replicas of every key in memory, holds
+    state (its number of runs) and reports it."""
+
+    def __init__(self, copies: int = 1, replace: list[dict[str, Any]] | None = None):
+        if copies < 1:
+            raise ValueError(f"copies must be >= 1, got {copies}")
+        self.copies = copies
+        self.replace = replace or []
+        self.runs = 0
+
+    def run(self):  # type: ignore[no-untyped-def]
+        self.runs += 1
+        for ts in self.manager.scheduler.tasks.values():
+            if ts.state == "memory":
+                for _ in range(self.copies - len(ts.who_has or ())):
+                    yield Suggestion("replicate", ts)
+
+    def report(self) -> dict[str, Any]:
+        return {"class": "KeepCopies", "runs": self.runs, "replace": self.replace}
+
+
+KEEP = f"{KeepCopies.__module__}.KeepCopies"
+
+
+def owner(generation: int = 1, uid: str = "uid-1") -> dict[str, Any]:
+    return {"uid": uid, "namespace": "default", "name": "mp", "generation": generation}
+
+
+def config(**overrides: Any) -> dict[str, Any]:
+    base = {
+        "start": True,
+        "interval": "2s",
+        "measure": "optimistic",
+        "policies": [{"class": REDUCE}],
+    }
+    return {**base, **overrides}
+
+
+async def until(check: Callable[[], Awaitable[Any]], what: str) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after DEADLINE."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[tuple[LocalCluster, Client]]:
+    async with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        memory_limit="1GiB",
+        dashboard_address=":0",
+        asynchronous=True,
+    ) as cl, Client(cl, asynchronous=True) as client:
+        yield cl, client
+
+
+def amm_of(cl: LocalCluster):  # type: ignore[no-untyped-def]
+    return cl.scheduler.extensions["amm"]
+
+
+def configured(cl: LocalCluster) -> set[ActiveMemoryManagerPolicy]:
+    return {p for p in amm_of(cl).policies if not isinstance(p, RetireWorker)}
+
+
+@contextlib.asynccontextmanager
+async def scheduler_process(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[str]:
+    """A ``dask scheduler`` subprocess; yields its address once it listens."""
+    workdir = tmp_path / f"scheduler-{uuid.uuid4().hex[:8]}"
+    workdir.mkdir()
+    scheduler_file = workdir / "scheduler.json"
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "dask"),
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(scheduler_file),
+            *args,
+        ],
+        # Not the repository: nothing may be importable from the working directory
+        cwd=workdir,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=open(workdir / "scheduler.log", "wb"),
+    )
+    try:
+
+        async def address() -> str | None:
+            assert proc.poll() is None, (workdir / "scheduler.log").read_text()
+            if not scheduler_file.exists():
+                return None
+            try:
+                return json.loads(scheduler_file.read_text())["address"]
+            except json.JSONDecodeError:  # being written
+                return None
+
+        yield await until(address, "the scheduler file")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --- apply ------------------------------------------------------------------
+
+
+async def test_plugin_missing_then_apply_sets_the_amm_exactly(cluster):
+    cl, client = cluster
+    addr = cl.scheduler_address
+    with pytest.raises(PluginMissing):
+        await scheduler_rpc.get_status(addr)
+
+    # amm_core is importable here already: registered, nothing uploaded
+    assert await scheduler_rpc.ensure_plugin(addr) == "live"
+    assert PLUGIN_NAME in cl.scheduler.plugins
+    before = await scheduler_rpc.get_status(addr)
+    assert ".zip" not in before["amm_core_path"]
+    assert before["owner"] is None and before["workers"] == 2
+
+    status = await scheduler_rpc.apply(
+        addr,
+        config(
+            interval="250ms",
+            measure="managed",
+            policies=[{"class": REDUCE}, {"class": KEEP, "copies": 1, "replace": []}],
+        ),
+        owner(),
+    )
+
+    amm = amm_of(cl)
+    assert amm.running and amm.interval == 0.25 and amm.measure == "managed"
+    by_type = {type(p): p for p in amm.policies}
+    assert set(by_type) == {ReduceReplicas, KeepCopies}
+    assert by_type[KeepCopies].copies == 1
+    # the handler the AMM client proxy uses agrees
+    assert await client.amm.running() is True
+
+    assert status["owner"] == owner()
+    assert status["in_force"] is True
+    assert status["amm"]["running"] is True
+    assert status["amm"]["interval"] == 0.25
+    assert status["amm"]["measure"] == "managed"
+    assert status["amm"]["policies"] == [
+        {"class": REDUCE, "kwargs": {}, "role": "configured"},
+        {"class": KEEP, "kwargs": {"copies": 1, "replace": []}, "role": "configured"},
+    ]
+    reports = [r for r in status["policy_reports"] if r["class"] == "KeepCopies"]
+    assert len(reports) == 1
+
+    # A second ensure_plugin finds it and registers nothing
+    assert await scheduler_rpc.ensure_plugin(addr) == "live"
+
+
+async def test_repeated_apply_keeps_policy_objects_and_generation_reapplies(cluster):
+    cl, client = cluster
+    addr = cl.scheduler_address
+    await scheduler_rpc.ensure_plugin(addr)
+    cfg = config(interval="100ms", policies=[{"class": KEEP, "copies": 1}])
+
+    await scheduler_rpc.apply(addr, cfg, owner(1))
+    first = configured(cl)
+    (keep,) = first
+    await until(lambda: asyncio.sleep(0, keep.runs >= 2), "KeepCopies to run")
+
+    status = await scheduler_rpc.apply(addr, cfg, owner(1))
+    assert configured(cl) == first  # the very same objects, state kept
+    assert status["policy_reports"][0]["runs"] >= 2
+
+    # Someone stops the AMM behind the operator's back: the same apply repairs it
+    # without recreating the policies
+    await client.amm.stop()
+    assert not amm_of(cl).running
+    status = await scheduler_rpc.apply(addr, cfg, owner(1))
+    assert amm_of(cl).running and configured(cl) == first
+    assert status["in_force"] is True
+
+    # A new generation re-applies: new objects
+    await scheduler_rpc.apply(addr, cfg, owner(2))
+    second = configured(cl)
+    assert len(second) == 1 and not second & first
+    assert isinstance(next(iter(second)), KeepCopies)
+
+    # So does another MemoryPolicy (uid) with the same generation
+    await scheduler_rpc.apply(addr, cfg, owner(2, uid="uid-2"))
+    assert not configured(cl) & second
+
+
+INVALID = [
+    ({"policies": [{"class": "no_such_module.Policy"}]}, "cannot be imported"),
+    ({"policies": [{"class": f"{__name__}.NoSuchPolicy"}]}, "cannot be imported"),
+    ({"policies": [{"class": "collections.OrderedDict"}]}, "is not an AMM policy"),
+    ({"policies": [{"class": "amm_core._room.CountingPolicy"}]}, "abstract"),
+    ({"policies": [{"class": KEEP, "nope": 1}]}, "does not accept arguments"),
+    ({"policies": [{"class": KEEP, "copies": 0}]}, "copies must be >= 1"),
+    ({"policies": [{"copies": 2}]}, "'class' string"),
+    ({"measure": "rss"}, "measure 'rss' is not one of"),
+    ({"interval": "soon"}, "'soon' is not a positive duration"),
+    ({"interval": "-1s"}, "is not a positive duration"),
+    ({"interval": -1}, "is not a positive duration"),
+    ({"interval": 0}, "is not a positive duration"),
+    ({"start": "yes"}, "start must be true or false"),
+    ({"polices": []}, "unknown AMM config key"),
+]
+
+
+async def test_invalid_config_is_rejected_and_leaves_the_scheduler_unchanged(cluster):
+    cl, _ = cluster
+    addr = cl.scheduler_address
+    await scheduler_rpc.ensure_plugin(addr)
+    good = config(interval="1s", measure="managed", policies=[{"class": REDUCE}])
+    await scheduler_rpc.apply(addr, good, owner(1))
+    amm = amm_of(cl)
+    policies = configured(cl)
+
+    for overrides, words in INVALID:
+        with pytest.raises(ApplyRejected) as info:
+            await scheduler_rpc.apply(addr, {**good, **overrides}, owner(2))
+        assert words in info.value.message, info.value.message
+        assert "Traceback" not in info.value.message
+        assert configured(cl) == policies
+        assert (amm.running, amm.interval, amm.measure) == (True, 1.0, "managed")
+
+    status = await scheduler_rpc.get_status(addr)
+    assert status["owner"] == owner(1)
+
+    with pytest.raises(ApplyRejected, match="owner"):
+        await scheduler_rpc.apply(addr, good, {"name": "no uid"})
+
+
+async def test_keys_left_out_take_the_schedulers_own_values(cluster):
+    cl, _ = cluster
+    addr = cl.scheduler_address
+    await scheduler_rpc.ensure_plugin(addr)
+    status = await scheduler_rpc.apply(addr, {"interval": "3s"}, owner())
+    assert status["amm"]["interval"] == 3.0
+    assert status["amm"]["measure"] == "optimistic"  # distributed's default
+    assert [p["class"] for p in status["amm"]["policies"]] == [REDUCE]
+
+
+# --- counters ---------------------------------------------------------------
+
+
+async def test_counters_count_cycles_copies_and_a_real_reduce_replicas_drop(cluster):
+    cl, client = cluster
+    addr = cl.scheduler_address
+    await scheduler_rpc.ensure_plugin(addr)
+    await scheduler_rpc.apply(addr, config(start=False, interval="100ms"), owner(1))
+
+    fut = client.submit(bytes, 1_000_000, pure=False)
+    await client.wait_for_workers(2)
+    await fut
+    await client.replicate([fut])
+    assert len((await client.who_has([fut]))[fut.key]) == 2
+    before = await scheduler_rpc.get_status(addr)
+    assert before["amm"]["replicas_dropped"] == 0
+
+    await scheduler_rpc.apply(addr, config(start=True, interval="100ms"), owner(2))
+
+    async def dropped() -> dict[str, Any] | None:
+        status = await scheduler_rpc.get_status(addr)
+        copies = len((await client.who_has([fut]))[fut.key])
+        return status if status["amm"]["replicas_dropped"] >= 1 and copies == 1 else None
+
+    status = await until(dropped, "ReduceReplicas to drop the extra copy")
+    assert status["amm"]["replicas_dropped"] == 1
+    assert status["amm"]["cycles"] > before["amm"]["cycles"]
+    assert status["amm"]["memory_bytes"] > 0
+
+    # And copies: a policy that wants 2 copies of everything
+    await scheduler_rpc.apply(
+        addr, config(interval="100ms", policies=[{"class": KEEP, "copies": 2}]), owner(3)
+    )
+
+    async def copied() -> dict[str, Any] | None:
+        status = await scheduler_rpc.get_status(addr)
+        copies = len((await client.who_has([fut]))[fut.key])
+        return status if status["amm"]["replicas_copied"] >= 1 and copies == 2 else None
+
+    await until(copied, "KeepCopies to copy the key")
+
+
+# --- retirements ------------------------------------------------------------
+
+
+async def test_retire_worker_policies_survive_apply_and_restore(cluster):
+    cl, _ = cluster
+    addr = cl.scheduler_address
+    await scheduler_rpc.ensure_plugin(addr)
+    # A long interval keeps the RetireWorker policy below from ever running by itself:
+    # it stands for a retire_workers() call in progress.
+    await scheduler_rpc.apply(addr, config(interval="1h"), owner(1))
+    amm = amm_of(cl)
+    worker = next(iter(cl.scheduler.workers))
+    retiring = RetireWorker(worker)
+    amm.add_policy(retiring)
+
+    status = await scheduler_rpc.apply(
+        addr, config(interval="30m", policies=[{"class": KEEP}]), owner(2)
+    )
+    assert retiring in amm.policies
+    assert status["amm"]["retiring_workers"] == [worker]
+    assert {"class": "distributed.active_memory_manager.RetireWorker",
+            "kwargs": {"address": worker}, "role": "retirement"} in status["amm"]["policies"]
+    assert status["in_force"] is True
+
+    status = await scheduler_rpc.restore(addr)
+    assert retiring in amm.policies and status["owner"] is None
+
+    # Stopping the AMM hands the retirement over to an ad-hoc AMM that finishes it
+    # (this worker holds no data, so its first run completes it)
+    await scheduler_rpc.apply(addr, config(start=False, interval="1h"), owner(3))
+    assert not amm.running and retiring not in amm.policies
+    side = retiring.manager
+    assert side is not amm
+    await until(
+        lambda: asyncio.sleep(0, retiring not in side.policies and not side.running),
+        "the ad-hoc AMM to finish the retirement and stop",
+    )
+    assert retiring.done()
+    status = await scheduler_rpc.get_status(addr)
+    assert status["amm"]["retiring_workers"] == []
+
+
+# --- restore ----------------------------------------------------------------
+
+
+async def test_restore_brings_back_the_schedulers_own_config(tmp_path):
+    env = {
+        "DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False",
+        "DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__INTERVAL": "3s",
+        "DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__MEASURE": "managed",
+    }
+    async with scheduler_process(tmp_path, env=env) as addr:
+        assert await scheduler_rpc.ensure_plugin(addr) == "live"
+        own = await scheduler_rpc.get_status(addr)
+        assert own["amm"]["running"] is False
+        assert own["amm"]["interval"] == 3
+        assert own["amm"]["measure"] == "managed"
+
+        applied = await scheduler_rpc.apply(
+            addr, config(start=True, interval="500ms", measure="process"), owner()
+        )
+        assert applied["amm"]["running"] is True
+        assert applied["amm"]["measure"] == "process"
+
+        restored = await scheduler_rpc.restore(addr)
+        assert restored["owner"] is None and restored["in_force"] is True
+        assert restored["amm"]["running"] is False
+        assert restored["amm"]["interval"] == 3.0
+        assert restored["amm"]["measure"] == "managed"
+        assert restored["amm"]["policies"] == own["amm"]["policies"]
+        async with Client(addr, asynchronous=True) as client:
+            assert await client.amm.running() is False
+        assert await scheduler_rpc.restore(addr) == await scheduler_rpc.get_status(addr)
+
+
+# --- installation -----------------------------------------------------------
+
+
+async def test_preload_reports_preload(tmp_path):
+    async with scheduler_process(tmp_path, "--preload", "amm_core.plugin") as addr:
+
+        async def started() -> dict[str, Any] | None:
+            try:
+                return await scheduler_rpc.get_status(addr)
+            except PluginMissing:  # preloads start after the scheduler listens
+                return None
+
+        status = await until(started, "the preloaded plugin")
+        assert status["source"] == "preload"
+        assert await scheduler_rpc.ensure_plugin(addr) == "preload"
+        status = await scheduler_rpc.apply(addr, config(interval="1s"), owner())
+        assert status["source"] == "preload" and status["amm"]["interval"] == 1.0
+
+
+HIDE_EDITABLE_INSTALL = '''\
+"""Hides this project's editable install from this interpreter, so that it behaves
+like a scheduler image with dask and distributed but without amm_core.
+sitecustomize runs after the .pth files of site-packages, one of which appended the
+editable install's finder to sys.meta_path; the finder is removed again here.
+Anything on sys.path (e.g. an uploaded zip) stays importable as usual."""
+import sys
+
+sys.meta_path[:] = [f for f in sys.meta_path if getattr(f, "__name__", "") != "_EditableFinder"]
+'''
+
+
+async def test_live_install_on_a_scheduler_without_amm_core(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(textwrap.dedent(HIDE_EDITABLE_INSTALL))
+    async with scheduler_process(tmp_path, env={"PYTHONPATH": str(site)}) as addr:
+        async with Client(addr, asynchronous=True) as client:
+            assert await client.run_on_scheduler(importlib.util.find_spec, "amm_core") is None
+
+        assert await scheduler_rpc.ensure_plugin(addr) == "live"
+        status = await scheduler_rpc.get_status(addr)
+        assert status["source"] == "live"
+        assert ".zip" in status["amm_core_path"]  # imported from the upload
+
+        # amm_core's policies are importable there now
+        status = await scheduler_rpc.apply(
+            addr,
+            config(policies=[{"class": "amm_core.replicate.Replicate"}, {"class": REDUCE}]),
+            owner(),
+        )
+        assert [p["class"] for p in status["amm"]["policies"]] == [
+            "amm_core.replicate.Replicate",
+            REDUCE,
+        ]
+        assert await scheduler_rpc.ensure_plugin(addr) == "live"
+
+
+def test_package_zip_is_stable_and_holds_amm_core():
+    name, data = scheduler_rpc.package_zip()
+    assert scheduler_rpc.package_zip() == (name, data)
+    assert name.startswith("amm_core-") and name.endswith(".zip")
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        names = set(z.namelist())
+    assert {"amm_core/__init__.py", "amm_core/plugin.py", "amm_core/_room.py"} <= names
+    assert not any("__pycache__" in n for n in names)
+
+
+# --- errors -----------------------------------------------------------------
+
+
+async def test_unreachable_scheduler_raises_scheduler_unreachable():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    addr = f"tcp://127.0.0.1:{port}"  # nothing listens here any more
+    for call in (
+        scheduler_rpc.get_status(addr, timeout=0.5),
+        scheduler_rpc.apply(addr, config(), owner(), timeout=0.5),
+        scheduler_rpc.restore(addr, timeout=0.5),
+        scheduler_rpc.ensure_plugin(addr, timeout=0.5),
+    ):
+        with pytest.raises(SchedulerUnreachable, match=str(port)):
+            await asyncio.wait_for(call, DEADLINE)
