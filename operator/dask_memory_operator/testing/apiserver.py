@@ -1,0 +1,143 @@
+"""
+Run the Kubernetes API emulator over HTTP: in-process (``ApiServer``) or as a command.
+
+    python -m dask_memory_operator.testing.apiserver --port 0 --kubeconfig PATH [--crds DIR ...]
+
+The command serves on 127.0.0.1, applies the CRD yaml files found in the given
+folders, and only then writes a kubeconfig (server ``http://127.0.0.1:<port>``, one
+context, namespace ``default``) to PATH through a temporary file and a rename: a
+process polling for the file sees either nothing or a complete file of a server that
+answers. It serves until SIGTERM or SIGINT and then exits cleanly (watch streams are
+ended first, so no client is left hanging on them).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pathlib
+import signal
+import tempfile
+from collections.abc import Iterable
+from typing import Any
+
+import aiohttp
+import kmock
+import yaml
+
+from dask_memory_operator.testing.emulator import KubeEmulator, _Target
+
+
+def _client_session(url: Any) -> aiohttp.ClientSession:
+    # kmock's own test client: without force_close, a pooled keep-alive connection
+    # can hang after the server restarts.
+    return aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(force_close=True))
+
+
+class ApiServer:
+    """An emulated Kubernetes API server on 127.0.0.1, as an async context manager."""
+
+    def __init__(self, port: int = 0, *, host: str = '127.0.0.1', service_cidr: str = '127.1.0.0/16',
+                 crd_dirs: Iterable[str | os.PathLike[str]] = ()) -> None:
+        #: The emulator: its ``objects`` and ``resources`` are there for assertions.
+        self.emulator: KubeEmulator = KubeEmulator(service_cidr=service_cidr)
+        self._host: str = host
+        self._port: int = port
+        self._crd_dirs: list[pathlib.Path] = [pathlib.Path(d) for d in crd_dirs]
+        self._server: kmock.Server | None = None
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>``, without a trailing slash."""
+        if self._server is None:
+            raise RuntimeError('The API server is not running.')
+        return str(self._server.url).rstrip('/')
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError('The API server is not running.')
+        return self._server.port
+
+    async def __aenter__(self) -> ApiServer:
+        await self.emulator.__aenter__()
+        self._server = kmock.Server(self.emulator, host=self._host, port=self._port or None,
+                                    client_fct=_client_session)
+        await self._server.__aenter__()
+        for folder in self._crd_dirs:
+            await self.apply_files(sorted(folder.glob('*.yaml')) + sorted(folder.glob('*.yml')))
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.emulator.stop_watches()
+        if self._server is not None:
+            await self._server.__aexit__(*exc)
+            self._server = None
+        await self.emulator.__aexit__(*exc)
+
+    async def apply_files(self, paths: Iterable[pathlib.Path]) -> None:
+        """Create (or replace) every CustomResourceDefinition in these yaml files."""
+        for path in paths:
+            for doc in yaml.safe_load_all(path.read_text()):
+                if isinstance(doc, dict) and doc.get('kind') == 'CustomResourceDefinition':
+                    await self.apply(doc)
+
+    async def apply(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """Create or replace one cluster-scoped or namespaced object, as ``kubectl apply`` would."""
+        emu = self.emulator
+        group, _, version = doc['apiVersion'].rpartition('/')
+        rtype = next(t for t in emu._types.values()
+                     if (t.group, t.version, t.kind) == (group, version, doc['kind']))
+        namespace = doc['metadata'].get('namespace', 'default') if rtype.namespaced else None
+        async with emu._lock:
+            old = emu._get_live(rtype, namespace, doc['metadata']['name'])
+            if old is None:
+                obj, _ = emu._create(_Target(rtype, namespace, None, None), doc, {})
+            else:
+                obj, _ = emu._replace(_Target(rtype, namespace, doc['metadata']['name'], None), doc, {})
+        return obj
+
+
+def write_kubeconfig(path: pathlib.Path, url: str, namespace: str = 'default') -> None:
+    """Write a kubeconfig atomically (temporary file in the same folder, then rename)."""
+    config = {
+        'apiVersion': 'v1', 'kind': 'Config', 'current-context': 'emulator', 'preferences': {},
+        'clusters': [{'name': 'emulator', 'cluster': {'server': url}}],
+        'users': [{'name': 'emulator', 'user': {}}],
+        'contexts': [{'name': 'emulator', 'context': {
+            'cluster': 'emulator', 'user': 'emulator', 'namespace': namespace}}],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    with os.fdopen(fd, 'w') as f:
+        yaml.safe_dump(config, f)
+    os.replace(tmp, path)
+
+
+async def serve(port: int, kubeconfig: pathlib.Path, crd_dirs: list[str], service_cidr: str) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with ApiServer(port, service_cidr=service_cidr, crd_dirs=crd_dirs) as server:
+        write_kubeconfig(kubeconfig, server.url)
+        print(f'Kubernetes API emulator serving at {server.url}', flush=True)
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--port', type=int, default=0, help='TCP port on 127.0.0.1 (0: a free one)')
+    parser.add_argument('--kubeconfig', type=pathlib.Path, required=True,
+                        help='where to write the kubeconfig once serving')
+    parser.add_argument('--crds', action='append', default=[], metavar='DIR',
+                        help='a folder of CRD yaml files to apply at start (repeatable)')
+    parser.add_argument('--service-cidr', default='127.1.0.0/16',
+                        help='where Service cluster IPs are allocated from')
+    args = parser.parse_args(argv)
+    asyncio.run(serve(args.port, args.kubeconfig, args.crds, args.service_cidr))
+
+
+if __name__ == '__main__':
+    main()
