@@ -81,6 +81,18 @@ def plain(value: Any) -> Any:
     return value
 
 
+def is_plain(value: Any) -> bool:
+    """Whether msgpack carries ``value`` as is (anything else would go as a pickle,
+    which the operator refuses)."""
+    if value is None or isinstance(value, (str, bytes, bool, int, float)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
+    return False
+
+
 def dotted_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -270,6 +282,10 @@ class MemoryPolicyPlugin(SchedulerPlugin):
 
     async def start(self, scheduler: Scheduler) -> None:
         # No await in here: a concurrent registration cannot interleave with it.
+        if getattr(self, "scheduler", None) is not None:
+            # Registered over RPC while the scheduler was starting: the scheduler's
+            # own start-up calls start() on every plugin again.
+            return
         self.scheduler = scheduler
         amm = scheduler.extensions.get("amm")
         if not isinstance(amm, ActiveMemoryManagerExtension):
@@ -373,15 +389,17 @@ class MemoryPolicyPlugin(SchedulerPlugin):
             report = getattr(p, "report", None)
             if not callable(report):
                 continue
-            try:
-                reports.append(report())
             # One faulty policy must not blind the operator to all the others; the
             # failure is reported in its place and logged with its traceback.
+            try:
+                out = report()
             except Exception as e:
                 logger.exception("report() of AMM policy %r failed", p)
-                reports.append(
-                    {"class": type(p).__name__, "error": f"{type(e).__name__}: {e}"}
-                )
+                out = {"class": type(p).__name__, "error": f"{type(e).__name__}: {e}"}
+            if not isinstance(out, dict) or not is_plain(out):
+                logger.error("report() of AMM policy %r is not plain data: %r", p, out)
+                out = {"class": type(p).__name__, "error": "report() is not plain data"}
+            reports.append(out)
 
         retiring = sorted(
             p.address for p in self._all_policies() if isinstance(p, RetireWorker)

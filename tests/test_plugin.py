@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from distributed import Client, LocalCluster
+from distributed.core import ConnectionPool
 from distributed.active_memory_manager import (
     ActiveMemoryManagerPolicy,
     ReduceReplicas,
@@ -66,7 +67,15 @@ class KeepCopies(ActiveMemoryManagerPolicy):
         return {"class": "KeepCopies", "runs": self.runs, "replace": self.replace}
 
 
+class OpaqueReport(KeepCopies):
+    """Test-local policy whose report is not plain data."""
+
+    def report(self) -> dict[str, Any]:
+        return {"class": "OpaqueReport", "keys": {"a", "b"}}
+
+
 KEEP = f"{KeepCopies.__module__}.KeepCopies"
+OPAQUE = f"{OpaqueReport.__module__}.OpaqueReport"
 
 
 def owner(generation: int = 1, uid: str = "uid-1") -> dict[str, Any]:
@@ -209,6 +218,23 @@ async def test_plugin_missing_then_apply_sets_the_amm_exactly(cluster):
     ]
     reports = [r for r in status["policy_reports"] if r["class"] == "KeepCopies"]
     assert len(reports) == 1
+
+    # What policies want replaced (amm_core.retire_paused's report()["replace"]) is
+    # gathered at the top
+    entry = {"address": "tcp://127.0.0.1:1234", "name": "w-1", "retired": True}
+    status = await scheduler_rpc.apply(
+        addr, config(policies=[{"class": KEEP, "replace": [entry]}]), owner(2)
+    )
+    assert status["replace"] == [entry]
+
+    # A report that msgpack cannot carry is replaced by an error entry; the rest of
+    # the status still arrives
+    status = await scheduler_rpc.apply(
+        addr, config(policies=[{"class": OPAQUE}, {"class": REDUCE}]), owner(3)
+    )
+    assert status["policy_reports"] == [
+        {"class": "OpaqueReport", "error": "report() is not plain data"}
+    ]
 
     # A second ensure_plugin finds it and registers nothing
     assert await scheduler_rpc.ensure_plugin(addr) == "live"
@@ -472,6 +498,30 @@ async def test_live_install_on_a_scheduler_without_amm_core(tmp_path):
             REDUCE,
         ]
         assert await scheduler_rpc.ensure_plugin(addr) == "live"
+
+
+async def test_calls_through_a_connection_pool_and_replies_are_never_unpickled(cluster):
+    cl, _ = cluster
+    addr = cl.scheduler_address
+    pool = await scheduler_rpc.open_pool()
+    try:
+        assert await scheduler_rpc.ensure_plugin(addr, pool=pool) == "live"
+        status = await scheduler_rpc.apply(addr, config(interval="1s"), owner(), pool=pool)
+        assert status["amm"]["interval"] == 1.0
+        with pytest.raises(ApplyRejected, match="measure"):
+            await scheduler_rpc.apply(addr, config(measure="rss"), owner(2), pool=pool)
+        assert (await scheduler_rpc.get_status(addr, pool=pool))["owner"] == owner()
+
+        # A scheduler answering with an object (sent as a pickle) is refused
+        cl.scheduler.handlers["amm_core_status"] = lambda: {"policy": KeepCopies()}
+        with pytest.raises(scheduler_rpc.SchedulerCallFailed, match="not plain data"):
+            await scheduler_rpc.get_status(addr, pool=pool)
+    finally:
+        await pool.close()
+
+    with pytest.raises(ValueError, match="deserialize=False"):
+        async with ConnectionPool() as unsafe:
+            await scheduler_rpc.get_status(addr, pool=unsafe)
 
 
 def test_package_zip_is_stable_and_holds_amm_core():

@@ -18,6 +18,13 @@ Status, apply and restore send only msgpack-able dicts. Only :func:`ensure_plugi
 ships pickles, and only to install the plugin: the scheduler's
 ``register_scheduler_plugin`` handler takes pickled plugins and nothing else.
 
+Nothing the scheduler sends back is ever unpickled: comms are opened with
+``deserialize=False``, a reply must be plain msgpack data, and a remote exception is
+known only by distributed's ``exception_text`` (its ``repr``), from which the type
+name and message are read. Whoever controls a Dask scheduler (any user of the
+cluster) could otherwise run code inside the operator, with its Kubernetes
+credentials, through a crafted pickle in a reply.
+
 Live install. When the scheduler's image lacks amm_core, :func:`ensure_plugin` zips
 the amm_core package the operator itself runs (``*.py`` only, with fixed timestamps
 so that the file name's content hash is stable) and registers distributed's own
@@ -33,10 +40,12 @@ is registered.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import hashlib
 import io
 import os
+import re
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -44,13 +53,12 @@ from pathlib import Path
 from typing import Any
 
 from distributed.comm import connect
-from distributed.comm.core import CommClosedError
 from distributed.core import ConnectionPool, send_recv
 from distributed.diagnostics.plugin import SchedulerUploadFile
 from distributed.protocol.pickle import dumps
 
 import amm_core
-from amm_core.plugin import PLUGIN_NAME, MemoryPolicyPlugin, plain
+from amm_core.plugin import PLUGIN_NAME, MemoryPolicyPlugin
 
 #: Seconds a call may take, connect included, unless a call says otherwise.
 #: Set DASK_MEMORY_OPERATOR_RPC_TIMEOUT to change the default.
@@ -80,13 +88,50 @@ class ApplyRejected(SchedulerRPCError):
 
 
 class SchedulerCallFailed(SchedulerRPCError):
-    """The scheduler raised something else; ``remote`` is its exception."""
+    """The scheduler raised something else, or answered with something other than
+    plain data. ``remote_type`` is the remote exception's class name ("" when the
+    reply was the problem) and ``remote_message`` its message."""
 
-    remote: BaseException
+    remote_type: str
+    remote_message: str
 
-    def __init__(self, message: str, remote: BaseException):
+    def __init__(self, message: str, remote_type: str, remote_message: str):
         super().__init__(message)
-        self.remote = remote
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+
+
+def parse_exception_text(text: str) -> tuple[str, str]:
+    """(class name, message) from distributed's ``exception_text``, which is
+    ``repr(exception)``, e.g. ``ValueError('bad')`` -> ("ValueError", "bad")."""
+    match = re.fullmatch(r"([\w.]+)\((.*)\)", text, re.DOTALL)
+    if match is None:
+        return "", text
+    name, args_text = match.groups()
+    try:
+        args = ast.literal_eval(f"({args_text},)") if args_text else ()
+    except (ValueError, SyntaxError):
+        return name, args_text
+    if len(args) == 1:
+        return name, str(args[0])
+    return name, ", ".join(map(str, args))
+
+
+def plain_reply(value: Any, where: str = "reply") -> Any:
+    """Check that a reply is plain msgpack data and turn its tuples into lists
+    (distributed's msgpack decodes lists as tuples)."""
+    if value is None or isinstance(value, (str, bytes, bool, int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain_reply(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: plain_reply(v, f"{where}.{k}") for k, v in value.items()}
+    raise SchedulerCallFailed(
+        f"the scheduler answered with {type(value).__name__} at {where}, "
+        "not plain data; refused",
+        "",
+        "",
+    )
 
 
 async def _call(
@@ -99,12 +144,18 @@ async def _call(
 ) -> Any:
     """Send one message to the scheduler and return its answer."""
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    if pool is not None and pool.deserialize:
+        raise ValueError(
+            "the ConnectionPool must be made with deserialize=False: scheduler "
+            "replies are never unpickled"
+        )
     try:
         async with asyncio.timeout(timeout):
-            return await _exchange(address, op, timeout, pool, msg)
+            return plain_reply(await _exchange(address, op, timeout, pool, msg))
     except TimeoutError:
         raise SchedulerUnreachable(
-            f"scheduler {address} did not answer {op!r} within {timeout}s"
+            f"scheduler {address} unreachable or did not answer {op!r} "
+            f"within {timeout}s"
         ) from None
 
 
@@ -117,21 +168,25 @@ async def _exchange(
 ) -> Any:
     try:
         if pool is None:
-            comm = await connect(address, timeout=timeout)
+            comm = await connect(address, timeout=timeout, deserialize=False)
         else:
             comm = await pool.connect(address, timeout=timeout)
     except OSError as e:  # refused, unresolvable, or connect's own timeout
         raise SchedulerUnreachable(f"scheduler {address} unreachable: {e}") from None
     try:
-        # send_recv re-raises here what the handler raised on the scheduler
         return await send_recv(comm, op=op, **msg)
-    except CommClosedError as e:
+    except OSError as e:  # CommClosedError included
         raise SchedulerUnreachable(
             f"connection to scheduler {address} lost during {op!r}: {e}"
         ) from None
     except Exception as e:
+        # On a comm that does not deserialize, send_recv raises a remote exception as
+        # a plain Exception carrying its exception_text
+        if type(e) is not Exception:
+            raise
+        name, message = parse_exception_text(str(e))
         raise SchedulerCallFailed(
-            f"{op!r} failed on scheduler {address}: {type(e).__name__}: {e}", e
+            f"{op!r} failed on scheduler {address}: {name}: {message}", name, message
         ) from None
     finally:
         if pool is None:
@@ -151,7 +206,7 @@ async def _plugin_call(
     answer = await _call(address, op, timeout=timeout, pool=pool, **msg)
     if answer is None:
         raise PluginMissing(f"scheduler {address} has no amm_core plugin")
-    return plain(answer)
+    return answer
 
 
 async def get_status(
@@ -184,8 +239,8 @@ async def apply(
             owner=dict(owner),
         )
     except SchedulerCallFailed as e:
-        if isinstance(e.remote, ValueError):
-            raise ApplyRejected(str(e.remote)) from None
+        if e.remote_type == "ValueError":
+            raise ApplyRejected(e.remote_message) from None
         raise
 
 
@@ -197,6 +252,18 @@ async def restore(
 ) -> dict[str, Any]:
     """Put the scheduler's own AMM configuration back; returns the status."""
     return await _plugin_call(address, "amm_core_restore", timeout=timeout, pool=pool)
+
+
+async def open_pool(limit: int = 64, timeout: float | None = None) -> ConnectionPool:
+    """A started ConnectionPool fit for these calls (it does not deserialize);
+    close it with ``await pool.close()``."""
+    pool = ConnectionPool(
+        limit=limit,
+        deserialize=False,
+        timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
+    )
+    await pool.start()
+    return pool
 
 
 def package_zip() -> tuple[str, bytes]:
@@ -263,7 +330,10 @@ async def ensure_plugin(
         await _register(address, plugin, PLUGIN_NAME, timeout, pool)
     except SchedulerCallFailed as e:
         # Unpickling the plugin on the scheduler imports amm_core.plugin
-        if not (isinstance(e.remote, ImportError) and "amm_core" in str(e.remote)):
+        if not (
+            e.remote_type in ("ModuleNotFoundError", "ImportError")
+            and "amm_core" in e.remote_message
+        ):
             raise
         zip_name, upload = _upload_plugin()
         await _register(address, upload, f"amm-core-upload-{zip_name}", timeout, pool)
