@@ -26,6 +26,34 @@ which poll them until done: they are never removed. When a config stops the AMM 
 retirements are in progress, they are handed over to an ad-hoc AMM, exactly as
 ``retire_workers`` itself does when the AMM is off, so that they cannot hang.
 
+Message shapes (all plain data)::
+
+    config = {"start": bool, "interval": "2s" | seconds, "measure": str,
+              "policies": [{"class": "dotted.path" | short name, **kwargs}, ...]}
+        # keys left out keep the scheduler's own values; unknown keys are refused;
+        # short names are those of amm_core.BUILTIN_POLICIES
+    owner = {"uid": str, "namespace": str, "name": str, "generation": int}
+
+    status = {
+        "plugin_version": 1, "amm_core_version": str | None,
+        "amm_core_path": str,            # where the scheduler imported amm_core from
+        "distributed_version": str,
+        "source": "preload" | "live",
+        "owner": owner | None,           # None: the scheduler's own configuration
+        "in_force": bool,                # the AMM is exactly what was last applied
+        "amm": {
+            "running": bool, "interval": seconds, "measure": str,
+            "policies": [{"class": str, "kwargs": dict | None,
+                          "role": "configured" | "retirement" | "foreign"}, ...],
+            "cycles": int, "replicas_copied": int, "replicas_dropped": int,
+            "memory_bytes": int,         # cluster memory by the measure in force
+            "retiring_workers": [address, ...],
+        },
+        "workers": int,
+        "policy_reports": [policy.report(), ...],
+        "replace": [entry, ...],         # report()["replace"] of all policies
+    }
+
 Install with ``dask scheduler --preload amm_core.plugin`` (or
 ``DASK_DISTRIBUTED__SCHEDULER__PRELOAD=amm_core.plugin``); the operator can also
 register it on a running scheduler (see dask_memory_operator.scheduler_rpc).
@@ -294,7 +322,11 @@ class MemoryPolicyPlugin(SchedulerPlugin):
                 "extension (scheduler.extensions['amm']), which is missing"
             )
         self.amm = amm
-        self.baseline = AMMSpec.parse(dask.config.get(AMM_CONFIG), self.measures())
+        own = dict(dask.config.get(AMM_CONFIG))
+        # The extension only asks "if start:"; a string from a hand-written env var
+        # counts as it does there
+        own["start"] = bool(own.get("start"))
+        self.baseline = AMMSpec.parse(own, self.measures())
         self.applied = self.baseline
         self.configured = self._match_in_force(self.baseline)
         self._count(amm)
