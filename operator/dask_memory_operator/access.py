@@ -1,0 +1,101 @@
+"""Finding a DaskCluster's scheduler from wherever the operator runs.
+
+dask-kubernetes exposes the scheduler through the Service ``{cluster}-scheduler``,
+port ``tcp-comm``. How to reach that Service depends on where the operator runs, and
+the choice is explicit (``--scheduler-access``), never a chain of silent fallbacks:
+
+- ``dns``: in the cluster, through the Service's DNS name.
+- ``cluster-ip``: straight to the Service's clusterIP (the local sandbox, or a
+  laptop with a route into the service network).
+- ``port-forward``: from a laptop, through the API server (kr8s port-forward), one
+  forward per Service, kept open and reused.
+- ``auto``: ``dns`` when running in a pod, ``port-forward`` otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import kr8s.asyncio
+from kr8s.asyncio.objects import Service
+
+AccessMode = Literal["auto", "dns", "cluster-ip", "port-forward"]
+COMM_PORT_NAME = "tcp-comm"
+
+
+class SchedulerServiceMissing(LookupError):
+    """The cluster has no scheduler Service (yet), or it has no tcp-comm port."""
+
+
+def scheduler_service_name(cluster: str) -> str:
+    return f"{cluster}-scheduler"
+
+
+def comm_port(service: Mapping[str, Any]) -> int:
+    for port in service.get("spec", {}).get("ports") or ():
+        if port.get("name") == COMM_PORT_NAME:
+            return int(port["port"])
+    name = service.get("metadata", {}).get("name")
+    raise SchedulerServiceMissing(f"Service {name} has no port named {COMM_PORT_NAME}")
+
+
+def in_cluster() -> bool:
+    return "KUBERNETES_SERVICE_HOST" in os.environ
+
+
+class SchedulerLocator:
+    """Turns (namespace, cluster) into a ``tcp://`` address the operator can reach."""
+
+    mode: AccessMode
+    #: Open port-forwards by (namespace, service name, port), for port-forward mode
+    _forwards: dict[tuple[str, str, int], tuple[Any, int]]
+
+    def __init__(self, mode: AccessMode = "auto"):
+        if mode == "auto":
+            mode = "dns" if in_cluster() else "port-forward"
+        self.mode = mode
+        self._forwards = {}
+
+    async def _get_service(self, namespace: str, cluster: str) -> Service:
+        name = scheduler_service_name(cluster)
+        try:
+            return await Service.get(name, namespace=namespace)
+        except kr8s.NotFoundError:
+            raise SchedulerServiceMissing(
+                f"Service {namespace}/{name} not found (scheduler not created yet?)"
+            ) from None
+
+    async def address(self, namespace: str, cluster: str) -> str:
+        service = await self._get_service(namespace, cluster)
+        port = comm_port(service.raw)
+        name = service.name
+        if self.mode == "dns":
+            return f"tcp://{name}.{namespace}.svc:{port}"
+        if self.mode == "cluster-ip":
+            ip = service.raw.get("spec", {}).get("clusterIP")
+            if not ip or ip == "None":
+                raise SchedulerServiceMissing(f"Service {namespace}/{name} has no clusterIP")
+            return f"tcp://{ip}:{port}"
+        return f"tcp://127.0.0.1:{await self._forward(service, namespace, port)}"
+
+    async def _forward(self, service: Service, namespace: str, port: int) -> int:
+        key = (namespace, service.name, port)
+        if key in self._forwards:
+            return self._forwards[key][1]
+        forward = service.portforward(port, local_port="auto")
+        local_port = await forward.start()
+        self._forwards[key] = (forward, local_port)
+        return local_port
+
+    async def forget(self, namespace: str, cluster: str) -> None:
+        """Drop a cached port-forward, e.g. after the scheduler was unreachable."""
+        for key in [k for k in self._forwards if k[:2] == (namespace, scheduler_service_name(cluster))]:
+            forward, _ = self._forwards.pop(key)
+            await forward.stop()
+
+    async def close(self) -> None:
+        for forward, _ in self._forwards.values():
+            await forward.stop()
+        self._forwards.clear()

@@ -1,0 +1,144 @@
+"""The MemoryPolicy API: names, and turning a spec into what a scheduler should run.
+
+The CRD in ``crds/memorypolicy.yaml`` rejects what a schema can (enums, patterns,
+unknown fields). What it cannot check lives here: which policy classes this operator
+allows, and that the interval is a duration dask understands. A spec that fails here
+is reported as the ``Invalid`` condition and nothing is applied.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dask.utils import parse_timedelta
+
+from amm_core import BUILTIN_POLICIES
+
+GROUP = "amm.dask.org"
+VERSION = "v1alpha1"
+PLURAL = "memorypolicies"
+KIND = "MemoryPolicy"
+
+DASK_GROUP = "kubernetes.dask.org"
+DASK_VERSION = "v1"
+
+MEASURES = (
+    "managed",
+    "managed_total",
+    "optimistic",
+    "process",
+    "spilled",
+    "unmanaged",
+    "unmanaged_old",
+    "unmanaged_recent",
+)
+
+
+class InvalidPolicy(ValueError):
+    """The spec cannot be applied; ``field`` says where, the message says why."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class PolicyRef:
+    """One AMM policy of a MemoryPolicy, resolved to its class path."""
+
+    #: Dotted path of the class, e.g. ``amm_core.rebalance.Rebalance``
+    cls: str
+    #: Keyword arguments of its constructor
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AMMConfig:
+    """What a scheduler's Active Memory Manager should be: the dask config section
+    ``distributed.scheduler.active-memory-manager``, as plain data."""
+
+    enabled: bool
+    #: Seconds between cycles
+    interval: float
+    measure: str
+    policies: tuple[PolicyRef, ...]
+
+    def to_dask_config(self) -> dict[str, Any]:
+        """The shape the scheduler plugin (and dask config) takes."""
+        return {
+            "start": self.enabled,
+            "interval": self.interval,
+            "measure": self.measure,
+            "policies": [{"class": p.cls, **p.args} for p in self.policies],
+        }
+
+
+def resolve_policy_class(name: str, allowed: Iterable[str]) -> str:
+    """A built-in short name or an allowed dotted path -> the class path.
+
+    ``allowed`` holds dotted paths or glob patterns (``mycompany.amm.*``).
+    """
+    if name in BUILTIN_POLICIES:
+        return BUILTIN_POLICIES[name]
+    if "." in name and any(fnmatch.fnmatchcase(name, pat) for pat in allowed):
+        return name
+    known = ", ".join(sorted(BUILTIN_POLICIES))
+    if "." not in name:
+        raise InvalidPolicy("class", f"unknown policy {name!r}; built-in names: {known}")
+    raise InvalidPolicy(
+        "class",
+        f"class {name!r} is not allowed by this operator; use a built-in name "
+        f"({known}) or ask the operator's admin to allow it (--allow-policy-class)",
+    )
+
+
+def parse_spec(spec: Mapping[str, Any], allowed: Iterable[str] = ()) -> AMMConfig:
+    """Check a MemoryPolicy spec beyond its schema and return the wanted config.
+
+    Raises :class:`InvalidPolicy` naming the offending field.
+    """
+    amm = spec.get("activeMemoryManager")
+    if not isinstance(amm, Mapping):
+        raise InvalidPolicy("spec.activeMemoryManager", "required")
+    prefix = "spec.activeMemoryManager"
+
+    interval_text = amm.get("interval", "2s")
+    try:
+        interval = parse_timedelta(interval_text)
+    except (ValueError, KeyError, TypeError):
+        interval = None
+    if interval is None or interval <= 0:
+        raise InvalidPolicy(
+            f"{prefix}.interval", f"{interval_text!r} is not a positive duration"
+        )
+
+    measure = amm.get("measure", "optimistic")
+    if measure not in MEASURES:
+        raise InvalidPolicy(
+            f"{prefix}.measure",
+            f"unsupported value {measure!r}; supported: {', '.join(MEASURES)}",
+        )
+
+    policies = []
+    for i, item in enumerate(amm.get("policies") or ()):
+        where = f"{prefix}.policies[{i}]"
+        if not isinstance(item, Mapping) or not isinstance(item.get("class"), str):
+            raise InvalidPolicy(f"{where}.class", "required")
+        args = item.get("args") or {}
+        if not isinstance(args, Mapping):
+            raise InvalidPolicy(f"{where}.args", "must be an object")
+        try:
+            cls = resolve_policy_class(item["class"], allowed)
+        except InvalidPolicy as e:
+            raise InvalidPolicy(f"{where}.class", str(e).split(": ", 1)[1]) from None
+        policies.append(PolicyRef(cls, dict(args)))
+
+    return AMMConfig(
+        enabled=bool(amm.get("enabled", True)),
+        interval=float(interval),
+        measure=measure,
+        policies=tuple(policies),
+    )

@@ -1,0 +1,105 @@
+"""``dask-memory-operator``: run the operator, or the whole stack on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+COMMANDS_HELP = """\
+commands:
+  run       run the operator against the current kubeconfig or in-cluster config
+  sandbox   run an emulated Kubernetes API, dask-kubernetes, this operator and real
+            Dask processes on this machine, and the AMM dot-product demo on them
+"""
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the operator")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[],
+                       help="watch only this namespace (repeatable; glob patterns allowed)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true",
+                       help="watch every namespace (the default)")
+    p.add_argument("--scheduler-access", choices=["auto", "dns", "cluster-ip", "port-forward"],
+                   default="auto",
+                   help="how to reach schedulers: dns in a pod, port-forward from a laptop "
+                        "(auto picks one of those), cluster-ip where Service IPs are routable")
+    p.add_argument("--allow-policy-class", action="append", default=[], metavar="PATTERN",
+                   help="dotted path or glob (mycompany.amm.*) of AMM policy classes a "
+                        "MemoryPolicy may name besides the built-in ones (repeatable)")
+    p.add_argument("--resync-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="how often every MemoryPolicy is compared with its schedulers")
+    p.add_argument("--rpc-timeout", type=float, default=5.0, metavar="SECONDS")
+    p.add_argument("--peering", metavar="NAME",
+                   help="kopf peering name for several replicas; default: standalone "
+                        "(never the peering of dask-kubernetes' operator)")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve Prometheus metrics on this port (0: off)")
+    p.add_argument("--liveness", metavar="URL", default=None,
+                   help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--verbose", "-v", action="store_true")
+
+
+def _add_sandbox(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sandbox", help="run the whole stack and the demo on this machine")
+    p.add_argument("--keep", action="store_true",
+                   help="stay up after the demo and print a kubeconfig for kubectl")
+    p.add_argument("--size", type=int, default=8000, help="matrix side of the demo")
+    p.add_argument("--chunk", type=int, default=1000, help="chunk side of the demo")
+    p.add_argument("--state-dir", default=None, help="where logs and kubeconfig go")
+
+
+def run(args: argparse.Namespace) -> int:
+    import kopf
+    from prometheus_client import start_http_server
+
+    from dask_memory_operator.access import SchedulerLocator
+    from dask_memory_operator.handlers import OperatorConfig, build_registry
+    from dask_memory_operator.reconcile import ClusterReconciler
+
+    config = OperatorConfig(
+        allowed_policy_classes=tuple(args.allow_policy_class),
+        resync_interval=args.resync_interval,
+        rpc_timeout=args.rpc_timeout,
+    )
+    kopf.configure(verbose=args.verbose)
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    memo = kopf.Memo(
+        config=config,
+        reconciler=ClusterReconciler(
+            SchedulerLocator(args.scheduler_access), rpc_timeout=args.rpc_timeout
+        ),
+    )
+    kopf.run(
+        registry=build_registry(config),
+        standalone=args.peering is None,
+        peering_name=args.peering,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=args.liveness,
+        memo=memo,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dask-memory-operator",
+        description="Active Memory Manager policies for dask-kubernetes clusters.",
+        epilog=COMMANDS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_sandbox(sub)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run(args)
+    from dask_memory_operator.sandbox import sandbox
+
+    return sandbox(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""``dask-memory-operator sandbox``: the whole loop on one machine, no cluster needed.
+
+It starts the local stack (an emulated Kubernetes API, the real dask-kubernetes
+operator, a process kubelet that turns Deployments into local Dask processes) and
+this operator, applies ``examples/`` with kubectl, and runs the AMM announcement's
+dot product twice on the resulting DaskCluster: once with the Active Memory
+Manager as the MemoryPolicy sets it, once with the policy switched to
+``enabled: false``. It prints the peak cluster memory of both runs and the
+policy's status, then stops everything (``--keep`` leaves it up for kubectl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from distributed import Client
+from distributed.diagnostics import MemorySampler
+from rich.console import Console
+from rich.table import Table
+
+from dask_memory_operator.testing.probes import amm_state
+from dask_memory_operator.testing.stack import LocalStack
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+CLUSTER = "demo"
+POLICY = "analytics"
+NAMESPACE = "default"
+WORKERS = 4
+GiB = 2**30
+
+
+def operator_argv() -> list[str]:
+    """This operator as the sandbox runs it: Service clusterIPs are local addresses."""
+    return [
+        sys.executable, "-m", "dask_memory_operator.cli", "run",
+        "--scheduler-access", "cluster-ip", "--resync-interval", "2",
+    ]
+
+
+def policy_status(stack: LocalStack) -> dict[str, Any]:
+    out = stack.kubectl("get", "memorypolicy", POLICY, "-n", NAMESPACE, "-o", "json")
+    return json.loads(out.stdout).get("status") or {}
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions") or () if c["type"] == type_), {})
+
+
+def wait_policy_applied(stack: LocalStack, generation: int, timeout: float = 120) -> dict[str, Any]:
+    def applied() -> dict[str, Any] | None:
+        status = policy_status(stack)
+        ready = condition(status, "Ready")
+        if status.get("observedGeneration") == generation and ready.get("status") == "True":
+            return status
+        return None
+
+    return stack.wait_for(applied, timeout, f"MemoryPolicy {POLICY} generation {generation} Ready")
+
+
+def run_dot_product(client: Any, size: int, chunk: int, label: str, sampler: Any) -> float:
+    import dask.array as da
+
+    a = da.random.random((size, size), chunks=(chunk, chunk))
+    b = (a @ a.T).sum()
+    start = time.perf_counter()
+    with sampler.sample(f"{label} (managed)", client=client, measure="managed", interval=0.1), \
+            sampler.sample(f"{label} (process)", client=client, measure="process", interval=0.1):
+        b.compute()
+    return time.perf_counter() - start
+
+
+def sandbox(args: argparse.Namespace) -> int:
+    console = Console()
+    stack = LocalStack(args.state_dir)
+    try:
+        with console.status("Starting the emulated API, dask-kubernetes and the kubelet..."):
+            stack.start()
+        _demo(console, stack, args)
+    finally:
+        with console.status("Stopping everything..."):
+            stack.stop()
+    console.print("[green]✓[/] stopped")
+    return 0
+
+
+def _demo(console: Console, stack: LocalStack, args: argparse.Namespace) -> None:
+    console.print(f"[green]✓[/] local Kubernetes API at {stack.api_url}")
+    stack.start_process("dask-memory-operator", operator_argv())
+    console.print("[green]✓[/] dask-memory-operator running")
+
+    with console.status(f"kubectl apply -f {EXAMPLES}/ ..."):
+        stack.kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLES / "daskcluster.yaml"))
+        stack.kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLES / "memorypolicy.yaml"))
+    console.print("[green]✓[/] applied examples/daskcluster.yaml and examples/memorypolicy.yaml")
+
+    with console.status(f"Waiting for DaskCluster {CLUSTER}: scheduler and {WORKERS} workers..."):
+        address = stack.wait_for(
+            lambda: _try_address(stack), 120, f"the scheduler Service of {CLUSTER}"
+        )
+        client = Client(address, timeout="60s")
+        client.wait_for_workers(WORKERS, timeout=180)
+    console.print(f"[green]✓[/] DaskCluster {CLUSTER} up at {address} with {WORKERS} workers")
+
+    with console.status(f"Waiting for MemoryPolicy {POLICY} to be applied..."):
+        wait_policy_applied(stack, generation=1)
+    console.print(f"[green]✓[/] MemoryPolicy {POLICY} applied: "
+                  f"{client.run_on_scheduler(amm_state)}")
+
+    sampler = MemorySampler()
+    timings = {}
+    with console.status(f"Dot product {args.size}² with the AMM as the policy sets it..."):
+        timings["AMM on"] = run_dot_product(client, args.size, args.chunk, "AMM on", sampler)
+    console.print(f"[green]✓[/] AMM on: {timings['AMM on']:.1f}s")
+
+    with console.status("kubectl patch: activeMemoryManager.enabled=false ..."):
+        stack.kubectl("patch", "memorypolicy", POLICY, "-n", NAMESPACE, "--type=merge",
+                      "-p", '{"spec":{"activeMemoryManager":{"enabled":false}}}')
+        wait_policy_applied(stack, generation=2)
+        stack.wait_for(lambda: not client.run_on_scheduler(amm_state)["running"], 30,
+                       "the scheduler's AMM to stop")
+    console.print("[green]✓[/] the operator stopped the scheduler's AMM")
+
+    with console.status(f"Dot product {args.size}² with the AMM off..."):
+        timings["AMM off"] = run_dot_product(client, args.size, args.chunk, "AMM off", sampler)
+    console.print(f"[green]✓[/] AMM off: {timings['AMM off']:.1f}s")
+
+    _print_results(console, sampler, timings)
+    console.print(stack.kubectl("get", "memorypolicy", "-n", NAMESPACE).stdout)
+    _print_policy_status(console, policy_status(stack))
+    client.close()
+
+    if args.keep:
+        console.print(f"\nThe stack stays up. In another shell:\n"
+                      f"  export KUBECONFIG={stack.kubeconfig}\n"
+                      f"  kubectl get daskclusters,memorypolicies,pods\n"
+                      f"Press Ctrl-C to stop everything.")
+        _wait_for_interrupt()
+
+
+def _try_address(stack: LocalStack) -> str | None:
+    try:
+        return stack.scheduler_address(NAMESPACE, CLUSTER)
+    except LookupError:
+        return None
+
+
+def _print_results(console: Console, sampler: Any, timings: dict[str, float]) -> None:
+    peaks = sampler.to_pandas(align=True).max() / GiB
+    table = Table(title=f"Peak cluster memory, {WORKERS} workers")
+    table.add_column("run")
+    table.add_column("managed GiB", justify="right")
+    table.add_column("process GiB", justify="right")
+    table.add_column("wall s", justify="right")
+    for label, seconds in timings.items():
+        table.add_row(label, f"{peaks[f'{label} (managed)']:.2f}",
+                      f"{peaks[f'{label} (process)']:.2f}", f"{seconds:.1f}")
+    console.print(table)
+    on, off = peaks["AMM on (managed)"], peaks["AMM off (managed)"]
+    console.print(f"peak_managed_amm_on_gib={on:.3f} peak_managed_amm_off_gib={off:.3f} "
+                  f"ratio_on_vs_off={on / off:.3f}")
+
+
+def _print_policy_status(console: Console, status: dict[str, Any]) -> None:
+    for c in status.get("conditions") or ():
+        console.print(f"  {c['type']}={c['status']} ({c.get('reason', '')}) {c.get('message', '')}")
+    for entry in status.get("clusters") or ():
+        amm = entry.get("amm") or {}
+        console.print(
+            f"  cluster {entry['name']}: {entry['state']}, plugin {entry.get('pluginSource')}, "
+            f"AMM running={amm.get('running')} cycles={amm.get('cycles')} "
+            f"dropped={amm.get('replicasDropped')} copied={amm.get('replicasCopied')}"
+        )
+
+
+def _wait_for_interrupt() -> None:
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,110 @@
+"""A MemoryPolicy's ``status``, built from what one reconcile pass found.
+
+Conditions:
+
+- ``Ready``: valid, and every cluster the policy governs runs its configuration.
+- ``Invalid``: the spec cannot be applied; the message names the field and why.
+- ``Degraded``: some governed clusters could not be configured; names them and why.
+- ``Conflict``: some selected clusters are also selected by another policy; says
+  which policy governs each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from dask_memory_operator.conditions import condition, now_rfc3339
+from dask_memory_operator.reconcile import Outcome
+
+
+def cluster_entry(outcome: Outcome, governed_by: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": outcome.cluster,
+        "state": outcome.state,
+        "governedBy": governed_by,
+        "lastCheckTime": now_rfc3339(),
+    }
+    if outcome.message:
+        entry["message"] = outcome.message
+    if outcome.plugin_source:
+        entry["pluginSource"] = outcome.plugin_source
+    if outcome.applied_generation is not None:
+        entry["appliedGeneration"] = outcome.applied_generation
+    if outcome.amm is not None:
+        entry["amm"] = outcome.amm
+    return entry
+
+
+def invalid_status(
+    generation: int, message: str, previous: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Status of a spec that cannot be applied. Clusters keep what they run."""
+    old = previous.get("conditions") or ()
+    return {
+        "observedGeneration": generation,
+        "matchedClusters": previous.get("matchedClusters", 0),
+        "appliedClusters": previous.get("appliedClusters", 0),
+        "clusters": previous.get("clusters", []),
+        "conditions": [
+            condition("Ready", False, "Invalid", message, generation, old),
+            condition("Invalid", True, "InvalidSpec", message, generation, old),
+            condition("Degraded", False, "Invalid", "nothing applied", generation, old),
+            condition("Conflict", False, "Invalid", "", generation, old),
+        ],
+    }
+
+
+def policy_status(
+    generation: int,
+    entries: Sequence[Mapping[str, Any]],
+    previous: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Status of a valid spec from its per-cluster entries."""
+    old = previous.get("conditions") or ()
+    governed = [e for e in entries if e["state"] != "Conflict"]
+    applied = [e for e in governed if e["state"] == "Applied"]
+    degraded = [e for e in governed if e["state"] == "Degraded"]
+    pending = [e for e in governed if e["state"] == "Pending"]
+    contested = [e for e in entries if e["state"] == "Conflict"]
+
+    if degraded:
+        ready = condition(
+            "Ready", False, "Degraded",
+            f"{len(applied)}/{len(governed)} clusters configured", generation, old,
+        )
+    elif pending:
+        ready = condition(
+            "Ready", False, "Pending",
+            f"waiting for {', '.join(e['name'] for e in pending)}", generation, old,
+        )
+    elif not entries:
+        ready = condition("Ready", True, "NoClustersSelected", "no DaskCluster selected", generation, old)
+    else:
+        ready = condition(
+            "Ready", True, "Applied",
+            f"{len(applied)}/{len(governed)} clusters configured", generation, old,
+        )
+
+    degraded_msg = "; ".join(f"{e['name']}: {e.get('message', '')}" for e in degraded)
+    conflict_msgs = [e["message"] for e in contested] + [
+        e["conflictMessage"] for e in governed if e.get("conflictMessage")
+    ]
+    return {
+        "observedGeneration": generation,
+        "matchedClusters": len(entries),
+        "appliedClusters": len(applied),
+        "clusters": [{k: v for k, v in e.items() if k != "conflictMessage"} for e in entries],
+        "conditions": [
+            ready,
+            condition("Invalid", False, "Valid", "", generation, old),
+            condition(
+                "Degraded", bool(degraded), "SchedulerUnavailable" if degraded else "AllReachable",
+                degraded_msg, generation, old,
+            ),
+            condition(
+                "Conflict", bool(conflict_msgs), "OverlappingPolicies" if conflict_msgs else "NoOverlap",
+                "; ".join(conflict_msgs), generation, old,
+            ),
+        ],
+    }

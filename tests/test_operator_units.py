@@ -1,0 +1,152 @@
+"""Unit tests for the operator's pure parts: spec parsing, selection, status."""
+
+from __future__ import annotations
+
+import pytest
+
+from dask_memory_operator.api import InvalidPolicy, parse_spec
+from dask_memory_operator.conditions import condition
+from dask_memory_operator.reconcile import Outcome, drift
+from dask_memory_operator.selection import PolicyInfo, assign, matches_selector, selects
+from dask_memory_operator.status import cluster_entry, invalid_status, policy_status
+
+
+def spec(**amm):
+    return {"clusterSelector": {}, "activeMemoryManager": amm}
+
+
+def test_parse_spec_defaults_and_short_names():
+    cfg = parse_spec(spec(policies=[{"class": "ReduceReplicas"}, {"class": "Rebalance", "args": {"x": 1}}]))
+    assert cfg.enabled is True and cfg.interval == 2.0 and cfg.measure == "optimistic"
+    assert cfg.to_dask_config() == {
+        "start": True,
+        "interval": 2.0,
+        "measure": "optimistic",
+        "policies": [
+            {"class": "distributed.active_memory_manager.ReduceReplicas"},
+            {"class": "amm_core.rebalance.Rebalance", "x": 1},
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    "amm, field, words",
+    [
+        ({"interval": "soon"}, "spec.activeMemoryManager.interval", "positive duration"),
+        ({"interval": "0s"}, "spec.activeMemoryManager.interval", "positive duration"),
+        ({"measure": "rss"}, "spec.activeMemoryManager.measure", "unsupported value"),
+        ({"policies": [{"class": "NoSuchPolicy"}]}, "spec.activeMemoryManager.policies[0].class", "unknown policy"),
+        ({"policies": [{"class": "os.system"}]}, "spec.activeMemoryManager.policies[0].class", "not allowed"),
+        ({"policies": [{"class": "ReduceReplicas", "args": [1]}]}, "spec.activeMemoryManager.policies[0].args", "object"),
+    ],
+)
+def test_parse_spec_rejects(amm, field, words):
+    with pytest.raises(InvalidPolicy) as e:
+        parse_spec(spec(**amm))
+    assert e.value.field == field
+    assert words in str(e.value)
+
+
+def test_allowlist_globs():
+    cfg = parse_spec(spec(policies=[{"class": "mycorp.amm.Keep"}]), allowed=["mycorp.amm.*"])
+    assert cfg.policies[0].cls == "mycorp.amm.Keep"
+    with pytest.raises(InvalidPolicy):
+        parse_spec(spec(policies=[{"class": "mycorp.other.Keep"}]), allowed=["mycorp.amm.*"])
+
+
+@pytest.mark.parametrize(
+    "selector, labels, expected",
+    [
+        ({}, {}, True),
+        ({"matchLabels": {"a": "1"}}, {"a": "1", "b": "2"}, True),
+        ({"matchLabels": {"a": "1"}}, {"a": "2"}, False),
+        ({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1", "2"]}]}, {"a": "2"}, True),
+        ({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1"]}]}, {}, False),
+        ({"matchExpressions": [{"key": "a", "operator": "NotIn", "values": ["1"]}]}, {}, True),
+        ({"matchExpressions": [{"key": "a", "operator": "NotIn", "values": ["1"]}]}, {"a": "1"}, False),
+        ({"matchExpressions": [{"key": "a", "operator": "Exists"}]}, {"a": ""}, True),
+        ({"matchExpressions": [{"key": "a", "operator": "DoesNotExist"}]}, {"a": ""}, False),
+    ],
+)
+def test_label_selector(selector, labels, expected):
+    assert matches_selector(selector, labels) is expected
+
+
+def policy(name, created, selector=None, names=None):
+    return PolicyInfo(name, f"uid-{name}", created, selector, tuple(names) if names else None)
+
+
+def test_selects_needs_selector_or_names():
+    assert not selects(policy("p", "t"), "c", {})
+    assert selects(policy("p", "t", names=["c"]), "c", {})
+    assert not selects(policy("p", "t", selector={"matchLabels": {"x": "y"}}, names=["c"]), "c", {})
+
+
+def test_conflict_goes_to_oldest_then_name_whatever_the_order():
+    a = policy("b-old", "2026-01-01T00:00:00Z", selector={})
+    b = policy("a-new", "2026-02-01T00:00:00Z", selector={})
+    c = policy("a-old", "2026-01-01T00:00:00Z", names=["one"])
+    clusters = {"one": {}, "two": {}}
+    for order in ([a, b, c], [c, b, a], [b, a, c]):
+        result = assign(order, clusters)
+        assert result["one"].governor.name == "a-old"
+        assert [p.name for p in result["one"].contenders] == ["a-old", "b-old", "a-new"]
+        assert result["two"].governor.name == "b-old"
+
+
+def test_unselected_clusters_are_absent():
+    assert assign([policy("p", "t", names=["x"])], {"y": {}}) == {}
+
+
+def test_condition_keeps_transition_time_while_status_holds():
+    first = condition("Ready", True, "Applied", "", 1)
+    old = [dict(first, lastTransitionTime="2020-01-01T00:00:00Z")]
+    assert condition("Ready", True, "Applied", "x", 2, old)["lastTransitionTime"] == "2020-01-01T00:00:00Z"
+    assert condition("Ready", False, "Degraded", "x", 2, old)["lastTransitionTime"] != "2020-01-01T00:00:00Z"
+
+
+def conds(status):
+    return {c["type"]: c for c in status["conditions"]}
+
+
+def test_policy_status_ready_degraded_conflict():
+    applied = cluster_entry(Outcome("a", "Applied", applied_generation=3, plugin_source="live"), "p")
+    down = cluster_entry(Outcome("b", "Degraded", "scheduler unreachable: timeout"), "p")
+    other = cluster_entry(Outcome("c", "Conflict", "c is governed by MemoryPolicy q"), "q")
+    status = policy_status(3, [applied, down, other], {})
+    c = conds(status)
+    assert status["observedGeneration"] == 3
+    assert (status["matchedClusters"], status["appliedClusters"]) == (3, 1)
+    assert c["Ready"]["status"] == "False" and c["Ready"]["reason"] == "Degraded"
+    assert c["Degraded"]["status"] == "True" and "b: scheduler unreachable" in c["Degraded"]["message"]
+    assert c["Conflict"]["status"] == "True" and "governed by MemoryPolicy q" in c["Conflict"]["message"]
+    assert c["Invalid"]["status"] == "False"
+
+    ok = policy_status(3, [applied], {})
+    assert conds(ok)["Ready"]["status"] == "True"
+    assert conds(ok)["Degraded"]["status"] == "False"
+
+
+def test_invalid_status_keeps_clusters():
+    prev = policy_status(1, [cluster_entry(Outcome("a", "Applied"), "p")], {})
+    status = invalid_status(2, "spec.activeMemoryManager.measure: unsupported", prev)
+    c = conds(status)
+    assert c["Invalid"]["status"] == "True" and "measure" in c["Invalid"]["message"]
+    assert c["Ready"]["status"] == "False" and c["Ready"]["reason"] == "Invalid"
+    assert status["clusters"] == prev["clusters"] and status["observedGeneration"] == 2
+
+
+def test_drift_detects_each_difference():
+    cfg = parse_spec(spec(interval="1s", measure="managed", policies=[{"class": "ReduceReplicas"}]))
+    amm = {
+        "running": True, "interval": 1.0, "measure": "managed",
+        "policies": [
+            {"class": "distributed.active_memory_manager.ReduceReplicas"},
+            {"class": "distributed.active_memory_manager.RetireWorker"},
+        ],
+    }
+    assert drift(cfg, {"amm": amm}) is None
+    assert "running" in drift(cfg, {"amm": dict(amm, running=False)})
+    assert "interval" in drift(cfg, {"amm": dict(amm, interval=2.0)})
+    assert "measure" in drift(cfg, {"amm": dict(amm, measure="process")})
+    assert "policies" in drift(cfg, {"amm": dict(amm, policies=[])})
