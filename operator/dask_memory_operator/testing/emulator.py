@@ -1304,12 +1304,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if ctype == 'application/json-patch+json':
             try:
                 return jsonpatch.JsonPatch(body).apply(copy.deepcopy(base))
-            except jsonpatch.JsonPatchTestFailed as e:
-                raise ApiError(422, 'Invalid', f'the server rejected our request due to an error in our '
-                               f'request: {e}')
             except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
-                raise ApiError(422, 'Invalid', f'the server rejected our request due to an error in our '
-                               f'request: {e}')
+                # As apimachinery's NewGenericServerResponse(422): generic message, detail in causes.
+                raise ApiError(422, 'Invalid', 'the server rejected our request due to an error in our request',
+                               {'causes': [{'reason': 'UnexpectedServerResponse', 'message': str(e)}]})
         if ctype == 'application/merge-patch+json':
             return merge_patch(base, body)
         if ctype == 'application/strategic-merge-patch+json' and rtype.crd is None:
