@@ -511,18 +511,18 @@ class MemoryPolicyPlugin(SchedulerPlugin):
 
     def _repair(self, spec: AMMSpec) -> None:
         """Same config again: keep the policy objects (they may hold state) and only
-        put back what someone changed behind our back."""
+        put back what someone changed behind our back: start/interval/measure, and
+        policies added by others. Only a policy of ours that went missing makes
+        them all new."""
         if self.in_force(spec):
             return
-        policies_intact = all(p is not None for p, _, _ in self.configured) and {
-            id(p) for p, _, _ in self.configured
-        } == {id(p) for p in self.amm.policies if not isinstance(p, RetireWorker)}
-        if not policies_intact:
-            logger.info("AMM policies were changed outside amm_core; re-applying")
+        ours = [p for p, _, _ in self.configured]
+        if any(p is None or p not in self.amm.policies for p in ours):
+            logger.info("AMM policies were removed outside amm_core; re-applying")
             self._swap(spec, self.owner)
             return
-        logger.info("AMM start/interval/measure drifted; putting them back")
-        self._set(spec, [p for p, _, _ in self.configured if p is not None])
+        logger.info("AMM changed outside amm_core; putting the config back")
+        self._set(spec, [p for p in ours if p is not None])
 
     def _swap(self, spec: AMMSpec, owner: dict[str, Any] | None) -> None:
         # Build every policy before touching the extension: a failure here leaves the

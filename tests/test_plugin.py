@@ -263,6 +263,22 @@ async def test_repeated_apply_keeps_policy_objects_and_generation_reapplies(clus
     assert amm_of(cl).running and configured(cl) == first
     assert status["in_force"] is True
 
+    # A policy added by someone else shows as foreign, and the same apply takes it
+    # out, keeping ours
+    amm_of(cl).add_policy(ReduceReplicas())
+    status = await scheduler_rpc.get_status(addr)
+    assert status["in_force"] is False
+    assert {"class": REDUCE, "kwargs": None, "role": "foreign"} in status["amm"]["policies"]
+    status = await scheduler_rpc.apply(addr, cfg, owner(1))
+    assert configured(cl) == first and status["in_force"] is True
+
+    # One of ours removed behind our back: all are built anew
+    amm_of(cl).policies.discard(keep)
+    await scheduler_rpc.apply(addr, cfg, owner(1))
+    (rebuilt,) = configured(cl)
+    assert rebuilt is not keep and isinstance(rebuilt, KeepCopies)
+    first = {rebuilt}
+
     # A new generation re-applies: new objects
     await scheduler_rpc.apply(addr, cfg, owner(2))
     second = configured(cl)
@@ -465,12 +481,15 @@ async def test_preload_reports_preload(tmp_path):
 HIDE_EDITABLE_INSTALL = '''\
 """Hides this project's editable install from this interpreter, so that it behaves
 like a scheduler image with dask and distributed but without amm_core.
-sitecustomize runs after the .pth files of site-packages, one of which appended the
-editable install's finder to sys.meta_path; the finder is removed again here.
-Anything on sys.path (e.g. an uploaded zip) stays importable as usual."""
+sitecustomize runs after the .pth files of site-packages, which installed the editable
+install's import finder (or, with another setuptools, a path entry to the checkout);
+both are taken out again here. Whatever lands on sys.path later (the uploaded zip)
+is importable as usual."""
+import os
 import sys
 
 sys.meta_path[:] = [f for f in sys.meta_path if getattr(f, "__name__", "") != "_EditableFinder"]
+sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "amm_core"))]
 '''
 
 
