@@ -390,16 +390,20 @@ class MemoryPolicyPlugin(SchedulerPlugin):
 
     def status(self) -> dict[str, Any]:
         amm = self.amm
-        configured_ids = {id(p) for p, _, _ in self.configured if p is not None}
-        policies = [
-            {"class": path, "kwargs": kwargs, "role": "configured"}
+        ours = [
+            (p, path, kwargs)
             for p, path, kwargs in self.configured
             if p is not None and p in amm.policies
         ]
+        ours_ids = {id(p) for p, _, _ in ours}
         others = sorted(
-            (p for p in amm.policies if id(p) not in configured_ids),
+            (p for p in amm.policies if id(p) not in ours_ids),
             key=lambda p: (dotted_name(type(p)), repr(p)),
         )
+        policies = [
+            {"class": path, "kwargs": kwargs, "role": "configured"}
+            for _, path, kwargs in ours
+        ]
         for p in others:
             if isinstance(p, RetireWorker):
                 policies.append(
@@ -416,8 +420,11 @@ class MemoryPolicyPlugin(SchedulerPlugin):
                     {"class": dotted_name(type(p)), "kwargs": None, "role": "foreign"}
                 )
 
+        # In the order of "policies", then retirements handed over to ad-hoc AMMs
+        in_order = [p for p, _, _ in ours] + others
+        in_order += [p for side in self.retirement_amms for p in side.policies]
         reports = []
-        for p in self._all_policies():
+        for p in in_order:
             report = getattr(p, "report", None)
             if not callable(report):
                 continue

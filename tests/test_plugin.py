@@ -33,7 +33,8 @@ from distributed.active_memory_manager import (
     Suggestion,
 )
 
-from amm_core.plugin import PLUGIN_NAME
+import amm_core
+from amm_core.plugin import PLUGIN_NAME, dotted_name as dotted
 from dask_memory_operator import scheduler_rpc
 from dask_memory_operator.scheduler_rpc import (
     ApplyRejected,
@@ -340,6 +341,29 @@ async def test_keys_left_out_take_the_schedulers_own_values(cluster):
     assert status["amm"]["interval"] == 3.0
     assert status["amm"]["measure"] == "optimistic"  # distributed's default
     assert [p["class"] for p in status["amm"]["policies"]] == [REDUCE]
+
+
+async def test_amm_core_builtin_policies_by_short_name_report_plain_data(cluster):
+    cl, _ = cluster
+    addr = cl.scheduler_address
+    await scheduler_rpc.ensure_plugin(addr)
+    names = list(amm_core.BUILTIN_POLICIES)
+    cfg = config(interval="100ms", policies=[{"class": n} for n in names])
+    status = await scheduler_rpc.apply(addr, cfg, owner())
+    assert [p["class"] for p in status["amm"]["policies"]] == names
+    assert {dotted(type(p)) for p in configured(cl)} == set(
+        amm_core.BUILTIN_POLICIES.values()
+    )
+
+    cycles = status["amm"]["cycles"]
+
+    async def reported() -> dict[str, Any] | None:
+        status = await scheduler_rpc.get_status(addr)
+        return status if status["amm"]["cycles"] > cycles else None
+
+    status = await until(reported, "AMM cycles with every built-in policy")
+    assert status["policy_reports"], "amm_core policies have report()"
+    assert not [r for r in status["policy_reports"] if "error" in r]
 
 
 # --- counters ---------------------------------------------------------------
