@@ -176,11 +176,12 @@ async def test_server_side_metadata(http: Http) -> None:
     status, cm = await http.post(CONFIGMAPS, {'metadata': {'name': 'a'}, 'data': {'k': 'v'}})
     assert status == 201
     meta = cm['metadata']
-    assert meta['namespace'] == 'default' and meta['generation'] == 1
+    assert meta['namespace'] == 'default' and 'generation' not in meta  # configmaps have none
     assert meta['uid'] and meta['creationTimestamp'].endswith('Z')
     assert cm['kind'] == 'ConfigMap' and cm['apiVersion'] == 'v1'
 
     status, dep = await http.post(DEPLOYMENTS, deployment('d'))
+    assert dep['metadata']['generation'] == 1
     assert int(dep['metadata']['resourceVersion']) > int(meta['resourceVersion'])  # cluster-wide counter
 
     status, gen = await http.post(CONFIGMAPS, {'metadata': {'generateName': 'x-'}})
@@ -261,6 +262,12 @@ async def test_patch_types_and_optimistic_concurrency(widgets: Http) -> None:
     stale = copy.deepcopy(w)
     stale['metadata']['resourceVersion'] = rv
     assert (await http.put(WIDGETS + '/w', stale))[0] == 409
+    # Custom resources refuse unconditional updates (PUT without a resourceVersion).
+    unconditional = copy.deepcopy(w)
+    del unconditional['metadata']['resourceVersion']
+    status, err = await http.put(WIDGETS + '/w', unconditional)
+    assert status == 422 and err['message'] == ('Widget.example.com "w" is invalid: metadata.resourceVersion: '
+                                                'Invalid value: 0x0: must be specified for an update')
     # PUT with the current version replaces the object (and drops what is not sent).
     fresh = copy.deepcopy(w)
     fresh['spec'] = {'size': 4}
@@ -324,6 +331,17 @@ async def test_pod_graceful_deletion(http: Http) -> None:
     pod = {'metadata': {'name': 'p'}, 'spec': {'nodeName': 'n1', 'containers': [{'name': 'c', 'image': 'x'}]}}
     status, p = await http.post(pods, pod)
     assert p['status']['phase'] == 'Pending'
+    # Pod specs are immutable but for images (and a few more).
+    status, p = await http.patch(pods + '/p', {'spec': {'containers': [{'name': 'c', 'image': 'y'}]}}, STRATEGIC)
+    assert status == 200 and p['spec']['containers'][0]['image'] == 'y'
+    status, err = await http.patch(pods + '/p', {'spec': {'nodeName': 'n2'}})
+    assert status == 422 and 'pod updates may not change fields' in err['message']
+    # A scheduler binds through pods/binding.
+    await http.post(pods, {'metadata': {'name': 'b'}, 'spec': {'containers': [{'name': 'c', 'image': 'x'}]}})
+    binding = {'apiVersion': 'v1', 'kind': 'Binding', 'metadata': {'name': 'b'}, 'target': {'kind': 'Node', 'name': 'n1'}}
+    assert (await http.post(pods + '/b/binding', binding))[0] == 201
+    assert (await http.get(pods + '/b'))[1]['spec']['nodeName'] == 'n1'
+    assert (await http.post(pods + '/b/binding', binding))[0] == 409
     status, p = await http.delete(pods + '/p')
     assert status == 200 and p['metadata']['deletionGracePeriodSeconds'] == 30  # the kubelet's turn
     assert (await http.get(pods + '/p'))[0] == 200

@@ -94,6 +94,7 @@ class ApiServer:
             if old is None:
                 obj, _ = emu._create(_Target(rtype, namespace, None, None), doc, {})
             else:
+                doc = {**doc, 'metadata': {**doc['metadata'], 'resourceVersion': old['metadata']['resourceVersion']}}
                 obj, _ = emu._replace(_Target(rtype, namespace, doc['metadata']['name'], None), doc, {})
         return obj
 

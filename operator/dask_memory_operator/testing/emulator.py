@@ -111,7 +111,18 @@ _MERGE_KEYS: dict[str, str] = {
 }
 _MERGE_PRIMITIVE_LISTS = {'finalizers'}
 
-# Built-in kinds with a scale subresource: (specReplicasPath, statusReplicasPath).
+# Built-in kinds whose strategies track metadata.generation (CRs and CRDs always do;
+# pods, configmaps, services, namespaces... have no generation in Kubernetes 1.32).
+_BUILTIN_GENERATION = {('apps', 'deployments'), ('apps', 'replicasets'), ('apps', 'statefulsets'),
+                       ('apps', 'daemonsets'), ('batch', 'jobs'), ('batch', 'cronjobs'),
+                       ('policy', 'poddisruptionbudgets'), ('networking.k8s.io', 'ingresses'),
+                       ('networking.k8s.io', 'networkpolicies'), ('autoscaling', 'horizontalpodautoscalers'),
+                       ('', 'replicationcontrollers'), ('apiextensions.k8s.io', 'customresourcedefinitions')}
+
+# What a pod update may change in spec (the API server forbids the rest).
+_POD_MUTABLE = ('containers[*].image', 'initContainers[*].image', 'activeDeadlineSeconds', 'tolerations')
+
+# Built-in kinds with a scale subresource.
 _BUILTIN_SCALE = {('apps', 'deployments'), ('apps', 'replicasets'), ('apps', 'statefulsets'),
                   ('', 'replicationcontrollers')}
 
@@ -593,6 +604,10 @@ class ResourceType:
     crd: str | None = None
 
     @property
+    def has_generation(self) -> bool:
+        return self.crd is not None or (self.group, self.plural) in _BUILTIN_GENERATION
+
+    @property
     def resource(self) -> kmock.resource:
         return kmock.resource(self.group, self.version, self.plural)
 
@@ -806,7 +821,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         meta['uid'] = str(uuid.uuid4())
         meta['resourceVersion'] = self._next_rv()
         meta['creationTimestamp'] = _now()
-        meta['generation'] = 1
+        if rtype.has_generation:
+            meta['generation'] = 1
         if namespace is not None:
             meta['namespace'] = namespace
         key = self._key(rtype, namespace, meta['name'])
@@ -892,6 +908,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             group, version = ('', parts[1]) if parts[0] == 'api' else (parts[1], parts[2])
             return _json(self._api_resource_list(group, version))
         target = self._parse_target(parts)
+        if target.subresource not in (None, 'status', 'scale', 'binding'):
+            raise ApiError(404, 'NotFound', 'the server could not find the requested resource')  # exec, log...
         params = request.params
         if method == 'GET' and params.get('watch') in ('true', '1'):
             return await self._watch(request, target)
@@ -904,6 +922,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if method == 'GET':
                 obj = self._read(target)
                 return _json(self._to_table(target.rtype, [obj], None) if as_table and not target.subresource else obj)
+            if method == 'POST' and target.rtype.resource == _PODS and target.subresource == 'binding':
+                return _json(self._bind(target, body), 201)
             if method == 'POST' and target.name is None:
                 return self._respond(self._create(target, body, params), 201, target, params)
             if method == 'PUT' and target.name is not None:
@@ -1263,7 +1283,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
         warnings = self._admit(rtype, old, new, params)
         ignored = {'metadata'} | ({'status'} if rtype.schema is None or 'status' in rtype.subresources else set())
         if {k: v for k, v in new.items() if k not in ignored} != {k: v for k, v in old.items() if k not in ignored}:
-            meta['generation'] = int(old['metadata'].get('generation', 1)) + 1
+            if rtype.has_generation:
+                meta['generation'] = int(old['metadata'].get('generation', 1)) + 1
+            if rtype.resource == _PODS and target.subresource is None:
+                _check_pod_update(rtype, old, new)
         meta['resourceVersion'] = old['metadata']['resourceVersion']
         if new == old:
             return old, warnings  # a no-op write: no new resourceVersion, no event
@@ -1281,11 +1304,17 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _replace(self, target: _Target, body: Any, params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
         assert target.name is not None
-        old = self._get_live(target.rtype, target.namespace, target.name)
+        rtype = target.rtype
+        old = self._get_live(rtype, target.namespace, target.name)
         if old is None:
-            raise target.rtype.not_found(target.name)
+            raise rtype.not_found(target.name)
         if target.subresource == 'scale':
             return self._write_scale(target, old, body, params)
+        # Custom resources and CRDs do not allow unconditional updates (their strategies say so).
+        if (rtype.crd is not None or rtype.resource == _CRD_RESOURCE) and isinstance(body, Mapping) \
+                and not (body.get('metadata') or {}).get('resourceVersion'):
+            raise rtype.invalid(target.name, [FieldError('metadata.resourceVersion', 'FieldValueInvalid',
+                                                         'Invalid value: 0x0: must be specified for an update')])
         return self._finish_write(target, old, copy.deepcopy(body), params)
 
     def _patch(self, target: _Target, body: Any, ctype: str, params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
@@ -1315,6 +1344,24 @@ class KubeEmulator(kmock.KubernetesEmulator):
         raise ApiError(415, 'UnsupportedMediaType', f'the body of the request was in an unknown format - accepted '
                        f'media types include: application/json-patch+json, application/merge-patch+json'
                        + ('' if rtype.crd else ', application/strategic-merge-patch+json'))
+
+    def _bind(self, target: _Target, body: Any) -> dict[str, Any]:
+        """POST pods/<name>/binding: what a scheduler does to assign a pod to a node."""
+        assert target.name is not None
+        pod = self._get_live(target.rtype, target.namespace, target.name)
+        if pod is None:
+            raise target.rtype.not_found(target.name)
+        node = ((body or {}).get('target') or {}).get('name') if isinstance(body, Mapping) else None
+        if not node:
+            raise ApiError(422, 'Invalid', f'Binding "{target.name}" is invalid: target.name: Required value')
+        if (pod.get('spec') or {}).get('nodeName'):
+            raise ApiError(409, 'Conflict', f'Operation cannot be fulfilled on pods/binding "{target.name}": '
+                           f'pod {target.name} is already assigned to node "{pod["spec"]["nodeName"]}"',
+                           {'name': target.name, 'kind': 'pods/binding'})
+        new = copy.deepcopy(pod)
+        new['spec']['nodeName'] = node
+        self._store_update(target.rtype, pod, new)
+        return {'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Success', 'code': 201}
 
     def _to_scale(self, rtype: ResourceType, obj: dict[str, Any]) -> dict[str, Any]:
         assert rtype.scale is not None
@@ -1544,7 +1591,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             for event in initial:
                 await response.write(json.dumps(event).encode() + b'\n')
             while cursor >= 0 and not self._stopping:
-                index = bisect.bisect_right([e.rv for e in self._events], cursor) if self._events else 0
+                index = bisect.bisect_right(self._events, cursor, key=lambda e: e.rv)
                 for event in self._events[index:]:
                     cursor = event.rv
                     if event.resource != rtype.resource:
@@ -1593,6 +1640,22 @@ class KubeEmulator(kmock.KubernetesEmulator):
         meta = {'resourceVersion': listed['metadata']['resourceVersion']} if listed else {}
         return {'kind': 'Table', 'apiVersion': 'meta.k8s.io/v1', 'metadata': meta,
                 'columnDefinitions': columns, 'rows': rows}
+
+
+def _check_pod_update(rtype: ResourceType, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Pod specs are immutable but for images, activeDeadlineSeconds and tolerations."""
+    def masked(spec: Any) -> Any:
+        spec = copy.deepcopy(spec or {})
+        for key in ('containers', 'initContainers'):
+            for container in spec.get(key) or []:
+                container.pop('image', None)
+        spec.pop('activeDeadlineSeconds', None)
+        spec.pop('tolerations', None)
+        return spec
+    if masked(old.get('spec')) != masked(new.get('spec')):
+        fields = ','.join(f'`spec.{f}`' for f in _POD_MUTABLE)
+        raise rtype.invalid(old['metadata']['name'], [FieldError(
+            'spec', 'FieldValueForbidden', f'Forbidden: pod updates may not change fields other than {fields}')])
 
 
 def _builtin_defaults(rtype: ResourceType, obj: dict[str, Any]) -> None:
