@@ -1,0 +1,397 @@
+"""The Rebalance, Replicate and RetirePaused AMM policies on real LocalClusters
+(worker processes, one thread each).
+
+The scheduler of a LocalCluster runs in this process: the scheduler-side config
+(AMM measure, the pause fraction that workers_with_room reads) is set here with
+dask.config.set, while worker processes take their config when they are spawned.
+AMM cycles are driven with client.amm.run_once(), or by a short interval where real
+time matters; conditions are polled with a deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import dask
+import pytest
+from distributed import Client, Event, LocalCluster, Scheduler, wait
+from distributed import active_memory_manager as amm_module
+from distributed.core import rpc
+
+from amm_core._room import CountingPolicy
+from amm_core.rebalance import Rebalance
+from amm_core.replicate import ReduceReplicas, Replicate, replicate, scatter
+from amm_core.retire_paused import RetirePaused
+
+MB = 2**20
+
+#: Workers never spill, pause only when a test says so, and are never killed.
+WORKER_MEMORY = {
+    "distributed.worker.memory.target": False,
+    "distributed.worker.memory.spill": False,
+    "distributed.worker.memory.pause": 0.8,
+    "distributed.worker.memory.terminate": False,
+}
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        out = cond()
+        if out:
+            return out
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or cond}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def cluster(
+    n: int = 3, memory_limit: str = "1GB", **config: Any
+) -> Iterator[tuple[LocalCluster, Client]]:
+    settings = {
+        **WORKER_MEMORY,
+        "distributed.scheduler.active-memory-manager.start": False,
+        "distributed.scheduler.active-memory-manager.measure": "managed",
+        "distributed.scheduler.active-memory-manager.policies": [],
+        **config,
+    }
+    with (
+        dask.config.set(settings),
+        LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=memory_limit,
+            dashboard_address=":0",
+        ) as lc,
+        Client(lc) as c,
+    ):
+        c.wait_for_workers(n)
+        yield lc, c
+
+
+def add_policies(c: Client, *policies: Any) -> None:
+    def add(dask_scheduler: Scheduler) -> None:
+        for p in policies:
+            dask_scheduler.extensions["amm"].add_policy(p)
+
+    c.run_on_scheduler(add)
+
+
+def reports(dask_scheduler: Scheduler) -> dict[str, dict]:
+    return {
+        type(p).__name__: p.report()
+        for p in dask_scheduler.extensions["amm"].policies
+        if isinstance(p, CountingPolicy)
+    }
+
+
+def scheduler_keys(dask_scheduler: Scheduler) -> set:
+    return set(dask_scheduler.tasks)
+
+
+def holders(c: Client, futures: list) -> dict[Any, set[str]]:
+    return {k: set(v) for k, v in c.who_has(futures).items()}
+
+
+def blob(i: int, size: int) -> bytes:
+    # Distinct contents, so that reading them back checks the right data moved.
+    return i.to_bytes(4, "little") * (size // 4)
+
+
+def block(x: bytes, ev: Event) -> int:
+    ev.wait()
+    return len(x)
+
+
+# --- Rebalance ---------------------------------------------------------------------
+
+
+def test_rebalance_moves_data_off_heavy_worker_and_settles() -> None:
+    with cluster(3) as (lc, c):
+        a, b, w3 = sorted(c.scheduler_info()["workers"])
+        futs = [
+            c.submit(blob, i, 10 * MB, workers=[a], pure=False) for i in range(12)
+        ]
+        # A key needed by a task running on the sender must stay there.
+        needed = c.submit(blob, 99, 10 * MB, workers=[a], pure=False)
+        wait(futs + [needed])
+        ev = Event()
+        blocker = c.submit(block, needed, ev, workers=[a])
+        wait_for(
+            lambda: c.processing()[a] == (blocker.key,),
+            what="blocker running on the sender",
+        )
+        add_policies(c, Rebalance(threshold=0.02), ReduceReplicas())
+
+        # Over many cycles: each key changes holder at most once (no ping-pong with
+        # itself or with ReduceReplicas), never loses its last copy, and the moves
+        # stop once the workers are inside the dead band.
+        moved: dict[Any, int] = defaultdict(int)
+        prev = holders(c, futs + [needed])
+        copied = []
+        for _ in range(40):
+            c.amm.run_once()
+            time.sleep(0.1)  # pacing: copies and drops land between cycles
+            now = holders(c, futs + [needed])
+            for k, ws in now.items():
+                assert ws, f"{k} lost its last copy"
+                if ws - prev[k]:
+                    moved[k] += 1
+            prev = now
+            copied.append(c.run_on_scheduler(reports)["Rebalance"]["counters"])
+
+        assert max(moved.values()) == 1, moved
+        assert needed.key not in moved
+        assert all(len(ws) == 1 for ws in prev.values()), prev
+        per_worker = {w: sum(1 for ws in prev.values() if w in ws) for w in (a, b, w3)}
+        assert per_worker[b] >= 3 and per_worker[w3] >= 3, per_worker
+        final = copied[-1]
+        assert copied[-15] == final, "moves still happening after settling"
+        assert final["replicas_copied"] == final["moves_completed"] == len(moved)
+        assert final.get("moves_abandoned", 0) == 0
+        assert c.gather(futs) == [blob(i, 10 * MB) for i in range(12)]
+        ev.set()
+        assert blocker.result() == 10 * MB
+
+
+def test_rebalance_never_copies_onto_worker_without_room() -> None:
+    with cluster(2) as (lc, c):
+        a, b = sorted(c.scheduler_info()["workers"])
+        futs = [c.submit(blob, i, 10 * MB, workers=[a], pure=False) for i in range(8)]
+        wait(futs)
+        add_policies(c, Rebalance(threshold=0.02))
+        # Scheduler side only: the pause threshold is 5 MB of b's 1 GB, so no 10 MB
+        # key fits; the workers keep their own (0.8) threshold.
+        with dask.config.set({"distributed.worker.memory.pause": 0.005}):
+            for _ in range(5):
+                c.amm.run_once()
+        rep = c.run_on_scheduler(reports)["Rebalance"]
+        assert rep["counters"].get("replicas_copied", 0) == 0
+        assert rep["counters"]["no_room"] == 5
+        assert all(ws == {a} for ws in holders(c, futs).values())
+
+        # With room (15 MB: one key), exactly one key moves.
+        with dask.config.set({"distributed.worker.memory.pause": 0.015}):
+            c.amm.run_once()
+            wait_for(lambda: sum(b in ws for ws in holders(c, futs).values()) == 1)
+            c.amm.run_once()
+        rep = c.run_on_scheduler(reports)["Rebalance"]
+        assert rep["counters"]["replicas_copied"] == 1
+
+
+# --- Replicate -----------------------------------------------------------------------
+
+
+def test_replicate_keeps_copies_and_respects_room() -> None:
+    with cluster(3) as (lc, c):
+        a, b, w3 = sorted(c.scheduler_info()["workers"])
+        # The default config's reducer, which would undo every copy: replicate()
+        # adds the Replicate policy and swaps the reducer for amm_core's.
+        add_policies(c, amm_module.ReduceReplicas())
+        two = c.submit(blob, 1, 1 * MB, workers=[a], pure=False)
+        every = c.submit(blob, 2, 1 * MB, workers=[a], pure=False)
+        wait([two, every])
+        assert replicate(c, two, 2) == {
+            "tracked": 1,
+            "unknown": 0,
+            "amm_running": False,
+        }
+        replicate(c, every, "all")
+        assert c.run_on_scheduler(
+            lambda dask_scheduler: {
+                type(p) for p in dask_scheduler.extensions["amm"].policies
+            }
+        ) == {Replicate, ReduceReplicas}
+
+        def cycle_until(cond: Callable[[], Any]) -> None:
+            def step() -> Any:
+                c.amm.run_once()
+                return cond()
+
+            wait_for(step)
+
+        cycle_until(lambda: len(holders(c, [two])[two.key]) == 2)
+        cycle_until(lambda: len(holders(c, [every])[every.key]) == 3)
+        # ReduceReplicas honours the wanted counts: nothing is undone.
+        for _ in range(10):
+            c.amm.run_once()
+            time.sleep(0.05)
+        assert len(holders(c, [two])[two.key]) == 2
+        assert len(holders(c, [every])[every.key]) == 3
+
+        # scatter(broadcast=True) stays broadcast.
+        [sc] = scatter(c, [b"s" * 1000], broadcast=True)
+        for _ in range(5):
+            c.amm.run_once()
+            time.sleep(0.05)
+        assert len(holders(c, [sc])[sc.key]) == 3
+
+        # No room: w3 holds 40 MB and the (scheduler-side) pause threshold is 80 MB
+        # of 1 GB; a 50 MB key wanted everywhere goes to b only.
+        filler = c.submit(blob, 3, 40 * MB, workers=[w3], pure=False)
+        big = c.submit(blob, 4, 50 * MB, workers=[a], pure=False)
+        wait([filler, big])
+        replicate(c, big, "all")
+        with dask.config.set({"distributed.worker.memory.pause": 0.08}):
+            cycle_until(lambda: holders(c, [big])[big.key] == {a, b})
+            for _ in range(5):
+                c.amm.run_once()
+                time.sleep(0.05)
+        assert holders(c, [big])[big.key] == {a, b}
+        rep = c.run_on_scheduler(reports)["Replicate"]
+        assert rep["counters"]["no_room"] >= 5
+        assert rep["tracked_keys"] == 4
+
+        # A released key is forgotten.
+        key = two.key
+        del two
+        wait_for(lambda: key not in c.run_on_scheduler(scheduler_keys))
+
+        def forgotten() -> bool:
+            c.amm.run_once()
+            rep = c.run_on_scheduler(reports)["Replicate"]
+            return rep["tracked_keys"] == 3 and rep["counters"]["keys_forgotten"] == 1
+
+        wait_for(forgotten)
+
+
+def test_replicate_recreates_lost_copies_and_fills_new_workers() -> None:
+    # Policies from plain dask config, the AMM running every 200 ms.
+    config = {
+        "distributed.scheduler.active-memory-manager.start": True,
+        "distributed.scheduler.active-memory-manager.interval": "200ms",
+        "distributed.scheduler.active-memory-manager.policies": [
+            {"class": "amm_core.replicate.Replicate"},
+            {"class": "amm_core.replicate.ReduceReplicas"},
+        ],
+    }
+    with cluster(3, **config) as (lc, c):
+        a = sorted(c.scheduler_info()["workers"])[0]
+        two = c.submit(blob, 1, 1 * MB, workers=[a], pure=False)
+        every = c.submit(blob, 2, 1 * MB, workers=[a], pure=False)
+        wait([two, every])
+        assert replicate(c, two, 2)["amm_running"] is True
+        replicate(c, every, "all")
+        wait_for(lambda: len(holders(c, [two])[two.key]) == 2)
+        wait_for(lambda: len(holders(c, [every])[every.key]) == 3)
+
+        # a holds both; it leaves (its process is restarted: a new worker joins).
+        c.restart_workers([a])
+
+        def settled() -> bool:
+            workers = set(c.scheduler_info()["workers"])
+            h = holders(c, [two, every])
+            return (
+                len(workers) == 3
+                and a not in workers
+                and len(h[two.key]) == 2
+                and h[every.key] == workers
+            )
+
+        wait_for(settled, what="copies recreated and the new worker filled")
+        assert c.gather([two, every]) == [blob(1, MB), blob(2, MB)]
+
+        # A worker that joins later gets the "all" key too.
+        lc.scale(4)
+        c.wait_for_workers(4)
+        wait_for(
+            lambda: holders(c, [every])[every.key] == set(c.scheduler_info()["workers"])
+        )
+
+
+# --- RetirePaused --------------------------------------------------------------------
+
+
+def test_paused_worker_is_retired_with_data_intact() -> None:
+    config = {
+        "distributed.scheduler.active-memory-manager.start": True,
+        "distributed.scheduler.active-memory-manager.interval": "200ms",
+        "distributed.scheduler.active-memory-manager.policies": [
+            {"class": "amm_core.retire_paused.RetirePaused", "after": "2s"},
+        ],
+    }
+    with cluster(3, memory_limit="500MB", **config) as (lc, c):
+        a = sorted(c.scheduler_info()["workers"])[0]
+        futs = [c.submit(blob, i, 10 * MB, workers=[a], pure=False) for i in range(6)]
+        wait(futs)
+
+        # a holds 60 MB; lowering its own pause threshold to 10% (50 MB) pauses it.
+        def lower_pause(dask_worker: Any) -> None:
+            dask_worker.memory_manager.memory_pause_fraction = 0.1
+
+        c.run(lower_pause, workers=[a])
+        wait_for(
+            lambda: c.scheduler_info()["workers"][a]["status"] == "paused",
+            what="worker paused",
+        )
+
+        def replace() -> list[dict]:
+            return c.sync(lambda: _rpc_replace(c.scheduler.address))
+
+        [entry] = wait_for(
+            lambda: [e for e in replace() if e["retired"]], what="retired"
+        )
+        assert entry["address"] == a
+        assert entry["retiring_since"] - entry["paused_since"] >= 2
+        assert c.scheduler_info()["workers"][a]["status"] == "closing_gracefully"
+        # Its data is on the running workers, and readable.
+        for ws in holders(c, futs).values():
+            assert ws and a not in ws
+        assert c.gather(futs) == [blob(i, 10 * MB) for i in range(6)]
+        counters = c.run_on_scheduler(reports)["RetirePaused"]["counters"]
+        assert counters == {"retirements_started": 1, "workers_retired": 1}
+
+
+async def _rpc_replace(address: str) -> list[dict]:
+    # What an outside caller (the operator) does: plain msgpack over RPC.
+    async with rpc(address) as r:
+        return await r.amm_replace()
+
+
+# --- dask config ---------------------------------------------------------------------
+
+
+async def test_policies_load_from_dask_config() -> None:
+    config = {
+        "distributed.scheduler.active-memory-manager.start": True,
+        "distributed.scheduler.active-memory-manager.policies": [
+            {
+                "class": "amm_core.rebalance.Rebalance",
+                "threshold": 0.05,
+                "max_bytes_per_cycle": "64MiB",
+            },
+            {"class": "amm_core.replicate.Replicate"},
+            {"class": "amm_core.replicate.ReduceReplicas"},
+            {"class": "amm_core.retire_paused.RetirePaused", "after": "45s"},
+        ],
+    }
+    with dask.config.set(config):
+        async with Scheduler(dashboard_address=":0", port=0) as s:
+            policies = {type(p): p for p in s.extensions["amm"].policies}
+            assert set(policies) == {Rebalance, Replicate, ReduceReplicas, RetirePaused}
+            assert policies[Rebalance].threshold == 0.05
+            assert policies[Rebalance].max_bytes_per_cycle == 64 * MB
+            assert policies[RetirePaused].after == 45
+            assert s.extensions["amm"].running
+            s.extensions["amm"].run_once()
+            assert reports(s)["RetirePaused"]["replace"] == []
+            assert "amm_replace" in s.handlers
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        (Rebalance, {"threshold": 1.5}),
+        (Rebalance, {"max_bytes_per_cycle": 0}),
+        (RetirePaused, {"after": -1}),
+    ],
+)
+def test_bad_kwargs_are_rejected(cls: type, kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        cls(**kwargs)
