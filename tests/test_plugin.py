@@ -530,16 +530,25 @@ async def test_live_install_on_a_scheduler_without_amm_core(tmp_path):
         assert status["source"] == "live"
         assert ".zip" in status["amm_core_path"]  # imported from the upload
 
-        # amm_core's policies are importable there now
-        status = await scheduler_rpc.apply(
-            addr,
-            config(policies=[{"class": "amm_core.replicate.Replicate"}, {"class": REDUCE}]),
-            owner(),
+        # amm_core's policies are importable there now, and run
+        cfg = config(
+            interval="100ms",
+            policies=[{"class": "amm_core.replicate.Replicate"}, {"class": REDUCE}],
         )
+        status = await scheduler_rpc.apply(addr, cfg, owner())
         assert [p["class"] for p in status["amm"]["policies"]] == [
             "amm_core.replicate.Replicate",
             REDUCE,
         ]
+
+        cycles = status["amm"]["cycles"]
+
+        async def ran() -> dict[str, Any] | None:
+            status = await scheduler_rpc.get_status(addr)
+            return status if status["amm"]["cycles"] > cycles else None
+
+        status = await until(ran, "AMM cycles with the uploaded policy")
+        assert [r["class"] for r in status["policy_reports"]] == ["Replicate"]
         assert await scheduler_rpc.ensure_plugin(addr) == "live"
 
 
