@@ -25,7 +25,7 @@ clusters to become real Dask processes on this machine:
   reason ``UnsupportedContainer``; the image is ignored.
 
 Networking without network namespaces: every pod gets a pod IP on loopback from
-127.2.0.0/16 and Dask is told to listen there (``--host`` is replaced or added,
+127.2.0.0/16 (a /24 of it per stack, see stack.py) and Dask is told to listen there (``--host`` is replaced or added,
 ``--dashboard-address`` is moved to the pod IP keeping its port). There is no
 kube-proxy; instead a pod selected by a Service gets the Service's clusterIP
 (allocated by the API server from 127.1.0.0/16) as its pod IP, so a scheduler binds
@@ -71,8 +71,9 @@ from dask_memory_operator.testing import dns
 
 logger = logging.getLogger("dask_memory_operator.kubelet")
 
-#: Pod IPs are taken from this range; 127.0.0.0/8 is all on loopback.
-POD_CIDR = ipaddress.ip_network("127.2.0.0/16")
+#: Pod IPs are taken from this range by default; 127.0.0.0/8 is all on loopback.
+#: Stacks sharing the machine each pass a part of it (--pod-cidr).
+POD_CIDR = "127.2.0.0/16"
 #: spec.nodeName of the pods of this kubelet.
 NODE_NAME = "process-kubelet"
 #: Scripts next to the interpreter of this venv.
@@ -570,7 +571,8 @@ class PodRunner:
         self.process = None
         if self.uid is not None and not self.kubelet.shutting_down:
             try:
-                await Pod(self.pod, api=self.kubelet.api).delete(grace_period=None)
+                # The containers are gone: as a kubelet does, delete with no grace.
+                await Pod(self.pod, api=self.kubelet.api).delete(force=True)
             except kr8s.NotFoundError:
                 pass
             except Exception:
@@ -603,10 +605,13 @@ class Kubelet:
     ips_in_use: set[str]
     #: How long a scheduler pod waits for its Service before taking a pod IP.
     service_wait: float
+    #: Where pod IPs come from.
+    pod_cidr: ipaddress.IPv4Network
     #: Set by SIGTERM.
     shutting_down: bool
 
-    def __init__(self, api: Any, state_dir: Path, log_dir: Path, *, service_wait: float = 10.0):
+    def __init__(self, api: Any, state_dir: Path, log_dir: Path, *, service_wait: float = 10.0,
+                 pod_cidr: str = POD_CIDR):
         self.api = api
         self.state_dir = state_dir
         self.log_dir = log_dir
@@ -616,6 +621,7 @@ class Kubelet:
         self.runners = {}
         self.ips_in_use = set()
         self.service_wait = service_wait
+        self.pod_cidr = ipaddress.ip_network(pod_cidr)
         self.shutting_down = False
         self._wake = asyncio.Event()
         self._hosts_written: list[tuple[str, str, str]] | None = None
@@ -703,11 +709,11 @@ class Kubelet:
         return None
 
     def _allocate_ip(self) -> str:
-        for host in POD_CIDR.hosts():
+        for host in self.pod_cidr.hosts():
             ip = str(host)
             if ip not in self.ips_in_use and not ip.endswith(".0") and not ip.endswith(".255"):
                 return ip
-        raise RuntimeError("no pod IP left in 127.2.0.0/16")
+        raise RuntimeError(f"no pod IP left in {self.pod_cidr}")
 
     def _start_pod(self, deployment: dict[str, Any], ip: str) -> None:
         runner = PodRunner(self, deployment, ip)
@@ -812,7 +818,7 @@ class Kubelet:
                 continue  # a server that ignores field selectors
             logger.info("deleting stale pod %s/%s", pod.namespace, pod.name)
             try:
-                await pod.delete()
+                await pod.delete(force=True)
             except kr8s.NotFoundError:
                 pass
 
@@ -855,7 +861,7 @@ async def amain(args: argparse.Namespace) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     log_dir = Path(args.log_dir).resolve() if args.log_dir else state_dir / "pods"
     api = await kr8s.asyncio.api(kubeconfig=args.kubeconfig)
-    kubelet = Kubelet(api, state_dir, log_dir, service_wait=args.service_wait)
+    kubelet = Kubelet(api, state_dir, log_dir, service_wait=args.service_wait, pod_cidr=args.pod_cidr)
     loop = asyncio.get_running_loop()
     main = asyncio.create_task(kubelet.run(ready_file=state_dir / "kubelet.ready"))
     stop = asyncio.Event()
@@ -874,6 +880,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--state-dir", required=True, help="working directory, hosts file, ready marker")
     parser.add_argument("--log-dir", help="one log file per pod (default: <state-dir>/pods)")
+    parser.add_argument("--pod-cidr", default=POD_CIDR, help="pod IPs (on loopback)")
     parser.add_argument("--service-wait", type=float, default=10.0,
                         help="seconds a scheduler pod waits for its Service")
     parser.add_argument("--shutdown-grace", type=float, default=5.0,
@@ -881,6 +888,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per API request would drown what the kubelet does.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     asyncio.run(amain(args))
 
 
