@@ -563,6 +563,15 @@ async def test_schema_validation_defaults_and_pruning(widgets: Http) -> None:
     status, err = await http.patch(WIDGETS + '/ok', {'spec': {'size': 99}})
     assert status == 422 and (await http.get(WIDGETS + '/ok'))[1]['spec']['size'] == 1
 
+    # A CRD with a broken schema is refused.
+    crd = copy.deepcopy(WIDGET_CRD)
+    crd['metadata']['name'] = 'things.example.com'
+    crd['spec']['names'] = {'plural': 'things', 'kind': 'Thing'}
+    crd['spec']['versions'][0]['schema']['openAPIV3Schema']['properties']['spec']['properties']['size']['type'] = 'int'
+    status, err = await http.post(CRDS, crd)
+    assert status == 422 and err['details']['causes'][0]['field'] == \
+        'spec.versions[0].schema.openAPIV3Schema.properties[spec].properties[size].type'
+
 
 # ---------------------------------------------------------------- services & tables
 

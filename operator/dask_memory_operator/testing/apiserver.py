@@ -78,7 +78,8 @@ class ApiServer:
     async def apply_files(self, paths: Iterable[pathlib.Path]) -> None:
         """Create (or replace) every CustomResourceDefinition in these yaml files."""
         for path in paths:
-            for doc in yaml.safe_load_all(path.read_text()):
+            # The C loader when there is one: dask-kubernetes' CRDs are ~20,000 lines.
+            for doc in yaml.load_all(path.read_text(), Loader=getattr(yaml, 'CSafeLoader', yaml.SafeLoader)):
                 if isinstance(doc, dict) and doc.get('kind') == 'CustomResourceDefinition':
                     await self.apply(doc)
 

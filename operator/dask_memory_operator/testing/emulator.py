@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import copy
 import datetime
 import ipaddress
@@ -133,6 +134,7 @@ _PODS = kmock.resource('', 'v1', 'pods')
 _CRD_FINALIZER = 'customresourcecleanup.apiextensions.k8s.io'
 _MAX_EVENTS = 20_000  # watch history kept for resumption by resourceVersion
 _MAX_HISTORY = 20  # object versions kept per object in kmock's objects array
+_MAX_DELETED = 1_000  # deleted objects whose history is kept in kmock's objects array
 _MAX_REQUESTS = 5_000  # requests kept in kmock's request log (the sandbox runs for hours)
 _VERBS = ['create', 'delete', 'deletecollection', 'get', 'list', 'patch', 'update', 'watch']
 
@@ -512,6 +514,33 @@ def _to_jsonschema(schema: Mapping[str, Any], top: bool = False) -> dict[str, An
     return out
 
 
+_SCHEMA_TYPES = ('array', 'boolean', 'integer', 'number', 'object', 'string')
+
+
+def _check_schema(schema: Mapping[str, Any], path: str) -> list[FieldError]:
+    """The CRD schema checks that keep the validator from failing: types and patterns."""
+    errors = []
+    if 'type' in schema and schema['type'] not in _SCHEMA_TYPES:
+        supported = ', '.join(f'"{t}"' for t in _SCHEMA_TYPES)
+        errors.append(FieldError(f'{path}.type', 'FieldValueNotSupported',
+                                 f'Unsupported value: {_go_repr(schema["type"])}: supported values: {supported}'))
+    if 'pattern' in schema:
+        try:
+            re.compile(schema['pattern'])
+        except (re.error, TypeError) as e:
+            errors.append(FieldError(f'{path}.pattern', 'FieldValueInvalid',
+                                     f'Invalid value: {_go_repr(schema["pattern"])}: must be a valid regex: {e}'))
+    for key, sub in (schema.get('properties') or {}).items():
+        errors.extend(_check_schema(sub, f'{path}.properties[{key}]'))
+    for key in ('items', 'additionalProperties', 'not'):
+        if isinstance(schema.get(key), Mapping):
+            errors.extend(_check_schema(schema[key], f'{path}.{key}'))
+    for key in ('allOf', 'anyOf', 'oneOf'):
+        for j, sub in enumerate(schema.get(key) or []):
+            errors.extend(_check_schema(sub, f'{path}.{key}[{j}]'))
+    return errors
+
+
 def _apply_defaults(value: Any, schema: Mapping[str, Any]) -> None:
     if isinstance(value, dict):
         props = schema.get('properties') or {}
@@ -679,6 +708,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _gc_wakeup: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _gc_task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
     _allocated_ips: set[str] = attrs.field(factory=set, init=False)
+    #: Keys of deleted objects, oldest first: their histories are dropped after a while.
+    _deleted_keys: collections.deque[tuple[Any, ...]] = attrs.field(factory=collections.deque, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -848,6 +879,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
         meta = obj['metadata']
         key = self._key(rtype, meta.get('namespace'), meta['name'])
         self._objects[key].delete()
+        self._deleted_keys.append(key)
+        while len(self._deleted_keys) > _MAX_DELETED:
+            old_key = self._deleted_keys.popleft()
+            if old_key in self._objects and self._objects[old_key].deleted:
+                del self._objects[old_key]
         if rtype.resource == _SERVICES:
             self._allocated_ips.discard((obj.get('spec') or {}).get('clusterIP'))
         if rtype.resource == _CRD_RESOURCE:
@@ -1233,14 +1269,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
             errors.append(FieldError('metadata.name', 'FieldValueInvalid',
                                      f'Invalid value: {_go_repr(obj["metadata"].get("name"))}: must be spec.names.'
                                      f'plural+"."+spec.group'))
-        for ver in spec.get('versions') or []:
+        for i, ver in enumerate(spec.get('versions') or []):
             schema = (ver.get('schema') or {}).get('openAPIV3Schema')
             if schema is not None:
-                try:
-                    jsonschema.Draft4Validator.check_schema(_to_jsonschema(schema))
-                except jsonschema.SchemaError as e:
-                    errors.append(FieldError(f'spec.validation.openAPIV3Schema', 'FieldValueInvalid',
-                                             f'Invalid value: {e.message}'))
+                errors.extend(_check_schema(schema, f'spec.versions[{i}].schema.openAPIV3Schema'))
         return errors
 
     def _finish_write(self, target: _Target, old: dict[str, Any], new: dict[str, Any],
@@ -1250,6 +1282,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         name = old['metadata']['name']
         if not isinstance(new, dict) or not isinstance(new.get('metadata', {}), dict):
             raise ApiError(400, 'BadRequest', 'the body of the request was not a valid object')
+        new = copy.deepcopy(new)  # patches share unchanged parts with the stored version
         new_meta = new.setdefault('metadata', {})
         rv = new_meta.get('resourceVersion')
         if rv and rv != old['metadata']['resourceVersion']:
