@@ -15,11 +15,16 @@ API server behaves (status codes, ``Status`` objects with reason, message and
 ``details.causes``):
 
 - Server-side metadata: ``uid``, ``resourceVersion`` (one cluster-wide counter),
-  ``creationTimestamp``, ``generation`` (1 on create; bumped only when something but
-  metadata and, with a status subresource, status changes), namespace from the URL,
-  ``generateName``, 201 on create, 409 AlreadyExists / 404 NotFound / 409 Conflict on
-  a stale ``resourceVersion``; a no-op write changes nothing (kopf relies on that to
-  avoid loops); namespaces must exist (and not be terminating).
+  ``creationTimestamp``, ``generation`` where Kubernetes tracks it (custom resources,
+  CRDs, workloads; 1 on create; bumped only when something but metadata and, with a
+  status subresource, status changes), namespace from the URL, ``generateName``, name
+  format, 201 on create, 409 AlreadyExists / 404 NotFound / 409 Conflict on a stale
+  ``resourceVersion``; a no-op write changes nothing (kopf relies on that to avoid
+  loops); namespaces must exist (and not be terminating); custom resources refuse a
+  PUT without ``resourceVersion``; pod specs are immutable but for images (and the
+  few fields Kubernetes allows) and ``pods/binding`` assigns a node; the built-in
+  defaults clients read (pod ``restartPolicy``, ``terminationGracePeriodSeconds``,
+  workload ``replicas``, Service port ``protocol``/``targetPort``...).
 - Writes: PUT (replace), JSON patch (RFC 6902, a failed ``test`` is 422), merge patch
   (RFC 7386), strategic merge patch for built-in kinds (lists merged by their
   Kubernetes merge keys, ``$patch``/``$setElementOrder``/``$retainKeys``/
@@ -59,6 +64,12 @@ API server behaves (status codes, ``Status`` objects with reason, message and
 - kubectl's table output (``Accept: ...;as=Table;g=meta.k8s.io``): NAME and AGE for
   built-in kinds, the CRD's ``additionalPrinterColumns`` for custom ones.
 - Watch streams end cleanly when the server stops, so no client hangs on them.
+- ``/healthz``, ``/livez``, ``/readyz`` answer ``ok``.
+
+Not emulated: server-side apply, admission webhooks, RBAC and authentication, CEL
+rules, conversion between CRD versions (each served version has its own objects),
+schema validation of built-in kinds, ``limit``/``continue`` paging (lists are whole),
+watch bookmarks, and the controllers (no Deployment makes a pod: a kubelet's job).
 """
 from __future__ import annotations
 
@@ -921,9 +932,15 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 return await self._route(request, path)
             if path.startswith('/openapi/'):
                 return self._serve_openapi(path)
+            if path.rstrip('/') in ('/healthz', '/livez', '/readyz'):
+                return aiohttp.web.Response(text='ok')
         except ApiError as e:
             return aiohttp.web.json_response(e.status(), status=e.code)
-        return await super(kmock.KubernetesEmulator, self)._handle(request)
+        try:
+            # Other paths: kmock's own reactions (the discovery root "/", user-defined ones).
+            return await super(kmock.KubernetesEmulator, self)._handle(request)
+        except kmock.KubernetesError as e:  # e.g. an unknown endpoint: a 404, not an emulator bug
+            return await self._render_error(e)
 
     async def _route(self, request: rendering.Request, path: str) -> aiohttp.web.StreamResponse:
         parts = [p for p in path.split('/') if p]
@@ -1596,7 +1613,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         params = request.params
         rtype = target.rtype
         matches = self._selectors(rtype, params, target.name)
+        # timeoutSeconds=0 or none: the server's own (long) timeout, here until shutdown.
         timeout = float(params['timeoutSeconds']) if params.get('timeoutSeconds') else None
+        timeout = timeout or None
         since = params.get('resourceVersion') or ''
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout is not None else None
@@ -1638,6 +1657,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
                         etype, now_in = 'DELETED', True
                     if now_in:
                         await response.write(json.dumps({'type': etype, 'object': event.object}).encode() + b'\n')
+                if self._events and self._events[-1].rv > cursor:
+                    continue  # events came while writing
                 if self._tick is None:
                     self._tick = loop.create_future()
                 remaining = None if deadline is None else deadline - loop.time()
@@ -1645,9 +1666,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     break
                 await asyncio.wait([self._tick], timeout=remaining)
             await response.write_eof()
-        except (ConnectionError, asyncio.CancelledError) as e:
-            if isinstance(e, asyncio.CancelledError):
-                raise
+        except ConnectionError:
+            pass  # the client went away
         return response
 
     # ------------------------------------------------------------- tables
