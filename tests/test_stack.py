@@ -214,6 +214,19 @@ def test_killed_scheduler_is_restarted(stack, namespace):
         client = _connect(stack, namespace, "crash", 1)
         assert _worker_names(client) == [name]
         assert client.submit(lambda x: x + 1, 1).result() == 2
+        client.close()
+
+        # A deleted scheduler pod is replaced by one on the same clusterIP.
+        old = pod["metadata"]["name"]
+        stack.kubectl("delete", "pod", old, "-n", namespace, "--wait=false")
+        pod = stack.wait_for(
+            lambda: (p := _scheduler_pod(stack, namespace, "crash")) and p["metadata"]["name"] != old
+            and p["status"]["containerStatuses"][0]["ready"] and p,
+            60, "a new scheduler pod",
+        )
+        assert pod["status"]["podIP"] == stack.scheduler_address(namespace, "crash").removeprefix("tcp://").rsplit(":", 1)[0]
+        client = _connect(stack, namespace, "crash", 1)
+        assert _worker_names(client) == [name]
     finally:
         client.close()
 
@@ -290,10 +303,37 @@ def test_kubelet_runs_containers_like_a_kubelet(stack, namespace, tmp_path):
     assert web["status"]["reason"] == "UnsupportedContainer"
     assert "neither a dask nor a python command" in web["status"]["message"]
 
+    def replaced(old):
+        pods = [p for p in stack.pods(namespace, "app=sleeper") if p["metadata"]["name"] != old]
+        return len(pods) == 1 and pods[0]["status"].get("phase") == "Running" and pods[0]["metadata"]["name"]
+
+    def gone(process):
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+
+    # A deleted pod is stopped (its preStop hook runs first) and replaced.
+    [process] = stack.pod_processes(namespace, name)
+    stack.kubectl("delete", "pod", name, "-n", namespace, "--wait=false")
+    name = stack.wait_for(lambda: replaced(name), 30, "a new sleeper pod")
+    stack.wait_for(lambda: gone(process), 30, "the deleted pod's process to end")
+    stack.wait_for(lambda: marker.exists(), 30, "the preStop hook's marker")
+    assert marker.read_text() != name
+    marker.unlink()
+
+    # A new pod template replaces the pod.
+    [process] = stack.pod_processes(namespace, name)
+    stack.kubectl("patch", "deployment", "sleeper", "-n", namespace, "--type", "merge",
+                  "-p", '{"spec": {"template": {"metadata": {"annotations": {"revision": "2"}}}}}')
+    name = stack.wait_for(lambda: replaced(name), 30, "the sleeper pod of the new template")
+    assert stack.pods(namespace, "app=sleeper")[0]["metadata"]["annotations"]["revision"] == "2"
+    assert gone(process)
+    stack.wait_for(lambda: marker.exists(), 30, "the preStop hook's marker")
+    marker.unlink()
+
+    # Scaled to 0: preStop, then SIGTERM, then the Pod object goes.
     [process] = stack.pod_processes(namespace, name)
     stack.kubectl("scale", "deployment", "sleeper", "--replicas", "0", "-n", namespace)
     stack.wait_for(lambda: not stack.pods(namespace, "app=sleeper"), 30, "the sleeper pod to go")
-    assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    assert gone(process)
     assert marker.read_text() == name
     status = stack.get_json(sleeper_path)["status"]
     assert status.get("replicas", 0) == 0

@@ -601,8 +601,8 @@ class Kubelet:
     services: dict[str, dict[str, Any]]
     #: Pods by Deployment uid; stopped pods leave once done.
     runners: dict[str, list[PodRunner]]
-    #: Pod IPs in use.
-    ips_in_use: set[str]
+    #: Pod IPs in use, and the pod that holds each.
+    ips_in_use: dict[str, PodRunner]
     #: How long a scheduler pod waits for its Service before taking a pod IP.
     service_wait: float
     #: Where pod IPs come from.
@@ -619,7 +619,7 @@ class Kubelet:
         self.deployments = {}
         self.services = {}
         self.runners = {}
-        self.ips_in_use = set()
+        self.ips_in_use = {}
         self.service_wait = service_wait
         self.pod_cidr = ipaddress.ip_network(pod_cidr)
         self.shutting_down = False
@@ -693,31 +693,36 @@ class Kubelet:
 
     # -- reconciling -----------------------------------------------------------
 
-    def _service_ip_for(self, deployment: dict[str, Any]) -> str | None:
-        """The clusterIP of a Service selecting this Deployment's pods, when free."""
+    def _service_ip_for(self, deployment: dict[str, Any]) -> tuple[str | None, bool]:
+        """The clusterIP of a Service selecting this Deployment's pods, when free; and
+        whether it is held by a pod that is ending (then the new pod waits for it, as a
+        restarted scheduler must come back on its Service's address)."""
         labels = (deployment["spec"]["template"].get("metadata") or {}).get("labels") or {}
         namespace = deployment["metadata"]["namespace"]
+        ending = False
         for svc in self.services.values():
             ip = svc.get("spec", {}).get("clusterIP")
             if (
                 svc["metadata"]["namespace"] == namespace
                 and ip and ip != "None"
                 and selects(svc["spec"].get("selector"), labels)
-                and ip not in self.ips_in_use
             ):
-                return ip
-        return None
+                holder = self.ips_in_use.get(ip)
+                if holder is None:
+                    return ip, False
+                ending = ending or holder.stopping.is_set()
+        return None, ending
 
     def _allocate_ip(self) -> str:
         for host in self.pod_cidr.hosts():
             ip = str(host)
-            if ip not in self.ips_in_use and not ip.endswith(".0") and not ip.endswith(".255"):
+            if ip not in self.ips_in_use and not ip.endswith(".255"):
                 return ip
         raise RuntimeError(f"no pod IP left in {self.pod_cidr}")
 
     def _start_pod(self, deployment: dict[str, Any], ip: str) -> None:
         runner = PodRunner(self, deployment, ip)
-        self.ips_in_use.add(ip)
+        self.ips_in_use[ip] = runner
         self.runners.setdefault(deployment["metadata"]["uid"], []).append(runner)
         runner.task = asyncio.create_task(runner.run(), name=f"pod {runner.namespace}/{runner.name}")
 
@@ -727,7 +732,8 @@ class Kubelet:
         for uid, runners in list(self.runners.items()):
             for runner in [r for r in runners if r.done.is_set()]:
                 runners.remove(runner)
-                self.ips_in_use.discard(runner.ip)
+                if self.ips_in_use.get(runner.ip) is runner:
+                    del self.ips_in_use[runner.ip]
             if not runners:
                 del self.runners[uid]
         # Pods of deleted Deployments end.
@@ -751,7 +757,9 @@ class Kubelet:
             # Recreate: new pods start once the old template's pods are gone.
             if len(active) < wanted and not any(r.template_hash != current for r in runners):
                 for _ in range(wanted - len(active)):
-                    ip = self._service_ip_for(deployment)
+                    ip, ending = self._service_ip_for(deployment)
+                    if ending:
+                        break  # reconciled again when that pod is done
                     if ip is None and self._waits_for_service(deployment):
                         since = self._pending_scheduler_since.setdefault(uid, loop.time())
                         if loop.time() - since < self.service_wait:
