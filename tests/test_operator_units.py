@@ -142,7 +142,7 @@ def test_drift_detects_each_difference():
         "running": True, "interval": 1.0, "measure": "managed",
         "policies": [
             {"class": "distributed.active_memory_manager.ReduceReplicas"},
-            {"class": "distributed.active_memory_manager.RetireWorker"},
+            {"class": "distributed.active_memory_manager.RetireWorker", "role": "retirement"},
         ],
     }
     assert drift(cfg, {"amm": amm}) is None

@@ -32,7 +32,7 @@ from dask_memory_operator.api import (
     parse_spec,
 )
 from dask_memory_operator.reconcile import ClusterReconciler, Outcome, owner_tag
-from dask_memory_operator.scheduler_rpc import SchedulerUnreachable
+from dask_memory_operator.scheduler_rpc import SchedulerRPCError
 from dask_memory_operator.selection import PolicyInfo, assign
 from dask_memory_operator.status import cluster_entry, invalid_status, policy_status
 
@@ -194,7 +194,7 @@ async def _release_unselected(
             continue
         try:
             outcome = await reconciler.release(namespace, cluster, uid)
-        except SchedulerUnreachable as e:
+        except SchedulerRPCError as e:
             logger.warning("Could not restore DaskCluster %s yet: %s", cluster, e)
             entries.append(cluster_entry(Outcome(cluster, "Degraded", f"restore pending: {e}"), policy.metadata["name"]))
             continue
@@ -222,7 +222,7 @@ async def restore_on_delete(
     for cluster in _clusters(daskclusters_by_namespace, namespace).values():
         try:
             outcome = await reconciler.release(namespace, cluster["name"], uid)
-        except SchedulerUnreachable as e:
+        except SchedulerRPCError as e:
             unreachable.append(f"{cluster['name']} ({e})")
             continue
         if outcome is not None:

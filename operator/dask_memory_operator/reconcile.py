@@ -26,9 +26,6 @@ logger = logging.getLogger(__name__)
 
 ClusterStateName = Literal["Applied", "Pending", "Degraded", "Conflict"]
 
-#: Policies the scheduler adds by itself (retire_workers); never part of a drift
-TRANSIENT_POLICIES = {"distributed.active_memory_manager.RetireWorker"}
-
 
 @dataclass
 class Outcome:
@@ -52,9 +49,12 @@ class Backoff:
     failures: int = 0
     not_before: float = 0.0
     last: Outcome | None = None
+    #: (uid, generation) of the policy that failed; a new generation is tried at once
+    tag: tuple[str, int] | None = None
 
-    def fail(self, outcome: Outcome, base: float, cap: float) -> None:
+    def fail(self, outcome: Outcome, tag: tuple[str, int], base: float, cap: float) -> None:
         self.failures += 1
+        self.tag = tag
         self.not_before = time.monotonic() + min(cap, base * 2 ** (self.failures - 1))
         self.last = outcome
 
@@ -98,8 +98,10 @@ def drift(wanted: AMMConfig, status: Mapping[str, Any]) -> str | None:
         return f"interval {amm.get('interval')}s, wanted {wanted.interval}s"
     if amm.get("measure") != wanted.measure:
         return f"measure {amm.get('measure')}, wanted {wanted.measure}"
+    # Only the policies the plugin configured: retirements in progress (RetireWorker
+    # and its subclasses) and policies others added are not ours to compare.
     actual = Counter(
-        p["class"] for p in amm.get("policies") or () if p["class"] not in TRANSIENT_POLICIES
+        p["class"] for p in amm.get("policies") or () if p.get("role", "configured") == "configured"
     )
     if actual != Counter(p.cls for p in wanted.policies):
         return f"policies {sorted(actual)}, wanted {sorted(p.cls for p in wanted.policies)}"
@@ -140,18 +142,23 @@ class ClusterReconciler:
     ) -> Outcome:
         """Make the cluster's scheduler run ``wanted``, tagged with ``owner``."""
         key = (namespace, cluster)
+        tag = (owner["uid"], owner["generation"])
         backoff = self._backoffs.setdefault(key, Backoff())
-        if backoff.waiting and backoff.last is not None:
+        if backoff.waiting and backoff.last is not None and backoff.tag == tag:
             return backoff.last
         async with self._lock(key):
             try:
                 outcome = await self._converge(namespace, cluster, wanted, owner)
-            except (scheduler_rpc.SchedulerUnreachable, SchedulerServiceMissing) as e:
+            except SchedulerServiceMissing as e:
+                outcome = Outcome(cluster, "Pending", str(e))
+            except scheduler_rpc.SchedulerUnreachable as e:
                 outcome = Outcome(cluster, "Degraded", f"scheduler unreachable: {e}")
             except scheduler_rpc.ApplyRejected as e:
                 outcome = Outcome(cluster, "Degraded", f"scheduler rejected the configuration: {e}")
+            except scheduler_rpc.SchedulerRPCError as e:
+                outcome = Outcome(cluster, "Degraded", f"scheduler call failed: {e}")
             if outcome.state == "Degraded":
-                backoff.fail(outcome, self.backoff_base, self.backoff_cap)
+                backoff.fail(outcome, tag, self.backoff_base, self.backoff_cap)
                 await self._forget_route(namespace, cluster)
             else:
                 self._backoffs.pop(key, None)
@@ -196,7 +203,7 @@ class ClusterReconciler:
 
         Returns None when there was nothing to do (not configured by that policy, no
         plugin, or no scheduler any more: a new scheduler starts with its own config).
-        Raises SchedulerUnreachable when a scheduler exists but cannot be reached.
+        Raises SchedulerRPCError when a scheduler exists but cannot be asked.
         """
         async with self._lock((namespace, cluster)):
             try:
@@ -207,7 +214,7 @@ class ClusterReconciler:
                 status = await scheduler_rpc.get_status(address, timeout=self.rpc_timeout)
             except scheduler_rpc.PluginMissing:
                 return None
-            except scheduler_rpc.SchedulerUnreachable:
+            except scheduler_rpc.SchedulerRPCError:
                 await self._forget_route(namespace, cluster)
                 raise
             if (status.get("owner") or {}).get("uid") != owner_uid:

@@ -26,9 +26,14 @@ def amm_state(dask_scheduler: Any) -> dict[str, Any]:
     }
 
 
-def replica_counts(dask_scheduler: Any, keys: list[str]) -> dict[str, int]:
-    """How many workers hold each key."""
+def replica_counts(keys: list[str], dask_scheduler: Any = None) -> dict[str, int]:
+    """How many workers hold each key (``run_on_scheduler(replica_counts, keys)``)."""
     return {
         k: len(dask_scheduler.tasks[k].who_has or ()) if k in dask_scheduler.tasks else 0
         for k in keys
     }
+
+
+def amm_cycles(dask_scheduler: Any) -> int:
+    """AMM cycles run since the amm_core plugin started (it must be installed)."""
+    return dask_scheduler.plugins["amm-core"].status()["amm"]["cycles"]
