@@ -56,6 +56,7 @@ WIDGET_CRD: dict[str, Any] = {
                             'name': {'type': 'string', 'minLength': 1, 'maxLength': 8, 'pattern': '^[a-z]*$'},
                             'port': {'x-kubernetes-int-or-string': True},
                             'note': {'type': 'string', 'nullable': True},
+                            'when': {'type': 'string', 'format': 'date-time'},
                             'tags': {'type': 'array', 'maxItems': 2, 'items': {'type': 'string'}},
                             'limits': {'type': 'object', 'additionalProperties': {'type': 'integer'}},
                             'extra': {'type': 'object', 'x-kubernetes-preserve-unknown-fields': True},
@@ -517,7 +518,7 @@ async def test_discovery(widgets: Http) -> None:
 
 async def test_schema_validation_defaults_and_pruning(widgets: Http) -> None:
     http = widgets
-    status, w = await http.post(WIDGETS, widget('ok', port='http', note=None, extra={'any': {'thing': 1}},
+    status, w = await http.post(WIDGETS, widget('ok', port='http', note=None, when='2026-01-02T03:04:05Z', extra={'any': {'thing': 1}},
                                                 limits={'cpu': 2}, unknown=1))
     assert status == 201
     spec = w['spec']
@@ -547,6 +548,7 @@ async def test_schema_validation_defaults_and_pruning(widgets: Http) -> None:
         'spec.name: Too long: may not be more than 8 bytes': {'name': 'abcdefghij'},
         "spec.name: Invalid value: \"A\": spec.name in body should match '^[a-z]*$'": {'name': 'A'},
         'spec.tags: Too many: 3: must have at most 2 items': {'tags': ['a', 'b', 'c']},
+        'spec.when: Invalid value: "soon": spec.when in body must be of type date-time: "soon"': {'when': 'soon'},
         'spec.limits.cpu: Invalid value: "string": spec.limits.cpu in body must be of type integer: "string"':
             {'limits': {'cpu': 'x'}},
         'spec.port: Invalid value: "boolean": spec.port in body must be of type integer or string: "boolean"':

@@ -74,6 +74,7 @@ watch bookmarks, and the controllers (no Deployment makes a pod: a kubelet's job
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
 import collections
 import copy
@@ -440,8 +441,7 @@ class StructuralSchema:
     def __init__(self, schema: Mapping[str, Any]) -> None:
         self.schema: Mapping[str, Any] = schema
         #: The validator is compiled once; the DaskCluster schema is ~6000 lines.
-        self.validator = jsonschema.Draft4Validator(
-            _to_jsonschema(schema, top=True), format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER)
+        self.validator = jsonschema.Draft4Validator(_to_jsonschema(schema, top=True), format_checker=_FORMATS)
 
     def prune(self, obj: dict[str, Any]) -> list[str]:
         """Drop unknown fields and nulls of non-nullable fields; return the unknown paths."""
@@ -491,6 +491,28 @@ class StructuralSchema:
         for e in sorted(self.validator.iter_errors(body), key=lambda e: list(map(str, e.absolute_path))):
             errors.extend(_field_errors(e))
         return errors
+
+
+# The formats the API server checks (kube-openapi's strfmt registry) that matter here;
+# others (int32, int64, double, password...) are not checked, by the API server either.
+_FORMATS = jsonschema.FormatChecker(formats=['email', 'ipv4', 'ipv6', 'uuid', 'date'])
+
+
+@_FORMATS.checks('date-time', raises=ValueError)
+def _is_date_time(value: object) -> bool:
+    if not isinstance(value, str):
+        return True
+    if not re.fullmatch(r'\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)', value):
+        return False
+    datetime.datetime.fromisoformat(value.upper().replace('Z', '+00:00').replace(' ', 'T'))
+    return True
+
+
+@_FORMATS.checks('byte', raises=(ValueError, TypeError))
+def _is_base64(value: object) -> bool:
+    if isinstance(value, str):
+        base64.b64decode(value, validate=True)
+    return True
 
 
 def _to_jsonschema(schema: Mapping[str, Any], top: bool = False) -> dict[str, Any]:
