@@ -594,6 +594,15 @@ async def test_service_cluster_ip(http: Http) -> None:
     assert status == 422 and err['details']['causes'][0]['field'] == 'spec.clusterIPs[0]'
     status, s = await http.patch(SERVICES + '/s', {'spec': {'clusterIP': None, 'type': 'ClusterIP'}})
     assert s['spec']['clusterIP'] == ip  # kept when omitted
+    status, err = await http.post(SERVICES, {'metadata': {'name': 'taken'}, 'spec': {'clusterIP': ip}})
+    assert status == 422 and 'provided IP is already allocated' in err['message']
+    status, err = await http.post(SERVICES, {'metadata': {'name': 'out'}, 'spec': {'clusterIP': '10.0.0.1'}})
+    assert status == 422 and 'not in the valid range' in err['message']
+    # A failed create does not keep an address; a deletion releases it.
+    assert (await http.post(SERVICES, {'metadata': {'name': 's'}, 'spec': {}}))[0] == 409
+    await http.delete(SERVICES + '/s')
+    status, again = await http.post(SERVICES, {'metadata': {'name': 'again'}, 'spec': {'clusterIP': ip}})
+    assert status == 201 and again['spec']['clusterIP'] == ip
 
 
 async def test_service_cidr_is_configurable() -> None:

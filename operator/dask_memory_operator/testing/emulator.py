@@ -1205,12 +1205,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if 'status' in rtype.subresources:
             obj.pop('status', None)  # the strategies of kinds with a status subresource reset it
         _builtin_defaults(rtype, obj)
-        warnings = self._admit(rtype, None, obj, params)
-        if self._get_live(rtype, target.namespace, name) is not None:
+        if name and self._get_live(rtype, target.namespace, name) is not None:
             raise ApiError(409, 'AlreadyExists', f'{rtype.qualified} "{name}" already exists',
                            {'name': name, 'group': rtype.group, 'kind': rtype.plural})
+        warnings = self._admit(rtype, None, obj, params)
         if params.get('dryRun') == 'All':
             return obj, warnings
+        if rtype.resource == _SERVICES and obj['spec']['clusterIP'] != 'None':
+            self._allocated_ips.add(obj['spec']['clusterIP'])
         if rtype.resource == _CRD_RESOURCE:
             obj['status'] = _crd_status(obj)
         obj = self._store_new(rtype, target.namespace if rtype.namespaced else None, obj)
@@ -1279,7 +1281,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                                    f'Invalid value: []string{{{json.dumps(spec["clusterIP"])}}}: may not change '
                                    f'once set')]
             return []
-        if spec.get('clusterIP') in ('None', None) and spec.get('clusterIP') == 'None':
+        if spec.get('clusterIP') == 'None':
             spec['clusterIPs'] = ['None']
             return []
         network = ipaddress.ip_network(self.service_cidr)
@@ -1295,9 +1297,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     break
             else:
                 return [FieldError('spec.clusterIPs', 'FieldValueInvalid', 'Invalid value: []: range is full')]
+        if ipaddress.ip_address(spec['clusterIP']) not in network:
+            return [FieldError('spec.clusterIPs', 'FieldValueInvalid',
+                               f'Invalid value: []string{{{json.dumps(spec["clusterIP"])}}}: failed to allocate IP '
+                               f'{spec["clusterIP"]}: the provided IP ({spec["clusterIP"]}) is not in the valid '
+                               f'range. The range of valid IPs is {self.service_cidr}')]
         spec['clusterIPs'] = [spec['clusterIP']]
-        self._allocated_ips.add(spec['clusterIP'])  # released on deletion (or kept on a failed create: rare)
-        return []
+        return []  # allocated when stored (see _create), released on deletion
 
     def _admit_crd(self, old: dict[str, Any] | None, obj: dict[str, Any]) -> list[FieldError]:
         spec = obj.get('spec') or {}
