@@ -32,14 +32,23 @@ kube-proxy; instead a pod selected by a Service gets the Service's clusterIP
 ``<clusterIP>:8786`` and its dashboard ``<clusterIP>:8787`` and the Service's
 address reaches it directly. Only one pod per Service can hold its clusterIP; a
 scheduler pod (label ``dask.org/component=scheduler``) waits a few seconds for its
-Service, which dask-kubernetes creates right after the Deployment. Names resolve
+Service, which dask-kubernetes creates right after the Deployment, and a pod that
+replaces one holding a clusterIP waits until the old one is gone. Names resolve
 through :mod:`dask_memory_operator.testing.dns`: the kubelet writes the hosts file
 of all Services and starts every process with that resolver installed.
 
 A worker in a pod sees its cgroup memory limit; here ``resources.limits.memory``
 becomes ``--memory-limit`` unless the args give one.
 
-Each pod's stdout and stderr go to ``<log-dir>/<namespace>_<pod>.log``.
+Readiness: a pod is Ready once its ``readinessProbe`` (httpGet or tcpSocket) passes
+for the first time, polled every 0.5 s; without a probe, or with an exec probe, once
+its process runs. It stays Ready until the process exits (no liveness probes).
+Only Deployments are run: bare Pods created by others (a DaskJob's runner) are not.
+
+Each process gets the kubelet's environment without ``DASK_*`` and ``KUBECONFIG``,
+plus ``HOSTNAME=<pod>``, ``DMO_POD=<namespace>/<pod>`` (how the stack finds a pod's
+processes), the cluster DNS, and the container's own env. Each pod's stdout and
+stderr go to ``<log-dir>/<namespace>_<pod>.log``.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -72,9 +73,18 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _own_session_die_with_parent() -> None:
-    """In the child before exec: its own process group, and SIGKILL when its parent dies."""
+    """In the child before exec: its own process group, and SIGKILL when its parent dies
+    (so that a crashed test run leaves no stack behind)."""
     os.setsid()
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _preexec() -> Callable[[], None]:
+    # The kernel sends the parent-death signal when the *thread* that forked exits:
+    # only the main thread lives as long as the process.
+    if threading.current_thread() is threading.main_thread():
+        return _own_session_die_with_parent
+    return os.setsid
 
 
 #: Where stacks on this machine reserve their address slot (see LocalStack._reserve_slot).
@@ -117,7 +127,7 @@ class ManagedProcess:
             log.flush()
             self.popen = subprocess.Popen(
                 self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=_own_session_die_with_parent,
+                preexec_fn=_preexec(),
             )
 
     @property
