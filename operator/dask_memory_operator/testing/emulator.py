@@ -90,11 +90,13 @@ from typing import Any
 import aiohttp.web
 import attrs
 import jsonpatch
+import logging
 import jsonschema
 import kmock
 from kmock._internal import k8s_dicts, rendering  # internals: kmock is pinned
 
-# The plural names the generic table/NAME rendering does not need to know about.
+logger = logging.getLogger(__name__)
+
 _DNS1123_SUBDOMAIN = re.compile(r'^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')
 _DNS1123_LABEL = re.compile(r'^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')
 _GENERATE_ALPHABET = 'bcdfghjklmnpqrstvwxz2456789'  # as k8s.io/apimachinery/pkg/util/rand
@@ -1530,7 +1532,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
             finalizers.append('foregroundDeletion')
         if rtype.resource == _CRD_RESOURCE and _CRD_FINALIZER not in finalizers and not meta.get('deletionTimestamp'):
             finalizers.append(_CRD_FINALIZER)
-        if rtype.resource == _PODS and (obj.get('spec') or {}).get('nodeName'):
+        # A pod on a node is the kubelet's to stop (unless it has finished already).
+        if rtype.resource == _PODS and (obj.get('spec') or {}).get('nodeName') \
+                and (obj.get('status') or {}).get('phase') not in ('Succeeded', 'Failed'):
             default_grace = (obj.get('spec') or {}).get('terminationGracePeriodSeconds', 30)
             grace = default_grace if grace is None else int(grace)
         else:
@@ -1572,7 +1576,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
             await self._gc_wakeup.wait()
             self._gc_wakeup.clear()
             async with self._lock:
-                self._gc_pass()
+                try:
+                    self._gc_pass()
+                except Exception as e:  # an emulator bug: keep collecting, and let tests see it
+                    logger.exception('The garbage collector failed.')
+                    if self._errors:
+                        self._errors[-1].append(e)
 
     def _gc_pass(self) -> None:
         items = self._live_items()
@@ -1618,7 +1627,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 contents = [(t, o) for t, o in self._live_items(namespace=meta['name']) if t.namespaced]
                 for t, o in contents:
                     if not o['metadata'].get('deletionTimestamp'):
-                        self.delete_object(t, o, grace=0)
+                        self.delete_object(t, o)
                 if not contents and not finalizers:
                     self._store_remove(otype, current)
                     continue
