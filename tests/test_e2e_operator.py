@@ -30,6 +30,8 @@ from dask_memory_operator.testing.stack import LocalStack, daskcluster_manifest
 
 MATCHING, OTHER = "matching", "other"
 AMM_OFF = {"DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False"}
+#: `matching` has amm_core in its image and preloads it; `other` gets it live
+PRELOAD = {"DASK_DISTRIBUTED__SCHEDULER__PRELOAD": "amm_core.plugin"}
 REDUCE = "distributed.active_memory_manager.ReduceReplicas"
 OWN_CONFIG = {"running": False, "interval": 2.0, "measure": "optimistic", "policies": [REDUCE]}
 
@@ -51,11 +53,11 @@ def memory_operator(stack: LocalStack):
 @pytest.fixture(scope="module")
 def clusters(stack: LocalStack, memory_operator) -> Iterator[str]:
     """A namespace with two DaskClusters of 2 workers: `matching` is labelled
-    team=analytics, `other` is not. Yields the namespace."""
+    team=analytics and preloads the plugin, `other` is neither. Yields the namespace."""
     ns = "e2e-operator"
     stack.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-    for name, labels in ((MATCHING, {"team": "analytics"}), (OTHER, {})):
-        manifest = daskcluster_manifest(name, workers=2, scheduler_env=AMM_OFF)
+    for name, labels, env in ((MATCHING, {"team": "analytics"}, AMM_OFF | PRELOAD), (OTHER, {}, AMM_OFF)):
+        manifest = daskcluster_manifest(name, workers=2, scheduler_env=env)
         manifest["metadata"]["labels"] = labels
         stack.apply(manifest, namespace=ns)
     for name in (MATCHING, OTHER):
@@ -179,7 +181,7 @@ def test_policy_configures_only_matching_scheduler(stack: LocalStack, clusters: 
     policy = wait_status(stack, ns, "analytics", lambda p: p["status"].get("appliedClusters") == 1, "applied")
     assert policy["status"]["matchedClusters"] == 1
     entry = cluster_entry(policy, MATCHING)
-    assert entry["state"] == "Applied" and entry["pluginSource"] == "live"
+    assert entry["state"] == "Applied" and entry["pluginSource"] == "preload"
     assert entry["appliedGeneration"] == policy["metadata"]["generation"]
     assert entry["amm"]["running"] is True and entry["amm"]["measure"] == "managed"
 
@@ -281,12 +283,29 @@ def test_cluster_labelled_later_is_picked_up_and_released(stack: LocalStack, clu
     ns = clusters
     stack.kubectl("label", "daskcluster", OTHER, "-n", ns, "team=analytics")
     wait_amm(stack, ns, OTHER, running=True, interval=0.5, measure="managed", policies=[REDUCE])
-    wait_status(stack, ns, "analytics", lambda p: p["status"].get("appliedClusters") == 2, "2 applied")
+    policy = wait_status(stack, ns, "analytics", lambda p: p["status"].get("appliedClusters") == 2, "2 applied")
+    assert cluster_entry(policy, OTHER)["pluginSource"] == "live"
 
     stack.kubectl("label", "daskcluster", OTHER, "-n", ns, "team-")
     wait_amm(stack, ns, OTHER, **OWN_CONFIG)
     policy = wait_status(stack, ns, "analytics", lambda p: p["status"].get("matchedClusters") == 1, "1 matched")
     assert cluster_entry(policy, OTHER) == {}
+
+
+def test_dask_kubernetes_still_scales_the_governed_cluster(stack: LocalStack, clusters: str):
+    """Running beside dask-kubernetes: it sees every replica change of a governed
+    cluster, and this operator writes nothing on DaskClusters or worker groups."""
+    ns = clusters
+    wait_amm(stack, ns, MATCHING, running=True)
+    with scheduler(stack, ns, MATCHING) as client:
+        stack.kubectl("scale", "daskworkergroup", f"{MATCHING}-default", "-n", ns, "--replicas=3")
+        client.wait_for_workers(3, timeout=90)
+        stack.kubectl("scale", "daskworkergroup", f"{MATCHING}-default", "-n", ns, "--replicas=2")
+        stack.wait_for(lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == 2, 90, "2 workers")
+    for kind, name in (("daskcluster", MATCHING), ("daskworkergroup", f"{MATCHING}-default")):
+        meta = json.loads(stack.kubectl("get", kind, name, "-n", ns, "-o", "json").stdout)["metadata"]
+        ours = [k for k in (meta.get("annotations") or {}) if "amm.dask.org" in k]
+        assert ours == [] and "amm.dask.org/restore-schedulers" not in (meta.get("finalizers") or [])
 
 
 def test_restarted_scheduler_is_configured_again(stack: LocalStack, clusters: str):
