@@ -623,6 +623,15 @@ async def test_table_output(widgets: Http) -> None:
     assert table['rows'][0]['object']['metadata']['name'] == 'w'
     status, table, _ = await http.request('GET', CONFIGMAPS, headers=accept)
     assert [c['name'] for c in table['columnDefinitions']] == ['Name', 'Age']
+    # The kinds one looks at in the sandbox have kubectl's usual columns.
+    await http.post(SERVICES, {'metadata': {'name': 's'}, 'spec': {'ports': [{'port': 8786}]}})
+    status, table, _ = await http.request('GET', SERVICES + '/s', headers=accept)
+    cells = dict(zip([c['name'] for c in table['columnDefinitions']], table['rows'][0]['cells']))
+    assert cells['Type'] == 'ClusterIP' and cells['Port(s)'] == '8786/TCP' and cells['Cluster-IP'].startswith('127.1.')
+    pod = {'metadata': {'name': 'p'}, 'spec': {'containers': [{'name': 'c', 'image': 'x'}]}}
+    await http.post('/api/v1/namespaces/default/pods', pod)
+    status, table, _ = await http.request('GET', '/api/v1/namespaces/default/pods', headers=accept)
+    assert table['rows'][0]['cells'][:3] == ['p', '0/1', 'Pending']
 
 
 def test_human_duration() -> None:

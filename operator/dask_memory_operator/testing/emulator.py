@@ -1719,6 +1719,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
                                 'format': col.get('format', ''), 'priority': col.get('priority', 0),
                                 'description': col.get('description', '')})
                 getters.append(lambda o, c=col: _cell(o, c))
+        elif (rtype.group, rtype.plural) in _BUILTIN_COLUMNS:
+            for name, ctype, priority, getter in _BUILTIN_COLUMNS[rtype.group, rtype.plural]:
+                columns.append({'name': name, 'type': ctype, 'format': '', 'priority': priority, 'description': ''})
+                getters.append(getter)
         else:
             columns.append({'name': 'Age', 'type': 'string', 'format': '', 'priority': 0,
                             'description': 'CreationTimestamp is a timestamp representing the server time '
@@ -1730,6 +1734,67 @@ class KubeEmulator(kmock.KubernetesEmulator):
         meta = {'resourceVersion': listed['metadata']['resourceVersion']} if listed else {}
         return {'kind': 'Table', 'apiVersion': 'meta.k8s.io/v1', 'metadata': meta,
                 'columnDefinitions': columns, 'rows': rows}
+
+
+def _pod_status(pod: Mapping[str, Any]) -> str:
+    """The STATUS column of ``kubectl get pods`` (a simplified version of kubectl's printer)."""
+    status = pod.get('status') or {}
+    reason = status.get('reason') or status.get('phase') or 'Unknown'
+    for cs in status.get('containerStatuses') or []:
+        state = cs.get('state') or {}
+        detail = (state.get('waiting') or {}).get('reason') or (state.get('terminated') or {}).get('reason')
+        if detail and not cs.get('ready'):
+            reason = detail
+    if pod['metadata'].get('deletionTimestamp'):
+        reason = 'Terminating'
+    return reason
+
+
+def _pod_ready(pod: Mapping[str, Any]) -> str:
+    statuses = (pod.get('status') or {}).get('containerStatuses') or []
+    total = len((pod.get('spec') or {}).get('containers') or [])
+    return f'{sum(1 for cs in statuses if cs.get("ready"))}/{total}'
+
+
+def _service_ports(svc: Mapping[str, Any]) -> str:
+    ports = (svc.get('spec') or {}).get('ports') or []
+    return ','.join(f'{p.get("port")}/{p.get("protocol", "TCP")}' for p in ports) or '<none>'
+
+
+def _created(o: Mapping[str, Any]) -> str:
+    return _age(o['metadata'].get('creationTimestamp'))
+
+
+# The columns of kubectl's printers for the built-in kinds one looks at in the sandbox.
+_BUILTIN_COLUMNS: dict[tuple[str, str], list[tuple[str, str, int, Any]]] = {
+    ('', 'pods'): [
+        ('Ready', 'string', 0, _pod_ready),
+        ('Status', 'string', 0, _pod_status),
+        ('Restarts', 'string', 0, lambda o: str(sum(cs.get('restartCount', 0) for cs in
+                                                   (o.get('status') or {}).get('containerStatuses') or []))),
+        ('Age', 'string', 0, _created),
+        ('IP', 'string', 1, lambda o: (o.get('status') or {}).get('podIP') or '<none>'),
+        ('Node', 'string', 1, lambda o: (o.get('spec') or {}).get('nodeName') or '<none>'),
+    ],
+    ('apps', 'deployments'): [
+        ('Ready', 'string', 0, lambda o: f'{(o.get("status") or {}).get("readyReplicas", 0)}/'
+                                         f'{(o.get("spec") or {}).get("replicas", 0)}'),
+        ('Up-to-date', 'integer', 0, lambda o: (o.get('status') or {}).get('updatedReplicas', 0)),
+        ('Available', 'integer', 0, lambda o: (o.get('status') or {}).get('availableReplicas', 0)),
+        ('Age', 'string', 0, _created),
+    ],
+    ('', 'services'): [
+        ('Type', 'string', 0, lambda o: (o.get('spec') or {}).get('type', 'ClusterIP')),
+        ('Cluster-IP', 'string', 0, lambda o: (o.get('spec') or {}).get('clusterIP') or '<none>'),
+        ('External-IP', 'string', 0, lambda o: '<none>'),
+        ('Port(s)', 'string', 0, _service_ports),
+        ('Age', 'string', 0, _created),
+    ],
+    ('', 'namespaces'): [
+        ('Status', 'string', 0, lambda o: (o.get('status') or {}).get('phase', '')),
+        ('Age', 'string', 0, _created),
+    ],
+}
 
 
 def _check_pod_update(rtype: ResourceType, old: dict[str, Any], new: dict[str, Any]) -> None:
