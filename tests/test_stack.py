@@ -168,18 +168,23 @@ def test_daskcluster_lifecycle(stack, namespace):
         # does when dask-kubernetes retires the workers through the scheduler.
         workers = list(client.scheduler_info(n_workers=-1)["workers"])
         futures = [client.scatter(i, workers=[w]) for i, w in enumerate(workers)]
-        before = {p["metadata"]["name"] for p in _worker_pods(stack, namespace, "demo")}
+        before = {p["metadata"]["name"]: p["metadata"]["ownerReferences"][0]["name"]
+                  for p in _worker_pods(stack, namespace, "demo")}
         stack.kubectl("scale", "daskworkergroup", "demo-default", "--replicas", "1", "-n", namespace)
         stack.wait_for(lambda: len(_worker_names(client)) == 1, 90, "1 worker left")
         stack.wait_for(lambda: len(_worker_pods(stack, namespace, "demo")) == 1, 60, "1 worker pod left")
         assert _worker_names(client) == _worker_deployments(stack, namespace, "demo-default")
         assert client.gather(futures) == list(range(3))
-        gone = before - {p["metadata"]["name"] for p in _worker_pods(stack, namespace, "demo")}
+        gone = set(before) - {p["metadata"]["name"] for p in _worker_pods(stack, namespace, "demo")}
         assert len(gone) == 2
         stack.wait_for(
             lambda: not any(stack.pod_processes(namespace, pod) for pod in gone), 30, "retired workers' processes to end"
         )
-        assert "Workers to close" in stack.logs("dask-kubernetes")
+        # dask-kubernetes chose them through the scheduler (RPC), not LIFO.
+        [chosen] = [line for line in stack.logs("dask-kubernetes").splitlines()
+                    if "Workers to close" in line and namespace in line]
+        assert all(before[pod] in chosen for pod in gone)
+        assert "falling back to LIFO" not in stack.logs("dask-kubernetes")
     finally:
         client.close()
 

@@ -311,6 +311,7 @@ class PodRunner:
         self._grace: float = float(spec.get("terminationGracePeriodSeconds", 30))
         self._skip_hooks = False
         self._started_at = _now()
+        self._process_started_at = ""
         self._last_state: dict[str, Any] = {}
 
     @property
