@@ -1878,6 +1878,11 @@ def _json(data: Any, status: int = 200) -> aiohttp.web.Response:
 def _load_body(request: rendering.Request) -> Any:
     if not request.body:
         return None
+    ctype = request.headers.get('Content-Type', '').split(';')[0].strip()
+    if ctype in ('application/vnd.kubernetes.protobuf', 'application/cbor', 'application/apply-patch+cbor'):
+        # As the API server answers for kinds it has no such codec for (custom resources).
+        raise ApiError(415, 'UnsupportedMediaType', f'the body of the request was in an unknown format - accepted '
+                       f'media types include: application/json, application/yaml')
     try:
         return json.loads(request.body)
     except ValueError:
