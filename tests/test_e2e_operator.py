@@ -52,10 +52,12 @@ def memory_operator(stack: LocalStack):
 
 @pytest.fixture(scope="module")
 def clusters(stack: LocalStack, memory_operator) -> Iterator[str]:
-    """A namespace with two DaskClusters of 2 workers: `matching` is labelled
-    team=analytics and preloads the plugin, `other` is neither. Yields the namespace."""
+    """A namespace with the MemoryPolicy `analytics` (team=analytics), then two
+    DaskClusters of 2 workers created after it: `matching` is labelled team=analytics
+    and preloads the plugin, `other` is neither. Yields the namespace."""
     ns = "e2e-operator"
     stack.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    stack.apply(ANALYTICS, namespace=ns)
     for name, labels, env in ((MATCHING, {"team": "analytics"}, AMM_OFF | PRELOAD), (OTHER, {}, AMM_OFF)):
         manifest = daskcluster_manifest(name, workers=2, scheduler_env=env)
         manifest["metadata"]["labels"] = labels
@@ -165,11 +167,12 @@ def scheduler_pid(stack: LocalStack, ns: str, cluster: str) -> int:
 # --- the tests -------------------------------------------------------------------
 
 
-def test_policy_configures_only_matching_scheduler(stack: LocalStack, clusters: str):
+ANALYTICS = policy_manifest("analytics", selector={"matchLabels": {"team": "analytics"}},
+                            interval="500ms", measure="managed", policies=[{"class": "ReduceReplicas"}])
+
+
+def test_cluster_created_after_policy_gets_exactly_its_config(stack: LocalStack, clusters: str):
     ns = clusters
-    stack.apply(policy_manifest("analytics", selector={"matchLabels": {"team": "analytics"}},
-                                interval="500ms", measure="managed",
-                                policies=[{"class": "ReduceReplicas"}]), namespace=ns)
     # kubectl wait, as a user would
     stack.kubectl("wait", "--for=condition=Ready", "mempol/analytics", "-n", ns, "--timeout=60s")
 
@@ -306,6 +309,21 @@ def test_dask_kubernetes_still_scales_the_governed_cluster(stack: LocalStack, cl
         meta = json.loads(stack.kubectl("get", kind, name, "-n", ns, "-o", "json").stdout)["metadata"]
         ours = [k for k in (meta.get("annotations") or {}) if "amm.dask.org" in k]
         assert ours == [] and "amm.dask.org/restore-schedulers" not in (meta.get("finalizers") or [])
+
+
+def test_changes_made_while_the_operator_is_down_are_applied_on_restart(stack: LocalStack, clusters: str):
+    ns = clusters
+    wait_amm(stack, ns, MATCHING, running=True, interval=0.5)
+    stack.stop_process("dask-memory-operator")
+    try:
+        stack.kubectl("patch", "mempol", "analytics", "-n", ns, "--type=merge", "-p",
+                      json.dumps({"spec": {"activeMemoryManager": {"interval": "750ms"}}}))
+        assert scheduler_amm(stack, ns, MATCHING)["interval"] == 0.5  # nobody applied it yet
+    finally:
+        stack.processes_by_name["dask-memory-operator"].start()
+    wait_amm(stack, ns, MATCHING, running=True, interval=0.75)
+    stack.apply(ANALYTICS, namespace=ns)
+    wait_amm(stack, ns, MATCHING, running=True, interval=0.5)
 
 
 def test_restarted_scheduler_is_configured_again(stack: LocalStack, clusters: str):
