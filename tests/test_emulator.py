@@ -653,6 +653,10 @@ def dask_cluster(name: str, replicas: Any = 2) -> dict[str, Any]:
 async def test_dask_kubernetes_crds() -> None:
     async with ApiServer(crd_dirs=[DASK_CRDS]) as server, aiohttp.ClientSession() as session:
         http = Http(server.url, session)
+        # The CRDs from the folder are served; applying them again replaces them.
+        kinds = {t['kind'] for t in (await http.get('/apis/kubernetes.dask.org/v1'))[1]['resources']}
+        assert {'DaskCluster', 'DaskWorkerGroup', 'DaskAutoscaler', 'DaskJob'} <= kinds
+        await server.apply_files(sorted(DASK_CRDS.glob('*.yaml')))
         clusters = '/apis/kubernetes.dask.org/v1/namespaces/default/daskclusters'
         groups = '/apis/kubernetes.dask.org/v1/namespaces/default/daskworkergroups'
         status, cluster = await http.post(clusters, dask_cluster('c1'))
@@ -807,10 +811,15 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Pat
     assert proc.returncode == 0, output  # a clean exit on SIGTERM
 
 
+def kubectl_env(kubeconfig: pathlib.Path) -> dict[str, str]:
+    # A discovery cache of its own: ports are reused across runs.
+    return {**os.environ, 'KUBECONFIG': str(kubeconfig), 'KUBECACHEDIR': str(kubeconfig.parent / 'cache')}
+
+
 def kubectl(kubeconfig: pathlib.Path, *args: str, input: str | None = None,
             check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([KUBECTL, *args], input=input, capture_output=True, text=True, timeout=60,
-                            env={**os.environ, 'KUBECONFIG': str(kubeconfig)})
+                            env=kubectl_env(kubeconfig))
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -890,7 +899,7 @@ def test_kubectl_scale_and_wait(kubeconfig: pathlib.Path, tmp_path: pathlib.Path
     kubectl(kubeconfig, 'apply', '-f', '-', input=yaml.safe_dump(WIDGET_CRD))
     kubectl(kubeconfig, 'apply', '-f', '-', input=yaml.safe_dump(widget('ready', size=1)))
     waiter = subprocess.Popen([KUBECTL, 'wait', 'wdg/ready', '--for=condition=Ready', '--timeout=30s'],
-                              env={**os.environ, 'KUBECONFIG': str(kubeconfig)},
+                              env=kubectl_env(kubeconfig),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     kubectl(kubeconfig, 'patch', 'wdg', 'ready', '--subresource=status', '--type=merge',
             '-p', '{"status":{"conditions":[{"type":"Ready","status":"True"}]}}')

@@ -25,7 +25,7 @@ import aiohttp
 import kmock
 import yaml
 
-from dask_memory_operator.testing.emulator import KubeEmulator, _Target
+from dask_memory_operator.testing.emulator import KubeEmulator
 
 
 def _client_session(url: Any) -> aiohttp.ClientSession:
@@ -84,20 +84,8 @@ class ApiServer:
                     await self.apply(doc)
 
     async def apply(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """Create or replace one cluster-scoped or namespaced object, as ``kubectl apply`` would."""
-        emu = self.emulator
-        group, _, version = doc['apiVersion'].rpartition('/')
-        rtype = next(t for t in emu._types.values()
-                     if (t.group, t.version, t.kind) == (group, version, doc['kind']))
-        namespace = doc['metadata'].get('namespace', 'default') if rtype.namespaced else None
-        async with emu._lock:
-            old = emu._get_live(rtype, namespace, doc['metadata']['name'])
-            if old is None:
-                obj, _ = emu._create(_Target(rtype, namespace, None, None), doc, {})
-            else:
-                doc = {**doc, 'metadata': {**doc['metadata'], 'resourceVersion': old['metadata']['resourceVersion']}}
-                obj, _ = emu._replace(_Target(rtype, namespace, doc['metadata']['name'], None), doc, {})
-        return obj
+        """Create or replace one object, as ``kubectl apply`` would."""
+        return await self.emulator.apply(doc)
 
 
 def write_kubeconfig(path: pathlib.Path, url: str, namespace: str = 'default') -> None:

@@ -93,7 +93,7 @@ import jsonpatch
 import logging
 import jsonschema
 import kmock
-from kmock._internal import k8s_dicts, rendering  # internals: kmock is pinned
+from kmock._internal import rendering  # internals: kmock is pinned
 
 logger = logging.getLogger(__name__)
 
@@ -824,6 +824,24 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 subresources=rtype.subresources)
             added.append(rtype)
         return added
+
+    async def apply(self, doc: Mapping[str, Any]) -> dict[str, Any]:
+        """Create or replace one object (as ``kubectl apply`` would, minus the patching)."""
+        group, _, version = doc['apiVersion'].rpartition('/')
+        rtype = next((t for t in self._types.values() if (t.group, t.version, t.kind) == (group, version, doc['kind'])),
+                     None)
+        if rtype is None:
+            raise ApiError(404, 'NotFound', f'no matches for kind "{doc["kind"]}" in version "{doc["apiVersion"]}"')
+        name = doc['metadata']['name']
+        namespace = doc['metadata'].get('namespace', 'default') if rtype.namespaced else None
+        async with self._lock:
+            old = self._get_live(rtype, namespace, name)
+            if old is None:
+                obj, _ = self._create(_Target(rtype, namespace, None, None), dict(doc), {})
+            else:
+                meta = {**doc['metadata'], 'resourceVersion': old['metadata']['resourceVersion']}
+                obj, _ = self._replace(_Target(rtype, namespace, name, None), {**doc, 'metadata': meta}, {})
+        return obj
 
     def _unregister_crd(self, crd_name: str) -> None:
         for key, rtype in list(self._types.items()):
