@@ -13,14 +13,15 @@ workers, so that a sender whose copy has not been dropped yet is not chosen agai
 
 **What is heavy.** The manager's measure (``manager.workers_memory``, default
 "optimistic"). A worker sends when it is above the cluster mean by more than half the
-dead band, and receives when it is below the mean by more than half the band; the band
-is ``threshold`` times the worker's memory_limit (times the mean for workers without a
-limit). A move never takes a sender below ``mean - band/2`` nor a recipient above
-``mean + band/2``, nor makes the recipient heavier than the sender: so a worker that
-sent never becomes a recipient and vice versa while the mean holds still (hysteresis),
-and the policy does not ping-pong with itself. When the drop happens, the copy on the
-sender is the one on the heavier worker, which is also the one ReduceReplicas would
-choose: the two do not undo each other.
+dead band, and receives when it is below the mean; the band is ``threshold`` times
+the worker's memory_limit (times the mean for workers without a limit). A move of
+``s`` bytes from a sender at ``S`` to a recipient at ``R`` needs ``S - s >= mean -
+band/2``, ``R + s <= mean + band/2`` and ``R + s <= S - s``. So a recipient never
+becomes a sender while the mean holds still (hysteresis), and every move lowers the
+variance of the workers' memory: no sequence of moves can come back to where it
+started, and the policy does not ping-pong with itself. When the drop happens, the
+sender's copy is the one on the heavier worker, which is also the one ReduceReplicas
+would choose: the two do not undo each other.
 
 **Guards.**
 
@@ -31,12 +32,13 @@ choose: the two do not undo each other.
 - Keys with more copies than wanted (see :func:`amm_core.replicate.wanted_replicas`)
   are left to the reducer, which drops the excess from the heaviest worker anyway.
 - Spilled keys: the scheduler does not know which keys a worker spilled, only how
-  many bytes of managed data it holds in memory (``ws.memory.managed``). The worker
-  spills the least recently used keys first, so the policy considers the sender's
-  keys newest first (``ws.has_what`` is insertion-ordered) and stops once it has seen
-  ``ws.memory.managed`` bytes. This is an approximation: a recently inserted key that
-  was not used since may be spilled, and then moving it costs a read from disk on the
-  sender. With nothing spilled, every key is a candidate.
+  many bytes of its managed data are spilled (``ws.metrics["spilled_bytes"]``, from
+  the last heartbeat), hence how many are in memory. The worker spills the least
+  recently used keys first, so the policy considers the sender's keys newest first
+  (``ws.has_what`` is insertion-ordered) and stops once it has seen as many bytes as
+  the worker holds in memory. This is an approximation: a recently inserted key
+  that was not used since may be spilled, and then moving it costs a read from disk
+  on the sender. With nothing spilled, every key is a candidate.
 """
 
 from __future__ import annotations
@@ -79,8 +81,8 @@ class Rebalance(CountingPolicy):
     ----------
     threshold:
         Width of the dead band around the mean, as a fraction of each worker's
-        memory_limit (of the mean for workers without a limit). Default 0.1, as
-        upstream's ``distributed.worker.memory.rebalance.sender-recipient-gap``.
+        memory_limit (of the mean for workers without a limit): a worker sends when
+        it is more than half of it above the mean. Default 0.05.
     max_bytes_per_cycle:
         Bytes (int or a string such as "100MiB") copied per AMM cycle at most.
     move_timeout:
@@ -105,7 +107,7 @@ class Rebalance(CountingPolicy):
 
     def __init__(
         self,
-        threshold: float = 0.1,
+        threshold: float = 0.05,
         max_bytes_per_cycle: int | str = "100MiB",
         move_timeout: int = 10,
     ):
@@ -200,9 +202,7 @@ class Rebalance(CountingPolicy):
             reverse=True,
         )
         recipients = {
-            ws
-            for ws in eff
-            if ws.status == Status.running and eff[ws] < mean - half_band(ws)
+            ws for ws in eff if ws.status == Status.running and eff[ws] < mean
         }
         self.last_cycle = {
             "mean": int(mean),
@@ -219,7 +219,9 @@ class Rebalance(CountingPolicy):
         no_room = False
         for sender in senders:
             # Newest keys first, up to the bytes held in memory: see module docstring.
-            in_memory = sender.memory.managed
+            # (Not ws.memory.managed: it is capped by the process memory of the last
+            # heartbeat, which lags behind keys that just landed.)
+            in_memory = sender.nbytes - sender.metrics["spilled_bytes"]["memory"]
             seen = 0
             for ts in reversed(sender.has_what):
                 nbytes = ts.nbytes
@@ -267,11 +269,7 @@ class Rebalance(CountingPolicy):
                     sender.address,
                     recipient.address,
                 )
-                if eff[recipient] >= mean - half_band(recipient):
-                    recipients.discard(recipient)
-                if not recipients:
-                    break
-            if not recipients or budget <= 0:
+            if budget <= 0:
                 break
 
         if no_room:

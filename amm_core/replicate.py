@@ -102,8 +102,9 @@ class Replicate(CountingPolicy):
         - class: amm_core.replicate.ReduceReplicas
 
     Counters: ``replicas_copied`` (copies accepted by the AMM), ``no_room`` (a copy
-    was missing but no running worker had room for it), ``keys_forgotten`` (tracked
-    keys that left the cluster).
+    was missing but no running worker without one had room for it),
+    ``too_few_workers`` (more copies wanted than running workers),
+    ``keys_forgotten`` (tracked keys that left the cluster).
     """
 
     #: Tracked keys: the TaskState seen at registration and the wanted count.
@@ -169,8 +170,13 @@ class Replicate(CountingPolicy):
 
             nkeys += 1
             for _ in range(missing):
-                candidates = workers_with_room(ts.nbytes, self.manager.workers_memory)
-                candidates -= held | pending_repl
+                others = scheduler.running - held - pending_repl
+                if not others:
+                    self.count("too_few_workers")
+                    break
+                candidates = workers_with_room(
+                    ts.nbytes, self.manager.workers_memory, others
+                )
                 if not candidates:
                     self.count("no_room")
                     task_logger.debug(
