@@ -204,6 +204,13 @@ async def test_server_side_metadata(http: Http) -> None:
     status, err = await http.post(CONFIGMAPS, {'metadata': {'name': 'Bad_Name'}})
     assert status == 422 and err['reason'] == 'Invalid'
     assert err['details']['causes'][0]['field'] == 'metadata.name'
+    for meta in ({'labels': {'app': 'not valid!'}}, {'labels': {'-bad': 'x'}}, {'labels': {'a': 'x' * 64}},
+                 {'annotations': {'Bad.Prefix/x': 'y'}}, {'annotations': {'big': 'x' * 300_000}}):
+        status, err = await http.post(CONFIGMAPS, {'metadata': {'name': 'labels', **meta}})
+        assert status == 422 and err['details']['causes'][0]['field'] in ('metadata.labels', 'metadata.annotations')
+    status, ok = await http.post(CONFIGMAPS, {'metadata': {'name': 'labels', 'labels': {'dask.org/cluster-name': 'c1',
+                                                                                        'empty': ''}}})
+    assert status == 201
 
 
 async def test_generation_and_status_subresource(widgets: Http) -> None:
