@@ -90,6 +90,8 @@ BIN_DIR = Path(sys.executable).parent
 DASK_SCRIPT = str(BIN_DIR / "dask")
 #: Restart back-off: first delay, cap, and how long a container must run to reset it.
 BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 0.5, 10.0, 10.0
+#: Seconds before a deleted pod is replaced (see Kubelet._on_pod_event).
+REPLACE_DELAY = 0.5
 #: Label of dask-kubernetes' scheduler pods, whose Service comes right after them.
 SCHEDULER_LABEL = ("dask.org/component", "scheduler")
 
@@ -636,6 +638,8 @@ class Kubelet:
         self._wake = asyncio.Event()
         self._hosts_written: list[tuple[str, str, str]] | None = None
         self._pending_scheduler_since: dict[str, float] = {}
+        #: Deployment uid -> loop time before which a deleted pod is not replaced.
+        self._replace_not_before: dict[str, float] = {}
 
     def changed(self) -> None:
         """Something changed: reconcile soon."""
@@ -700,6 +704,13 @@ class Kubelet:
                     grace = pod["metadata"].get("deletionGracePeriodSeconds")
                     logger.info("pod %s/%s deleted: stopping it", runner.namespace, runner.name)
                     runner.stop(grace=None if grace is None else float(grace))
+                    # The garbage collector deletes the pods of a deleted Deployment, and
+                    # the Deployments watch may tell it later: wait a moment before
+                    # replacing, rather than start a pod only to stop it.
+                    owner = runner.deployment["metadata"]["uid"]
+                    loop = asyncio.get_running_loop()
+                    self._replace_not_before[owner] = loop.time() + REPLACE_DELAY
+                    loop.call_later(REPLACE_DELAY, self.changed)
 
     # -- reconciling -----------------------------------------------------------
 
@@ -747,6 +758,8 @@ class Kubelet:
             if not runners:
                 del self.runners[uid]
         # Pods of deleted Deployments end.
+        for uid in [u for u in self._replace_not_before if u not in self.deployments]:
+            del self._replace_not_before[uid]
         for uid, runners in self.runners.items():
             if uid not in self.deployments:
                 for runner in runners:
@@ -765,7 +778,9 @@ class Kubelet:
             for runner in active[wanted:][::-1]:
                 runner.stop()
             # Recreate: new pods start once the old template's pods are gone.
-            if len(active) < wanted and not any(r.template_hash != current for r in runners):
+            if loop.time() < self._replace_not_before.get(uid, 0):
+                pass
+            elif len(active) < wanted and not any(r.template_hash != current for r in runners):
                 for _ in range(wanted - len(active)):
                     ip, ending = self._service_ip_for(deployment)
                     if ending:
