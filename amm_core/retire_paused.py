@@ -70,6 +70,14 @@ class RetireWorkerWithRoom(RetireWorker):
             if suggestion.op == "replicate" and suggestion.candidates is None:
                 ts = suggestion.ts
                 candidates = workers_with_room(ts.nbytes, self.manager.workers_memory)
+                if not candidates:
+                    task_logger.debug(
+                        "RetireWorkerWithRoom(%s): no running worker has room for %s "
+                        "(%d bytes)",
+                        self.address,
+                        ts.key,
+                        ts.nbytes,
+                    )
                 suggestion = Suggestion("replicate", ts, candidates)
             choice = yield suggestion
 

@@ -348,6 +348,39 @@ def test_paused_worker_is_retired_with_data_intact() -> None:
         assert counters == {"retirements_started": 1, "workers_retired": 1}
 
 
+def test_paused_worker_stays_when_no_worker_has_room() -> None:
+    config = {
+        "distributed.scheduler.active-memory-manager.start": True,
+        "distributed.scheduler.active-memory-manager.interval": "200ms",
+        "distributed.scheduler.active-memory-manager.policies": [
+            {"class": "amm_core.retire_paused.RetirePaused", "after": "1s"},
+        ],
+    }
+    with cluster(2, memory_limit="500MB", **config) as (lc, c):
+        a, b = sorted(c.scheduler_info()["workers"])
+        futs = [c.submit(blob, i, 10 * MB, workers=[a], pure=False) for i in range(6)]
+        wait(futs)
+
+        def lower_pause(dask_worker: Any) -> None:
+            dask_worker.memory_manager.memory_pause_fraction = 0.1
+
+        def rep() -> dict:
+            return c.run_on_scheduler(reports)["RetirePaused"]
+
+        # Scheduler side only: b has 1 MB of room, no 10 MB key fits.
+        with dask.config.set({"distributed.worker.memory.pause": 0.002}):
+            c.run(lower_pause, workers=[a])
+            wait_for(lambda: rep()["counters"].get("retirements_aborted", 0) >= 2)
+            wait_for(
+                lambda: c.scheduler_info()["workers"][a]["status"] == "paused",
+                what="back to paused",
+            )
+            assert all(ws == {a} for ws in holders(c, futs).values())
+        # With room, it is retired at the next attempt.
+        wait_for(lambda: [e["retired"] for e in rep()["replace"]] == [True])
+        assert all(ws == {b} for ws in holders(c, futs).values())
+
+
 async def _rpc_replace(address: str) -> list[dict]:
     # What an outside caller (the operator) does: plain msgpack over RPC.
     async with rpc(address) as r:
