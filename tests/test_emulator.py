@@ -13,6 +13,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -105,6 +106,11 @@ async def wait_for(condition: Callable[[], Awaitable[bool]], timeout: float = 10
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f'condition not met within {timeout}s')
         await asyncio.sleep(0.05)
+
+
+async def holds(value: bool) -> bool:
+    """A synchronous condition for wait_for()."""
+    return value
 
 
 class Http:
@@ -452,7 +458,7 @@ async def test_watch_semantics(http: Http) -> None:
     # Without one: the current state as ADDED, then live events, filtered by selectors.
     events = []
     task = asyncio.create_task(http.watch(CONFIGMAPS, events, labelSelector='app=x', timeoutSeconds=3))
-    await wait_for(lambda: asyncio.sleep(0, bool(events)))
+    await wait_for(lambda: holds(bool(events)))
     await http.patch(CONFIGMAPS + '/b', {'metadata': {'labels': {'app': 'x'}}})  # enters the selector
     await http.patch(CONFIGMAPS + '/a', {'metadata': {'labels': {'app': 'z'}}})  # leaves it
     await http.delete(CONFIGMAPS + '/b')
@@ -477,7 +483,7 @@ async def test_watch_expired_and_shutdown_ends_streams(server: ApiServer, http: 
     async with ApiServer() as other:
         events = []
         task = asyncio.create_task(Http(other.url, http.session).watch(CONFIGMAPS, events))
-        await wait_for(lambda: asyncio.sleep(0, len(other.emulator._requests) > 0))
+        await wait_for(lambda: holds(len(other.emulator._requests) > 0))
     await asyncio.wait_for(task, timeout=10)  # a guard against a hang, not a timing assertion
 
 
@@ -719,7 +725,7 @@ async def test_kr8s(server: ApiServer) -> None:
                 return
 
     task = asyncio.create_task(watch())
-    await wait_for(lambda: asyncio.sleep(0, bool(seen)))
+    await wait_for(lambda: holds(bool(seen)))
     await cm.delete()
     await asyncio.wait_for(task, timeout=10)
     assert seen == [('ADDED', 'k'), ('DELETED', 'k')]
@@ -778,7 +784,7 @@ async def test_kopf_operator(widgets: Http) -> None:
         assert w['status']['created'] == {'seen': 2} and w['metadata']['finalizers']
 
         await http.patch(WIDGETS + '/k', {'spec': {'size': 3}})
-        await wait_for(lambda: asyncio.sleep(0, bool(calls['update'])), timeout=20)
+        await wait_for(lambda: holds(bool(calls['update'])), timeout=20)
         assert calls['update'] == [(2, 3)]
         await wait_for(lambda: status_has('ticks'), timeout=20)
 
@@ -801,12 +807,10 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Pat
                              '--kubeconfig', str(path), '--crds', str(DASK_CRDS)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = 60.0
-        import time
-        start = time.monotonic()
-        while not path.exists():
+        deadline = time.monotonic() + 60
+        while not path.exists():  # written once serving, atomically
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ''
-            assert time.monotonic() - start < deadline, 'the API server did not start'
+            assert time.monotonic() < deadline, 'the API server did not start'
             time.sleep(0.05)
         config = yaml.safe_load(path.read_text())
         assert config['clusters'][0]['cluster']['server'].startswith('http://127.0.0.1:')
