@@ -361,6 +361,11 @@ async def test_pod_graceful_deletion(http: Http) -> None:
     assert (await http.get(pods + '/p'))[0] == 200
     status, _ = await http.delete(pods + '/p', gracePeriodSeconds=0)
     assert await http.gone(pods + '/p')
+    # An eviction (kubectl drain) is a graceful deletion too.
+    await http.post(pods, {**pod, 'metadata': {'name': 'e'}})
+    eviction = {'apiVersion': 'policy/v1', 'kind': 'Eviction', 'metadata': {'name': 'e'}}
+    assert (await http.post(pods + '/e/eviction', eviction))[0] == 201
+    assert (await http.get(pods + '/e'))[1]['metadata']['deletionTimestamp']
     # An unscheduled pod goes at once.
     await http.post(pods, {'metadata': {'name': 'q'}, 'spec': {'containers': [{'name': 'c', 'image': 'x'}]}})
     await http.delete(pods + '/q')
@@ -513,6 +518,10 @@ async def test_discovery(widgets: Http) -> None:
     status, crd = await http.get(CRDS + '/widgets.example.com')
     assert {c['type']: c['status'] for c in crd['status']['conditions']}['Established'] == 'True'
     assert (await http.get('/nonexistent'))[0] == 404
+    # No RBAC: access reviews allow, as the AlwaysAllow authorizer does.
+    review = {'spec': {'resourceAttributes': {'verb': 'delete', 'resource': 'pods'}}}
+    status, review = await http.post('/apis/authorization.k8s.io/v1/selfsubjectaccessreviews', review)
+    assert status == 201 and review['status']['allowed'] is True
     async with http.session.get(http.url + '/readyz') as resp:
         assert resp.status == 200 and await resp.text() == 'ok'
     status, root = await http.get('/')

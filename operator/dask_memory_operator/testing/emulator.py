@@ -64,7 +64,9 @@ API server behaves (status codes, ``Status`` objects with reason, message and
 - kubectl's table output (``Accept: ...;as=Table;g=meta.k8s.io``): NAME and AGE for
   built-in kinds, the CRD's ``additionalPrinterColumns`` for custom ones.
 - Watch streams end cleanly when the server stops, so no client hangs on them.
-- ``/healthz``, ``/livez``, ``/readyz`` answer ``ok``.
+- ``/healthz``, ``/livez``, ``/readyz`` answer ``ok``; access reviews allow everything
+  (as the AlwaysAllow authorizer: ``kubectl auth can-i`` says yes); ``pods/eviction``
+  deletes a pod gracefully (``kubectl drain``), without PodDisruptionBudgets.
 
 Not emulated: server-side apply, admission webhooks, RBAC and authentication, CEL
 rules, conversion between CRD versions (each served version has its own objects),
@@ -1003,7 +1005,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             group, version = ('', parts[1]) if parts[0] == 'api' else (parts[1], parts[2])
             return _json(self._api_resource_list(group, version))
         target = self._parse_target(parts)
-        if target.subresource not in (None, 'status', 'scale', 'binding'):
+        if target.subresource not in (None, 'status', 'scale', 'binding', 'eviction'):
             raise ApiError(404, 'NotFound', 'the server could not find the requested resource')  # exec, log...
         params = request.params
         if method == 'GET' and params.get('watch') in ('true', '1'):
@@ -1019,6 +1021,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 return _json(self._to_table(target.rtype, [obj], None) if as_table and not target.subresource else obj)
             if method == 'POST' and target.rtype.resource == _PODS and target.subresource == 'binding':
                 return _json(self._bind(target, body), 201)
+            if method == 'POST' and target.rtype.resource == _PODS and target.subresource == 'eviction':
+                return _json(self._evict(target, body), 201)
+            if method == 'POST' and target.rtype.group == 'authorization.k8s.io' and target.name is None:
+                return _json(self._review_access(target, body), 201)
             if method == 'POST' and target.name is None:
                 return self._respond(self._create(target, body, params), 201, target, params)
             if method == 'PUT' and target.name is not None:
@@ -1461,6 +1467,35 @@ class KubeEmulator(kmock.KubernetesEmulator):
         new['spec']['nodeName'] = node
         self._store_update(target.rtype, pod, new)
         return {'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Success', 'code': 201}
+
+    def _evict(self, target: _Target, body: Any) -> dict[str, Any]:
+        """POST pods/<name>/eviction (what ``kubectl drain`` does): a graceful pod deletion.
+
+        PodDisruptionBudgets are not consulted: their status comes from a controller
+        that does not run here.
+        """
+        assert target.name is not None
+        pod = self._get_live(target.rtype, target.namespace, target.name)
+        if pod is None:
+            raise target.rtype.not_found(target.name)
+        options = (body or {}).get('deleteOptions') or {} if isinstance(body, Mapping) else {}
+        self.delete_object(target.rtype, pod, options.get('propagationPolicy', 'Background'),
+                           options.get('gracePeriodSeconds'))
+        return {'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Success', 'code': 201}
+
+    def _review_access(self, target: _Target, body: Any) -> dict[str, Any]:
+        """Access reviews: everything is allowed, as with the AlwaysAllow authorizer (no RBAC here)."""
+        review = dict(body) if isinstance(body, Mapping) else {}
+        review.setdefault('apiVersion', target.rtype.api_version)
+        review.setdefault('kind', target.rtype.kind)
+        review.setdefault('metadata', {})
+        if target.rtype.kind.endswith('RulesReview'):
+            review['status'] = {'resourceRules': [{'verbs': ['*'], 'apiGroups': ['*'], 'resources': ['*']}],
+                                'nonResourceRules': [{'verbs': ['*'], 'nonResourceURLs': ['*']}],
+                                'incomplete': False}
+        else:
+            review['status'] = {'allowed': True}
+        return review
 
     def _to_scale(self, rtype: ResourceType, obj: dict[str, Any]) -> dict[str, Any]:
         assert rtype.scale is not None
