@@ -16,14 +16,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import urllib.request
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import psutil
 import pytest
 import yaml
 from distributed import Client
+from prometheus_client.parser import text_string_to_metric_families
 
 from dask_memory_operator.testing.probes import amm_cycles, amm_state, replica_counts
 from dask_memory_operator.testing.stack import LocalStack, daskcluster_manifest
@@ -40,11 +42,19 @@ OWN_CONFIG = {"running": False, "interval": 2.0, "measure": "optimistic", "polic
 
 
 @pytest.fixture(scope="module")
-def memory_operator(stack: LocalStack):
+def metrics_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def memory_operator(stack: LocalStack, metrics_port: int):
     """This operator, as users run it, in its own process."""
     stack.start_process("dask-memory-operator", [
         sys.executable, "-m", "dask_memory_operator.cli", "run", "--verbose",
         "--scheduler-access", "cluster-ip", "--resync-interval", "1", "--rpc-timeout", "2",
+        "--metrics-port", str(metrics_port),
     ])
     yield
     stack.stop_process("dask-memory-operator")
@@ -68,17 +78,7 @@ def clusters(stack: LocalStack, memory_operator) -> Iterator[str]:
     yield ns
     stack.kubectl("delete", "memorypolicies", "--all", "-n", ns, "--wait=false", check=False)
     stack.kubectl("delete", "daskclusters", "--all", "-n", ns, "--wait=false", check=False)
-    stack.wait_for(lambda: not _pods_alive(stack, ns), timeout=90, what=f"the processes of namespace {ns} to end")
-
-
-def _pods_alive(stack: LocalStack, ns: str) -> bool:
-    for proc in stack.processes():
-        try:
-            if proc.environ().get("DMO_POD", "").startswith(f"{ns}/"):
-                return True
-        except psutil.NoSuchProcess:
-            continue
-    return False
+    stack.wait_for(lambda: not stack.pod_processes(ns), timeout=90, what=f"the processes of namespace {ns} to end")
 
 
 @pytest.fixture(autouse=True)
@@ -219,6 +219,21 @@ def test_reduce_replicas_works_on_configured_cluster_only(stack: LocalStack, clu
                          lambda p: cluster_entry(p, MATCHING).get("amm", {}).get("replicasDropped", 0) >= 1,
                          "replicasDropped reported")
     assert cluster_entry(policy, MATCHING)["amm"]["cycles"] > 0
+
+
+def test_metrics_mirror_the_schedulers(clusters: str, metrics_port: int):
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+        families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+    ours = {"namespace": clusters, "policy": "analytics", "cluster": MATCHING}
+
+    def value(family: str, **labels: str) -> float:
+        [sample] = [s for s in families[family].samples if s.labels == ours | labels]
+        return sample.value
+
+    assert value("dask_memory_operator_cluster_state", state="Applied") == 1
+    assert value("dask_memory_operator_cluster_state", state="Degraded") == 0
+    assert value("dask_memory_operator_amm_replicas_dropped") >= 1
+    assert value("dask_memory_operator_amm_cycles") >= 1
 
 
 def test_policy_change_is_followed(stack: LocalStack, clusters: str):
