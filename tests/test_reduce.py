@@ -1,0 +1,196 @@
+"""PressureReduceReplicas on a real LocalCluster (worker processes, 1 thread each).
+
+The AMM is configured from plain dask config but not started: each test triggers a
+cycle with ``client.amm.run_once()``, so that what is dropped is decided by the policy
+at a known moment, and reads the scheduler's state through ``run_on_scheduler``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import dask
+import dask.array as da
+import pytest
+from distributed import Client, Event, LocalCluster
+
+from amm_core.reduce import PressureReduceReplicas
+from amm_core.replicate import replicate
+
+POLICY = "amm_core.reduce.PressureReduceReplicas"
+
+
+@contextmanager
+def cluster(
+    n_workers: int = 3, start: bool = False, **policy_kwargs: Any
+) -> Iterator[tuple[Client, list[str]]]:
+    """A cluster whose AMM runs only PressureReduceReplicas, set up by dask config."""
+    config = {
+        "distributed.scheduler.active-memory-manager.start": start,
+        "distributed.scheduler.active-memory-manager.interval": "50ms",
+        "distributed.scheduler.active-memory-manager.policies": [
+            {"class": POLICY, **policy_kwargs}
+        ],
+    }
+    with (
+        dask.config.set(config),
+        LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            memory_limit="1GB",
+            processes=True,
+            dashboard_address=":0",
+        ) as lc,
+        Client(lc) as client,
+    ):
+        client.wait_for_workers(n_workers)
+        yield client, sorted(client.scheduler_info()["workers"])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        time.sleep(0.05)
+
+
+def holders(client: Client, key: Any) -> set[str]:
+    return set(client.who_has().get(key, ()))
+
+
+def _processing_on(dask_scheduler: Any, key: str) -> str | None:
+    ts = dask_scheduler.tasks.get(key)
+    return ts.processing_on.address if ts and ts.processing_on else None
+
+
+def _reports(dask_scheduler: Any) -> list[dict[str, Any]]:
+    amm = dask_scheduler.extensions["amm"]
+    return [p.report() for p in amm.policies if isinstance(p, PressureReduceReplicas)]
+
+
+def _waiter_states(dask_scheduler: Any, key: str) -> list[str]:
+    return sorted(w.state for w in dask_scheduler.tasks[key].waiters or ())
+
+
+def wait_on_event(name: str, *inputs: Any) -> int:
+    Event(name).wait()
+    return sum(len(i) if isinstance(i, bytes) else int(i) for i in inputs)
+
+
+def test_loads_from_dask_config() -> None:
+    with cluster(pressure=0.3, imbalance=None, max_scan=8) as (client, _):
+        reports = client.run_on_scheduler(_reports)
+    assert len(reports) == 1
+    assert reports[0]["class"] == "PressureReduceReplicas"
+    assert reports[0]["config"] == {
+        "pressure": 0.3,
+        "imbalance": None,
+        "keep_imminent": True,
+        "keep_queued": True,
+        "max_scan": 8,
+    }
+
+
+def test_drops_copies_kept_for_unassigned_dependents() -> None:
+    """Upstream keeps one copy per unassigned dependent; this policy keeps one."""
+    with cluster() as (client, (a, b, c)):
+        x = client.submit(bytes, 10_000_000, workers=[a], key="x")
+        # The dependents of x wait on `later`, which waits on `gate`: neither
+        # assigned nor about to be, so no worker is known to need x soon.
+        gate = client.submit(wait_on_event, "gate", workers=[b], key="gate")
+        later = client.submit(lambda g: g, gate, key="later")
+        deps = [
+            client.submit(wait_on_event, "never", x, later, key=f"dep-{i}")
+            for i in range(2)
+        ]
+        x.result()
+        client.replicate([x], n=3)
+        assert holders(client, "x") == {a, b, c}
+        assert client.run_on_scheduler(_waiter_states, key="x") == ["waiting"] * 2
+
+        client.amm.run_once()
+        wait_for(lambda: len(holders(client, "x")) == 1)
+        [report] = client.run_on_scheduler(_reports)
+        assert report["counters"]["replicas_dropped"] == 2
+        assert report["counters"]["bytes_dropped"] >= 2 * 10_000_000
+        assert all(d.status == "pending" for d in deps)
+
+
+def test_keeps_copy_a_processing_task_needs() -> None:
+    with cluster() as (client, (a, b, c)):
+        x = client.submit(bytes, 10_000_000, workers=[a], key="x")
+        x.result()
+        client.replicate([x], n=3)
+        assert holders(client, "x") == {a, b, c}
+        running = client.submit(wait_on_event, "go", x, workers=[b], key="running")
+        wait_for(lambda: client.run_on_scheduler(_processing_on, key="running") == b)
+
+        client.amm.run_once()
+        wait_for(lambda: holders(client, "x") == {b})
+        # Several more cycles: the last copy, needed on b, stays.
+        for _ in range(3):
+            client.amm.run_once()
+        assert holders(client, "x") == {b}
+        Event("go", client=client).set()
+        assert running.result() == 10_000_000
+
+
+@pytest.mark.parametrize("keep_queued, copies", [(True, 3), (False, 1)])
+def test_copies_for_queued_dependents(keep_queued: bool, copies: int) -> None:
+    """Queued root-ish tasks run wherever a thread frees up: their input stays on
+    every holder (one copy per queued task at most), unless keep_queued is off."""
+    with cluster(keep_queued=keep_queued) as (client, (a, b, c)):
+        x = client.submit(bytes, 1_000_000, workers=[a], key="x")
+        x.result()
+        client.replicate([x], n=3)
+        # 9 blockers fill the 3 x 2 slots (worker-saturation 1.1) and queue 3 more;
+        # the 30 tasks reading x, root-ish (one group, one small dependency), queue
+        # behind them: none is assigned to a worker.
+        blockers = client.map(wait_on_event, ["block"] * 9, key=[f"b-{i}" for i in range(9)])
+        wait_for(lambda: len(client.processing()[a]) == 2)
+        readers = client.map(
+            wait_on_event, ["block"] * 30, [x] * 30, key=[f"r-{i}" for i in range(30)]
+        )
+        wait_for(
+            lambda: client.run_on_scheduler(_waiter_states, key="x") == ["queued"] * 30
+        )
+        client.amm.run_once()
+        assert len(holders(client, "x")) == copies
+        Event("block", client=client).set()
+        assert client.gather(readers) == [1_000_000] * 30
+        assert client.gather(blockers) == [0] * 9
+
+
+def test_honours_wanted_replicas() -> None:
+    with cluster() as (client, (a, b, c)):
+        x = client.submit(bytes, 10_000_000, workers=[a], key="x")
+        x.result()
+        replicate(client, [x], n=2)
+        client.amm.run_once()  # Replicate makes the second copy
+        wait_for(lambda: len(holders(client, "x")) == 2)
+        client.replicate([x], n=3)  # upstream's blocking replicate adds a third
+        assert len(holders(client, "x")) == 3
+
+        client.amm.run_once()
+        wait_for(lambda: len(holders(client, "x")) == 2)
+        for _ in range(3):
+            client.amm.run_once()
+        assert len(holders(client, "x")) == 2
+
+
+def test_result_unchanged_and_copies_dropped() -> None:
+    """A dot product computed with the policy (every 50 ms) equals the one computed
+    without it, and the policy did drop copies on the way."""
+    rng = da.random.default_rng(42)
+    A = rng.random((1500, 1500), chunks=(250, 250))
+    total = (A @ A.T).sum()
+    expected = total.compute(scheduler="sync")
+    with cluster(n_workers=3, start=True) as (client, _):
+        result = total.compute()
+        [report] = client.run_on_scheduler(_reports)
+    assert result == pytest.approx(expected, rel=1e-12)
+    assert report["counters"]["replicas_dropped"] > 0
