@@ -50,6 +50,9 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   served at once (names, scope, subresources, short names, printer columns) and get
   ``Established``/``NamesAccepted`` conditions. ``/openapi/v2`` and ``/openapi/v3``
   answer minimal valid documents: enough for kubectl to validate server-side.
+- CRD versions: one set of objects, stored in the ``storage: true`` version and
+  served at every served version with its ``apiVersion`` (conversion strategy None;
+  webhook conversion is not emulated), each version validated with its own schema.
 - CRD schema handling as the API server does it: pruning of unknown fields (outside
   ``x-kubernetes-preserve-unknown-fields``) and of nulls in non-nullable fields,
   ``default`` values, then validation with the ``jsonschema`` library (Draft 4, the
@@ -69,7 +72,7 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   deletes a pod gracefully (``kubectl drain``), without PodDisruptionBudgets.
 
 Not emulated: server-side apply, admission webhooks, RBAC and authentication, CEL
-rules, conversion between CRD versions (each served version has its own objects),
+rules, webhook conversion between CRD versions,
 schema validation of built-in kinds, ``limit``/``continue`` paging (lists are whole),
 watch bookmarks, and the controllers (no Deployment makes a pod: a kubelet's job).
 """
@@ -668,6 +671,9 @@ class ResourceType:
     printer_columns: list[dict[str, Any]] = attrs.field(factory=list)
     #: The CRD's name when it is a custom resource.
     crd: str | None = None
+    #: The version objects are stored in (a CRD's ``storage: true`` one); others are
+    #: served from it with only ``apiVersion`` changed (the CRD conversion strategy None).
+    storage_version: str | None = None
 
     @property
     def has_generation(self) -> bool:
@@ -676,6 +682,15 @@ class ResourceType:
     @property
     def resource(self) -> kmock.resource:
         return kmock.resource(self.group, self.version, self.plural)
+
+    @property
+    def storage(self) -> kmock.resource:
+        """The key of the objects in kmock's array: one set of objects for all served versions."""
+        return kmock.resource(self.group, self.storage_version or self.version, self.plural)
+
+    def convert(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """A stored object as served at this version (conversion strategy None)."""
+        return obj if obj.get('apiVersion') == self.api_version else {**obj, 'apiVersion': self.api_version}
 
     @property
     def api_version(self) -> str:
@@ -803,6 +818,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         spec = crd['spec']
         names = spec['names']
         added = []
+        storage = next((v['name'] for v in spec['versions'] if v.get('storage')), spec['versions'][0]['name'])
         for ver in spec['versions']:
             if not ver.get('served', True):
                 continue
@@ -818,7 +834,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 schema=StructuralSchema(schema) if schema else None,
                 scale=dict(subs['scale']) if 'scale' in subs else None,
                 printer_columns=list(ver.get('additionalPrinterColumns') or []),
-                crd=crd['metadata']['name'])
+                crd=crd['metadata']['name'], storage_version=storage)
             self._types[rtype.group, rtype.version, rtype.plural] = rtype
             self.resources[rtype.resource] = kmock.ResourceInfo(
                 namespaced=rtype.namespaced, kind=rtype.kind, singular=rtype.singular,
@@ -843,7 +859,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             else:
                 meta = {**doc['metadata'], 'resourceVersion': old['metadata']['resourceVersion']}
                 obj, _ = self._replace(_Target(rtype, namespace, name, None), {**doc, 'metadata': meta}, {})
-        return obj
+        return rtype.convert(obj)
 
     def _unregister_crd(self, crd_name: str) -> None:
         for key, rtype in list(self._types.items()):
@@ -861,7 +877,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     # ------------------------------------------------------------- storage
 
     def _key(self, rtype: ResourceType, namespace: str | None, name: str) -> tuple[Any, ...]:
-        return (rtype.resource, namespace if rtype.namespaced else None, name)
+        return (rtype.storage, namespace if rtype.namespaced else None, name)
 
     def _get_live(self, rtype: ResourceType, namespace: str | None, name: str) -> dict[str, Any] | None:
         key = self._key(rtype, namespace, name)
@@ -875,7 +891,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         for (res, ns, _), obj in self._objects.items():
             if obj.deleted:
                 continue
-            if rtype is not None and res != rtype.resource:
+            if rtype is not None and res != rtype.storage:
                 continue
             if namespace is not None and ns != namespace:
                 continue
@@ -889,7 +905,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return str(self._rv)
 
     def _emit(self, etype: str, rtype: ResourceType, obj: dict[str, Any], old: dict[str, Any] | None = None) -> None:
-        event = _Event(self._rv, etype, rtype.resource, obj['metadata'].get('namespace'),
+        event = _Event(self._rv, etype, rtype.storage, obj['metadata'].get('namespace'),
                        copy.deepcopy(obj), old)
         self._events.append(event)
         if len(self._events) > _MAX_EVENTS:
@@ -1034,7 +1050,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 return self._respond(self._patch(target, body, ctype, params), 200, target, params)
             if method == 'DELETE' and target.name is not None:
                 code, result = self._delete(target, body, params)
-                return _json(result, code)
+                return _json(target.rtype.convert(result) if result.get('kind') != 'Status' else result, code)
             if method == 'DELETE':
                 return _json(self._delete_collection(target, body, params))
         raise ApiError(405, 'MethodNotAllowed', f'the server does not allow this method on the requested resource')
@@ -1042,7 +1058,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     def _respond(self, result: tuple[dict[str, Any], list[str]], code: int, target: _Target,
                  params: Mapping[str, str]) -> aiohttp.web.StreamResponse:
         obj, warnings = result
-        response = _json(obj, code)
+        response = _json(target.rtype.convert(obj) if obj.get('kind') != 'Scale' else obj, code)
         for warning in warnings:
             response.headers.add('Warning', f'299 - {json.dumps(warning)}')
         return response
@@ -1156,7 +1172,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             raise target.rtype.not_found(target.name)
         if target.subresource == 'scale':
             return self._to_scale(target.rtype, obj)
-        return obj
+        return target.rtype.convert(obj)
 
     def _selectors(self, rtype: ResourceType, params: Mapping[str, str], name: str | None = None):
         labels = parse_label_selector(params.get('labelSelector', ''))
@@ -1173,7 +1189,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _list(self, target: _Target, params: Mapping[str, str]) -> dict[str, Any]:
         matches = self._selectors(target.rtype, params)
-        items = [obj for _, obj in self._live_items(target.rtype, target.namespace) if matches(obj)]
+        items = [target.rtype.convert(obj) for _, obj in self._live_items(target.rtype, target.namespace)
+                 if matches(obj)]
         items.sort(key=lambda o: (o['metadata'].get('namespace') or '', o['metadata']['name']))
         return {'kind': f'{target.rtype.kind}List', 'apiVersion': target.rtype.api_version,
                 'metadata': {'resourceVersion': str(self._rv)}, 'items': items}
@@ -1241,6 +1258,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             self._allocated_ips.add(obj['spec']['clusterIP'])
         if rtype.resource == _CRD_RESOURCE:
             obj['status'] = _crd_status(obj)
+        obj['apiVersion'] = f'{rtype.group}/{rtype.storage_version}' if rtype.storage_version else obj['apiVersion']
         obj = self._store_new(rtype, target.namespace if rtype.namespaced else None, obj)
         if rtype.resource == _CRD_RESOURCE:
             self.register_crd(obj)
@@ -1428,7 +1446,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         old = self._get_live(rtype, target.namespace, target.name)
         if old is None:
             raise rtype.not_found(target.name)
-        base = self._to_scale(rtype, old) if target.subresource == 'scale' else old
+        base = self._to_scale(rtype, old) if target.subresource == 'scale' else rtype.convert(old)
         new = self.apply_patch(rtype, base, body, ctype)
         if target.subresource == 'scale':
             return self._write_scale(target, old, new, params)
@@ -1719,7 +1737,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         await response.prepare(request._raw_request)
         async with self._lock:
             if since in ('', '0'):
-                initial = [{'type': 'ADDED', 'object': obj}
+                initial = [{'type': 'ADDED', 'object': rtype.convert(obj)}
                            for _, obj in self._live_items(rtype, target.namespace) if matches(obj)]
                 cursor = self._rv
             else:
@@ -1737,7 +1755,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 index = bisect.bisect_right(self._events, cursor, key=lambda e: e.rv)
                 for event in self._events[index:]:
                     cursor = event.rv
-                    if event.resource != rtype.resource:
+                    if event.resource != rtype.storage:
                         continue
                     now_in = visible(event.object, event.namespace)
                     was_in = event.old is not None and visible(event.old, event.namespace)
@@ -1747,7 +1765,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     elif etype == 'MODIFIED' and was_in and not now_in:
                         etype, now_in = 'DELETED', True
                     if now_in:
-                        await response.write(json.dumps({'type': etype, 'object': event.object}).encode() + b'\n')
+                        event_json = {'type': etype, 'object': rtype.convert(event.object)}
+                        await response.write(json.dumps(event_json).encode() + b'\n')
                 if self._events and self._events[-1].rv > cursor:
                     continue  # events came while writing
                 if self._tick is None:
