@@ -672,6 +672,15 @@ async def test_table_output(widgets: Http) -> None:
     assert table['rows'][0]['object']['metadata']['name'] == 'w'
     status, table, _ = await http.request('GET', CONFIGMAPS, headers=accept)
     assert [c['name'] for c in table['columnDefinitions']] == ['Name', 'Age']
+    # kubectl get -w: one-row tables, column definitions in the first event only.
+    await http.post(WIDGETS, widget('w2', size=4))
+    events: list[dict[str, Any]] = []
+    async with http.session.get(http.url + WIDGETS, headers=accept,
+                                params={'watch': 'true', 'timeoutSeconds': '0.3'}) as resp:
+        events = [json.loads(line) async for line in resp.content if line.strip()]
+    assert [e['object']['kind'] for e in events] == ['Table', 'Table']
+    assert [e['object']['rows'][0]['cells'][:2] for e in events] == [['w', 3], ['w2', 4]]
+    assert len(events[0]['object']['columnDefinitions']) == 4 and events[1]['object']['columnDefinitions'] == []
     # The kinds one looks at in the sandbox have kubectl's usual columns.
     await http.post(SERVICES, {'metadata': {'name': 's'}, 'spec': {'ports': [{'port': 8786}]}})
     status, table, _ = await http.request('GET', SERVICES + '/s', headers=accept)

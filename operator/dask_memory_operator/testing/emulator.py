@@ -1728,6 +1728,18 @@ class KubeEmulator(kmock.KubernetesEmulator):
         since = params.get('resourceVersion') or ''
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout is not None else None
+        as_table = 'as=Table' in request.headers.get('Accept', '')
+        first = True
+
+        def encode(etype: str, obj: dict[str, Any]) -> bytes:
+            # kubectl get -w asks for tables: each event carries a one-row Table.
+            nonlocal first
+            if as_table and etype != 'ERROR':
+                obj = self._to_table(rtype, [obj], None)
+                if not first:
+                    obj['columnDefinitions'] = []  # as the API server: only the first event has them
+                first = False
+            return json.dumps({'type': etype, 'object': obj}).encode() + b'\n'
 
         def visible(obj: Mapping[str, Any], namespace: str | None) -> bool:
             return (target.namespace is None or namespace == target.namespace) and matches(obj)
@@ -1750,7 +1762,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     cursor = -1
         try:
             for event in initial:
-                await response.write(json.dumps(event).encode() + b'\n')
+                await response.write(encode(event['type'], event['object']))
             while cursor >= 0 and not self._stopping:
                 index = bisect.bisect_right(self._events, cursor, key=lambda e: e.rv)
                 for event in self._events[index:]:
@@ -1765,8 +1777,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     elif etype == 'MODIFIED' and was_in and not now_in:
                         etype, now_in = 'DELETED', True
                     if now_in:
-                        event_json = {'type': etype, 'object': rtype.convert(event.object)}
-                        await response.write(json.dumps(event_json).encode() + b'\n')
+                        await response.write(encode(etype, rtype.convert(event.object)))
                 if self._events and self._events[-1].rv > cursor:
                     continue  # events came while writing
                 if self._tick is None:
