@@ -17,8 +17,8 @@ API server behaves (status codes, ``Status`` objects with reason, message and
 - Server-side metadata: ``uid``, ``resourceVersion`` (one cluster-wide counter),
   ``creationTimestamp``, ``generation`` where Kubernetes tracks it (custom resources,
   CRDs, workloads; 1 on create; bumped only when something but metadata and, with a
-  status subresource, status changes), namespace from the URL, ``generateName``, name
-  format, 201 on create, 409 AlreadyExists / 404 NotFound / 409 Conflict on a stale
+  status subresource, status changes), namespace from the URL, ``generateName``,
+  ObjectMeta validation (name format, label and annotation syntax and size), 201 on create, 409 AlreadyExists / 404 NotFound / 409 Conflict on a stale
   ``resourceVersion``; a no-op write changes nothing (kopf relies on that to avoid
   loops); namespaces must exist (and not be terminating); custom resources refuse a
   PUT without ``resourceVersion``; pod specs are immutable but for images (and the
@@ -64,17 +64,20 @@ API server behaves (status codes, ``Status`` objects with reason, message and
 - Services get a ``spec.clusterIP`` allocated from a configurable CIDR (default
   127.1.0.0/16, so that a process kubelet can bind it on loopback); headless
   (``None``) stays; the address is immutable and released on deletion.
-- kubectl's table output (``Accept: ...;as=Table;g=meta.k8s.io``): NAME and AGE for
-  built-in kinds, the CRD's ``additionalPrinterColumns`` for custom ones.
+- kubectl's table output (``Accept: ...;as=Table;g=meta.k8s.io``, lists, gets and
+  watches): kubectl's usual columns for pods, deployments, services and namespaces,
+  NAME and AGE for other built-in kinds, a CRD's ``additionalPrinterColumns``.
 - Watch streams end cleanly when the server stops, so no client hangs on them.
 - ``/healthz``, ``/livez``, ``/readyz`` answer ``ok``; access reviews allow everything
-  (as the AlwaysAllow authorizer: ``kubectl auth can-i`` says yes); ``pods/eviction``
-  deletes a pod gracefully (``kubectl drain``), without PodDisruptionBudgets.
+  (as with the AlwaysAllow authorizer); ``pods/eviction`` deletes a pod gracefully,
+  without PodDisruptionBudgets.
 
 Not emulated: server-side apply, admission webhooks, RBAC and authentication, CEL
-rules, webhook conversion between CRD versions,
-schema validation of built-in kinds, ``limit``/``continue`` paging (lists are whole),
-watch bookmarks, and the controllers (no Deployment makes a pod: a kubelet's job).
+rules, webhook conversion between CRD versions, schema validation of built-in kinds,
+``limit``/``continue`` paging (lists are whole), watch bookmarks, the controllers (no Deployment makes a pod: a kubelet's job), and
+protobuf or CBOR request bodies (answered 415): kubectl's imperative commands for
+built-in kinds (``create deployment``, ``expose``, ``run``, ``auth can-i``, ``drain``)
+send protobuf, so use ``kubectl apply -f`` (JSON) instead.
 """
 from __future__ import annotations
 
