@@ -444,6 +444,16 @@ async def test_lists_and_selectors(http: Http) -> None:
     assert await names(fieldSelector='metadata.namespace=default,metadata.name=c') == ['c']
     status, err = await http.get(CONFIGMAPS, fieldSelector='data.k=v')
     assert status == 400 and 'field label not supported' in err['message']
+    # Paging with limit/continue, as kubectl, kr8s and kopf use it.
+    status, page = await http.get(CONFIGMAPS, limit=2)
+    assert [o['metadata']['name'] for o in page['items']] == ['a', 'b']
+    assert page['metadata']['remainingItemCount'] == 1
+    await http.post(CONFIGMAPS, {'metadata': {'name': 'd'}})
+    status, page2 = await http.get(CONFIGMAPS, limit=2, **{'continue': page['metadata']['continue']})
+    assert [o['metadata']['name'] for o in page2['items']] == ['c', 'd'] and 'continue' not in page2['metadata']
+    assert page2['metadata']['resourceVersion'] == page['metadata']['resourceVersion']
+    assert (await http.get(CONFIGMAPS, **{'continue': 'garbage'}))[0] == 400
+    await http.delete(CONFIGMAPS + '/d')
     # Cluster-wide list across namespaces.
     status, listed = await http.get('/api/v1/configmaps')
     assert len(listed['items']) == 3
@@ -760,6 +770,11 @@ async def test_kr8s(server: ApiServer) -> None:
     await ConfigMap({'metadata': {'name': 'other'}}, api=api).create()
     listed = [o.name async for o in api.get('configmaps', namespace='default', label_selector={'app': 'k'})]
     assert listed == ['k']
+    # More than kr8s' page size (100): it follows the continue token.
+    for i in range(120):
+        await ConfigMap({'metadata': {'name': f'many-{i:03}', 'labels': {'many': 'yes'}}}, api=api).create()
+    many = [o.name async for o in api.get('configmaps', namespace='default', label_selector='many=yes')]
+    assert many == [f'many-{i:03}' for i in range(120)]
 
     seen: list[tuple[str, str]] = []
 

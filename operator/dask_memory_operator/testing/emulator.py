@@ -44,7 +44,9 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   ``!=``, ``in``, ``notin``, exists, ``!``) and field selectors (``metadata.name``,
   ``metadata.namespace``, plus the few per-kind fields a real server supports) on
   list and watch, ADDED/DELETED when a change moves an object into/out of a selector.
-  Lists carry ``kind: <Kind>List``, ``apiVersion`` and ``metadata.resourceVersion``.
+  Lists carry ``kind: <Kind>List``, ``apiVersion`` and ``metadata.resourceVersion``,
+  and are paged with ``limit``/``continue`` (the pages show the current objects, at
+  the resourceVersion of the first page, not an exact snapshot).
 - Discovery (``/api``, ``/apis``, group and version documents, ``/version``, with or
   without a trailing slash) including subresources; CRDs created through the API are
   served at once (names, scope, subresources, short names, printer columns) and get
@@ -74,7 +76,7 @@ API server behaves (status codes, ``Status`` objects with reason, message and
 
 Not emulated: server-side apply, admission webhooks, RBAC and authentication, CEL
 rules, webhook conversion between CRD versions, schema validation of built-in kinds,
-``limit``/``continue`` paging (lists are whole), watch bookmarks, the controllers (no Deployment makes a pod: a kubelet's job), and
+watch bookmarks, the controllers (no Deployment makes a pod: a kubelet's job), and
 protobuf or CBOR request bodies (answered 415): kubectl's imperative commands for
 built-in kinds (``create deployment``, ``expose``, ``run``, ``auth can-i``, ``drain``)
 send protobuf, so use ``kubectl apply -f`` (JSON) instead.
@@ -1194,9 +1196,28 @@ class KubeEmulator(kmock.KubernetesEmulator):
         matches = self._selectors(target.rtype, params)
         items = [target.rtype.convert(obj) for _, obj in self._live_items(target.rtype, target.namespace)
                  if matches(obj)]
-        items.sort(key=lambda o: (o['metadata'].get('namespace') or '', o['metadata']['name']))
+        def order(o: Mapping[str, Any]) -> list[str]:  # etcd's key order: namespace, then name
+            return [o['metadata'].get('namespace') or '', o['metadata']['name']]
+
+        items.sort(key=order)
+        meta: dict[str, Any] = {'resourceVersion': str(self._rv)}
+        if params.get('continue'):
+            # The next page, after the last key of the previous one; the list keeps the
+            # resourceVersion of its first page, so a watch from it misses nothing.
+            try:
+                token = json.loads(base64.b64decode(params['continue']))
+                start, meta['resourceVersion'] = list(token['start']), str(int(token['rv']))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ApiError(400, 'BadRequest', f'continue key is not valid: {e}')
+            items = [o for o in items if order(o) > start]
+        limit = int(params.get('limit') or 0)
+        if 0 < limit < len(items):
+            token = {'v': 'meta.k8s.io/v1', 'rv': int(meta['resourceVersion']), 'start': order(items[limit - 1])}
+            meta['continue'] = base64.b64encode(json.dumps(token).encode()).decode()
+            meta['remainingItemCount'] = len(items) - limit
+            items = items[:limit]
         return {'kind': f'{target.rtype.kind}List', 'apiVersion': target.rtype.api_version,
-                'metadata': {'resourceVersion': str(self._rv)}, 'items': items}
+                'metadata': meta, 'items': items}
 
     # ------------------------------------------------------------- writes
 
