@@ -468,7 +468,9 @@ async def test_watch_semantics(http: Http) -> None:
     # From a resourceVersion: only later events, and the server ends at timeoutSeconds.
     events: list[dict[str, Any]] = []
     await http.watch(CONFIGMAPS, events, resourceVersion=start_rv, timeoutSeconds=1, allowWatchBookmarks='true')
-    assert [(e['type'], e['object']['metadata']['name']) for e in events] == [('MODIFIED', 'a'), ('ADDED', 'b')]
+    assert [(e['type'], e['object']['metadata'].get('name')) for e in events] == [
+        ('MODIFIED', 'a'), ('ADDED', 'b'), ('BOOKMARK', None)]  # a bookmark at the timeout, as asked
+    assert events[-1]['object']['metadata']['resourceVersion'] == events[-2]['object']['metadata']['resourceVersion']
 
     # Without one: the current state as ADDED, then live events, filtered by selectors.
     events = []

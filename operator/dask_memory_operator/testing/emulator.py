@@ -76,10 +76,11 @@ API server behaves (status codes, ``Status`` objects with reason, message and
 
 Not emulated: server-side apply, admission webhooks, RBAC and authentication, CEL
 rules, webhook conversion between CRD versions, schema validation of built-in kinds,
-watch bookmarks, the controllers (no Deployment makes a pod: a kubelet's job), and
-protobuf or CBOR request bodies (answered 415): kubectl's imperative commands for
-built-in kinds (``create deployment``, ``expose``, ``run``, ``auth can-i``, ``drain``)
-send protobuf, so use ``kubectl apply -f`` (JSON) instead.
+periodic watch bookmarks (one is sent when a watch reaches its timeout), the
+controllers (no Deployment makes a pod: a kubelet's job), and protobuf or CBOR request
+bodies (answered 415): kubectl's imperative commands for built-in kinds (``create
+deployment``, ``expose``, ``run``, ``auth can-i``, ``drain``) send protobuf, so use
+``kubectl apply -f`` (JSON) instead.
 """
 from __future__ import annotations
 
@@ -1808,6 +1809,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     self._tick = loop.create_future()
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
+                    if params.get('allowWatchBookmarks') == 'true':
+                        # As the API server does before closing a watch at its timeout.
+                        bookmark = {'kind': rtype.kind, 'apiVersion': rtype.api_version,
+                                    'metadata': {'resourceVersion': str(cursor)}}
+                        await response.write(json.dumps({'type': 'BOOKMARK', 'object': bookmark}).encode() + b'\n')
                     break
                 await asyncio.wait([self._tick], timeout=remaining)
             await response.write_eof()
