@@ -18,7 +18,8 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   ``creationTimestamp``, ``generation`` where Kubernetes tracks it (custom resources,
   CRDs, workloads; 1 on create; bumped only when something but metadata and, with a
   status subresource, status changes), namespace from the URL, ``generateName``,
-  ObjectMeta validation (name format, label and annotation syntax and size), 201 on create, 409 AlreadyExists / 404 NotFound / 409 Conflict on a stale
+  ObjectMeta validation (name format, label and annotation syntax and size), 201 on
+  create, 409 AlreadyExists / 404 NotFound / 409 Conflict on a stale
   ``resourceVersion``; a no-op write changes nothing (kopf relies on that to avoid
   loops); namespaces must exist (and not be terminating); custom resources refuse a
   PUT without ``resourceVersion``; pod specs are immutable but for images (and the
@@ -892,7 +893,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         obj = self._objects[key]
         return None if obj.deleted else obj.raw
 
-    def _live_items(self, rtype: ResourceType | None = None, namespace: str | None = None) -> list[tuple[ResourceType, dict[str, Any]]]:
+    def _live_items(self, rtype: ResourceType | None = None,
+                    namespace: str | None = None) -> list[tuple[ResourceType, dict[str, Any]]]:
         out = []
         for (res, ns, _), obj in self._objects.items():
             if obj.deleted:
@@ -1465,7 +1467,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
                                                          'Invalid value: 0x0: must be specified for an update')])
         return self._finish_write(target, old, copy.deepcopy(body), params)
 
-    def _patch(self, target: _Target, body: Any, ctype: str, params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    def _patch(self, target: _Target, body: Any, ctype: str,
+               params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
         assert target.name is not None
         rtype = target.rtype
         old = self._get_live(rtype, target.namespace, target.name)
@@ -1823,7 +1826,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     # ------------------------------------------------------------- tables
 
-    def _to_table(self, rtype: ResourceType, items: list[dict[str, Any]], listed: dict[str, Any] | None) -> dict[str, Any]:
+    def _to_table(self, rtype: ResourceType, items: list[dict[str, Any]],
+                  listed: dict[str, Any] | None) -> dict[str, Any]:
         columns = [{'name': 'Name', 'type': 'string', 'format': 'name', 'priority': 0,
                     'description': 'Name must be unique within a namespace.'}]
         getters: list[Any] = [lambda o: o['metadata']['name']]
@@ -2014,7 +2018,9 @@ def _cell(obj: Mapping[str, Any], column: Mapping[str, Any]) -> Any:
         return ','.join(v if isinstance(v, str) else json.dumps(v) for v in values)
     value = values[0]
     if column.get('type') == 'string' and not isinstance(value, str):
-        return json.dumps(value) if isinstance(value, (dict, list)) else str(value).lower() if isinstance(value, bool) else str(value)
+        if isinstance(value, (dict, list)):
+            return json.dumps(value)
+        return str(value).lower() if isinstance(value, bool) else str(value)
     return value
 
 
