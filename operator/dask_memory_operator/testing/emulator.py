@@ -1337,6 +1337,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return warnings
 
     def _admit_service(self, old: dict[str, Any] | None, obj: dict[str, Any]) -> list[FieldError]:
+        if old is None:
+            obj.setdefault('status', {'loadBalancer': {}})  # as the API server returns it
         spec = obj.setdefault('spec', {})
         spec.setdefault('type', 'ClusterIP')
         spec.setdefault('sessionAffinity', 'None')
