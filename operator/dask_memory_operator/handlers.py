@@ -33,7 +33,7 @@ from dask_memory_operator.api import (
 )
 from dask_memory_operator.reconcile import ClusterReconciler, Outcome, owner_tag
 from dask_memory_operator.scheduler_rpc import SchedulerRPCError
-from dask_memory_operator.selection import PolicyInfo, assign
+from dask_memory_operator.selection import PolicyInfo, assign, selects
 from dask_memory_operator.status import cluster_entry, invalid_status, policy_status
 
 
@@ -207,6 +207,7 @@ async def _release_unselected(
 
 async def restore_on_delete(
     body: kopf.Body,
+    status: kopf.Status,
     namespace: str,
     uid: str,
     memo: kopf.Memo,
@@ -215,11 +216,19 @@ async def restore_on_delete(
     daskclusters_by_namespace: kopf.Index,
     **_: Any,
 ) -> None:
-    """Give every cluster this policy configured its own configuration back."""
+    """Give every cluster this policy configured its own configuration back.
+
+    Candidates are the clusters its status lists and those it selects now (the
+    status may lag); each scheduler's plugin then says whether this policy owns it.
+    """
     config: OperatorConfig = memo.config
     reconciler: ClusterReconciler = memo.reconciler
+    clusters = _clusters(daskclusters_by_namespace, namespace)
+    me = PolicyInfo.from_body(body)
+    candidates = {e["name"] for e in status.get("clusters") or () if e.get("state") != "Conflict"}
+    candidates |= {name for name, c in clusters.items() if selects(me, name, c["labels"])}
     unreachable = []
-    for cluster in _clusters(daskclusters_by_namespace, namespace).values():
+    for cluster in (clusters[name] for name in sorted(candidates) if name in clusters):
         try:
             outcome = await reconciler.release(namespace, cluster["name"], uid)
         except SchedulerRPCError as e:
