@@ -293,8 +293,14 @@ def test_invalid_policies_are_refused_and_apply_nothing(stack: LocalStack, clust
     policy = wait_status(stack, ns, "bad-path", lambda p: "Invalid" in conditions(p), "Invalid")
     assert "not allowed" in conditions(policy)["Invalid"]["message"]
 
+    bad_args = policy_manifest("bad-args", names=[OTHER], policies=[{"class": "Rebalance", "args": {"nope": 1}}])
+    stack.apply(bad_args, namespace=ns)
+    policy = wait_status(stack, ns, "bad-args", lambda p: "Invalid" in conditions(p), "Invalid")
+    assert "policies[0].args" in conditions(policy)["Invalid"]["message"]
+    assert "nope" in conditions(policy)["Invalid"]["message"]
+
     assert scheduler_amm(stack, ns, OTHER) == dict(OWN_CONFIG, plugin=False)
-    stack.kubectl("delete", "mempol", "bad-class", "bad-path", "-n", ns)
+    stack.kubectl("delete", "mempol", "bad-class", "bad-path", "bad-args", "-n", ns)
 
 
 def test_cluster_labelled_later_is_picked_up_and_released(stack: LocalStack, clusters: str):

@@ -16,7 +16,7 @@ def spec(**amm):
 
 
 def test_parse_spec_defaults_and_short_names():
-    cfg = parse_spec(spec(policies=[{"class": "ReduceReplicas"}, {"class": "Rebalance", "args": {"x": 1}}]))
+    cfg = parse_spec(spec(policies=[{"class": "ReduceReplicas"}, {"class": "Rebalance", "args": {"threshold": 0.1}}]))
     assert cfg.enabled is True and cfg.interval == 2.0 and cfg.measure == "optimistic"
     assert cfg.to_dask_config() == {
         "start": True,
@@ -24,7 +24,7 @@ def test_parse_spec_defaults_and_short_names():
         "measure": "optimistic",
         "policies": [
             {"class": "distributed.active_memory_manager.ReduceReplicas"},
-            {"class": "amm_core.rebalance.Rebalance", "x": 1},
+            {"class": "amm_core.rebalance.Rebalance", "threshold": 0.1},
         ],
     }
 
@@ -38,6 +38,7 @@ def test_parse_spec_defaults_and_short_names():
         ({"policies": [{"class": "NoSuchPolicy"}]}, "spec.activeMemoryManager.policies[0].class", "unknown policy"),
         ({"policies": [{"class": "os.system"}]}, "spec.activeMemoryManager.policies[0].class", "not allowed"),
         ({"policies": [{"class": "ReduceReplicas", "args": [1]}]}, "spec.activeMemoryManager.policies[0].args", "object"),
+        ({"policies": [{"class": "Rebalance", "args": {"nope": 1}}]}, "spec.activeMemoryManager.policies[0].args", "nope"),
     ],
 )
 def test_parse_spec_rejects(amm, field, words):

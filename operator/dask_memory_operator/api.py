@@ -16,6 +16,7 @@ from typing import Any
 from dask.utils import parse_timedelta
 
 from amm_core import BUILTIN_POLICIES
+from amm_core.plugin import build_policy
 
 GROUP = "amm.dask.org"
 VERSION = "v1alpha1"
@@ -134,6 +135,13 @@ def parse_spec(spec: Mapping[str, Any], allowed: Iterable[str] = ()) -> AMMConfi
             cls = resolve_policy_class(item["class"], allowed)
         except InvalidPolicy as e:
             raise InvalidPolicy(f"{where}.class", str(e).split(": ", 1)[1]) from None
+        if item["class"] in BUILTIN_POLICIES:
+            # Built-in classes are importable here too: refuse bad arguments now, as
+            # Invalid, rather than as a scheduler's rejection later.
+            try:
+                build_policy(cls, dict(args))
+            except ValueError as e:
+                raise InvalidPolicy(f"{where}.args", str(e)) from None
         policies.append(PolicyRef(cls, dict(args)))
 
     return AMMConfig(
