@@ -236,6 +236,13 @@ def main(argv: list[str] | None = None) -> None:
         help="JSON kwargs for PressureReduceReplicas, e.g. '{\"keep_imminent\": false}'",
     )
     parser.add_argument(
+        "--extra-policies",
+        type=json.loads,
+        default=[],
+        help="JSON list of more policies for amm_core, e.g. "
+        "'[{\"class\": \"amm_core.rebalance.Rebalance\"}]'",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="smoke test: 2000^2 in 500^2, 1 run"
     )
     args = parser.parse_args(argv)
@@ -243,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
         args.size, args.chunk, args.repeat = 2000, 500, 1
     configs = args.configs.split(",")
     CONFIGS["amm_core"] = [
-        {"class": "amm_core.reduce.PressureReduceReplicas", **args.policy_kwargs}
+        {"class": "amm_core.reduce.PressureReduceReplicas", **args.policy_kwargs},
+        *args.extra_policies,
     ]
     if "upstream" not in configs:
         parser.error("the ratios need the 'upstream' configuration")
