@@ -7,9 +7,13 @@ at a known moment, and reads the scheduler's state through ``run_on_scheduler``.
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -254,3 +258,20 @@ def test_result_unchanged_and_copies_dropped() -> None:
         [report] = client.run_on_scheduler(_reports)
     assert result == expected
     assert report["counters"]["replicas_dropped"] > 0
+
+
+def test_benchmark_quick_mode(tmp_path: Path) -> None:
+    """The benchmark runs end to end at a small size and ends with its ratio line."""
+    script = Path(__file__).parent.parent / "benchmarks" / "seed_dot_product.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
+    ).stdout
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"peak_ratio_vs_upstream=\d+\.\d+ wall_ratio_vs_upstream=\d+\.\d+", last
+    )
+    assert list(tmp_path.glob("*.png"))
