@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 
 #: Short names a MemoryPolicy may use instead of a dotted class path.
 BUILTIN_POLICIES: dict[str, str] = {
-    "ReduceReplicas": "distributed.active_memory_manager.ReduceReplicas",
+    # upstream's ReduceReplicas, honouring Replicate's wanted counts (identical without)
+    "ReduceReplicas": "amm_core.replicate.ReduceReplicas",
     "PressureReduceReplicas": "amm_core.reduce.PressureReduceReplicas",
     "Rebalance": "amm_core.rebalance.Rebalance",
     "Replicate": "amm_core.replicate.Replicate",

@@ -262,12 +262,20 @@ def register_wanted(
     n = _check_wanted(n)
     amm: ActiveMemoryManagerExtension = dask_scheduler.extensions["amm"]
     policy = find_policy(amm, Replicate)
+    manager = _managing_owner(dask_scheduler)
+    if policy is None and manager is not None:
+        # The operator would take an added policy away at its next resync.
+        raise RuntimeError(
+            f"this scheduler's Active Memory Manager is managed by MemoryPolicy "
+            f"{manager.get('namespace')}/{manager.get('name')}, which has no Replicate "
+            f"policy: add `- class: Replicate` to its spec.activeMemoryManager.policies"
+        )
     if policy is None:
         policy = Replicate()
         amm.add_policy(policy)
         logger.info("Added the Replicate policy to the Active Memory Manager")
     assert isinstance(policy, Replicate)
-    for other in list(amm.policies):
+    for other in list(amm.policies) if manager is None else ():
         if type(other) is amm_module.ReduceReplicas:
             amm.policies.remove(other)
             amm.add_policy(ReduceReplicas())
@@ -289,6 +297,12 @@ def register_wanted(
         "unknown": len(keys) - len(tasks),
         "amm_running": amm.running,
     }
+
+
+def _managing_owner(dask_scheduler: Scheduler) -> dict[str, Any] | None:
+    """The MemoryPolicy that configured this scheduler through the amm_core plugin."""
+    plugin = dask_scheduler.plugins.get("amm-core")
+    return getattr(plugin, "owner", None)
 
 
 def replicate(client: Client, futures: Any, n: Wanted = 2) -> Any:

@@ -9,10 +9,16 @@ scheduler runs is always checked by asking that scheduler, never the operator.
 Both clusters start with their own configuration "AMM off", so that what the
 operator changes, and what it restores, can be told apart from distributed's
 default (AMM on with ReduceReplicas).
+
+The tests share one namespace and its two clusters (starting Dask processes is the
+slow part) and run as a story, in file order: each says what it expects to find.
+The policy `both` is created by the unreachable-scheduler test and used by the two
+after it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -25,17 +31,22 @@ from contextlib import contextmanager
 import pytest
 import yaml
 from distributed import Client
+from kr8s.asyncio.objects import Service
 from prometheus_client.parser import text_string_to_metric_families
 
-from dask_memory_operator.testing.probes import amm_cycles, amm_state, replica_counts
+from dask_memory_operator.access import _target_port, comm_port
+from dask_memory_operator.testing.probes import amm_cycles, amm_dropped, amm_state, replica_counts
 from dask_memory_operator.testing.stack import LocalStack, daskcluster_manifest
 
 MATCHING, OTHER = "matching", "other"
 AMM_OFF = {"DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False"}
 #: `matching` has amm_core in its image and preloads it; `other` gets it live
 PRELOAD = {"DASK_DISTRIBUTED__SCHEDULER__PRELOAD": "amm_core.plugin"}
-REDUCE = "distributed.active_memory_manager.ReduceReplicas"
-OWN_CONFIG = {"running": False, "interval": 2.0, "measure": "optimistic", "policies": [REDUCE]}
+#: what the short name ReduceReplicas stands for
+REDUCE = "amm_core.replicate.ReduceReplicas"
+#: the schedulers' own configuration: distributed's defaults, but the AMM off
+OWN_CONFIG = {"running": False, "interval": 2.0, "measure": "optimistic",
+              "policies": ["distributed.active_memory_manager.ReduceReplicas"]}
 
 
 # --- fixtures ------------------------------------------------------------------
@@ -200,16 +211,17 @@ def test_reduce_replicas_works_on_configured_cluster_only(stack: LocalStack, clu
     ns = clusters
     wait_amm(stack, ns, MATCHING, running=True, policies=[REDUCE])
     with scheduler(stack, ns, MATCHING) as matching, scheduler(stack, ns, OTHER) as other:
+        dropped_before = matching.run_on_scheduler(amm_dropped)
         futures = {}
         for name, client in (("matching", matching), ("other", other)):
             futures[name] = client.submit(lambda: b"x" * 2**20, key=f"payload-{name}", pure=False)
             futures[name].result()
             client.replicate([futures[name]])  # a copy on both workers
-            assert client.run_on_scheduler(replica_counts, [futures[name].key]) == {futures[name].key: 2}
 
         key = futures["matching"].key
         stack.wait_for(lambda: matching.run_on_scheduler(replica_counts, [key])[key] == 1, 30,
                        "the configured cluster's AMM to drop the extra copy")
+        assert matching.run_on_scheduler(amm_dropped) > dropped_before
         start = matching.run_on_scheduler(amm_cycles)
         stack.wait_for(lambda: matching.run_on_scheduler(amm_cycles) >= start + 4, 30, "4 more AMM cycles")
         key = futures["other"].key
@@ -260,10 +272,19 @@ def test_policy_change_is_followed(stack: LocalStack, clusters: str):
 def test_hand_made_change_is_undone(stack: LocalStack, clusters: str):
     ns = clusters
     wait_amm(stack, ns, MATCHING, running=True, interval=0.5)
+    applied_events = len(_applied(stack, ns))
     with scheduler(stack, ns, MATCHING) as client:
         client.amm.stop()
-        assert client.amm.running() is False
+    stack.wait_for(lambda: len(_applied(stack, ns)) > applied_events, 30, "an Applied Event for the repair")
     wait_amm(stack, ns, MATCHING, running=True, interval=0.5, policies=[REDUCE])
+
+
+def _applied(stack: LocalStack, ns: str) -> list[dict]:
+    return [e for e in events_about(stack, ns, "DaskCluster", MATCHING) if e["reason"] == "MemoryPolicyApplied"]
+
+
+def _invalid(policy: dict) -> bool:
+    return conditions(policy).get("Invalid", {}).get("status") == "True"
 
 
 def test_invalid_policies_are_refused_and_apply_nothing(stack: LocalStack, clusters: str):
@@ -280,7 +301,7 @@ def test_invalid_policies_are_refused_and_apply_nothing(stack: LocalStack, clust
 
     unknown_class = policy_manifest("bad-class", names=[OTHER], policies=[{"class": "NoSuchPolicy"}])
     stack.apply(unknown_class, namespace=ns)
-    policy = wait_status(stack, ns, "bad-class", lambda p: "Invalid" in conditions(p), "Invalid")
+    policy = wait_status(stack, ns, "bad-class", _invalid, "Invalid")
     invalid = conditions(policy)["Invalid"]
     assert invalid["status"] == "True"
     assert "spec.activeMemoryManager.policies[0].class" in invalid["message"]
@@ -290,12 +311,12 @@ def test_invalid_policies_are_refused_and_apply_nothing(stack: LocalStack, clust
 
     not_allowed = policy_manifest("bad-path", names=[OTHER], policies=[{"class": "os.system"}])
     stack.apply(not_allowed, namespace=ns)
-    policy = wait_status(stack, ns, "bad-path", lambda p: "Invalid" in conditions(p), "Invalid")
+    policy = wait_status(stack, ns, "bad-path", _invalid, "Invalid")
     assert "not allowed" in conditions(policy)["Invalid"]["message"]
 
     bad_args = policy_manifest("bad-args", names=[OTHER], policies=[{"class": "Rebalance", "args": {"nope": 1}}])
     stack.apply(bad_args, namespace=ns)
-    policy = wait_status(stack, ns, "bad-args", lambda p: "Invalid" in conditions(p), "Invalid")
+    policy = wait_status(stack, ns, "bad-args", _invalid, "Invalid")
     assert "policies[0].args" in conditions(policy)["Invalid"]["message"]
     assert "nope" in conditions(policy)["Invalid"]["message"]
 
@@ -345,6 +366,18 @@ def test_changes_made_while_the_operator_is_down_are_applied_on_restart(stack: L
     wait_amm(stack, ns, MATCHING, running=True, interval=0.75)
     stack.apply(ANALYTICS, namespace=ns)
     wait_amm(stack, ns, MATCHING, running=True, interval=0.5)
+
+
+def test_port_forward_targets_the_pods_port(stack: LocalStack, clusters: str, monkeypatch):
+    """`--scheduler-access port-forward` forwards to the pod's port behind tcp-comm
+    (the emulator cannot stream a port-forward; the lookup of the port is checked)."""
+    monkeypatch.setenv("KUBECONFIG", str(stack.kubeconfig))
+
+    async def target() -> int:
+        service = await Service.get(f"{MATCHING}-scheduler", namespace=clusters)
+        return await _target_port(service, comm_port(service.raw))
+
+    assert asyncio.run(target()) == 8786
 
 
 def test_restarted_scheduler_is_configured_again(stack: LocalStack, clusters: str):

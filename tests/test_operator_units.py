@@ -23,7 +23,7 @@ def test_parse_spec_defaults_and_short_names():
         "interval": 2.0,
         "measure": "optimistic",
         "policies": [
-            {"class": "distributed.active_memory_manager.ReduceReplicas"},
+            {"class": "amm_core.replicate.ReduceReplicas"},
             {"class": "amm_core.rebalance.Rebalance", "threshold": 0.1},
         ],
     }
@@ -39,6 +39,8 @@ def test_parse_spec_defaults_and_short_names():
         ({"policies": [{"class": "os.system"}]}, "spec.activeMemoryManager.policies[0].class", "not allowed"),
         ({"policies": [{"class": "ReduceReplicas", "args": [1]}]}, "spec.activeMemoryManager.policies[0].args", "object"),
         ({"policies": [{"class": "Rebalance", "args": {"nope": 1}}]}, "spec.activeMemoryManager.policies[0].args", "nope"),
+        ({"policies": [{"class": "ReduceReplicas", "args": {"class": "os.system"}}]},
+         "spec.activeMemoryManager.policies[0].args", "may not contain the key 'class'"),
     ],
 )
 def test_parse_spec_rejects(amm, field, words):
@@ -128,6 +130,12 @@ def test_policy_status_ready_degraded_conflict():
     assert conds(ok)["Degraded"]["status"] == "False"
 
 
+def test_policy_governing_nothing_is_not_ready():
+    other = cluster_entry(Outcome("c", "Conflict", "c is governed by MemoryPolicy q"), "q")
+    c = conds(policy_status(1, [other], {}))
+    assert c["Ready"]["status"] == "False" and c["Ready"]["reason"] == "Conflict"
+
+
 def test_invalid_status_keeps_clusters():
     prev = policy_status(1, [cluster_entry(Outcome("a", "Applied"), "p")], {})
     status = invalid_status(2, "spec.activeMemoryManager.measure: unsupported", prev)
@@ -142,7 +150,7 @@ def test_drift_detects_each_difference():
     amm = {
         "running": True, "interval": 1.0, "measure": "managed",
         "policies": [
-            {"class": "distributed.active_memory_manager.ReduceReplicas"},
+            {"class": "amm_core.replicate.ReduceReplicas"},
             {"class": "distributed.active_memory_manager.RetireWorker", "role": "retirement"},
         ],
     }
@@ -151,3 +159,64 @@ def test_drift_detects_each_difference():
     assert "interval" in drift(cfg, {"amm": dict(amm, interval=2.0)})
     assert "measure" in drift(cfg, {"amm": dict(amm, measure="process")})
     assert "policies" in drift(cfg, {"amm": dict(amm, policies=[])})
+
+
+class FixedLocator:
+    """A locator that always answers one address, counting the lookups."""
+
+    def __init__(self, address):
+        self.addr = address
+        self.calls = 0
+
+    async def address(self, namespace, cluster):
+        self.calls += 1
+        return self.addr
+
+    async def forget(self, namespace, cluster):
+        pass
+
+
+OWNER = {"uid": "u", "namespace": "ns", "name": "p", "generation": 1}
+
+
+def test_refused_scheduler_is_pending_and_retried_every_time():
+    import asyncio
+
+    from dask_memory_operator.reconcile import ClusterReconciler
+
+    locator = FixedLocator("tcp://127.0.0.1:1")  # nothing listens there
+    reconciler = ClusterReconciler(locator, rpc_timeout=0.5, backoff_base=60)
+
+    async def twice():
+        return [await reconciler.converge("ns", "c", parse_spec(spec()), OWNER) for _ in range(2)]
+
+    assert [o.state for o in asyncio.run(twice())] == ["Pending", "Pending"]
+    assert locator.calls == 2
+
+
+def test_silent_scheduler_is_degraded_and_backed_off_until_a_new_generation():
+    import asyncio
+
+    from dask_memory_operator.reconcile import ClusterReconciler
+
+    async def scenario():
+        # accepts connections and never answers, like a stopped scheduler
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        locator = FixedLocator(f"tcp://127.0.0.1:{port}")
+        reconciler = ClusterReconciler(locator, rpc_timeout=0.5, backoff_base=60)
+        wanted = parse_spec(spec())
+        first = await reconciler.converge("ns", "c", wanted, OWNER)
+        first.actions.append("something done")
+        second = await reconciler.converge("ns", "c", wanted, OWNER)
+        calls_in_backoff = locator.calls
+        await reconciler.converge("ns", "c", wanted, dict(OWNER, generation=2))
+        server.close()
+        return first, second, calls_in_backoff, locator.calls
+
+    first, second, calls_in_backoff, calls = asyncio.run(scenario())
+    assert first.state == second.state == "Degraded"
+    assert "unreachable" in first.message
+    assert second.actions == []  # a replayed outcome did nothing this time
+    assert calls_in_backoff == 1  # the second pass did not ask the scheduler
+    assert calls == 2  # a new generation is tried at once

@@ -18,6 +18,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import httpx
 import kr8s.asyncio
 from kr8s.asyncio.objects import Service
 
@@ -29,16 +30,38 @@ class SchedulerServiceMissing(LookupError):
     """The cluster has no scheduler Service (yet), or it has no tcp-comm port."""
 
 
+class SchedulerAccessError(RuntimeError):
+    """The API server would not tell where the scheduler is (forbidden, unavailable),
+    or a port-forward could not be opened. Degrades one cluster, like an
+    unreachable scheduler."""
+
+
 def scheduler_service_name(cluster: str) -> str:
     return f"{cluster}-scheduler"
 
 
-def comm_port(service: Mapping[str, Any]) -> int:
+def comm_port(service: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The Service's ``tcp-comm`` port entry."""
     for port in service.get("spec", {}).get("ports") or ():
         if port.get("name") == COMM_PORT_NAME:
-            return int(port["port"])
+            return port
     name = service.get("metadata", {}).get("name")
     raise SchedulerServiceMissing(f"Service {name} has no port named {COMM_PORT_NAME}")
+
+
+async def _target_port(service: Service, port_spec: Mapping[str, Any]) -> int:
+    """The container port behind a Service port (``targetPort`` may name it)."""
+    target = port_spec.get("targetPort", port_spec["port"])
+    if isinstance(target, int) or str(target).isdigit():
+        return int(target)
+    for pod in await service.ready_pods():
+        for container in pod.raw["spec"]["containers"]:
+            for port in container.get("ports") or ():
+                if port.get("name") == target:
+                    return int(port["containerPort"])
+    raise SchedulerServiceMissing(
+        f"no ready pod of Service {service.namespace}/{service.name} has a port named {target}"
+    )
 
 
 def in_cluster() -> bool:
@@ -66,10 +89,13 @@ class SchedulerLocator:
             raise SchedulerServiceMissing(
                 f"Service {namespace}/{name} not found (scheduler not created yet?)"
             ) from None
+        except (kr8s.ServerError, kr8s.APITimeoutError, httpx.HTTPError, OSError) as e:
+            raise SchedulerAccessError(f"cannot read Service {namespace}/{name}: {e}") from None
 
     async def address(self, namespace: str, cluster: str) -> str:
         service = await self._get_service(namespace, cluster)
-        port = comm_port(service.raw)
+        port_spec = comm_port(service.raw)
+        port = int(port_spec["port"])
         name = service.name
         if self.mode == "dns":
             return f"tcp://{name}.{namespace}.svc:{port}"
@@ -78,14 +104,18 @@ class SchedulerLocator:
             if not ip or ip == "None":
                 raise SchedulerServiceMissing(f"Service {namespace}/{name} has no clusterIP")
             return f"tcp://{ip}:{port}"
-        return f"tcp://127.0.0.1:{await self._forward(service, namespace, port)}"
+        return f"tcp://127.0.0.1:{await self._forward(service, namespace, port_spec)}"
 
-    async def _forward(self, service: Service, namespace: str, port: int) -> int:
-        key = (namespace, service.name, port)
+    async def _forward(self, service: Service, namespace: str, port_spec: Mapping[str, Any]) -> int:
+        key = (namespace, service.name, int(port_spec["port"]))
         if key in self._forwards:
             return self._forwards[key][1]
-        forward = service.portforward(port, local_port="auto")
-        local_port = await forward.start()
+        try:
+            # kr8s forwards to a ready pod of the Service: the pod's port is wanted
+            forward = service.portforward(await _target_port(service, port_spec), local_port="auto")
+            local_port = await forward.start()
+        except (kr8s.ServerError, kr8s.APITimeoutError, httpx.HTTPError, OSError) as e:
+            raise SchedulerAccessError(f"cannot port-forward to Service {namespace}/{service.name}: {e}") from None
         self._forwards[key] = (forward, local_port)
         return local_port
 

@@ -73,7 +73,7 @@ class AMMConfig:
             "start": self.enabled,
             "interval": self.interval,
             "measure": self.measure,
-            "policies": [{"class": p.cls, **p.args} for p in self.policies],
+            "policies": [{**p.args, "class": p.cls} for p in self.policies],
         }
 
 
@@ -131,6 +131,10 @@ def parse_spec(spec: Mapping[str, Any], allowed: Iterable[str] = ()) -> AMMConfi
         args = item.get("args") or {}
         if not isinstance(args, Mapping):
             raise InvalidPolicy(f"{where}.args", "must be an object")
+        if "class" in args:
+            # dask config puts kwargs beside `class`; one in args would replace the
+            # class that the allowlist checked
+            raise InvalidPolicy(f"{where}.args", "may not contain the key 'class'")
         try:
             cls = resolve_policy_class(item["class"], allowed)
         except InvalidPolicy as e:

@@ -57,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     from dask_memory_operator.handlers import OperatorConfig, build_registry
     from dask_memory_operator.reconcile import ClusterReconciler
 
+    if args.peering == "default":
+        # dask-kubernetes' operator runs with kopf's default peering; sharing it
+        # would pause one of the two operators.
+        raise SystemExit("--peering default would pause the dask-kubernetes operator; pick another name")
     config = OperatorConfig(
         allowed_policy_classes=tuple(args.allow_policy_class),
         resync_interval=args.resync_interval,
@@ -70,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         reconciler=ClusterReconciler(
             SchedulerLocator(args.scheduler_access), rpc_timeout=args.rpc_timeout
         ),
+        policy_locks={},
     )
     kopf.run(
         registry=build_registry(config),

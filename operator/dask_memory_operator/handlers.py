@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,10 +33,18 @@ from dask_memory_operator.api import (
     InvalidPolicy,
     parse_spec,
 )
+from dask_memory_operator.access import SchedulerAccessError
 from dask_memory_operator.reconcile import ClusterReconciler, Outcome, owner_tag
 from dask_memory_operator.scheduler_rpc import SchedulerRPCError
 from dask_memory_operator.selection import PolicyInfo, assign, selects
 from dask_memory_operator.status import cluster_entry, invalid_status, policy_status
+
+
+# Logs that are not Events (kopf's per-object `logger` posts its warnings as Events)
+log = logging.getLogger(__name__)
+
+#: Schedulers one policy talks to at once
+CONCURRENT_CLUSTERS = 8
 
 
 @dataclass
@@ -69,9 +79,17 @@ def daskclusters_by_namespace(
     return {namespace: {"name": name, "labels": dict(labels), "uid": uid}}
 
 
-def memorypolicies_by_namespace(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Any]:
+def memorypolicies_by_namespace(
+    body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any
+) -> dict[str, Any]:
+    """Policies that can govern clusters: not being deleted, and valid (an invalid
+    policy must not hold a cluster away from a valid one)."""
     if body.metadata.get("deletionTimestamp"):
-        return {}  # a policy being deleted governs nothing any more
+        return {}
+    try:
+        parse_spec(body.get("spec") or {}, memo.config.allowed_policy_classes)
+    except InvalidPolicy:
+        return {}
     return {namespace: PolicyInfo.from_body(body)}
 
 
@@ -91,16 +109,46 @@ async def reconcile_policy(
     uid: str,
     patch: kopf.Patch,
     memo: kopf.Memo,
-    logger: logging.Logger,
     daskclusters_by_namespace: kopf.Index,
     memorypolicies_by_namespace: kopf.Index,
     **_: Any,
 ) -> None:
-    """Converge every cluster this policy selects and write its status."""
+    """Converge every cluster this policy selects and write its status.
+
+    One pass at a time per policy (timer and change handlers run concurrently in
+    kopf), and everything read from the live ``body`` is read once, up front, so a
+    pass never applies one generation's spec under another's tag.
+    """
+    async with _policy_lock(memo, uid):
+        if body.metadata.get("deletionTimestamp"):
+            return  # restore_on_delete owns it now
+        await _reconcile_policy(
+            body, spec, status, namespace, name, uid, patch, memo,
+            daskclusters_by_namespace, memorypolicies_by_namespace,
+        )
+
+
+def _policy_lock(memo: kopf.Memo, uid: str) -> asyncio.Lock:
+    return memo.policy_locks.setdefault(uid, asyncio.Lock())
+
+
+async def _reconcile_policy(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    namespace: str,
+    name: str,
+    uid: str,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    daskclusters_by_namespace: kopf.Index,
+    memorypolicies_by_namespace: kopf.Index,
+) -> None:
     config: OperatorConfig = memo.config
     reconciler: ClusterReconciler = memo.reconciler
     generation = body.metadata.get("generation", 1)
-    previous = dict(status)
+    owner = owner_tag(body)
+    previous = copy.deepcopy(dict(status))
 
     try:
         wanted = parse_spec(spec, config.allowed_policy_classes)
@@ -118,11 +166,17 @@ async def reconcile_policy(
         policies.append(me)
     assignment = assign(policies, {n: c["labels"] for n, c in clusters.items()})
 
+    mine = {c: a for c, a in sorted(assignment.items()) if any(p.uid == uid for p in a.contenders)}
+    governed = [c for c, a in mine.items() if a.governor.uid == uid]
+    limit = asyncio.Semaphore(CONCURRENT_CLUSTERS)
+
+    async def converge(cluster: str) -> Outcome:
+        async with limit:
+            return await reconciler.converge(namespace, cluster, wanted, owner)
+
+    outcomes = dict(zip(governed, await asyncio.gather(*map(converge, governed))))
     entries = []
-    for cluster, a in sorted(assignment.items()):
-        if all(p.uid != uid for p in a.contenders):
-            continue
-        others = [p.name for p in a.contenders if p.uid != uid]
+    for cluster, a in mine.items():
         if a.governor.uid != uid:
             outcome = Outcome(
                 cluster, "Conflict",
@@ -131,10 +185,11 @@ async def reconcile_policy(
             )
             entries.append(cluster_entry(outcome, a.governor.name))
             continue
-        outcome = await reconciler.converge(namespace, cluster, wanted, owner_tag(body))
-        _post_outcome(body, clusters[cluster], outcome, previous, logger)
+        outcome = outcomes[cluster]
+        _post_outcome(body, clusters[cluster], outcome, previous)
         metrics.observe(namespace, name, outcome)
         entry = cluster_entry(outcome, name)
+        others = [p.name for p in a.contenders if p.uid != uid]
         if others:
             entry["conflictMessage"] = (
                 f"{cluster} is also selected by MemoryPolicy {', '.join(others)}; "
@@ -142,7 +197,7 @@ async def reconcile_policy(
             )
         entries.append(entry)
 
-    await _release_unselected(body, namespace, uid, previous, entries, clusters, reconciler, logger)
+    await _release_unselected(body, namespace, uid, previous, entries, clusters, reconciler)
     patch.status.update(policy_status(generation, entries, previous))
 
 
@@ -158,7 +213,6 @@ def _post_outcome(
     cluster: Mapping[str, Any],
     outcome: Outcome,
     previous: Mapping[str, Any],
-    logger: logging.Logger,
 ) -> None:
     """Events on the policy and the cluster: every change, and each new degradation."""
     ref = dask_cluster_ref(policy.metadata["namespace"], cluster["name"], cluster["uid"])
@@ -169,7 +223,6 @@ def _post_outcome(
     if outcome.state == "Degraded" and (was.get("state") != "Degraded" or was.get("message") != outcome.message):
         kopf.warn(policy, reason="Degraded", message=f"DaskCluster {cluster['name']}: {outcome.message}")
         kopf.warn(ref, reason="MemoryPolicyDegraded", message=outcome.message)
-        logger.warning("DaskCluster %s degraded: %s", cluster["name"], outcome.message)
 
 
 async def _release_unselected(
@@ -180,7 +233,6 @@ async def _release_unselected(
     entries: list[dict[str, Any]],
     clusters: Mapping[str, Mapping[str, Any]],
     reconciler: ClusterReconciler,
-    logger: logging.Logger,
 ) -> None:
     """Clusters this policy configured before but no longer governs get their own
     configuration back (relabelled, renamed out, or taken over by an older policy)."""
@@ -194,12 +246,12 @@ async def _release_unselected(
             continue
         try:
             outcome = await reconciler.release(namespace, cluster, uid)
-        except SchedulerRPCError as e:
-            logger.warning("Could not restore DaskCluster %s yet: %s", cluster, e)
+        except (SchedulerRPCError, SchedulerAccessError) as e:
+            log.warning("Could not restore DaskCluster %s yet: %s", cluster, e)
             entries.append(cluster_entry(Outcome(cluster, "Degraded", f"restore pending: {e}"), policy.metadata["name"]))
             continue
         if outcome is not None:
-            _post_outcome(policy, clusters[cluster], outcome, previous, logger)
+            _post_outcome(policy, clusters[cluster], outcome, previous)
 
 
 # --- MemoryPolicy deletion -----------------------------------------------------
@@ -212,7 +264,6 @@ async def restore_on_delete(
     uid: str,
     memo: kopf.Memo,
     retry: int,
-    logger: logging.Logger,
     daskclusters_by_namespace: kopf.Index,
     **_: Any,
 ) -> None:
@@ -221,6 +272,20 @@ async def restore_on_delete(
     Candidates are the clusters its status lists and those it selects now (the
     status may lag); each scheduler's plugin then says whether this policy owns it.
     """
+    async with _policy_lock(memo, uid):  # let a resync in flight finish first
+        await _restore_all(body, status, namespace, uid, memo, retry, daskclusters_by_namespace)
+    memo.policy_locks.pop(uid, None)
+
+
+async def _restore_all(
+    body: kopf.Body,
+    status: kopf.Status,
+    namespace: str,
+    uid: str,
+    memo: kopf.Memo,
+    retry: int,
+    daskclusters_by_namespace: kopf.Index,
+) -> None:
     config: OperatorConfig = memo.config
     reconciler: ClusterReconciler = memo.reconciler
     clusters = _clusters(daskclusters_by_namespace, namespace)
@@ -231,11 +296,11 @@ async def restore_on_delete(
     for cluster in (clusters[name] for name in sorted(candidates) if name in clusters):
         try:
             outcome = await reconciler.release(namespace, cluster["name"], uid)
-        except SchedulerRPCError as e:
+        except (SchedulerRPCError, SchedulerAccessError) as e:
             unreachable.append(f"{cluster['name']} ({e})")
             continue
         if outcome is not None:
-            _post_outcome(body, cluster, outcome, {}, logger)
+            _post_outcome(body, cluster, outcome, {})
     if not unreachable:
         return
     message = "could not restore " + ", ".join(unreachable)
@@ -267,6 +332,7 @@ async def converge_changed_cluster(
     policies = list(memorypolicies_by_namespace.get(namespace, []))
     a = assign(policies, {name: labels}).get(name)
     if a is None:
+        await _release_orphan(body, name, namespace, memo, memorypolicies_by_namespace)
         return
     policy_body = a.governor.body
     try:
@@ -279,6 +345,24 @@ async def converge_changed_cluster(
     for action in outcome.actions:
         kopf.info(policy_body, reason="Applied", message=f"DaskCluster {name}: {action}")
         kopf.info(ref, reason="MemoryPolicyApplied", message=f"MemoryPolicy {a.governor.name}: {action}")
+
+
+async def _release_orphan(
+    body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, policies_index: kopf.Index
+) -> None:
+    """A cluster no policy selects, still configured by a policy that is gone (it was
+    deleted while the scheduler was unreachable, or its finalizer was removed by
+    hand): give the scheduler its own configuration back."""
+    known = {p.uid for policies in policies_index.values() for p in policies}
+    outcome = await memo.reconciler.release_orphan(namespace, name, known)
+    if outcome is not None:
+        ref = dask_cluster_ref(namespace, name, body.metadata.get("uid", ""))
+        for action in outcome.actions:
+            kopf.info(ref, reason="MemoryPolicyReleased", message=f"no MemoryPolicy governs it: {action}")
+
+
+async def close_port_forwards(memo: kopf.Memo, **_: Any) -> None:
+    await memo.reconciler.locator.close()
 
 
 # --- wiring --------------------------------------------------------------------
@@ -305,6 +389,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     cluster = (DASK_GROUP, DASK_VERSION, "daskclusters")
 
     kopf.on.startup(registry=registry)(configure_operator)
+    kopf.on.cleanup(registry=registry)(close_port_forwards)
     kopf.on.login(registry=registry)(kopf.login_via_client)
     kopf.index(*cluster, registry=registry)(daskclusters_by_namespace)
     kopf.index(*policy, registry=registry)(memorypolicies_by_namespace)

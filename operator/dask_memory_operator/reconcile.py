@@ -10,6 +10,7 @@ failure never touches another: an unreachable scheduler gives that cluster a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dask_memory_operator import scheduler_rpc
-from dask_memory_operator.access import SchedulerLocator, SchedulerServiceMissing
+from dask_memory_operator.access import SchedulerAccessError, SchedulerLocator, SchedulerServiceMissing
 from dask_memory_operator.api import AMMConfig
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ def amm_summary(status: Mapping[str, Any]) -> dict[str, Any]:
 def drift(wanted: AMMConfig, status: Mapping[str, Any]) -> str | None:
     """Why the scheduler's AMM differs from ``wanted``, or None when it does not."""
     amm = status.get("amm") or {}
+    if status.get("in_force") is False:
+        return "changed on the scheduler since it was applied"
     if bool(amm.get("running")) != wanted.enabled:
         return f"AMM running={amm.get('running')}, wanted {wanted.enabled}"
     if not math.isclose(float(amm.get("interval", 0)), wanted.interval, rel_tol=1e-6):
@@ -145,14 +148,19 @@ class ClusterReconciler:
         tag = (owner["uid"], owner["generation"])
         backoff = self._backoffs.setdefault(key, Backoff())
         if backoff.waiting and backoff.last is not None and backoff.tag == tag:
-            return backoff.last
+            return dataclasses.replace(backoff.last, actions=[])  # nothing done this time
         async with self._lock(key):
             try:
                 outcome = await self._converge(namespace, cluster, wanted, owner)
             except SchedulerServiceMissing as e:
                 outcome = Outcome(cluster, "Pending", str(e))
             except scheduler_rpc.SchedulerUnreachable as e:
-                outcome = Outcome(cluster, "Degraded", f"scheduler unreachable: {e}")
+                if e.refused:  # starting, or restarting: no backoff, no alarm
+                    outcome = Outcome(cluster, "Pending", str(e))
+                else:
+                    outcome = Outcome(cluster, "Degraded", f"scheduler unreachable: {e}")
+            except SchedulerAccessError as e:
+                outcome = Outcome(cluster, "Degraded", str(e))
             except scheduler_rpc.ApplyRejected as e:
                 outcome = Outcome(cluster, "Degraded", f"scheduler rejected the configuration: {e}")
             except scheduler_rpc.SchedulerRPCError as e:
@@ -228,6 +236,19 @@ class ClusterReconciler:
                 amm=amm_summary(status),
                 actions=["restored the scheduler's own AMM configuration"],
             )
+
+    async def release_orphan(self, namespace: str, cluster: str, known_uids: set[str]) -> Outcome | None:
+        """Restore a scheduler still configured by a policy that no longer exists
+        (deleted while its scheduler was unreachable, or force-deleted)."""
+        try:
+            address = await self.locator.address(namespace, cluster)
+            status = await scheduler_rpc.get_status(address, timeout=self.rpc_timeout)
+        except (SchedulerServiceMissing, SchedulerAccessError, scheduler_rpc.SchedulerRPCError):
+            return None  # no plugin, or not reachable now: the next event tries again
+        owner = status.get("owner") or {}
+        if not owner or owner.get("uid") in known_uids:
+            return None
+        return await self.release(namespace, cluster, owner["uid"])
 
     async def _status_with_plugin(self, address: str) -> tuple[dict[str, Any], bool]:
         try:

@@ -52,7 +52,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from distributed.comm import connect
+from distributed.comm import connect, parse_address, parse_host_port
 from distributed.core import ConnectionPool, send_recv
 from distributed.diagnostics.plugin import SchedulerUploadFile
 from distributed.protocol.pickle import dumps
@@ -71,6 +71,29 @@ class SchedulerRPCError(Exception):
 
 class SchedulerUnreachable(SchedulerRPCError):
     """No connection to the scheduler, or no answer within the timeout."""
+
+    #: Nothing listens at the address (a scheduler still starting, or crashed),
+    #: as opposed to a scheduler that does not answer
+    refused: bool
+
+    def __init__(self, message: str, *, refused: bool = False):
+        super().__init__(message)
+        self.refused = refused
+
+
+async def _refused(address: str) -> bool:
+    """Is nothing listening at ``address``? One plain TCP connect; distributed's own
+    connect() retries a refusal until its timeout and loses the reason."""
+    host, port = parse_host_port(parse_address(address)[1])
+    try:
+        async with asyncio.timeout(0.5):
+            _, writer = await asyncio.open_connection(host, port)
+    except ConnectionRefusedError:
+        return True
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return False
 
 
 class PluginMissing(SchedulerRPCError):
@@ -153,10 +176,16 @@ async def _call(
         async with asyncio.timeout(timeout):
             return plain_reply(await _exchange(address, op, timeout, pool, msg))
     except TimeoutError:
+        error = SchedulerUnreachable(
+            f"scheduler {address} unreachable or did not answer {op!r} within {timeout}s"
+        )
+    except SchedulerUnreachable as e:
+        error = e
+    if await _refused(address):
         raise SchedulerUnreachable(
-            f"scheduler {address} unreachable or did not answer {op!r} "
-            f"within {timeout}s"
+            f"nothing listens at {address} (scheduler starting or down)", refused=True
         ) from None
+    raise error
 
 
 async def _exchange(

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dask_memory_operator.conditions import condition, now_rfc3339
+from dask_memory_operator.conditions import condition
 from dask_memory_operator.reconcile import Outcome
 
 
@@ -23,7 +23,6 @@ def cluster_entry(outcome: Outcome, governed_by: str) -> dict[str, Any]:
         "name": outcome.cluster,
         "state": outcome.state,
         "governedBy": governed_by,
-        "lastCheckTime": now_rfc3339(),
     }
     if outcome.message:
         entry["message"] = outcome.message
@@ -80,6 +79,11 @@ def policy_status(
         )
     elif not entries:
         ready = condition("Ready", True, "NoClustersSelected", "no DaskCluster selected", generation, old)
+    elif not governed:
+        ready = condition(
+            "Ready", False, "Conflict",
+            "every selected cluster is governed by another MemoryPolicy", generation, old,
+        )
     else:
         ready = condition(
             "Ready", True, "Applied",

@@ -37,3 +37,8 @@ def replica_counts(keys: list[str], dask_scheduler: Any = None) -> dict[str, int
 def amm_cycles(dask_scheduler: Any) -> int:
     """AMM cycles run since the amm_core plugin started (it must be installed)."""
     return dask_scheduler.plugins["amm-core"].status()["amm"]["cycles"]
+
+
+def amm_dropped(dask_scheduler: Any) -> int:
+    """Replicas the AMM dropped since the amm_core plugin started."""
+    return dask_scheduler.plugins["amm-core"].status()["amm"]["replicas_dropped"]
