@@ -34,6 +34,7 @@ from distributed import Client
 from kr8s.asyncio.objects import Service
 from prometheus_client.parser import text_string_to_metric_families
 
+from amm_core.replicate import replicate
 from dask_memory_operator.access import _target_port, comm_port
 from dask_memory_operator.testing.probes import amm_cycles, amm_dropped, amm_state, replica_counts
 from dask_memory_operator.testing.stack import LocalStack, daskcluster_manifest
@@ -231,6 +232,18 @@ def test_reduce_replicas_works_on_configured_cluster_only(stack: LocalStack, clu
                          lambda p: cluster_entry(p, MATCHING).get("amm", {}).get("replicasDropped", 0) >= 1,
                          "replicasDropped reported")
     assert cluster_entry(policy, MATCHING)["amm"]["cycles"] > 0
+
+
+def test_replicate_asks_for_the_policy_on_a_managed_scheduler(stack: LocalStack, clusters: str):
+    """amm_core's replicate() would add a Replicate policy that the operator then takes
+    away: on a scheduler a MemoryPolicy manages, it says what to change instead."""
+    ns = clusters
+    with scheduler(stack, ns, MATCHING) as client:
+        future = client.submit(lambda: 1, key="replicate-me", pure=False)
+        future.result()
+        with pytest.raises(RuntimeError, match=f"managed by MemoryPolicy {ns}/analytics.*class: Replicate"):
+            replicate(client, [future], n=2)
+        assert client.run_on_scheduler(amm_state)["policies"] == [REDUCE]
 
 
 def test_metrics_mirror_the_schedulers(clusters: str, metrics_port: int):
