@@ -14,10 +14,15 @@ so the operator never sends code for day-to-day work:
 ``amm_core_apply(config, owner)``
     Make the AMM what ``config`` says (the dask-config shape of the AMM section).
     Everything is validated before anything changes; an invalid config raises
-    ``ValueError`` and leaves the scheduler as it was. Applying what is already in
-    force under the same owner and generation keeps the existing policy objects, so
-    that policies holding state (e.g. wanted replica counts) survive the operator's
-    periodic re-apply; drift of start/interval/measure is repaired in place.
+    ``ValueError`` and leaves the scheduler as it was. Policies hold state (the
+    wanted replica counts of ``Replicate``, the paused-since times and retirements of
+    ``RetirePaused``, the moves in flight of ``Rebalance``), so a policy entry whose
+    class and arguments are unchanged keeps its policy object across applies, whatever
+    the owner or generation; only changed or new entries get new objects. Applying
+    what is already in force under the same owner and generation only repairs drift
+    of start/interval/measure in place. An owner never goes back: a generation older
+    than the one in force for the same uid changes nothing (a late or retried call
+    from an operator that has not seen the newer generation yet).
 ``amm_core_restore()``
     Back to the scheduler's own configuration, as recorded when the plugin started.
 
@@ -282,7 +287,7 @@ class MemoryPolicyPlugin(SchedulerPlugin):
     baseline: AMMSpec
     #: What was last applied (the baseline until the first apply)
     applied: AMMSpec
-    #: The policy objects created for ``applied``, with the entry they came from;
+    #: The policy objects in force for ``applied``, with the entry they came from;
     #: None for entries that had no object in force at plugin start
     configured: list[tuple[ActiveMemoryManagerPolicy | None, str, dict[str, Any]]]
     #: The MemoryPolicy in force: {uid, namespace, name, generation}; None = baseline
@@ -476,6 +481,21 @@ class MemoryPolicyPlugin(SchedulerPlugin):
     def apply(self, config: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(owner, dict) or not owner.get("uid"):
             raise ValueError(f"owner must be a mapping with a uid, got {owner!r}")
+        generation = owner.get("generation")
+        if not isinstance(generation, int) or isinstance(generation, bool):
+            raise ValueError(f"owner generation must be an int, got {generation!r}")
+        if self._older_generation(owner):
+            assert self.owner is not None
+            logger.info(
+                "Ignoring AMM config of %s/%s generation %d: generation %d of the same "
+                "MemoryPolicy (uid %s) is in force",
+                owner.get("namespace"),
+                owner.get("name"),
+                generation,
+                self.owner["generation"],
+                owner["uid"],
+            )
+            return self.status()
         spec = AMMSpec.parse(config, self.measures(), defaults=self.baseline)
         if self._same_owner(owner) and spec == self.applied:
             self._repair(spec)
@@ -496,6 +516,14 @@ class MemoryPolicyPlugin(SchedulerPlugin):
         return self.owner is not None and (
             (self.owner.get("uid"), self.owner.get("generation"))
             == (owner.get("uid"), owner.get("generation"))
+        )
+
+    def _older_generation(self, owner: dict[str, Any]) -> bool:
+        """Whether ``owner`` is the owner in force at an older generation."""
+        return (
+            self.owner is not None
+            and self.owner["uid"] == owner["uid"]
+            and owner["generation"] < self.owner["generation"]
         )
 
     def _all_policies(self) -> Iterable[ActiveMemoryManagerPolicy]:
@@ -519,8 +547,8 @@ class MemoryPolicyPlugin(SchedulerPlugin):
     def _repair(self, spec: AMMSpec) -> None:
         """Same config again: keep the policy objects (they may hold state) and only
         put back what someone changed behind our back: start/interval/measure, and
-        policies added by others. Only a policy of ours that went missing makes
-        them all new."""
+        policies added by others. A policy of ours that went missing is built anew
+        (the others are kept)."""
         if self.in_force(spec):
             return
         ours = [p for p, _, _ in self.configured]
@@ -532,20 +560,55 @@ class MemoryPolicyPlugin(SchedulerPlugin):
         self._set(spec, [p for p in ours if p is not None])
 
     def _swap(self, spec: AMMSpec, owner: dict[str, Any] | None) -> None:
-        # Build every policy before touching the extension: a failure here leaves the
-        # scheduler as it was.
-        built = [
-            (build_policy(path, kwargs), path, kwargs) for path, kwargs in spec.policies
-        ]
-        self._set(spec, [p for p, _, _ in built])
-        self.configured = list(built)
+        # Build every new policy before touching the extension: a failure here leaves
+        # the scheduler as it was.
+        configured, kept = self._keep_or_build(spec)
+        self._set(spec, [p for p, _, _ in configured])
+        self.configured = list(configured)
         self.applied = spec
         self.owner = dict(owner) if owner is not None else None
         logger.info(
-            "AMM configured for %s: %s",
+            "AMM configured for %s: %s (%d policy object(s) kept, %d built)",
             "the scheduler's own config" if owner is None else owner,
             spec.to_config(),
+            kept,
+            len(configured) - kept,
         )
+
+    def _keep_or_build(
+        self, spec: AMMSpec
+    ) -> tuple[list[tuple[ActiveMemoryManagerPolicy, str, dict[str, Any]]], int]:
+        """A policy object for every entry of ``spec``, and how many were kept: an
+        object in force for an entry of the same class and arguments is kept (with
+        the state it holds), each at most once; any other entry gets a new object.
+        Objects no longer in the extension (removed behind our back, or detached by
+        themselves) are not kept. Touches nothing: raises ValueError if an entry
+        cannot be built."""
+        reusable = [
+            (p, kwargs)
+            for p, _, kwargs in self.configured
+            if p is not None and p in self.amm.policies
+        ]
+        out: list[tuple[ActiveMemoryManagerPolicy, str, dict[str, Any]]] = []
+        kept = 0
+        for path, kwargs in spec.policies:
+            cls = policy_class(path)
+            # Same class (a short name and its dotted path are the same entry) and
+            # equal arguments; kwargs are plain data on both sides (AMMSpec.parse)
+            i = next(
+                (
+                    i
+                    for i, (p, old) in enumerate(reusable)
+                    if type(p) is cls and old == kwargs
+                ),
+                None,
+            )
+            if i is None:
+                out.append((build_policy(path, kwargs), path, kwargs))
+            else:
+                out.append((reusable.pop(i)[0], path, kwargs))
+                kept += 1
+        return out, kept
 
     def _set(self, spec: AMMSpec, policies: list[ActiveMemoryManagerPolicy]) -> None:
         """Put ``spec`` in force with these policy objects. Synchronous: no AMM cycle
