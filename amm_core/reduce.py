@@ -4,9 +4,10 @@ Upstream's ``ReduceReplicas`` keeps ``max(1, n)`` copies of a key, where ``n`` c
 the distinct workers its dependents are processing on *plus every dependent not yet
 assigned to a worker*. With scheduler-side queuing most dependents are unassigned
 until they become runnable, so a key with more than a few dependents keeps every copy
-it ever made: on the AMM announcement's dot product (``benchmarks/seed_dot_product.py``)
-that is about 0.6-0.8 GiB of extra copies at peak, half of the cluster's managed
-memory.
+it ever made. On the AMM announcement's dot product (``benchmarks/seed_dot_product.py``)
+about 0.5-0.7 GiB of the ~1.6 GiB held at upstream's peak are copies that no processing
+task needs; nearly all of them are kept for matmul chunks that wait on a ``random``
+chunk still queued as a root task.
 
 Yet a copy only saves something if a task will run on *that* worker before the copy
 would be dropped anyway; otherwise it costs memory for nothing. The scheduler tells
@@ -24,14 +25,19 @@ which ones will:
   shared by many queued tasks would be dropped and fetched again every cycle;
 - every other copy (kept by upstream "for a dependent not yet assigned") is dropped,
   down to the count :func:`amm_core.replicate.wanted_replicas` asks for (1 for
-  untracked keys). The last copy is never dropped (the AMM extension also refuses it).
+  untracked keys). Such a dependent waits on a task that has not started (often a
+  queued root task, which lands on whichever worker frees up first), so where it will
+  run is unknown. The last copy is never dropped (the AMM extension also refuses it).
 
 The trade-off: a dropped copy may have to be fetched again when a dependent later lands
-on that worker. On the dot product that is ~5-8% more bytes transferred for ~35% less
-peak cluster memory; transfers on one host are cheap next to the matmuls, so the wall
-time does not grow. On a network-bound cluster whose workers have plenty of room,
-raise ``pressure`` towards 1 to keep the imminent and queued copies longer, or keep
-upstream's policy.
+on that worker. On the dot product (4 workers, 8000^2, 2 s AMM interval) workers fetch
+5-9% more bytes from each other than with upstream's policy, for 30-40% less peak
+cluster managed memory (25-35% less process memory), with the same worker CPU time
+and no measurable change in wall time. Transfers on one host are cheap; on a
+network-bound cluster whose workers have plenty of room, set ``idle_below``: a worker
+whose memory is below that fraction of its pause threshold keeps copies for dependents
+not assigned yet too, as upstream does; and raise ``pressure`` towards 1 to keep the
+imminent and queued copies longer.
 
 A worker is under pressure when its memory (``manager.workers_memory``, the AMM's
 measure adjusted for this cycle's pending drops and copies) is above ``pressure`` times
@@ -88,13 +94,19 @@ class PressureReduceReplicas(CountingPolicy):
         dependencies are all being computed.
     keep_queued
         Keep up to one copy per queued (root-ish) dependent.
+    idle_below
+        Fraction of a worker's pause threshold below which the worker also keeps
+        copies for dependents not assigned yet (at most one per such dependent, as
+        upstream), trading memory it does not need for fewer transfers. 0 (the
+        default) never does.
     max_scan
-        Dependents examined per key for the two rules above, bounding the cost of a
+        Dependents examined per key for the rules above, bounding the cost of a
         cycle for keys with very many dependents (upstream stops counting at 20).
 
     Counters: ``replicas_dropped``, ``bytes_dropped`` (drops accepted by the AMM),
-    ``drops_refused`` (suggestions the AMM declined), ``kept_imminent`` and
-    ``kept_queued`` (copies kept by those rules, summed over cycles).
+    ``drops_refused`` (suggestions the AMM declined), ``kept_imminent``,
+    ``kept_queued`` and ``kept_idle`` (copies kept by those rules, summed over
+    cycles).
     """
 
     #: Fraction of the pause threshold above which a worker is under pressure
@@ -105,6 +117,8 @@ class PressureReduceReplicas(CountingPolicy):
     keep_imminent: bool
     #: Keep up to one copy per queued dependent
     keep_queued: bool
+    #: Fraction of the pause threshold below which unassigned dependents keep copies
+    idle_below: float
     #: Dependents examined per key by the imminent/queued rules
     max_scan: int
     #: What the latest cycle did: dropped, kept_processing, kept_imminent, ...
@@ -116,6 +130,7 @@ class PressureReduceReplicas(CountingPolicy):
         imbalance: float | None = 0.25,
         keep_imminent: bool = True,
         keep_queued: bool = True,
+        idle_below: float = 0.0,
         max_scan: int = 64,
     ) -> None:
         super().__init__()
@@ -123,12 +138,15 @@ class PressureReduceReplicas(CountingPolicy):
             raise ValueError(f"pressure must be >= 0; got {pressure!r}")
         if imbalance is not None and imbalance < 0:
             raise ValueError(f"imbalance must be >= 0 or None; got {imbalance!r}")
+        if not 0 <= idle_below <= 1:
+            raise ValueError(f"idle_below must be in [0, 1]; got {idle_below!r}")
         if max_scan < 0:
             raise ValueError(f"max_scan must be >= 0; got {max_scan!r}")
         self.pressure = float(pressure)
         self.imbalance = None if imbalance is None else float(imbalance)
         self.keep_imminent = bool(keep_imminent)
         self.keep_queued = bool(keep_queued)
+        self.idle_below = float(idle_below)
         self.max_scan = int(max_scan)
         self.last_cycle = Counter()
 
@@ -136,30 +154,39 @@ class PressureReduceReplicas(CountingPolicy):
         return (
             f"PressureReduceReplicas(pressure={self.pressure}, "
             f"imbalance={self.imbalance}, keep_imminent={self.keep_imminent}, "
-            f"keep_queued={self.keep_queued})"
+            f"keep_queued={self.keep_queued}, idle_below={self.idle_below})"
         )
 
-    def _under_pressure(self) -> set[WorkerState]:
-        """Workers that keep only the copies their processing tasks need."""
+    def _classify_workers(self) -> tuple[set[WorkerState], set[WorkerState]]:
+        """(workers that keep only the copies their processing tasks need,
+        workers with so much room that they keep copies for unassigned dependents)."""
         memory = self.manager.workers_memory
         running = [ws for ws in memory if ws.status == Status.running]
         mean = sum(memory[ws] for ws in running) / len(running) if running else 0.0
         fraction = pause_fraction() or 1.0
         pressed = set()
+        idle = set()
         for ws, nbytes in memory.items():
+            threshold = fraction * ws.memory_limit if ws.memory_limit else None
             if ws.status != Status.running:
                 pressed.add(ws)
-            elif ws.memory_limit and nbytes > self.pressure * fraction * ws.memory_limit:
+            elif threshold and nbytes > self.pressure * threshold:
                 pressed.add(ws)
             elif self.imbalance is not None and nbytes > mean * (1 + self.imbalance):
                 pressed.add(ws)
-        return pressed
+            elif threshold and nbytes < self.idle_below * threshold:
+                idle.add(ws)
+        return pressed, idle
 
     def _copies_to_keep(
-        self, ts: TaskState, holders: set[WorkerState], pressed: set[WorkerState]
-    ) -> tuple[set[WorkerState], set[WorkerState], set[WorkerState]]:
-        """The holders of ``ts`` whose copy a dependent will use soon, by reason:
-        (processing there, imminent there, for queued dependents)."""
+        self,
+        ts: TaskState,
+        holders: set[WorkerState],
+        pressed: set[WorkerState],
+        idle: set[WorkerState],
+    ) -> dict[str, set[WorkerState]]:
+        """The holders of ``ts`` whose copy a dependent will or may use, by reason:
+        processing there, imminent there, for queued dependents, idle worker."""
         processing: set[WorkerState] = set()
         imminent: set[WorkerState] = set()
         nqueued = 0
@@ -172,7 +199,7 @@ class PressureReduceReplicas(CountingPolicy):
                 continue
             if scanned >= self.max_scan:
                 continue
-            scanned += 1
+            scanned += 1  # every scanned waiter is unassigned
             if waiter.state == "queued":
                 nqueued += 1
             elif self.keep_imminent and waiter.waiting_on:
@@ -183,18 +210,28 @@ class PressureReduceReplicas(CountingPolicy):
                     imminent |= where
         relaxed = holders - pressed - processing
         imminent &= relaxed
+        memory = self.manager.workers_memory
         queued: set[WorkerState] = set()
         if self.keep_queued and nqueued:
             # Queued tasks go wherever a thread frees up: keep the copies on the
             # least loaded holders, which are also the ones the AMM would keep.
-            memory = self.manager.workers_memory
             others = sorted(relaxed - imminent, key=memory.__getitem__)
             queued = set(others[: max(0, nqueued - len(imminent))])
-        return processing, imminent, queued
+        roomy: set[WorkerState] = set()
+        if idle and scanned:
+            # As upstream: a copy per unassigned dependent, where memory is plentiful
+            others = sorted((relaxed & idle) - imminent - queued, key=memory.__getitem__)
+            roomy = set(others[: max(0, scanned - len(imminent) - len(queued))])
+        return {
+            "processing": processing,
+            "imminent": imminent,
+            "queued": queued,
+            "idle": roomy,
+        }
 
     def run(self) -> SuggestionGenerator:
         manager = self.manager
-        pressed = self._under_pressure()
+        pressed, idle = self._classify_workers()
         cycle: Counter[str] = Counter()
 
         for ts in manager.scheduler.replicated_tasks:
@@ -203,25 +240,22 @@ class PressureReduceReplicas(CountingPolicy):
             assert ts.who_has
             pending_repl, pending_drop = manager.pending.get(ts, (set(), set()))
             holders = ts.who_has - pending_drop
-            processing, imminent, queued = self._copies_to_keep(ts, holders, pressed)
-            keep = processing | imminent | queued
+            kept = self._copies_to_keep(ts, holders, pressed, idle)
+            keep = set().union(*kept.values())
             wanted = wanted_replicas(manager, ts)
             ndrop = len(holders) + len(pending_repl) - max(wanted, len(keep))
             candidates = holders - keep
-            cycle["kept_processing"] += len(processing)
-            cycle["kept_imminent"] += len(imminent)
-            cycle["kept_queued"] += len(queued)
+            for reason, workers in kept.items():
+                cycle[f"kept_{reason}"] += len(workers)
             if ndrop <= 0 or not candidates:
                 continue
             task_logger.debug(
-                "PressureReduceReplicas: %s has %d copies, wants %d; keeping %d for "
-                "processing, %d imminent, %d queued dependents; dropping up to %d",
+                "PressureReduceReplicas: %s has %d copies, wants %d; keeping %s; "
+                "dropping up to %d",
                 ts.key,
                 len(holders),
                 wanted,
-                len(processing),
-                len(imminent),
-                len(queued),
+                {reason: len(workers) for reason, workers in kept.items()},
                 ndrop,
             )
             cycle["keys"] += 1
@@ -240,6 +274,7 @@ class PressureReduceReplicas(CountingPolicy):
 
         self.count("kept_imminent", cycle["kept_imminent"])
         self.count("kept_queued", cycle["kept_queued"])
+        self.count("kept_idle", cycle["kept_idle"])
         self.last_cycle = cycle
         if cycle["dropped"]:
             logger.debug(
@@ -258,6 +293,7 @@ class PressureReduceReplicas(CountingPolicy):
             "imbalance": self.imbalance,
             "keep_imminent": self.keep_imminent,
             "keep_queued": self.keep_queued,
+            "idle_below": self.idle_below,
             "max_scan": self.max_scan,
         }
         out["last_cycle"] = dict(self.last_cycle)

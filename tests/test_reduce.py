@@ -112,13 +112,26 @@ def test_loads_from_dask_config() -> None:
         "imbalance": None,
         "keep_imminent": True,
         "keep_queued": True,
+        "idle_below": 0.0,
         "max_scan": 8,
     }
 
 
-def test_drops_copies_kept_for_unassigned_dependents() -> None:
-    """Upstream keeps one copy per unassigned dependent; this policy keeps one."""
-    with cluster() as (client, (a, b, c)):
+@pytest.mark.parametrize(
+    "kwargs, copies",
+    [
+        ({}, 1),
+        # Workers below 90% of their pause threshold keep a copy per unassigned
+        # dependent, as upstream does.
+        ({"idle_below": 0.9}, 2),
+    ],
+)
+def test_copies_kept_for_unassigned_dependents(
+    kwargs: dict[str, Any], copies: int
+) -> None:
+    """Upstream keeps a copy per dependent not yet assigned; by default this policy
+    drops them, since where those dependents will run is unknown."""
+    with cluster(**kwargs) as (client, (a, b, c)):
         x = client.submit(bytes, 10_000_000, workers=[a], key="x")
         # The dependents of x wait on `later`, which waits on `gate`: neither
         # assigned nor about to be, so no worker is known to need x soon.
@@ -136,10 +149,12 @@ def test_drops_copies_kept_for_unassigned_dependents() -> None:
         )
 
         client.amm.run_once()
-        wait_for(lambda: len(holders(client, "x")) == 1)
+        wait_for(lambda: len(holders(client, "x")) == copies)
         [report] = client.run_on_scheduler(_reports)
-        assert report["counters"]["replicas_dropped"] == 2
-        assert report["counters"]["bytes_dropped"] >= 2 * 10_000_000
+        assert report["counters"]["replicas_dropped"] == 3 - copies
+        assert report["counters"]["bytes_dropped"] >= (3 - copies) * 10_000_000
+        # One copy kept per unassigned dependent when idle (the counter sums cycles)
+        assert report["counters"]["kept_idle"] == (2 if kwargs else 0)
         assert all(d.status == "pending" for d in deps)
 
 
