@@ -19,9 +19,11 @@ The AMM interval is the default (2 s) for both AMM configurations.
 
 Printed per configuration: peak cluster memory (``managed``: bytes of keys the
 scheduler knows to be on the workers, counting every copy; ``process``: RSS of the
-worker processes, from their heartbeats), and wall time of ``compute()``, as median
-and [min, max] over the repetitions, then the ratios of the medians against
-``upstream``. A plot of cluster memory over time (aligned on each run's start, as the
+worker processes, from their heartbeats), wall time of ``compute()``, CPU seconds of
+the worker processes (what dropping too eagerly would cost in re-fetches, and nearly
+immune to the machine's other load) and bytes the workers fetched from each other, as
+median and [min, max] over the repetitions; then the ratios of the medians against
+``upstream``, and the ratios within each round (median [min, max]). A plot of cluster memory over time (aligned on each run's start, as the
 announcement's ``ms.plot(align=True)``) goes to ``--out``. The last line is::
 
     peak_ratio_vs_upstream=<managed peak median ratio> wall_ratio_vs_upstream=<wall median ratio>
@@ -65,6 +67,8 @@ class Run:
     """One computation under one configuration."""
 
     config: str
+    #: Repetition (round) number, from 1
+    rep: int
     #: Peak cluster memory during compute(), bytes
     peak_managed: int
     peak_process: int
@@ -116,7 +120,8 @@ def _series(ms: MemorySampler, label: str) -> pd.Series:
     return ms.to_pandas(align=True)[label]
 
 
-def run_once(config: str, args: argparse.Namespace, label: str) -> Run:
+def run_once(config: str, args: argparse.Namespace, rep: int) -> Run:
+    label = f"{config} #{rep}"
     policies = CONFIGS[config]
     settings: dict[str, Any] = {
         "distributed.scheduler.active-memory-manager.start": policies is not None,
@@ -162,6 +167,7 @@ def run_once(config: str, args: argparse.Namespace, label: str) -> Run:
     process = _series(ms_process, label)
     return Run(
         config=config,
+        rep=rep,
         peak_managed=int(managed.max()),
         peak_process=int(process.max()),
         wall=wall,
@@ -268,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         # Rotate the order so that no configuration always runs first or last.
         order = configs[rep % len(configs) :] + configs[: rep % len(configs)]
         for config in order:
-            run = run_once(config, args, f"{config} #{rep + 1}")
+            run = run_once(config, args, rep + 1)
             runs.append(run)
             print(
                 f"  run {rep + 1} {config:9s} managed {run.peak_managed / GiB:.3f} GiB"
@@ -316,6 +322,24 @@ def main(argv: list[str] | None = None) -> None:
             f"  wall x{m['wall'] / base['wall']:.3f}"
             f"  worker cpu x{m['cpu'] / base['cpu']:.3f}"
             f"  fetched x{m['fetched'] / base['fetched']:.3f}"
+        )
+    # Ratios within each round, whose runs shared the machine's load of the moment
+    for config in configs:
+        if config == "upstream":
+            continue
+        paired = [
+            (mine, theirs)
+            for mine in runs
+            for theirs in runs
+            if mine.config == config
+            and theirs.config == "upstream"
+            and mine.rep == theirs.rep
+        ]
+        managed = [m.peak_managed / t.peak_managed for m, t in paired]
+        wall = [m.wall / t.wall for m, t in paired]
+        print(
+            f"{config:9s} vs upstream (per round): managed x{_stat(managed, '.3f')}"
+            f"  wall x{_stat(wall, '.3f')}"
         )
     path = args.out / f"seed_dot_product_{args.size}_{args.chunk}.png"
     plot(runs, path)
