@@ -31,7 +31,7 @@ which ones will:
 
 The trade-off: a dropped copy may have to be fetched again when a dependent later lands
 on that worker. On the dot product (4 workers, 8000^2, 2 s AMM interval) workers fetch
-5-9% more bytes from each other than with upstream's policy, for 30-40% less peak
+5-10% more bytes from each other than with upstream's policy, for 30-40% less peak
 cluster managed memory (25-35% less process memory), with the same worker CPU time
 and no measurable change in wall time. Transfers on one host are cheap; on a
 network-bound cluster whose workers have plenty of room, set ``idle_below``: a worker
