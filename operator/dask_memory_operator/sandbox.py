@@ -76,7 +76,7 @@ def run_dot_product(client: Any, size: int, chunk: int, label: str, sampler: Any
 
 
 def sandbox(args: argparse.Namespace) -> int:
-    console = Console()
+    console = Console(soft_wrap=True)  # long paths and kubectl lines stay whole
     stack = LocalStack(args.state_dir)
     try:
         with console.status("Starting the emulated API, dask-kubernetes and the kubelet..."):
@@ -182,6 +182,8 @@ def _wait_for_interrupt() -> None:
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
+    # Explicitly: a shell starts background jobs with SIGINT ignored.
+    signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
         while True:
