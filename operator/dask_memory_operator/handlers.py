@@ -100,19 +100,7 @@ def _clusters(index: kopf.Index, namespace: str) -> dict[str, dict[str, Any]]:
 # --- MemoryPolicy reconcile ----------------------------------------------------
 
 
-async def reconcile_policy(
-    body: kopf.Body,
-    spec: kopf.Spec,
-    status: kopf.Status,
-    namespace: str,
-    name: str,
-    uid: str,
-    patch: kopf.Patch,
-    memo: kopf.Memo,
-    daskclusters_by_namespace: kopf.Index,
-    memorypolicies_by_namespace: kopf.Index,
-    **_: Any,
-) -> None:
+async def reconcile_policy(body: kopf.Body, uid: str, memo: kopf.Memo, **kwargs: Any) -> None:
     """Converge every cluster this policy selects and write its status.
 
     One pass at a time per policy (timer and change handlers run concurrently in
@@ -122,10 +110,7 @@ async def reconcile_policy(
     async with _policy_lock(memo, uid):
         if body.metadata.get("deletionTimestamp"):
             return  # restore_on_delete owns it now
-        await _reconcile_policy(
-            body, spec, status, namespace, name, uid, patch, memo,
-            daskclusters_by_namespace, memorypolicies_by_namespace,
-        )
+        await _reconcile_policy(body=body, uid=uid, memo=memo, **kwargs)
 
 
 def _policy_lock(memo: kopf.Memo, uid: str) -> asyncio.Lock:
@@ -143,6 +128,7 @@ async def _reconcile_policy(
     memo: kopf.Memo,
     daskclusters_by_namespace: kopf.Index,
     memorypolicies_by_namespace: kopf.Index,
+    **_: Any,
 ) -> None:
     config: OperatorConfig = memo.config
     reconciler: ClusterReconciler = memo.reconciler
@@ -160,10 +146,9 @@ async def _reconcile_policy(
         return
 
     clusters = _clusters(daskclusters_by_namespace, namespace)
-    policies = list(memorypolicies_by_namespace.get(namespace, []))
-    me = PolicyInfo.from_body(body)
-    if all(p.uid != uid for p in policies):
-        policies.append(me)
+    # this policy as its body says now (the index may lag by an event)
+    policies = [p for p in memorypolicies_by_namespace.get(namespace, []) if p.uid != uid]
+    policies.append(PolicyInfo.from_body(body))
     assignment = assign(policies, {n: c["labels"] for n, c in clusters.items()})
 
     mine = {c: a for c, a in sorted(assignment.items()) if any(p.uid == uid for p in a.contenders)}
