@@ -13,7 +13,7 @@ default (AMM on with ReduceReplicas).
 The tests share one namespace and its two clusters (starting Dask processes is the
 slow part) and run as a story, in file order: each says what it expects to find.
 The policy `both` is created by the unreachable-scheduler test and used by the two
-after it.
+after it; the last test leaves a worker of `other` retired.
 """
 
 from __future__ import annotations
@@ -36,7 +36,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from amm_core.replicate import replicate
 from dask_memory_operator.access import _target_port, comm_port
-from dask_memory_operator.testing.probes import amm_cycles, amm_dropped, amm_state, replica_counts
+from dask_memory_operator.testing.probes import (
+    amm_cycles,
+    amm_dropped,
+    amm_state,
+    replica_counts,
+    set_pause_fraction,
+)
 from dask_memory_operator.testing.stack import LocalStack, daskcluster_manifest
 
 MATCHING, OTHER = "matching", "other"
@@ -452,3 +458,26 @@ def test_deleting_policies_restores_schedulers(stack: LocalStack, clusters: str)
     wait_amm(stack, ns, MATCHING, **OWN_CONFIG)
     wait_amm(stack, ns, OTHER, **OWN_CONFIG)
     assert stack.kubectl("get", "mempol", "-n", ns, "-o", "name").stdout.strip() == ""
+
+
+def test_paused_worker_is_retired_and_reported_for_replacement(stack: LocalStack, clusters: str):
+    """RetirePaused through the operator: a worker paused for longer than `after` is
+    retired by the AMM, and the policy's status names it for replacement."""
+    ns = clusters
+    stack.apply(policy_manifest("retire", names=[OTHER], interval="200ms",
+                                policies=[{"class": "RetirePaused", "args": {"after": "1s"}}]), namespace=ns)
+    wait_amm(stack, ns, OTHER, running=True, policies=["amm_core.retire_paused.RetirePaused"])
+    with scheduler(stack, ns, OTHER) as client:
+        data = client.scatter(list(range(100)))
+        victim = sorted(client.scheduler_info(n_workers=-1)["workers"])[0]
+        name = client.scheduler_info(n_workers=-1)["workers"][victim]["name"]
+        client.run(set_pause_fraction, 0.01, workers=[victim])
+
+        policy = wait_status(stack, ns, "retire", lambda p: any(
+            w["retired"] for w in cluster_entry(p, OTHER).get("amm", {}).get("workersToReplace", [])
+        ), "a worker to replace")
+        [worker] = cluster_entry(policy, OTHER)["amm"]["workersToReplace"]
+        assert (worker["name"], worker["address"]) == (name, victim)
+        assert client.scheduler_info(n_workers=-1)["workers"][victim]["status"] == "closing_gracefully"
+        assert client.gather(data) == list(range(100))  # nothing lost
+    stack.kubectl("delete", "mempol", "retire", "-n", ns, "--timeout=60s")

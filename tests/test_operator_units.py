@@ -220,3 +220,22 @@ def test_silent_scheduler_is_degraded_and_backed_off_until_a_new_generation():
     assert second.actions == []  # a replayed outcome did nothing this time
     assert calls_in_backoff == 1  # the second pass did not ask the scheduler
     assert calls == 2  # a new generation is tried at once
+
+
+def test_amm_summary_reports_workers_to_replace():
+    from dask_memory_operator.reconcile import amm_summary
+
+    status = {
+        "workers": 3,
+        "amm": {"running": True, "interval": 2.0, "measure": "managed",
+                "policies": [{"class": "amm_core.retire_paused.RetirePaused", "role": "configured"}],
+                "cycles": 7, "replicas_copied": 2, "replicas_dropped": 1, "memory_bytes": 10},
+        "replace": [{"address": "tcp://10.0.0.1:1", "name": "w-1", "paused_since": 1.0,
+                     "retiring_since": 2.0, "retired": True}],
+    }
+    assert amm_summary(status) == {
+        "running": True, "interval": "2s", "measure": "managed",
+        "policies": ["amm_core.retire_paused.RetirePaused"], "cycles": 7,
+        "replicasCopied": 2, "replicasDropped": 1, "memoryBytes": 10, "workers": 3,
+        "workersToReplace": [{"name": "w-1", "address": "tcp://10.0.0.1:1", "retired": True}],
+    }

@@ -87,6 +87,12 @@ def amm_summary(status: Mapping[str, Any]) -> dict[str, Any]:
         "replicasDropped": int(amm.get("replicas_dropped", 0)),
         "memoryBytes": int(amm.get("memory_bytes", 0)),
         "workers": int(status.get("workers", 0)),
+        # marked by RetirePaused: retired (or retiring) and waiting to be replaced
+        "workersToReplace": [
+            {"name": str(w.get("name") or w.get("address")), "address": str(w.get("address", "")),
+             "retired": bool(w.get("retired"))}
+            for w in status.get("replace") or ()
+        ],
     }
 
 

@@ -42,3 +42,9 @@ def amm_cycles(dask_scheduler: Any) -> int:
 def amm_dropped(dask_scheduler: Any) -> int:
     """Replicas the AMM dropped since the amm_core plugin started."""
     return dask_scheduler.plugins["amm-core"].status()["amm"]["replicas_dropped"]
+
+
+def set_pause_fraction(fraction: float, dask_worker: Any = None) -> None:
+    """Run on a worker (``client.run``): pause it once its memory passes ``fraction``
+    of its limit, as if it had filled up."""
+    dask_worker.memory_manager.memory_pause_fraction = fraction
