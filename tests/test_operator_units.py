@@ -50,6 +50,13 @@ def test_parse_spec_rejects(amm, field, words):
     assert words in str(e.value)
 
 
+def test_replicate_needs_a_reducer_that_honours_it():
+    upstream = "distributed.active_memory_manager.ReduceReplicas"
+    with pytest.raises(InvalidPolicy, match="Replicate does not work with"):
+        parse_spec(spec(policies=[{"class": "Replicate"}, {"class": upstream}]), allowed=[upstream])
+    parse_spec(spec(policies=[{"class": "Replicate"}, {"class": "ReduceReplicas"}]))
+
+
 def test_allowlist_globs():
     cfg = parse_spec(spec(policies=[{"class": "mycorp.amm.Keep"}]), allowed=["mycorp.amm.*"])
     assert cfg.policies[0].cls == "mycorp.amm.Keep"

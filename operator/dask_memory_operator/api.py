@@ -38,6 +38,9 @@ MEASURES = (
 )
 
 
+UPSTREAM_REDUCE_REPLICAS = "distributed.active_memory_manager.ReduceReplicas"
+
+
 class InvalidPolicy(ValueError):
     """The spec cannot be applied; ``field`` says where, the message says why."""
 
@@ -148,6 +151,15 @@ def parse_spec(spec: Mapping[str, Any], allowed: Iterable[str] = ()) -> AMMConfi
                 raise InvalidPolicy(f"{where}.args", str(e)) from None
         policies.append(PolicyRef(cls, dict(args)))
 
+    classes = {p.cls for p in policies}
+    if BUILTIN_POLICIES["Replicate"] in classes and UPSTREAM_REDUCE_REPLICAS in classes:
+        # upstream's reducer keeps one copy per key: it would drop every copy
+        # Replicate makes, every cycle
+        raise InvalidPolicy(
+            f"{prefix}.policies",
+            f"Replicate does not work with {UPSTREAM_REDUCE_REPLICAS}, which drops the "
+            f"copies it makes: use ReduceReplicas or PressureReduceReplicas",
+        )
     return AMMConfig(
         enabled=bool(amm.get("enabled", True)),
         interval=float(interval),
