@@ -17,14 +17,32 @@ and starting one is the deployment's job (the operator replaces the pod; without
 operator the user decides). The policy lists these workers in
 ``report()["replace"]``, also served by the scheduler handler ``amm_replace`` (plain
 msgpack data, no pickling), as ``{"address", "name", "paused_since",
-"retiring_since", "retired"}``;
-``retired`` turns true once no key is held only by that worker, i.e. when the worker
-can be killed without losing data.
+"retiring_since", "retired"}``.
+
+``retired`` says the worker can be killed now without losing data: it holds no key
+without a copy elsewhere and is processing nothing. It is recomputed at every cycle,
+because it can turn false again: a task that was still running when the worker
+paused finishes later and leaves its only copy there. Upstream's RetireWorker detaches
+itself as soon as no unique key is left, and anything landing afterwards is lost when
+the worker goes; a :class:`RetireWorkerWithRoom` therefore stays in the AMM until its
+worker leaves the cluster, and moves such late keys too.
+
+The retirement's state lives on its :class:`RetireWorkerWithRoom` (address, when the
+worker was first seen paused, when its retirement started), not only in the
+RetirePaused object that started it: the scheduler plugin rebuilds RetirePaused when
+its arguments change, and keeps RetireWorker policies. A RetirePaused adopts at every
+cycle the RetireWorkerWithRoom policies it does not track yet, and reports and handles
+them as its own.
 
 If the unique keys cannot go anywhere (no running worker with room), the retirement
-is aborted, the worker goes back to paused, and it is tried again after ``after``.
-Pauses are observed at AMM cycles, so ``paused_since`` has the AMM interval's
-resolution.
+is aborted: the RetireWorkerWithRoom puts the worker back to paused itself, as
+``Scheduler.retire_workers`` does, and detaches; RetirePaused tries again after
+``after``. Pauses are observed at AMM cycles, so ``paused_since`` has the AMM
+interval's resolution.
+
+The ``amm_replace`` handler is installed on the scheduler when a RetirePaused is added
+to an AMM (``ActiveMemoryManagerExtension.add_policy``, which the dask config and the
+scheduler plugin both go through).
 """
 
 from __future__ import annotations
@@ -35,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from dask.utils import parse_timedelta
 from distributed.active_memory_manager import (
+    ActiveMemoryManagerExtension,
     RetireWorker,
     Suggestion,
     SuggestionGenerator,
@@ -56,17 +75,62 @@ task_logger = logging.getLogger(__name__ + ".tasks")
 HANDLER = "amm_replace"
 
 
+def set_status(scheduler: Scheduler, ws: WorkerState, status: Status) -> None:
+    """Change a worker's status as Scheduler.retire_workers does: on the scheduler at
+    once, so that no task or copy lands on the worker meanwhile, and tell the worker."""
+    stimulus_id = f"retire-paused-{time()}"
+    scheduler.handle_worker_status_change(status, ws, stimulus_id)
+    scheduler.stream_comms[ws.address].send(
+        {
+            "op": "worker-status-change",
+            "status": status.name,
+            "stimulus_id": stimulus_id,
+        }
+    )
+
+
+def unique_keys(ws: WorkerState) -> int:
+    """How many keys ``ws`` holds that no other worker has."""
+    return sum(len(ts.who_has or ()) <= 1 for ts in ws.has_what)
+
+
 class RetireWorkerWithRoom(RetireWorker):
-    """Upstream's RetireWorker, but copying keys only to workers with room."""
+    """Upstream's RetireWorker, but copying keys only to workers with room, staying in
+    the AMM until its worker leaves (upstream detaches once no unique key is left), and
+    putting the worker back to paused when it aborts.
+
+    Parameters
+    ----------
+    address:
+        The worker to retire
+    paused_since:
+        When the worker was first seen paused (scheduler clock); default: now
+    """
+
+    #: When the worker was first seen paused (scheduler clock, seconds since the epoch)
+    paused_since: float
+    #: When this retirement started (scheduler clock)
+    retiring_since: float
+
+    def __init__(self, address: str, paused_since: float | None = None):
+        super().__init__(address)
+        self.retiring_since = time()
+        self.paused_since = self.retiring_since if paused_since is None else paused_since
 
     def run(self) -> SuggestionGenerator:
+        scheduler = self.manager.scheduler
+        ws = scheduler.workers.get(self.address)
+        if ws is not None and not ws.has_what and not ws.actors:
+            # Retired and empty. Upstream would log "no unique keys" and detach.
+            return
+
         gen = super().run()
         choice = None
         while True:
             try:
                 suggestion = gen.send(choice)
             except StopIteration:
-                return
+                break
             if suggestion.op == "replicate" and suggestion.candidates is None:
                 ts = suggestion.ts
                 candidates = workers_with_room(ts.nbytes, self.manager.workers_memory)
@@ -81,6 +145,25 @@ class RetireWorkerWithRoom(RetireWorker):
                 suggestion = Suggestion("replicate", ts, candidates)
             choice = yield suggestion
 
+        if ws is None or self in self.manager.policies:
+            return
+        if self.no_recipients:
+            # Aborted (upstream has detached): back to paused, as
+            # Scheduler.retire_workers does; the worker unpauses by itself if its
+            # memory went down meanwhile.
+            if ws.status == Status.closing_gracefully:
+                set_status(scheduler, ws, Status.paused)
+        else:
+            # Upstream detached for want of unique keys. Stay: a task still running
+            # there may yet leave its only copy on the worker.
+            self.manager.policies.add(self)
+
+    def attached(self) -> bool:
+        """Whether this policy is still in an AMM (the main one or an ad-hoc one the
+        scheduler plugin handed it over to)."""
+        manager = getattr(self, "manager", None)
+        return manager is not None and self in manager.policies
+
 
 @dataclass
 class Retirement:
@@ -88,13 +171,10 @@ class Retirement:
 
     #: The worker as the scheduler knows it
     ws: WorkerState
-    #: When it was first seen paused (scheduler clock, seconds since the epoch)
-    paused_since: float
-    #: When its retirement started (scheduler clock)
-    retiring_since: float
-    #: The AMM policy copying its unique keys away
+    #: The AMM policy copying its unique keys away; holds paused_since, retiring_since
     policy: RetireWorkerWithRoom
-    #: True once no key is held only by this worker
+    #: No key is held only by this worker and it processes nothing (recomputed at
+    #: every cycle)
     retired: bool = False
 
 
@@ -106,7 +186,13 @@ class RetirePaused(CountingPolicy):
     after:
         How long a worker may stay paused (seconds or a string such as "30s").
 
-    Counters: ``retirements_started``, ``workers_retired``, ``retirements_aborted``,
+    Counters: ``retirements_started``, ``retirements_adopted`` (found in the AMM,
+    started by an earlier RetirePaused), ``workers_retired`` (a worker became safe to
+    kill; again after ``retired_unsafe`` if keys moved off once more),
+    ``retired_unsafe`` (a retired worker got a unique key or a task again),
+    ``retirements_restarted`` (its RetireWorkerWithRoom was removed from the AMM by
+    someone else while unique keys remained), ``retirements_cancelled`` (someone
+    else changed the worker's status from closing_gracefully), ``retirements_aborted``,
     ``workers_left`` (a retiring or retired worker left the cluster: replaced).
     The keys are moved by :class:`RetireWorkerWithRoom`, which does not count.
     """
@@ -129,11 +215,23 @@ class RetirePaused(CountingPolicy):
     def __repr__(self) -> str:
         return f"RetirePaused(after={self.after})"
 
+    # ActiveMemoryManagerExtension.add_policy sets ``policy.manager``: the moment this
+    # policy joins a scheduler, and the place to install the amm_replace handler.
+    @property  # type: ignore[override]
+    def manager(self) -> ActiveMemoryManagerExtension:
+        return self._manager
+
+    @manager.setter
+    def manager(self, manager: ActiveMemoryManagerExtension) -> None:
+        self._manager = manager
+        install_handler(manager.scheduler)
+
     def run(self) -> SuggestionGenerator:
         scheduler = self.manager.scheduler
-        install_handler(scheduler)
+        install_handler(scheduler)  # in case someone removed it
         now = time()
 
+        self._adopt(scheduler)
         self._track_retirements(scheduler)
 
         for address, ws in scheduler.workers.items():
@@ -152,18 +250,32 @@ class RetirePaused(CountingPolicy):
         # This policy moves no key itself: RetireWorkerWithRoom does.
         yield from ()
 
+    def _adopt(self, scheduler: Scheduler) -> None:
+        """Track retirements started by an earlier RetirePaused (rebuilt or removed by
+        the scheduler plugin), whose RetireWorkerWithRoom survived it."""
+        for p in list(self.manager.policies):
+            if not isinstance(p, RetireWorkerWithRoom) or p.address in self.retiring:
+                continue
+            ws = scheduler.workers.get(p.address)
+            if ws is None:
+                continue  # it detaches itself at its next run
+            self.paused_since.pop(p.address, None)
+            self.retiring[p.address] = Retirement(ws, p)
+            self.count("retirements_adopted")
+            logger.info("RetirePaused: tracking the retirement of %s", p.address)
+
     def _track_retirements(self, scheduler: Scheduler) -> None:
         for address, rt in list(self.retiring.items()):
-            if scheduler.workers.get(address) is not rt.ws:
+            ws = rt.ws
+            if scheduler.workers.get(address) is not ws:
                 del self.retiring[address]
                 self.count("workers_left")
                 logger.info("RetirePaused: retired worker %s left the cluster", address)
-            elif rt.policy.no_recipients:
+                continue
+            if rt.policy.no_recipients:
+                # RetireWorkerWithRoom put the worker back to paused
                 del self.retiring[address]
                 self.count("retirements_aborted")
-                # Back to paused, as Scheduler.retire_workers does on abort; the
-                # worker unpauses by itself if its memory went down meanwhile.
-                self._set_status(scheduler, rt.ws, Status.paused)
                 self.paused_since[address] = time()
                 logger.warning(
                     "RetirePaused: could not retire %s: no running worker has room "
@@ -171,41 +283,64 @@ class RetirePaused(CountingPolicy):
                     address,
                     self.after,
                 )
-            elif not rt.retired and rt.policy.done():
-                rt.retired = True
+                continue
+            if ws.status != Status.closing_gracefully:
+                # Someone else took it out of retirement (e.g. set it running again):
+                # stop moving its keys and stop asking for its replacement.
+                del self.retiring[address]
+                if rt.policy.attached():
+                    rt.policy.manager.policies.discard(rt.policy)
+                self.count("retirements_cancelled")
+                logger.info(
+                    "RetirePaused: %s is %s, no longer retiring; not replacing it",
+                    address,
+                    ws.status.name,
+                )
+                continue
+            unique = unique_keys(ws)
+            if unique and not rt.policy.attached():
+                # Someone removed it from the AMM; the keys must still go somewhere.
+                old = rt.policy
+                rt.policy = RetireWorkerWithRoom(address, old.paused_since)
+                rt.policy.retiring_since = old.retiring_since
+                self.manager.add_policy(rt.policy)
+                self.count("retirements_restarted")
+                logger.info(
+                    "RetirePaused: %s holds %d unique key(s) again; retiring it anew",
+                    address,
+                    unique,
+                )
+            retired = not unique and not ws.processing
+            if retired and not rt.retired:
                 self.count("workers_retired")
                 logger.info(
                     "RetirePaused: %s retired; it holds no unique data and can be "
                     "replaced",
                     address,
                 )
+            elif rt.retired and not retired:
+                self.count("retired_unsafe")
+                logger.info(
+                    "RetirePaused: retired worker %s holds %d unique key(s) and "
+                    "processes %d task(s) again; not safe to kill until they move",
+                    address,
+                    unique,
+                    len(ws.processing),
+                )
+            rt.retired = retired
 
     def _retire(self, scheduler: Scheduler, ws: WorkerState) -> None:
         paused_since = self.paused_since.pop(ws.address)
-        policy = RetireWorkerWithRoom(ws.address)
+        policy = RetireWorkerWithRoom(ws.address, paused_since)
         self.manager.add_policy(policy)
-        self._set_status(scheduler, ws, Status.closing_gracefully)
-        self.retiring[ws.address] = Retirement(ws, paused_since, time(), policy)
+        set_status(scheduler, ws, Status.closing_gracefully)
+        self.retiring[ws.address] = Retirement(ws, policy)
         self.count("retirements_started")
         logger.info(
             "RetirePaused: %s paused for %.0fs; retiring it (%d keys)",
             ws.address,
-            time() - paused_since,
+            policy.retiring_since - paused_since,
             len(ws.has_what),
-        )
-
-    @staticmethod
-    def _set_status(scheduler: Scheduler, ws: WorkerState, status: Status) -> None:
-        # As Scheduler.retire_workers: set it on the scheduler at once, so that no task
-        # or copy lands on the worker meanwhile, and tell the worker.
-        stimulus_id = f"retire-paused-{time()}"
-        scheduler.handle_worker_status_change(status, ws, stimulus_id)
-        scheduler.stream_comms[ws.address].send(
-            {
-                "op": "worker-status-change",
-                "status": status.name,
-                "stimulus_id": stimulus_id,
-            }
         )
 
     def replace(self) -> list[dict[str, Any]]:
@@ -214,8 +349,8 @@ class RetirePaused(CountingPolicy):
             {
                 "address": address,
                 "name": rt.ws.name,
-                "paused_since": rt.paused_since,
-                "retiring_since": rt.retiring_since,
+                "paused_since": rt.policy.paused_since,
+                "retiring_since": rt.policy.retiring_since,
                 "retired": rt.retired,
             }
             for address, rt in self.retiring.items()
