@@ -12,23 +12,46 @@ flight in :attr:`Rebalance.moves` and counts them as already done when it weighs
 workers, so that a sender whose copy has not been dropped yet is not chosen again.
 
 **What is heavy.** The manager's measure (``manager.workers_memory``, default
-"optimistic"). A worker sends when it is above the cluster mean by more than half the
-dead band, and receives when it is below the mean; the band is ``threshold`` times
-the worker's memory_limit (times the mean for workers without a limit). A move of
+"optimistic"), with the moves in flight counted as done (below). It lags: managed
+memory is capped at the process memory of the last heartbeat, so a worker that just
+received many bytes may look lighter than it is until its next heartbeat, and the
+policy may then move a little more than needed (a later cycle moves it back only if
+the worker ends above the band). Correcting for that lag (adding ``ws.nbytes`` beyond
+the cap) was tried and made things worse: the AMM chooses which copy a drop removes
+with its own, uncorrected measure, so every policy's drops (ReduceReplicas',
+PressureReduceReplicas') then removed the *recipient's* copy of moves that the
+corrected weights had sized, undoing them. Weighing with the AMM's measure keeps
+Rebalance consistent with the AMM's choice of copy to drop.
+
+A worker sends when it is above the cluster mean by more than half the dead band,
+and receives when it is below the mean; the band is ``threshold`` times the worker's
+memory_limit (times the mean for workers without a limit). A move of
 ``s`` bytes from a sender at ``S`` to a recipient at ``R`` needs ``S - s >= mean -
 band/2``, ``R + s <= mean + band/2`` and ``R + s <= S - s``. So a recipient never
 becomes a sender while the mean holds still (hysteresis), and every move lowers the
 variance of the workers' memory: no sequence of moves can come back to where it
 started, and the policy does not ping-pong with itself. When the drop happens, the
 sender's copy is the one on the heavier worker, which is also the one ReduceReplicas
-would choose: the two do not undo each other.
+would choose: the two do not undo each other (unless the AMM's measure has moved
+since, e.g. this cycle's other drops made the sender lighter; such a move is
+"undone", see below).
 
 **Guards.**
 
 - Recipients must have room (:func:`amm_core._room.workers_with_room`): a copy never
   takes a worker past its pause threshold.
 - Keys needed by a task queued or running on the sender (``ts.waiters`` with
-  ``processing_on`` the sender) stay where they are.
+  ``processing_on`` the sender) stay where they are, and so do keys with an
+  "imminent" dependent on the sender: not assigned yet, but every missing input is
+  being computed there. :class:`amm_core.reduce.PressureReduceReplicas` keeps the copy
+  there for the same reason (see ``_copies_to_keep`` in reduce.py; the rule is
+  re-implemented in :func:`_needed_on`, keep the two in step). Moving such a key
+  would let the reducer drop the *recipient's* copy, the sender's drop would then be
+  refused (last copy), and the key would be moved again after ``move_timeout``.
+- Whatever the reason, a move whose recipient lost its copy after it had arrived ends
+  at once ("undone"), and a key whose move was undone or abandoned is not moved again
+  for ``cooldown`` cycles: two policies that disagree about a key cost one copy per
+  cool-down at most, not one per cycle.
 - Keys with more copies than wanted (see :func:`amm_core.replicate.wanted_replicas`)
   are left to the reducer, which drops the excess from the heaviest worker anyway.
 - Spilled keys: the scheduler does not know which keys a worker spilled, only how
@@ -39,6 +62,12 @@ would choose: the two do not undo each other.
   the worker holds in memory. This is an approximation: a recently inserted key
   that was not used since may be spilled, and then moving it costs a read from disk
   on the sender. With nothing spilled, every key is a candidate.
+
+**Cost.** A cycle stops scanning as soon as no key can fit anywhere: keys larger than
+the largest room and dead-band slack among the recipients are skipped without
+looking at each recipient, a sender is left once nothing more can leave it, and at
+most ``max_keys_per_cycle`` keys are examined per cycle (the newest of each sender
+first, heaviest sender first).
 """
 
 from __future__ import annotations
@@ -51,7 +80,7 @@ from dask.utils import parse_bytes
 from distributed.active_memory_manager import Suggestion, SuggestionGenerator
 from distributed.core import Status
 
-from amm_core._room import CountingPolicy, workers_with_room
+from amm_core._room import CountingPolicy, room, workers_with_room
 from amm_core.replicate import wanted_replicas
 
 if TYPE_CHECKING:
@@ -62,6 +91,31 @@ logger = logging.getLogger(__name__)
 # Per-key logging. Verbose at DEBUG level.
 task_logger = logging.getLogger(__name__ + ".tasks")
 
+def _needed_on(ts: TaskState, ws: WorkerState, max_scan: int) -> bool:
+    """Whether a dependent of ``ts`` runs, or is about to run, on ``ws``.
+
+    Processing there, or "imminent" there: not assigned yet, and every input it
+    still waits on is being computed on ``ws``. The imminent rule is the one of
+    :meth:`amm_core.reduce.PressureReduceReplicas._copies_to_keep` (same scan of at
+    most ``max_scan`` unassigned dependents, queued ones excluded); it is repeated
+    here so that the two policies agree on which copies stay.
+    """
+    scanned = 0
+    for waiter in ts.waiters or ():
+        where = waiter.processing_on
+        if where is not None:
+            if where is ws:
+                return True
+            continue
+        if scanned >= max_scan:
+            continue
+        scanned += 1
+        if waiter.state != "queued" and waiter.waiting_on:
+            inputs_on = {dts.processing_on for dts in waiter.waiting_on}
+            if None not in inputs_on and ws in inputs_on:
+                return True
+    return False
+
 
 @dataclass
 class Move:
@@ -71,6 +125,8 @@ class Move:
     recipient: WorkerState
     #: AMM cycles since the copy was requested
     age: int = 0
+    #: Whether the recipient's copy was seen in memory
+    arrived: bool = False
 
 
 class Rebalance(CountingPolicy):
@@ -88,10 +144,20 @@ class Rebalance(CountingPolicy):
     move_timeout:
         AMM cycles after which a move whose copy never arrived, or whose sender
         could not drop its copy, is given up.
+    cooldown:
+        AMM cycles during which a key whose move was abandoned or undone is not
+        moved again.
+    max_keys_per_cycle:
+        Keys examined per AMM cycle at most, over all senders.
+    max_scan:
+        Unassigned dependents examined per key by the imminent rule (as
+        PressureReduceReplicas' ``max_scan``).
 
     Counters: ``replicas_copied``, ``replicas_dropped``, ``moves_completed``,
-    ``moves_abandoned``, ``bytes_moved``, ``no_room`` (a cycle had senders and
-    recipients but no recipient with room for a key).
+    ``moves_abandoned``, ``moves_undone`` (the recipient's copy was dropped by
+    someone else after it arrived), ``bytes_moved``, ``no_room`` (a cycle had
+    senders and recipients but no recipient with room for a key that fit the band),
+    ``scan_capped`` (a cycle stopped at ``max_keys_per_cycle``).
     """
 
     #: Width of the dead band around the mean, as a fraction of memory_limit
@@ -100,8 +166,18 @@ class Rebalance(CountingPolicy):
     max_bytes_per_cycle: int
     #: AMM cycles after which an unfinished move is given up
     move_timeout: int
+    #: AMM cycles a key is left alone after its move was abandoned or undone
+    cooldown: int
+    #: Keys examined per AMM cycle at most
+    max_keys_per_cycle: int
+    #: Unassigned dependents examined per key by the imminent rule
+    max_scan: int
     #: Moves in flight, by key
     moves: dict[TaskState, Move]
+    #: Keys cooling down after an abandoned or undone move: the cycle they may move again
+    cooling: dict[TaskState, int]
+    #: AMM cycles run so far
+    cycle: int
     #: Cluster mean and dead-band state seen in the last cycle, for report()
     last_cycle: dict[str, Any]
 
@@ -110,6 +186,9 @@ class Rebalance(CountingPolicy):
         threshold: float = 0.05,
         max_bytes_per_cycle: int | str = "100MiB",
         move_timeout: int = 10,
+        cooldown: int = 30,
+        max_keys_per_cycle: int = 10_000,
+        max_scan: int = 64,
     ):
         super().__init__()
         if not 0 < threshold < 1:
@@ -119,16 +198,30 @@ class Rebalance(CountingPolicy):
         if self.max_bytes_per_cycle <= 0:
             raise ValueError("max_bytes_per_cycle must be positive")
         self.move_timeout = move_timeout
+        if cooldown < 0:
+            raise ValueError(f"cooldown must be >= 0; got {cooldown!r}")
+        self.cooldown = int(cooldown)
+        if max_keys_per_cycle <= 0:
+            raise ValueError("max_keys_per_cycle must be positive")
+        self.max_keys_per_cycle = int(max_keys_per_cycle)
+        if max_scan < 0:
+            raise ValueError(f"max_scan must be >= 0; got {max_scan!r}")
+        self.max_scan = int(max_scan)
         self.moves = {}
+        self.cooling = {}
+        self.cycle = 0
         self.last_cycle = {}
 
     def __repr__(self) -> str:
         return (
             f"Rebalance(threshold={self.threshold}, "
-            f"max_bytes_per_cycle={self.max_bytes_per_cycle})"
+            f"max_bytes_per_cycle={self.max_bytes_per_cycle}, "
+            f"cooldown={self.cooldown})"
         )
 
     def run(self) -> SuggestionGenerator:
+        self.cycle += 1
+        self._expire_cooling()
         yield from self._finish_moves()
         yield from self._start_moves()
 
@@ -145,6 +238,7 @@ class Rebalance(CountingPolicy):
                 done = move.recipient in who_has
                 self._end(ts, "completed" if done else "abandoned", "sender dropped")
             elif move.recipient in who_has:
+                move.arrived = True
                 ws = yield Suggestion("drop", ts, {move.sender})
                 if ws is not None:
                     self.count("replicas_dropped")
@@ -155,6 +249,10 @@ class Rebalance(CountingPolicy):
                     self._end(ts, "completed", "another policy drops it")
                 elif move.age > self.move_timeout:
                     self._end(ts, "abandoned", "sender can't drop its copy")
+            elif move.arrived:
+                # Another policy (a reducer keeping the sender's copy) disagrees:
+                # waiting for move_timeout would only delay a repeat of the move.
+                self._end(ts, "undone", "recipient's copy dropped after it arrived")
             elif (
                 move.age > self.move_timeout
                 or move.recipient.status != Status.running
@@ -162,9 +260,17 @@ class Rebalance(CountingPolicy):
             ):
                 self._end(ts, "abandoned", "copy did not arrive")
 
+    def _expire_cooling(self) -> None:
+        scheduler = self.manager.scheduler
+        for ts, until in list(self.cooling.items()):
+            if until <= self.cycle or scheduler.tasks.get(ts.key) is not ts:
+                del self.cooling[ts]
+
     def _end(self, ts: TaskState, outcome: str, why: str) -> None:
         move = self.moves.pop(ts)
         self.count(f"moves_{outcome}")
+        if outcome != "completed" and self.cooldown:
+            self.cooling[ts] = self.cycle + self.cooldown
         task_logger.debug(
             "Rebalance: move of %s from %s to %s %s: %s",
             ts.key,
@@ -175,7 +281,8 @@ class Rebalance(CountingPolicy):
         )
 
     def _start_moves(self) -> SuggestionGenerator:
-        workers_memory = self.manager.workers_memory
+        manager = self.manager
+        workers_memory = manager.workers_memory
         # Memory as it will be once the moves in flight are done.
         eff = {
             ws: nbytes
@@ -210,14 +317,30 @@ class Rebalance(CountingPolicy):
             "senders": len(senders),
             "recipients": len(recipients),
             "moves_in_flight": len(self.moves),
+            "keys_examined": 0,
         }
         if not senders or not recipients:
             return
 
+        def limits() -> tuple[float, float, float]:
+            """(largest dead-band slack, largest key that fits both band and room,
+            lightest recipient) over the recipients: no key above the first two can
+            go anywhere, whatever its sender."""
+            slack = {ws: mean + half_band(ws) - eff[ws] for ws in recipients}
+            return (
+                max(slack.values()),
+                max(min(s, room(ws, workers_memory)) for ws, s in slack.items()),
+                min(eff[ws] for ws in recipients),
+            )
+
+        max_slack, max_fit, lightest = limits()
         budget = self.max_bytes_per_cycle
         nmoves = 0
+        examined = 0
         no_room = False
         for sender in senders:
+            if budget <= 0 or max_slack <= 0 or examined >= self.max_keys_per_cycle:
+                break
             # Newest keys first, up to the bytes held in memory: see module docstring.
             # (Not ws.memory.managed: it is capped by the process memory of the last
             # heartbeat, which lags behind keys that just landed.)
@@ -226,16 +349,33 @@ class Rebalance(CountingPolicy):
             for ts in reversed(sender.has_what):
                 nbytes = ts.nbytes
                 seen += nbytes
-                if seen > in_memory or eff[sender] <= mean or budget <= 0:
+                # Largest key that may leave this sender and land somewhere.
+                limit = min(
+                    budget,
+                    max_slack,
+                    eff[sender] - (mean - half_band(sender)),
+                    (eff[sender] - lightest) / 2,
+                )
+                if seen > in_memory or eff[sender] <= mean or limit <= 0:
                     break
+                if examined >= self.max_keys_per_cycle:
+                    self.count("scan_capped")
+                    break
+                examined += 1
                 if (
-                    nbytes > budget
+                    nbytes > limit
                     or nbytes <= 0
                     or ts in self.moves
+                    or ts in self.cooling
                     or ts.actor
-                    or eff[sender] - nbytes < mean - half_band(sender)
-                    or len(ts.who_has or ()) > wanted_replicas(self.manager, ts)
-                    or any(w.processing_on is sender for w in ts.waiters or ())
+                ):
+                    continue
+                if nbytes > max_fit:
+                    no_room = True
+                    continue
+                if (
+                    len(ts.who_has or ()) > wanted_replicas(manager, ts)
+                    or _needed_on(ts, sender, self.max_scan)
                 ):
                     continue
 
@@ -261,6 +401,7 @@ class Rebalance(CountingPolicy):
                 eff[recipient] += nbytes
                 budget -= nbytes
                 nmoves += 1
+                max_slack, max_fit, lightest = limits()
                 self.count("replicas_copied")
                 task_logger.debug(
                     "Rebalance: moving %s (%d bytes) from %s to %s",
@@ -269,9 +410,8 @@ class Rebalance(CountingPolicy):
                     sender.address,
                     recipient.address,
                 )
-            if budget <= 0:
-                break
 
+        self.last_cycle["keys_examined"] = examined
         if no_room:
             self.count("no_room")
         if nmoves:
@@ -287,6 +427,7 @@ class Rebalance(CountingPolicy):
         out["threshold"] = self.threshold
         out["max_bytes_per_cycle"] = self.max_bytes_per_cycle
         out["moves_in_flight"] = len(self.moves)
+        out["keys_cooling"] = len(self.cooling)
         out["bytes_in_flight"] = sum(ts.nbytes for ts in self.moves)
         out["last_cycle"] = dict(self.last_cycle)
         return out

@@ -20,11 +20,17 @@ quantity sampled here. Client.rebalance gets its best settings: sender-min and
 recipient-max opened to 0 and 1, sender-recipient-gap equal to the policy's
 threshold (with the defaults it would hardly move anything here).
 
-Run: python benchmarks/rebalance.py   (about a minute on 2 cores)
+Each configuration runs ``--repeat`` times (default 3), interleaved in a rotating
+order (none, client, amm; client, amm, none; ...) so that drift in the machine's load
+hits every configuration alike; the table shows medians over the repeats and the
+ratios are ratios of medians.
+
+Run: python benchmarks/rebalance.py [--repeat N]   (about a minute per repeat on 2 cores)
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -44,6 +50,7 @@ NEW_CHUNKS_PER_ROUND = 6  # 24 MiB ingested per round, on the same worker
 TASK_SECONDS = 0.005  # per-chunk work in the reduction (sleep: spares the 2 cores)
 SAMPLE_INTERVAL = 0.1  # seconds
 AMM_INTERVAL = "1s"
+HEARTBEAT_WAIT = 30  # seconds at most for the workers' heartbeats to catch up
 REBALANCE_POLICY = {
     "class": "amm_core.rebalance.Rebalance",
     "threshold": 0.02,  # of 2 GiB: a worker sends when > 20 MiB above the mean
@@ -138,7 +145,12 @@ def run(config: str) -> dict[str, Any]:
         wait(chunks)
         # Memory measures are capped by the process memory of the last heartbeat:
         # let it catch up with the data before anyone weighs the workers.
+        deadline = time.monotonic() + HEARTBEAT_WAIT
         while c.run_on_scheduler(heartbeat_lags):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"worker heartbeats still lag behind the data after {HEARTBEAT_WAIT}s"
+                )
             time.sleep(0.1)
         if config == "client_rebalance":
             c.rebalance()
@@ -177,21 +189,50 @@ def run(config: str) -> dict[str, Any]:
     }
 
 
+METRICS = ["spread_start", "spread_avg", "cv_avg", "spread_end", "cv_end", "wall"]
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per configuration (default 3)"
+    )
+    args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
     print(
         f"{N_WORKERS} workers x 1 thread, {MEMORY_LIMIT} each; "
         f"{INITIAL_CHUNKS} x {CHUNK >> 20} MiB on one worker, then {ROUNDS} rounds of "
         f"+{NEW_CHUNKS_PER_ROUND} chunks on it and a reduction over all chunks; "
-        f"AMM interval {AMM_INTERVAL}; Rebalance {REBALANCE_POLICY}",
+        f"AMM interval {AMM_INTERVAL}; Rebalance {REBALANCE_POLICY}; "
+        f"{args.repeat} repeats, interleaved",
         flush=True,
     )
-    results = {}
-    for config in CONFIGS:
-        results[config] = run(config)
-        print(f"  {config}: done in {results[config]['wall']:.1f}s", flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {config: [] for config in CONFIGS}
+    for i in range(args.repeat):
+        k = i % len(CONFIGS)
+        for config in CONFIGS[k:] + CONFIGS[:k]:
+            r = run(config)
+            runs[config].append(r)
+            print(
+                f"  repeat {i + 1}: {config}: spread avg "
+                f"{r['spread_avg'] / 2**20:.0f} MiB, done in {r['wall']:.1f}s",
+                flush=True,
+            )
+
+    results = {
+        config: {
+            "config": config,
+            "samples": statistics.median(r["samples"] for r in rs),
+            **{m: statistics.median(r[m] for r in rs) for m in METRICS},
+            "end": rs[-1]["end"],
+        }
+        for config, rs in runs.items()
+    }
 
     mib = 2**20
     print()
+    print(f"medians over {args.repeat} runs:")
     print(
         f"{'config':<18}{'spread start':>14}{'spread avg':>12}{'cv avg':>8}"
         f"{'spread end':>12}{'cv end':>8}{'wall':>8}{'samples':>9}"
@@ -201,14 +242,17 @@ def main() -> None:
             f"{r['config']:<18}{r['spread_start'] / mib:>10.0f} MiB"
             f"{r['spread_avg'] / mib:>8.0f} MiB{r['cv_avg']:>8.2f}"
             f"{r['spread_end'] / mib:>8.0f} MiB{r['cv_end']:>8.2f}"
-            f"{r['wall']:>7.1f}s{r['samples']:>9}"
+            f"{r['wall']:>7.1f}s{r['samples']:>9.0f}"
         )
-    print("per-worker managed MiB at the end:")
+    print("spread avg of each run (MiB):")
+    for config, rs in runs.items():
+        print(f"  {config:<18}" + " ".join(f"{r['spread_avg'] / mib:5.0f}" for r in rs))
+    print("per-worker managed MiB at the end of the last run:")
     for r in results.values():
         print(f"  {r['config']:<18}" + " ".join(f"{v / mib:5.0f}" for v in r["end"]))
     base = results["none"]
     print()
-    print("ratios vs none (lower is better for spread and cv):")
+    print("ratios of medians vs none (lower is better for spread and cv):")
     for r in results.values():
         print(
             f"  {r['config']:<18} spread avg {r['spread_avg'] / base['spread_avg']:.2f}"
