@@ -7,6 +7,13 @@ with :func:`workers_with_room`, so that a copy never pushes a worker past its me
 limit or its pause threshold, counting what is already pending in this AMM cycle
 (``manager.workers_memory`` is kept up to date by the extension as suggestions are
 accepted).
+
+Workers pause on their *process* memory (RSS), not on the AMM's measure. With the
+measure "managed", a worker whose process holds 70% of its limit in unmanaged memory
+(a leak, a big import, a running task's temporaries) would look nearly empty, and
+copies sent to it would pause it. So room is computed from process memory plus this
+cycle's pending changes, which are the difference between ``workers_memory`` and the
+measure it started from: pass the AMM's ``measure`` (``manager.measure``).
 """
 
 from __future__ import annotations
@@ -32,27 +39,59 @@ def pause_fraction() -> float | None:
     return float(value) if value else None
 
 
-def room(ws: WorkerState, workers_memory: dict[WorkerState, int]) -> float:
-    """Bytes ``ws`` can still take before it reaches its pause threshold (or its
-    memory limit when pausing is off). Unlimited workers have infinite room."""
+def expected_process_memory(
+    ws: WorkerState, workers_memory: dict[WorkerState, int], measure: str | None
+) -> int:
+    """The process memory ``ws`` will have once this cycle's pending copies and drops
+    are done: its process memory at the last heartbeat, plus the keys that landed
+    on it since (the scheduler learns of them at once, of RSS only with the next
+    heartbeat: without this, copies made in the previous cycle would be invisible),
+    plus the change ``workers_memory`` has accumulated since the AMM read
+    ``measure`` at the start of this cycle.
+
+    Keys released since the heartbeat are not subtracted: RSS seldom shrinks as
+    fast. ``measure=None`` takes ``workers_memory`` as is (the behaviour before the
+    measure was passed; wrong for "managed", which ignores unmanaged memory).
+    """
+    if measure is None:
+        return workers_memory.get(ws, 0)
+    memory = ws.memory
+    start = getattr(memory, measure)
+    landed = max(0, ws.nbytes - ws.metrics.get("managed_bytes", ws.nbytes))
+    return memory.process + landed + (workers_memory.get(ws, start) - start)
+
+
+def room(
+    ws: WorkerState,
+    workers_memory: dict[WorkerState, int],
+    measure: str | None = None,
+) -> float:
+    """Bytes ``ws`` can still take before its process memory reaches its pause
+    threshold (or its memory limit when pausing is off). Unlimited workers have
+    infinite room. ``measure`` is the AMM's (``manager.measure``): see
+    :func:`expected_process_memory`."""
     if not ws.memory_limit:
         return float("inf")
     fraction = pause_fraction() or 1.0
-    return ws.memory_limit * fraction - workers_memory.get(ws, 0)
+    return ws.memory_limit * fraction - expected_process_memory(
+        ws, workers_memory, measure
+    )
 
 
 def workers_with_room(
     nbytes: int,
     workers_memory: dict[WorkerState, int],
     candidates: set[WorkerState] | None = None,
+    measure: str | None = None,
 ) -> set[WorkerState]:
     """Running workers among ``candidates`` (default: all in ``workers_memory``)
-    that can take ``nbytes`` more without crossing their pause threshold."""
+    that can take ``nbytes`` more without crossing their pause threshold.
+    Pass ``measure=manager.measure``: see :func:`room`."""
     pool = workers_memory.keys() if candidates is None else candidates
     return {
         ws
         for ws in pool
-        if ws.status == Status.running and room(ws, workers_memory) >= nbytes
+        if ws.status == Status.running and room(ws, workers_memory, measure) >= nbytes
     }
 
 

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from distributed.active_memory_manager import Suggestion, SuggestionGenerator
@@ -100,8 +101,10 @@ class PressureReduceReplicas(CountingPolicy):
         upstream), trading memory it does not need for fewer transfers. 0 (the
         default) never does.
     max_scan
-        Dependents examined per key for the rules above, bounding the cost of a
-        cycle for keys with very many dependents (upstream stops counting at 20).
+        Dependents examined per key (processing or not) for the rules above,
+        bounding the cost of a cycle for keys with very many dependents (upstream
+        stops counting at 20). Keys that hold no more than their wanted copies are
+        not scanned at all.
 
     Counters: ``replicas_dropped``, ``bytes_dropped`` (drops accepted by the AMM),
     ``drops_refused`` (suggestions the AMM declined), ``kept_imminent``,
@@ -190,16 +193,18 @@ class PressureReduceReplicas(CountingPolicy):
         processing: set[WorkerState] = set()
         imminent: set[WorkerState] = set()
         nqueued = 0
-        scanned = 0
-        for waiter in ts.waiters or ():
+        scanned = 0  # unassigned dependents examined
+        # At most max_scan dependents in all: a key with 100k dependents costs no
+        # more than one with max_scan. A processing dependent beyond them is still
+        # protected: the AMM extension never drops a copy where a dependent
+        # processes (ActiveMemoryManagerExtension._find_dropper).
+        for waiter in islice(ts.waiters or (), self.max_scan):
             ws = waiter.processing_on
             if ws is not None:
                 if ws in holders:
                     processing.add(ws)
                 continue
-            if scanned >= self.max_scan:
-                continue
-            scanned += 1  # every scanned waiter is unassigned
+            scanned += 1
             if waiter.state == "queued":
                 nqueued += 1
             elif self.keep_imminent and waiter.waiting_on:
@@ -239,10 +244,14 @@ class PressureReduceReplicas(CountingPolicy):
                 continue
             assert ts.who_has
             pending_repl, pending_drop = manager.pending.get(ts, (set(), set()))
+            wanted = wanted_replicas(manager, ts)
+            if len(ts.who_has) - len(pending_drop) + len(pending_repl) <= wanted:
+                # Nothing to drop whatever the dependents: skip scanning them (the
+                # steady state of keys tracked by Replicate).
+                continue
             holders = ts.who_has - pending_drop
             kept = self._copies_to_keep(ts, holders, pressed, idle)
             keep = set().union(*kept.values())
-            wanted = wanted_replicas(manager, ts)
             ndrop = len(holders) + len(pending_repl) - max(wanted, len(keep))
             candidates = holders - keep
             for reason, workers in kept.items():

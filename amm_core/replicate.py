@@ -55,6 +55,10 @@ logger = logging.getLogger(__name__)
 # Per-key logging. Verbose at DEBUG level.
 task_logger = logging.getLogger(__name__ + ".tasks")
 
+#: Worker states whose copies count as held: closing_gracefully workers are about to
+#: take theirs away, paused workers keep theirs.
+_HOLDING = frozenset({Status.running, Status.paused})
+
 #: A wanted number of copies: an int >= 1, or "all" for every running worker
 Wanted = int | Literal["all"]
 
@@ -104,16 +108,24 @@ class Replicate(CountingPolicy):
     Counters: ``replicas_copied`` (copies accepted by the AMM), ``no_room`` (a copy
     was missing but no running worker without one had room for it),
     ``too_few_workers`` (more copies wanted than running workers),
-    ``keys_forgotten`` (tracked keys that left the cluster).
+    ``keys_forgotten`` (tracked keys that left the cluster),
+    ``conflicting_reducer`` (cycles run alongside upstream's ReduceReplicas, which
+    undoes the copies; logged as an error once).
+
+    New copies of a key are capped per cycle at its number of holders, so that a key
+    wanted on many workers spreads over a few cycles as a tree.
     """
 
     #: Tracked keys: the TaskState seen at registration and the wanted count.
     #: Holding the TaskState lets run() tell a released key from a recreated one.
     wanted: dict[Key, tuple[TaskState, Wanted]]
+    #: Whether the conflict with upstream's ReduceReplicas was logged already
+    conflict_logged: bool
 
     def __init__(self) -> None:
         super().__init__()
         self.wanted = {}
+        self.conflict_logged = False
 
     def __repr__(self) -> str:
         return f"Replicate({len(self.wanted)} keys)"
@@ -139,7 +151,9 @@ class Replicate(CountingPolicy):
         return n
 
     def run(self) -> SuggestionGenerator:
-        scheduler = self.manager.scheduler
+        manager = self.manager
+        scheduler = manager.scheduler
+        self._check_reducers()
         ncopies = 0
         nkeys = 0
         for key, (ts, n) in list(self.wanted.items()):
@@ -152,31 +166,38 @@ class Replicate(CountingPolicy):
             if ts.state != "memory" or ts.actor:
                 # Lost and being recomputed, or erred: nothing to copy yet.
                 continue
+            assert ts.who_has
+            pending = manager.pending.get(ts)
+            if pending is None and self._has_target(ts, n):
+                # The steady state of most tracked keys: no set arithmetic.
+                continue
 
-            pending_repl, pending_drop = self.manager.pending.get(ts, (set(), set()))
+            pending_repl, pending_drop = pending or (set(), set())
             # Copies on closing_gracefully workers are about to go away: don't count
             # them. Paused workers keep theirs.
-            held = {
-                ws
-                for ws in ts.who_has or ()
-                if ws.status in (Status.running, Status.paused)
-            }
+            held = {ws for ws in ts.who_has if ws.status in _HOLDING}
+            others = scheduler.running - held - pending_repl
             if n == "all":
-                missing = len(scheduler.running - held - pending_repl)
+                missing = len(others)
             else:
                 missing = n - len(held - pending_drop) - len(pending_repl)
             if missing <= 0:
                 continue
 
             nkeys += 1
-            for _ in range(missing):
-                others = scheduler.running - held - pending_repl
+            # At most one new copy per current holder and cycle: the copies spread
+            # like Client.replicate's tree (1, 2, 4, ... holders) instead of every
+            # recipient fetching from the same worker at once.
+            ncap = min(missing, len(ts.who_has))
+            # Room only changes on the recipient, which leaves `others`: the
+            # candidates are computed once per key.
+            candidates = workers_with_room(
+                ts.nbytes, manager.workers_memory, others, measure=manager.measure
+            )
+            for _ in range(ncap):
                 if not others:
                     self.count("too_few_workers")
                     break
-                candidates = workers_with_room(
-                    ts.nbytes, self.manager.workers_memory, others
-                )
                 if not candidates:
                     self.count("no_room")
                     task_logger.debug(
@@ -188,12 +209,46 @@ class Replicate(CountingPolicy):
                 ws = yield Suggestion("replicate", ts, candidates)
                 if ws is None:
                     break
-                pending_repl = pending_repl | {ws}
+                others = others - {ws}
+                candidates = candidates - {ws}
                 ncopies += 1
                 self.count("replicas_copied")
 
         if ncopies:
             logger.debug("Replicate: creating %d copies of %d keys", ncopies, nkeys)
+
+    def _has_target(self, ts: TaskState, n: Wanted) -> bool:
+        """Whether ``ts`` holds its wanted copies, on running or paused workers,
+        without building sets (called for every tracked key every cycle)."""
+        assert ts.who_has
+        if n == "all":
+            running = self.manager.scheduler.running
+            return len(ts.who_has) >= len(running) and running <= ts.who_has
+        if len(ts.who_has) < n:
+            return False
+        return sum(ws.status in _HOLDING for ws in ts.who_has) >= n
+
+    def _check_reducers(self) -> None:
+        """Count (and log once) an upstream ReduceReplicas running alongside.
+
+        Upstream's policy drops every copy beyond one (or beyond the dependents'
+        needs): it would drop what this policy copies, and the two would copy and
+        drop the same keys every cycle. ``register_wanted`` swaps it out, but a
+        MemoryPolicy or the dask config can list both.
+        """
+        if not any(
+            type(p) is amm_module.ReduceReplicas for p in self.manager.policies
+        ):
+            return
+        self.count("conflicting_reducer")
+        if not self.conflict_logged:
+            self.conflict_logged = True
+            logger.error(
+                "Replicate runs alongside distributed.active_memory_manager."
+                "ReduceReplicas, which drops the copies it makes: the same keys are "
+                "copied and dropped every cycle. Use amm_core.replicate.ReduceReplicas "
+                "or amm_core.reduce.PressureReduceReplicas instead."
+            )
 
     def report(self) -> dict[str, Any]:
         out = super().report()

@@ -122,8 +122,9 @@ def test_loads_from_dask_config() -> None:
     [
         ({}, 1),
         # Workers below 90% of their pause threshold keep a copy per unassigned
-        # dependent, as upstream does.
-        ({"idle_below": 0.9}, 2),
+        # dependent, as upstream does (imbalance=None: whether a worker's process
+        # memory is above the mean by 25% must not decide the outcome).
+        ({"idle_below": 0.9, "imbalance": None}, 2),
     ],
 )
 def test_copies_kept_for_unassigned_dependents(
@@ -261,16 +262,41 @@ def test_honours_wanted_replicas() -> None:
         assert len(holders(client, "x")) == 2
 
 
+def _replicated_keys(dask_scheduler: Any) -> int:
+    return len(dask_scheduler.replicated_tasks)
+
+
 def test_result_unchanged_and_copies_dropped() -> None:
-    """A dot product computed with the policy (every 50 ms) equals the one computed
-    without it, and the policy did drop copies on the way."""
+    """A dot product computed with the policy running between the tasks equals the
+    one computed without it, and the copies the computation spread are dropped.
+
+    ``A`` is persisted: the chunks each worker fetched for its matmul tasks stay
+    there after the computation, until a reducer drops them. Cycles are driven with
+    ``run_once`` while the graph runs, then until every chunk has one copy, so that
+    the outcome does not depend on how fast the machine runs the graph.
+    """
     rng = da.random.default_rng(42)
     A = rng.random((1500, 1500), chunks=(250, 250))
-    total = (A @ A.T).sum()
-    expected = total.compute(scheduler="sync")
-    with cluster(n_workers=3, start=True) as (client, _):
-        result = total.compute()
+    expected = (A @ A.T).sum().compute(scheduler="sync")
+    expected_sum = A.sum().compute(scheduler="sync")
+    with cluster(n_workers=3) as (client, _):
+        A = A.persist()
+        total = (A @ A.T).sum()
+        future = client.compute(total)
+        while not future.done():
+            client.amm.run_once()
+            time.sleep(0.05)  # one cycle per poll, as the AMM's own interval would
+        result = future.result()
+
+        def one_copy_each() -> bool:
+            client.amm.run_once()
+            return all(len(w) == 1 for w in client.who_has(A).values())
+
+        wait_for(one_copy_each)
+        assert client.run_on_scheduler(_replicated_keys) == 0
         [report] = client.run_on_scheduler(_reports)
+        # No chunk lost its last copy.
+        assert client.compute(A.sum()).result() == pytest.approx(expected_sum)
     assert result == expected
     assert report["counters"]["replicas_dropped"] > 0
 
