@@ -395,11 +395,13 @@ def _ballast(dask_worker: Any, nbytes: int) -> None:
 
 
 def _room_by_measure(dask_scheduler: Scheduler, address: str) -> tuple[float, float]:
-    from amm_core._room import room
+    """(room by managed memory alone, as before amm_core counted process memory;
+    room as amm_core.room computes it under the measure "managed")."""
+    from amm_core._room import pause_fraction, room
 
     ws = dask_scheduler.workers[address]
-    memory = {ws: ws.memory.managed}
-    return room(ws, memory), room(ws, memory, "managed")
+    threshold = ws.memory_limit * (pause_fraction() or 1.0)
+    return threshold - ws.memory.managed, room(ws, {ws: ws.memory.managed}, "managed")
 
 
 def test_replicate_counts_unmanaged_memory_under_managed_measure() -> None:
