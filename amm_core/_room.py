@@ -40,7 +40,7 @@ def pause_fraction() -> float | None:
 
 
 def expected_process_memory(
-    ws: WorkerState, workers_memory: dict[WorkerState, int], measure: str | None
+    ws: WorkerState, workers_memory: dict[WorkerState, int], measure: str
 ) -> int:
     """The process memory ``ws`` will have once this cycle's pending copies and drops
     are done: its process memory at the last heartbeat, plus the keys that landed
@@ -50,11 +50,8 @@ def expected_process_memory(
     ``measure`` at the start of this cycle.
 
     Keys released since the heartbeat are not subtracted: RSS seldom shrinks as
-    fast. ``measure=None`` takes ``workers_memory`` as is (the behaviour before the
-    measure was passed; wrong for "managed", which ignores unmanaged memory).
+    fast.
     """
-    if measure is None:
-        return workers_memory.get(ws, 0)
     memory = ws.memory
     start = getattr(memory, measure)
     landed = max(0, ws.nbytes - ws.metrics.get("managed_bytes", ws.nbytes))
@@ -64,7 +61,7 @@ def expected_process_memory(
 def room(
     ws: WorkerState,
     workers_memory: dict[WorkerState, int],
-    measure: str | None = None,
+    measure: str,
 ) -> float:
     """Bytes ``ws`` can still take before its process memory reaches its pause
     threshold (or its memory limit when pausing is off). Unlimited workers have
@@ -82,7 +79,8 @@ def workers_with_room(
     nbytes: int,
     workers_memory: dict[WorkerState, int],
     candidates: set[WorkerState] | None = None,
-    measure: str | None = None,
+    *,
+    measure: str,
 ) -> set[WorkerState]:
     """Running workers among ``candidates`` (default: all in ``workers_memory``)
     that can take ``nbytes`` more without crossing their pause threshold.

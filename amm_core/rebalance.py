@@ -329,7 +329,7 @@ class Rebalance(CountingPolicy):
             slack = {ws: mean + half_band(ws) - eff[ws] for ws in recipients}
             return (
                 max(slack.values()),
-                max(min(s, room(ws, workers_memory)) for ws, s in slack.items()),
+                max(min(s, room(ws, workers_memory, manager.measure)) for ws, s in slack.items()),
                 min(eff[ws] for ws in recipients),
             )
 
@@ -388,7 +388,7 @@ class Rebalance(CountingPolicy):
                 }
                 if not fitting:
                     continue
-                candidates = workers_with_room(nbytes, workers_memory, fitting)
+                candidates = workers_with_room(nbytes, workers_memory, fitting, measure=manager.measure)
                 if not candidates:
                     no_room = True
                     continue

@@ -133,7 +133,9 @@ class RetireWorkerWithRoom(RetireWorker):
                 break
             if suggestion.op == "replicate" and suggestion.candidates is None:
                 ts = suggestion.ts
-                candidates = workers_with_room(ts.nbytes, self.manager.workers_memory)
+                candidates = workers_with_room(
+                    ts.nbytes, self.manager.workers_memory, measure=self.manager.measure
+                )
                 if not candidates:
                     task_logger.debug(
                         "RetireWorkerWithRoom(%s): no running worker has room for %s "
