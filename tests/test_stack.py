@@ -209,8 +209,8 @@ def test_killed_scheduler_is_restarted(stack, namespace):
 
         def restarted():
             p = _scheduler_pod(stack, namespace, "crash")
-            status = p and p["status"]["containerStatuses"][0]
-            return status and status["restartCount"] == 1 and status["ready"] and p
+            statuses = (p or {}).get("status", {}).get("containerStatuses") or [{}]
+            return statuses[0].get("restartCount") == 1 and _ready(p) and p
 
         pod = stack.wait_for(restarted, 60, "the scheduler to restart")
         # The same pod, on the same address; the worker comes back under its name.
@@ -226,7 +226,7 @@ def test_killed_scheduler_is_restarted(stack, namespace):
         stack.kubectl("delete", "pod", old, "-n", namespace, "--wait=false")
         pod = stack.wait_for(
             lambda: (p := _scheduler_pod(stack, namespace, "crash")) and p["metadata"]["name"] != old
-            and p["status"]["containerStatuses"][0]["ready"] and p,
+            and _ready(p) and p,
             60, "a new scheduler pod",
         )
         assert pod["status"]["podIP"] == stack.scheduler_address(namespace, "crash").removeprefix("tcp://").rsplit(":", 1)[0]
@@ -234,6 +234,12 @@ def test_killed_scheduler_is_restarted(stack, namespace):
         assert _worker_names(client) == [name]
     finally:
         client.close()
+
+
+def _ready(pod: dict | None) -> bool:
+    """The pod's container is ready (a pod that just started has no statuses yet)."""
+    statuses = (pod or {}).get("status", {}).get("containerStatuses") or [{}]
+    return bool(statuses[0].get("ready"))
 
 
 def test_kubelet_runs_containers_like_a_kubelet(stack, namespace, tmp_path):
