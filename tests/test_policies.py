@@ -10,93 +10,24 @@ time matters; conditions are polled with a deadline.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import dask
 import pytest
-from distributed import Client, Event, LocalCluster, Scheduler, wait
+from distributed import Client, Event, Scheduler, wait
 from distributed import active_memory_manager as amm_module
 from distributed.core import rpc
 
-from amm_core._room import CountingPolicy
 from amm_core.rebalance import Rebalance
 from amm_core.replicate import ReduceReplicas, Replicate, replicate, scatter
 from amm_core.retire_paused import RetirePaused
-
-MB = 2**20
-
-#: Workers never spill, pause only when a test says so, and are never killed.
-WORKER_MEMORY = {
-    "distributed.worker.memory.target": False,
-    "distributed.worker.memory.spill": False,
-    "distributed.worker.memory.pause": 0.8,
-    "distributed.worker.memory.terminate": False,
-}
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        out = cond()
-        if out:
-            return out
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        time.sleep(0.05)
-
-
-@contextmanager
-def cluster(
-    n: int = 3, memory_limit: str = "1GB", **config: Any
-) -> Iterator[tuple[LocalCluster, Client]]:
-    settings = {
-        **WORKER_MEMORY,
-        "distributed.scheduler.active-memory-manager.start": False,
-        "distributed.scheduler.active-memory-manager.measure": "managed",
-        "distributed.scheduler.active-memory-manager.policies": [],
-        **config,
-    }
-    with (
-        dask.config.set(settings),
-        LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            memory_limit=memory_limit,
-            dashboard_address=":0",
-        ) as lc,
-        Client(lc) as c,
-    ):
-        c.wait_for_workers(n)
-        yield lc, c
-
-
-def add_policies(c: Client, *policies: Any) -> None:
-    def add(dask_scheduler: Scheduler) -> None:
-        for p in policies:
-            dask_scheduler.extensions["amm"].add_policy(p)
-
-    c.run_on_scheduler(add)
-
-
-def reports(dask_scheduler: Scheduler) -> dict[str, dict]:
-    return {
-        type(p).__name__: p.report()
-        for p in dask_scheduler.extensions["amm"].policies
-        if isinstance(p, CountingPolicy)
-    }
+from amm_testing import MB, add_policies, blob, cluster, holders, reports, wait_for
 
 
 def scheduler_keys(dask_scheduler: Scheduler) -> set:
     return set(dask_scheduler.tasks)
-
-
-def holders(c: Client, futures: list) -> dict[Any, set[str]]:
-    return {k: set(v) for k, v in c.who_has(futures).items()}
 
 
 def _worker_view(dask_worker: Any) -> tuple[set, bool]:
@@ -138,11 +69,6 @@ def process_memory(c: Client) -> dict[str, int]:
     """Each worker's process memory (RSS) at its last heartbeat, as the scheduler
     sees it."""
     return c.run_on_scheduler(_process_memory)
-
-
-def blob(i: int, size: int) -> bytes:
-    # Distinct contents, so that reading them back checks the right data moved.
-    return i.to_bytes(4, "little") * (size // 4)
 
 
 def block(x: bytes, ev: Event) -> int:

@@ -12,87 +12,17 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import dask
 import pytest
-from distributed import Client, Event, LocalCluster, Scheduler, wait
+from distributed import Event, Scheduler, wait
 from distributed.active_memory_manager import Suggestion, SuggestionGenerator
 
 from amm_core._room import CountingPolicy
 from amm_core.rebalance import Rebalance
 from amm_core.reduce import PressureReduceReplicas
-
-MB = 2**20
-
-#: Workers never spill, pause at 80% (never reached here), and are never killed.
-WORKER_MEMORY = {
-    "distributed.worker.memory.target": False,
-    "distributed.worker.memory.spill": False,
-    "distributed.worker.memory.pause": 0.8,
-    "distributed.worker.memory.terminate": False,
-}
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        out = cond()
-        if out:
-            return out
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        time.sleep(0.05)
-
-
-@contextmanager
-def cluster(n: int) -> Iterator[tuple[LocalCluster, Client]]:
-    settings = {
-        **WORKER_MEMORY,
-        "distributed.scheduler.active-memory-manager.start": False,
-        "distributed.scheduler.active-memory-manager.measure": "managed",
-        "distributed.scheduler.active-memory-manager.policies": [],
-    }
-    with (
-        dask.config.set(settings),
-        LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            memory_limit="1GB",
-            dashboard_address=":0",
-        ) as lc,
-        Client(lc) as c,
-    ):
-        c.wait_for_workers(n)
-        yield lc, c
-
-
-def add_policies(c: Client, *policies: Any) -> None:
-    def add(dask_scheduler: Scheduler) -> None:
-        for p in policies:
-            dask_scheduler.extensions["amm"].add_policy(p)
-
-    c.run_on_scheduler(add)
-
-
-def reports(dask_scheduler: Scheduler) -> dict[str, dict]:
-    return {
-        type(p).__name__: p.report()
-        for p in dask_scheduler.extensions["amm"].policies
-        if isinstance(p, CountingPolicy)
-    }
-
-
-def holders(c: Client, futures: list) -> dict[Any, set[str]]:
-    return {k: set(v) for k, v in c.who_has(futures).items()}
-
-
-def blob(i: int, size: int) -> bytes:
-    # Distinct contents, so that reading them back checks the right data moved.
-    return i.to_bytes(4, "little") * (size // 4)
+from amm_testing import MB, add_policies, blob, cluster, holders, reports, wait_for
 
 
 def block(x: bytes, ev: Event) -> int:

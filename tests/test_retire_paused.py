@@ -16,9 +16,7 @@ process alone is above 10% of 500 MB. Conditions are polled with a deadline;
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import dask
@@ -33,55 +31,23 @@ from amm_core.retire_paused import (
     RetireWorkerWithRoom,
     set_status,
 )
+from amm_testing import MB, blob, cluster as amm_cluster, holders, wait_for
 
-MB = 2**20
 AMM = "distributed.scheduler.active-memory-manager"
 
 
-def wait_for(cond: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        out = cond()
-        if out:
-            return out
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        time.sleep(0.05)
-
-
-@contextmanager
-def cluster(n: int, after: str) -> Iterator[tuple[LocalCluster, Client]]:
-    settings = {
-        # Workers never spill, pause only when a test says so, and are never killed.
-        "distributed.worker.memory.target": False,
-        "distributed.worker.memory.spill": False,
-        "distributed.worker.memory.pause": 0.8,
-        "distributed.worker.memory.terminate": False,
-        f"{AMM}.start": True,
-        f"{AMM}.interval": "200ms",
-        f"{AMM}.measure": "managed",
-        f"{AMM}.policies": [
-            {"class": "amm_core.retire_paused.RetirePaused", "after": after}
-        ],
-    }
-    with (
-        dask.config.set(settings),
-        LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            memory_limit="500MB",
-            dashboard_address=":0",
-        ) as lc,
-        Client(lc) as c,
-    ):
-        c.wait_for_workers(n)
-        yield lc, c
-
-
-def blob(i: int, size: int) -> bytes:
-    # Distinct contents, so that reading them back checks the right data moved.
-    return i.to_bytes(4, "little") * (size // 4)
+def cluster(n: int, after: str) -> AbstractContextManager[tuple[LocalCluster, Client]]:
+    """The AMM running every 200 ms with RetirePaused(after)."""
+    return amm_cluster(
+        n,
+        memory_limit="500MB",
+        **{
+            f"{AMM}.start": True,
+            f"{AMM}.interval": "200ms",
+            f"{AMM}.measure": "managed",
+            f"{AMM}.policies": [{"class": "amm_core.retire_paused.RetirePaused", "after": after}],
+        },
+    )
 
 
 def late_blob(ev: Event, i: int, size: int) -> bytes:
@@ -114,10 +80,6 @@ def processing_on(dask_scheduler: Scheduler, key: str) -> str | None:
 
 def status(c: Client, address: str) -> str:
     return c.scheduler_info()["workers"][address]["status"]
-
-
-def holders(c: Client, futures: list) -> dict[Any, set[str]]:
-    return {k: set(v) for k, v in c.who_has(futures).items()}
 
 
 def amm_replace(c: Client) -> list[dict]:
