@@ -57,6 +57,16 @@ def test_replicate_needs_a_reducer_that_honours_it():
     parse_spec(spec(policies=[{"class": "Replicate"}, {"class": "ReduceReplicas"}]))
 
 
+@pytest.mark.parametrize("expr, words", [
+    ({"key": "a", "operator": "In"}, "must be specified"),
+    ({"key": "a", "operator": "Exists", "values": ["x"]}, "may not be specified"),
+])
+def test_selector_checked_like_the_api_server(expr, words):
+    with pytest.raises(InvalidPolicy, match=words) as e:
+        parse_spec({"clusterSelector": {"matchExpressions": [expr]}, "activeMemoryManager": {}})
+    assert e.value.field == "spec.clusterSelector.matchExpressions[0].values"
+
+
 def test_allowlist_globs():
     cfg = parse_spec(spec(policies=[{"class": "mycorp.amm.Keep"}]), allowed=["mycorp.amm.*"])
     assert cfg.policies[0].cls == "mycorp.amm.Keep"

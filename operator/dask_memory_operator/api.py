@@ -99,11 +99,23 @@ def resolve_policy_class(name: str, allowed: Iterable[str]) -> str:
     )
 
 
+def check_selector(selector: Mapping[str, Any] | None) -> None:
+    """What the API server checks of a LabelSelector beyond its schema."""
+    for i, expr in enumerate((selector or {}).get("matchExpressions") or ()):
+        where = f"spec.clusterSelector.matchExpressions[{i}].values"
+        values = expr.get("values") or []
+        if expr.get("operator") in ("In", "NotIn") and not values:
+            raise InvalidPolicy(where, f"must be specified when `operator` is {expr['operator']}")
+        if expr.get("operator") in ("Exists", "DoesNotExist") and values:
+            raise InvalidPolicy(where, f"may not be specified when `operator` is {expr['operator']}")
+
+
 def parse_spec(spec: Mapping[str, Any], allowed: Iterable[str] = ()) -> AMMConfig:
     """Check a MemoryPolicy spec beyond its schema and return the wanted config.
 
     Raises :class:`InvalidPolicy` naming the offending field.
     """
+    check_selector(spec.get("clusterSelector"))
     amm = spec.get("activeMemoryManager")
     if not isinstance(amm, Mapping):
         raise InvalidPolicy("spec.activeMemoryManager", "required")
