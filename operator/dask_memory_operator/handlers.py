@@ -367,6 +367,12 @@ def configure_operator(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.networking.request_timeout = 30
 
 
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod its service account, elsewhere the kubeconfig (KUBECONFIG or
+    ~/.kube/config): kopf's own logins, no client library needed."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     """All handlers, with the intervals ``config`` asks for."""
     registry = kopf.OperatorRegistry()
@@ -375,7 +381,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
 
     kopf.on.startup(registry=registry)(configure_operator)
     kopf.on.cleanup(registry=registry)(close_port_forwards)
-    kopf.on.login(registry=registry)(kopf.login_via_client)
+    kopf.on.login(registry=registry)(login)
     kopf.index(*cluster, registry=registry)(daskclusters_by_namespace)
     kopf.index(*policy, registry=registry)(memorypolicies_by_namespace)
     kopf.on.event(*cluster, registry=registry)(converge_changed_cluster)
