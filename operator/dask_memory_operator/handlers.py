@@ -200,14 +200,24 @@ def _post_outcome(
     previous: Mapping[str, Any],
 ) -> None:
     """Events on the policy and the cluster: every change, and each new degradation."""
-    ref = dask_cluster_ref(policy.metadata["namespace"], cluster["name"], cluster["uid"])
-    for action in outcome.actions:
-        kopf.info(policy, reason="Applied", message=f"DaskCluster {cluster['name']}: {action}")
-        kopf.info(ref, reason="MemoryPolicyApplied", message=f"MemoryPolicy {policy.metadata['name']}: {action}")
+    ref = _post_actions(policy, cluster, outcome)
     was = next((e for e in previous.get("clusters") or () if e.get("name") == cluster["name"]), {})
     if outcome.state == "Degraded" and (was.get("state") != "Degraded" or was.get("message") != outcome.message):
         kopf.warn(policy, reason="Degraded", message=f"DaskCluster {cluster['name']}: {outcome.message}")
         kopf.warn(ref, reason="MemoryPolicyDegraded", message=outcome.message)
+
+
+def _post_actions(
+    policy: Mapping[str, Any], cluster: Mapping[str, Any], outcome: Outcome
+) -> dict[str, Any]:
+    """An Event on the policy and one on the cluster for each change made; returns
+    the cluster's reference for further Events."""
+    meta = policy["metadata"]
+    ref = dask_cluster_ref(meta["namespace"], cluster["name"], cluster["uid"])
+    for action in outcome.actions:
+        kopf.info(policy, reason="Applied", message=f"DaskCluster {cluster['name']}: {action}")
+        kopf.info(ref, reason="MemoryPolicyApplied", message=f"MemoryPolicy {meta['name']}: {action}")
+    return ref
 
 
 async def _release_unselected(
@@ -242,23 +252,14 @@ async def _release_unselected(
 # --- MemoryPolicy deletion -----------------------------------------------------
 
 
-async def restore_on_delete(
-    body: kopf.Body,
-    status: kopf.Status,
-    namespace: str,
-    uid: str,
-    memo: kopf.Memo,
-    retry: int,
-    daskclusters_by_namespace: kopf.Index,
-    **_: Any,
-) -> None:
+async def restore_on_delete(body: kopf.Body, uid: str, memo: kopf.Memo, **kwargs: Any) -> None:
     """Give every cluster this policy configured its own configuration back.
 
     Candidates are the clusters its status lists and those it selects now (the
     status may lag); each scheduler's plugin then says whether this policy owns it.
     """
     async with _policy_lock(memo, uid):  # let a resync in flight finish first
-        await _restore_all(body, status, namespace, uid, memo, retry, daskclusters_by_namespace)
+        await _restore_all(body=body, uid=uid, memo=memo, **kwargs)
     memo.policy_locks.pop(uid, None)
 
 
@@ -270,6 +271,7 @@ async def _restore_all(
     memo: kopf.Memo,
     retry: int,
     daskclusters_by_namespace: kopf.Index,
+    **_: Any,
 ) -> None:
     config: OperatorConfig = memo.config
     reconciler: ClusterReconciler = memo.reconciler
@@ -326,10 +328,7 @@ async def converge_changed_cluster(
         return  # the policy's own reconcile reports it
     outcome = await reconciler.converge(namespace, name, wanted, owner_tag(policy_body))
     metrics.observe(namespace, a.governor.name, outcome)
-    ref = dask_cluster_ref(namespace, name, body.metadata.get("uid", ""))
-    for action in outcome.actions:
-        kopf.info(policy_body, reason="Applied", message=f"DaskCluster {name}: {action}")
-        kopf.info(ref, reason="MemoryPolicyApplied", message=f"MemoryPolicy {a.governor.name}: {action}")
+    _post_actions(policy_body, {"name": name, "uid": body.metadata.get("uid", "")}, outcome)
 
 
 async def _release_orphan(
