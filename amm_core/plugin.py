@@ -61,7 +61,7 @@ Message shapes (all plain data)::
 
 Install with ``dask scheduler --preload amm_core.plugin`` (or
 ``DASK_DISTRIBUTED__SCHEDULER__PRELOAD=amm_core.plugin``); the operator can also
-register it on a running scheduler (see dask_memory_operator.scheduler_rpc).
+register it on a running scheduler (see dask_memory_operator.schedulers.rpc).
 """
 
 from __future__ import annotations

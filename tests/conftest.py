@@ -1,6 +1,6 @@
 """Shared fixtures for the end-to-end tests on the local Kubernetes stack.
 
-- ``stack`` (session): one :class:`~dask_memory_operator.testing.stack.LocalStack`
+- ``stack`` (session): one :class:`~dask_memory_operator.devstack.stack.LocalStack`
   (emulated API server, process kubelet, the real dask-kubernetes operator) for the
   whole run. Tests isolate themselves by namespace, not by stack.
 - ``namespace`` (function): a fresh Namespace for one test. At teardown every
@@ -18,7 +18,7 @@ import secrets
 
 import pytest
 
-from dask_memory_operator.testing.stack import LocalStack
+from dask_memory_operator.devstack.stack import LocalStack
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dask_memory_operator.access import SchedulerLocator, SchedulerServiceMissing
-from dask_memory_operator.testing.stack import LocalStack
+from dask_memory_operator.schedulers.locator import SchedulerLocator, SchedulerServiceMissing
+from dask_memory_operator.devstack.stack import LocalStack
 
 
 @pytest.fixture

@@ -35,15 +35,15 @@ from kr8s.asyncio.objects import Service
 from prometheus_client.parser import text_string_to_metric_families
 
 from amm_core.replicate import replicate
-from dask_memory_operator.access import _target_port, comm_port
-from dask_memory_operator.testing.probes import (
+from dask_memory_operator.schedulers.locator import _target_port, comm_port
+from dask_memory_operator.devstack.probes import (
     amm_cycles,
     amm_dropped,
     amm_state,
     replica_counts,
     set_pause_fraction,
 )
-from dask_memory_operator.testing.stack import LocalStack, daskcluster_manifest
+from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
 
 MATCHING, OTHER = "matching", "other"
 AMM_OFF = {"DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False"}

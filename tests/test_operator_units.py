@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from dask_memory_operator.api import InvalidPolicy, parse_spec
-from dask_memory_operator.conditions import condition
-from dask_memory_operator.reconcile import Outcome, drift
-from dask_memory_operator.selection import PolicyInfo, assign, matches_selector, selects
-from dask_memory_operator.status import cluster_entry, invalid_status, policy_status
+from dask_memory_operator.api.memorypolicy import InvalidPolicy, parse_spec
+from dask_memory_operator.api.conditions import condition
+from dask_memory_operator.schedulers.converge import Outcome, drift
+from dask_memory_operator.api.selection import PolicyInfo, assign, matches_selector, selects
+from dask_memory_operator.controllers.status import cluster_entry, invalid_status, policy_status
 
 
 def spec(**amm):
@@ -199,7 +199,7 @@ OWNER = {"uid": "u", "namespace": "ns", "name": "p", "generation": 1}
 def test_refused_scheduler_is_pending_and_retried_every_time():
     import asyncio
 
-    from dask_memory_operator.reconcile import ClusterReconciler
+    from dask_memory_operator.schedulers.converge import ClusterReconciler
 
     locator = FixedLocator("tcp://127.0.0.1:1")  # nothing listens there
     reconciler = ClusterReconciler(locator, rpc_timeout=0.5, backoff_base=60)
@@ -214,7 +214,7 @@ def test_refused_scheduler_is_pending_and_retried_every_time():
 def test_silent_scheduler_is_degraded_and_backed_off_until_a_new_generation():
     import asyncio
 
-    from dask_memory_operator.reconcile import ClusterReconciler
+    from dask_memory_operator.schedulers.converge import ClusterReconciler
 
     async def scenario():
         # accepts connections and never answers, like a stopped scheduler
@@ -240,7 +240,7 @@ def test_silent_scheduler_is_degraded_and_backed_off_until_a_new_generation():
 
 
 def test_amm_summary_reports_workers_to_replace():
-    from dask_memory_operator.reconcile import amm_summary
+    from dask_memory_operator.schedulers.converge import amm_summary
 
     status = {
         "workers": 3,

@@ -38,8 +38,8 @@ import amm_core.rebalance
 import amm_core.replicate
 import amm_core.retire_paused
 from amm_core.plugin import PLUGIN_NAME, dotted_name as dotted
-from dask_memory_operator import scheduler_rpc
-from dask_memory_operator.scheduler_rpc import (
+from dask_memory_operator.schedulers import rpc as scheduler_rpc
+from dask_memory_operator.schedulers.rpc import (
     ApplyRejected,
     PluginMissing,
     SchedulerUnreachable,

@@ -24,9 +24,9 @@ import psutil
 import pytest
 from distributed import Client
 
-from dask_memory_operator.testing import dns
-from dask_memory_operator.testing.kubelet import UnsupportedContainer, container_argv, container_env, expand
-from dask_memory_operator.testing.stack import LocalStack, daskcluster_manifest
+from dask_memory_operator.devstack import dns
+from dask_memory_operator.devstack.kubelet import UnsupportedContainer, container_argv, container_env, expand
+from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
 
 # ---------------------------------------------------------------------------------
 # Units: no stack needed

@@ -53,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
     import kopf
     from prometheus_client import start_http_server
 
-    from dask_memory_operator.access import SchedulerLocator
-    from dask_memory_operator.handlers import OperatorConfig, build_registry
-    from dask_memory_operator.reconcile import ClusterReconciler
+    from dask_memory_operator.schedulers.locator import SchedulerLocator
+    from dask_memory_operator.controllers.config import OperatorConfig
+    from dask_memory_operator.controllers.registry import build_registry
+    from dask_memory_operator.schedulers.converge import ClusterReconciler
 
     if args.peering == "default":
         # dask-kubernetes' operator runs with kopf's default peering; sharing it
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(args)
-    from dask_memory_operator.sandbox import sandbox
+    from dask_memory_operator.devstack.sandbox import sandbox
 
     return sandbox(args)
 

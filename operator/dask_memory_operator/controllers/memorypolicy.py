@@ -1,13 +1,9 @@
-"""kopf handlers: one concern each, wired into a registry by :func:`build_registry`.
+"""The MemoryPolicy controller.
 
-- Two indexes keep the DaskClusters and MemoryPolicies of each namespace in memory.
-  Index and event handlers write nothing to the DaskCluster, so dask-kubernetes'
-  own handlers on it (and their diff-base annotation) are never disturbed.
+- An index keeps the MemoryPolicies of each namespace in memory.
 - A MemoryPolicy is reconciled on create, update and resume, and then by a timer
   every ``resync_interval`` seconds: level-triggered, it compares what each
   selected scheduler runs with what the policy wants and fixes the difference.
-- A DaskCluster event (new cluster, relabelled cluster) converges that one
-  cluster at once instead of waiting for the next resync.
 - Deleting a MemoryPolicy restores every scheduler it had configured before kopf
   removes its finalizer.
 """
@@ -18,65 +14,25 @@ import asyncio
 import copy
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
-from dask_memory_operator import metrics
-from dask_memory_operator.api import (
-    DASK_GROUP,
-    DASK_VERSION,
-    GROUP,
-    PLURAL,
-    VERSION,
-    InvalidPolicy,
-    parse_spec,
-)
-from dask_memory_operator.access import SchedulerAccessError
-from dask_memory_operator.reconcile import ClusterReconciler, Outcome, owner_tag
-from dask_memory_operator.scheduler_rpc import SchedulerRPCError
-from dask_memory_operator.selection import PolicyInfo, assign, selects
-from dask_memory_operator.status import cluster_entry, invalid_status, policy_status
-
+from dask_memory_operator.api.memorypolicy import InvalidPolicy, parse_spec
+from dask_memory_operator.api.selection import PolicyInfo, assign, selects
+from dask_memory_operator.controllers.config import OperatorConfig
+from dask_memory_operator.controllers.status import cluster_entry, invalid_status, policy_status
+from dask_memory_operator.observability import metrics
+from dask_memory_operator.observability.events import post_outcome
+from dask_memory_operator.schedulers.converge import ClusterReconciler, Outcome, owner_tag
+from dask_memory_operator.schedulers.locator import SchedulerAccessError
+from dask_memory_operator.schedulers.rpc import SchedulerRPCError
 
 # Logs that are not Events (kopf's per-object `logger` posts its warnings as Events)
 log = logging.getLogger(__name__)
 
 #: Schedulers one policy talks to at once
 CONCURRENT_CLUSTERS = 8
-
-
-@dataclass
-class OperatorConfig:
-    """What `dask-memory-operator run` was told."""
-
-    #: Dotted paths or glob patterns of policy classes a MemoryPolicy may name
-    allowed_policy_classes: tuple[str, ...] = ()
-    #: Seconds between level-triggered resyncs of every MemoryPolicy
-    resync_interval: float = 10.0
-    #: Seconds for one scheduler RPC
-    rpc_timeout: float = 5.0
-    #: How deletion handles an unreachable scheduler: retries before giving up
-    delete_retries: int = 3
-
-
-def dask_cluster_ref(namespace: str, name: str, uid: str) -> dict[str, Any]:
-    """A body kopf can post an Event about."""
-    return {
-        "apiVersion": f"{DASK_GROUP}/{DASK_VERSION}",
-        "kind": "DaskCluster",
-        "metadata": {"namespace": namespace, "name": name, "uid": uid},
-    }
-
-
-# --- indexes -------------------------------------------------------------------
-
-
-def daskclusters_by_namespace(
-    name: str, namespace: str, labels: Mapping[str, str], uid: str, **_: Any
-) -> dict[str, Any]:
-    return {namespace: {"name": name, "labels": dict(labels), "uid": uid}}
 
 
 def memorypolicies_by_namespace(
@@ -97,7 +53,7 @@ def _clusters(index: kopf.Index, namespace: str) -> dict[str, dict[str, Any]]:
     return {c["name"]: c for c in index.get(namespace, [])}
 
 
-# --- MemoryPolicy reconcile ----------------------------------------------------
+# --- reconcile -----------------------------------------------------------------
 
 
 async def reconcile_policy(body: kopf.Body, uid: str, memo: kopf.Memo, **kwargs: Any) -> None:
@@ -171,7 +127,7 @@ async def _reconcile_policy(
             entries.append(cluster_entry(outcome, a.governor.name))
             continue
         outcome = outcomes[cluster]
-        _post_outcome(body, clusters[cluster], outcome, previous)
+        post_outcome(body, clusters[cluster], outcome, previous)
         metrics.observe(namespace, name, outcome)
         entry = cluster_entry(outcome, name)
         others = [p.name for p in a.contenders if p.uid != uid]
@@ -191,33 +147,6 @@ def _is_invalid(status: Mapping[str, Any]) -> bool:
         c.get("type") == "Invalid" and c.get("status") == "True"
         for c in status.get("conditions") or ()
     )
-
-
-def _post_outcome(
-    policy: kopf.Body,
-    cluster: Mapping[str, Any],
-    outcome: Outcome,
-    previous: Mapping[str, Any],
-) -> None:
-    """Events on the policy and the cluster: every change, and each new degradation."""
-    ref = _post_actions(policy, cluster, outcome)
-    was = next((e for e in previous.get("clusters") or () if e.get("name") == cluster["name"]), {})
-    if outcome.state == "Degraded" and (was.get("state") != "Degraded" or was.get("message") != outcome.message):
-        kopf.warn(policy, reason="Degraded", message=f"DaskCluster {cluster['name']}: {outcome.message}")
-        kopf.warn(ref, reason="MemoryPolicyDegraded", message=outcome.message)
-
-
-def _post_actions(
-    policy: Mapping[str, Any], cluster: Mapping[str, Any], outcome: Outcome
-) -> dict[str, Any]:
-    """An Event on the policy and one on the cluster for each change made; returns
-    the cluster's reference for further Events."""
-    meta = policy["metadata"]
-    ref = dask_cluster_ref(meta["namespace"], cluster["name"], cluster["uid"])
-    for action in outcome.actions:
-        kopf.info(policy, reason="Applied", message=f"DaskCluster {cluster['name']}: {action}")
-        kopf.info(ref, reason="MemoryPolicyApplied", message=f"MemoryPolicy {meta['name']}: {action}")
-    return ref
 
 
 async def _release_unselected(
@@ -246,10 +175,10 @@ async def _release_unselected(
             entries.append(cluster_entry(Outcome(cluster, "Degraded", f"restore pending: {e}"), policy.metadata["name"]))
             continue
         if outcome is not None:
-            _post_outcome(policy, clusters[cluster], outcome, previous)
+            post_outcome(policy, clusters[cluster], outcome, previous)
 
 
-# --- MemoryPolicy deletion -----------------------------------------------------
+# --- deletion ------------------------------------------------------------------
 
 
 async def restore_on_delete(body: kopf.Body, uid: str, memo: kopf.Memo, **kwargs: Any) -> None:
@@ -287,7 +216,7 @@ async def _restore_all(
             unreachable.append(f"{cluster['name']} ({e})")
             continue
         if outcome is not None:
-            _post_outcome(body, cluster, outcome, {})
+            post_outcome(body, cluster, outcome, {})
     if not unreachable:
         return
     message = "could not restore " + ", ".join(unreachable)
@@ -296,97 +225,3 @@ async def _restore_all(
     # A scheduler that comes back after a restart starts with its own configuration;
     # holding the deletion forever would not help it.
     kopf.warn(body, reason="RestoreFailed", message=f"{message}; giving up after {retry + 1} attempts")
-
-
-# --- DaskCluster events --------------------------------------------------------
-
-
-async def converge_changed_cluster(
-    event: Mapping[str, Any],
-    body: kopf.Body,
-    name: str,
-    namespace: str,
-    labels: Mapping[str, str],
-    memo: kopf.Memo,
-    memorypolicies_by_namespace: kopf.Index,
-    **_: Any,
-) -> None:
-    """A new or relabelled DaskCluster is configured now, not at the next resync."""
-    reconciler: ClusterReconciler = memo.reconciler
-    if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
-        reconciler.forget_cluster(namespace, name)
-        return
-    policies = list(memorypolicies_by_namespace.get(namespace, []))
-    a = assign(policies, {name: labels}).get(name)
-    if a is None:
-        await _release_orphan(body, name, namespace, memo, memorypolicies_by_namespace)
-        return
-    policy_body = a.governor.body
-    try:
-        wanted = parse_spec(policy_body["spec"], memo.config.allowed_policy_classes)
-    except InvalidPolicy:
-        return  # the policy's own reconcile reports it
-    outcome = await reconciler.converge(namespace, name, wanted, owner_tag(policy_body))
-    metrics.observe(namespace, a.governor.name, outcome)
-    _post_actions(policy_body, {"name": name, "uid": body.metadata.get("uid", "")}, outcome)
-
-
-async def _release_orphan(
-    body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, policies_index: kopf.Index
-) -> None:
-    """A cluster no policy selects, still configured by a policy that is gone (it was
-    deleted while the scheduler was unreachable, or its finalizer was removed by
-    hand): give the scheduler its own configuration back."""
-    known = {p.uid for policies in policies_index.values() for p in policies}
-    outcome = await memo.reconciler.release_orphan(namespace, name, known)
-    if outcome is not None:
-        ref = dask_cluster_ref(namespace, name, body.metadata.get("uid", ""))
-        for action in outcome.actions:
-            kopf.info(ref, reason="MemoryPolicyReleased", message=f"no MemoryPolicy governs it: {action}")
-
-
-async def close_port_forwards(memo: kopf.Memo, **_: Any) -> None:
-    await memo.reconciler.locator.close()
-
-
-# --- wiring --------------------------------------------------------------------
-
-
-def configure_operator(settings: kopf.OperatorSettings, **_: Any) -> None:
-    # Our own annotation keys and finalizer: never collide with dask-kubernetes'
-    # kopf.zalando.org/last-handled-configuration on shared objects.
-    settings.persistence.finalizer = f"{GROUP}/restore-schedulers"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
-    settings.posting.level = logging.INFO
-    settings.watching.server_timeout = 60
-    settings.watching.client_timeout = 90
-    settings.networking.request_timeout = 30
-
-
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In a pod its service account, elsewhere the kubeconfig (KUBECONFIG or
-    ~/.kube/config): kopf's own logins, no client library needed."""
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
-
-
-def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
-    """All handlers, with the intervals ``config`` asks for."""
-    registry = kopf.OperatorRegistry()
-    policy = (GROUP, VERSION, PLURAL)
-    cluster = (DASK_GROUP, DASK_VERSION, "daskclusters")
-
-    kopf.on.startup(registry=registry)(configure_operator)
-    kopf.on.cleanup(registry=registry)(close_port_forwards)
-    kopf.on.login(registry=registry)(login)
-    kopf.index(*cluster, registry=registry)(daskclusters_by_namespace)
-    kopf.index(*policy, registry=registry)(memorypolicies_by_namespace)
-    kopf.on.event(*cluster, registry=registry)(converge_changed_cluster)
-
-    for decorate in (kopf.on.create, kopf.on.update, kopf.on.resume):
-        decorate(*policy, registry=registry, id=f"reconcile_on_{decorate.__name__}")(reconcile_policy)
-    kopf.timer(*policy, registry=registry, interval=config.resync_interval, id="resync")(reconcile_policy)
-    kopf.on.delete(*policy, registry=registry)(restore_on_delete)
-    return registry

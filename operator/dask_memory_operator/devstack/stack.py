@@ -4,10 +4,10 @@ The end-to-end tests and the sandbox need what a cluster gives a Dask operator: 
 API server, dask-kubernetes turning DaskClusters into Deployments and Services, and
 something that runs those Deployments. Here that is three local processes:
 
-1. ``dask_memory_operator.testing.apiserver``: the emulated Kubernetes API (HTTP on
+1. ``dask_memory_operator.devstack.apiserver``: the emulated Kubernetes API (HTTP on
    127.0.0.1), started with the CRDs of dask-kubernetes (from its helm chart in the
    installed package) and of this project (``crds/`` of the repository).
-2. ``dask_memory_operator.testing.kubelet``: runs each Deployment's pods as local
+2. ``dask_memory_operator.devstack.kubelet``: runs each Deployment's pods as local
    ``dask scheduler``/``dask worker`` processes (see its docstring for networking).
 3. The dask-kubernetes operator, unmodified from its package, run as its image runs
    it: ``kopf run --all-namespaces -m dask_kubernetes.operator.controller`` (standalone,
@@ -54,7 +54,8 @@ from typing import Any, TypeVar
 import psutil
 import yaml
 
-from dask_memory_operator.testing import dns
+from dask_memory_operator import manifests
+from dask_memory_operator.devstack import dns
 
 T = TypeVar("T")
 
@@ -63,8 +64,8 @@ DASK_KUBERNETES_CRDS = (
     Path(importlib.util.find_spec("dask_kubernetes").submodule_search_locations[0])
     / "operator" / "deployment" / "helm" / "dask-kubernetes-operator" / "crds"
 )
-#: CRDs of this project (``<repo>/crds``).
-PROJECT_CRDS = Path(__file__).resolve().parents[3] / "crds"
+#: CRDs of this project, from the installed package.
+PROJECT_CRDS = Path(str(manifests.CRDS))
 #: Environment variable that marks every process of a stack.
 STACK_ENV = "DMO_STACK"
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
@@ -256,7 +257,7 @@ class LocalStack:
         self.kubeconfig.unlink(missing_ok=True)
         if self.slot is None:
             self.slot = self._reserve_slot()
-        argv = [sys.executable, "-m", "dask_memory_operator.testing.apiserver", "--port", "0",
+        argv = [sys.executable, "-m", "dask_memory_operator.devstack.apiserver", "--port", "0",
                 "--kubeconfig", str(self.kubeconfig), "--service-cidr", self.service_cidr]
         for d in self.crd_dirs:
             argv += ["--crds", str(d)]
@@ -272,7 +273,7 @@ class LocalStack:
             ready = kubelet_dir / "kubelet.ready"
             ready.unlink(missing_ok=True)
             kubelet = self.start_process("kubelet", [
-                sys.executable, "-m", "dask_memory_operator.testing.kubelet",
+                sys.executable, "-m", "dask_memory_operator.devstack.kubelet",
                 "--kubeconfig", str(self.kubeconfig), "--state-dir", str(kubelet_dir),
                 "--log-dir", str(self.pod_log_dir), "--pod-cidr", self.pod_cidr,
             ])
@@ -546,7 +547,7 @@ def daskcluster_manifest(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m dask_memory_operator.testing.stack [STATE_DIR]``: run the stack until Ctrl-C."""
+    """``python -m dask_memory_operator.devstack.stack [STATE_DIR]``: run the stack until Ctrl-C."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Run the local Kubernetes stack until interrupted.")

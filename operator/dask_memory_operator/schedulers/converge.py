@@ -19,9 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dask_memory_operator import scheduler_rpc
-from dask_memory_operator.access import SchedulerAccessError, SchedulerLocator, SchedulerServiceMissing
-from dask_memory_operator.api import AMMConfig
+from dask_memory_operator.schedulers import rpc as scheduler_rpc
+from dask_memory_operator.schedulers.locator import SchedulerAccessError, SchedulerLocator, SchedulerServiceMissing
+from dask_memory_operator.api.memorypolicy import AMMConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """
 Run the Kubernetes API emulator over HTTP: in-process (``ApiServer``) or as a command.
 
-    python -m dask_memory_operator.testing.apiserver --port 0 --kubeconfig PATH [--crds DIR ...]
+    python -m dask_memory_operator.devstack.apiserver --port 0 --kubeconfig PATH [--crds DIR ...]
 
 The command serves on 127.0.0.1, applies the CRD yaml files found in the given
 folders, and only then writes a kubeconfig (server ``http://127.0.0.1:<port>``, one
@@ -25,7 +25,7 @@ import aiohttp
 import kmock
 import yaml
 
-from dask_memory_operator.testing.emulator import KubeEmulator
+from dask_memory_operator.devstack.emulator import KubeEmulator
 
 
 def _client_session(url: Any) -> aiohttp.ClientSession:

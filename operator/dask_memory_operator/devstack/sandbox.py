@@ -24,10 +24,11 @@ from distributed.diagnostics import MemorySampler
 from rich.console import Console
 from rich.table import Table
 
-from dask_memory_operator.testing.probes import amm_state
-from dask_memory_operator.testing.stack import LocalStack
+from dask_memory_operator import manifests
+from dask_memory_operator.devstack.probes import amm_state
+from dask_memory_operator.devstack.stack import LocalStack
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = Path(str(manifests.EXAMPLES))
 CLUSTER = "demo"
 POLICY = "analytics"
 NAMESPACE = "default"

@@ -34,7 +34,7 @@ address reaches it directly. Only one pod per Service can hold its clusterIP; a
 scheduler pod (label ``dask.org/component=scheduler``) waits a few seconds for its
 Service, which dask-kubernetes creates right after the Deployment, and a pod that
 replaces one holding a clusterIP waits until the old one is gone. Names resolve
-through :mod:`dask_memory_operator.testing.dns`: the kubelet writes the hosts file
+through :mod:`dask_memory_operator.devstack.dns`: the kubelet writes the hosts file
 of all Services and starts every process with that resolver installed.
 
 A worker in a pod sees its cgroup memory limit; here ``resources.limits.memory``
@@ -76,7 +76,7 @@ import kr8s.asyncio
 from kr8s.asyncio.objects import Deployment, Pod, Service
 from kubernetes.utils.quantity import parse_quantity
 
-from dask_memory_operator.testing import dns
+from dask_memory_operator.devstack import dns
 
 logger = logging.getLogger("dask_memory_operator.kubelet")
 

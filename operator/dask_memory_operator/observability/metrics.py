@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-from dask_memory_operator.reconcile import Outcome
+from dask_memory_operator.schedulers.converge import Outcome
 
 _LABELS = ("namespace", "policy", "cluster")
 

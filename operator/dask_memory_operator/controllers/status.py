@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dask_memory_operator.conditions import condition
-from dask_memory_operator.reconcile import Outcome
+from dask_memory_operator.api.conditions import condition
+from dask_memory_operator.schedulers.converge import Outcome
 
 
 def cluster_entry(outcome: Outcome, governed_by: str) -> dict[str, Any]:

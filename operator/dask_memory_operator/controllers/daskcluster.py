@@ -1,0 +1,67 @@
+"""Watching DaskClusters: an index of the clusters of each namespace, and events that
+converge a new or relabelled cluster at once instead of at the next resync. Nothing
+here writes to the DaskCluster, so dask-kubernetes' own handlers on it (and their
+diff-base annotation) are never disturbed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from dask_memory_operator.api.memorypolicy import InvalidPolicy, parse_spec
+from dask_memory_operator.api.selection import assign
+from dask_memory_operator.observability import metrics
+from dask_memory_operator.observability.events import dask_cluster_ref, post_actions
+from dask_memory_operator.schedulers.converge import ClusterReconciler, owner_tag
+
+
+def daskclusters_by_namespace(
+    name: str, namespace: str, labels: Mapping[str, str], uid: str, **_: Any
+) -> dict[str, Any]:
+    return {namespace: {"name": name, "labels": dict(labels), "uid": uid}}
+
+
+async def converge_changed_cluster(
+    event: Mapping[str, Any],
+    body: kopf.Body,
+    name: str,
+    namespace: str,
+    labels: Mapping[str, str],
+    memo: kopf.Memo,
+    memorypolicies_by_namespace: kopf.Index,
+    **_: Any,
+) -> None:
+    """A new or relabelled DaskCluster is configured now, not at the next resync."""
+    reconciler: ClusterReconciler = memo.reconciler
+    if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
+        reconciler.forget_cluster(namespace, name)
+        return
+    policies = list(memorypolicies_by_namespace.get(namespace, []))
+    a = assign(policies, {name: labels}).get(name)
+    if a is None:
+        await _release_orphan(body, name, namespace, memo, memorypolicies_by_namespace)
+        return
+    policy_body = a.governor.body
+    try:
+        wanted = parse_spec(policy_body["spec"], memo.config.allowed_policy_classes)
+    except InvalidPolicy:
+        return  # the policy's own reconcile reports it
+    outcome = await reconciler.converge(namespace, name, wanted, owner_tag(policy_body))
+    metrics.observe(namespace, a.governor.name, outcome)
+    post_actions(policy_body, {"name": name, "uid": body.metadata.get("uid", "")}, outcome)
+
+
+async def _release_orphan(
+    body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, policies_index: kopf.Index
+) -> None:
+    """A cluster no policy selects, still configured by a policy that is gone (it was
+    deleted while the scheduler was unreachable, or its finalizer was removed by
+    hand): give the scheduler its own configuration back."""
+    known = {p.uid for policies in policies_index.values() for p in policies}
+    outcome = await memo.reconciler.release_orphan(namespace, name, known)
+    if outcome is not None:
+        ref = dask_cluster_ref(namespace, name, body.metadata.get("uid", ""))
+        for action in outcome.actions:
+            kopf.info(ref, reason="MemoryPolicyReleased", message=f"no MemoryPolicy governs it: {action}")

@@ -1,0 +1,61 @@
+"""Wiring: every handler of the operator into one kopf registry, with its settings."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from dask_memory_operator.api.memorypolicy import DASK_GROUP, DASK_VERSION, GROUP, PLURAL, VERSION
+from dask_memory_operator.controllers.config import OperatorConfig
+from dask_memory_operator.controllers.daskcluster import converge_changed_cluster, daskclusters_by_namespace
+from dask_memory_operator.controllers.memorypolicy import (
+    memorypolicies_by_namespace,
+    reconcile_policy,
+    restore_on_delete,
+)
+
+
+async def close_port_forwards(memo: kopf.Memo, **_: Any) -> None:
+    await memo.reconciler.locator.close()
+
+
+def configure_operator(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Our own annotation keys and finalizer: never collide with dask-kubernetes'
+    # kopf.zalando.org/last-handled-configuration on shared objects.
+    settings.persistence.finalizer = f"{GROUP}/restore-schedulers"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 60
+    settings.watching.client_timeout = 90
+    settings.networking.request_timeout = 30
+
+
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod its service account, elsewhere the kubeconfig (KUBECONFIG or
+    ~/.kube/config): kopf's own logins, no client library needed."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
+    """All handlers, with the intervals ``config`` asks for."""
+    registry = kopf.OperatorRegistry()
+    policy = (GROUP, VERSION, PLURAL)
+    cluster = (DASK_GROUP, DASK_VERSION, "daskclusters")
+
+    kopf.on.startup(registry=registry)(configure_operator)
+    kopf.on.cleanup(registry=registry)(close_port_forwards)
+    kopf.on.login(registry=registry)(login)
+    kopf.index(*cluster, registry=registry)(daskclusters_by_namespace)
+    kopf.index(*policy, registry=registry)(memorypolicies_by_namespace)
+    kopf.on.event(*cluster, registry=registry)(converge_changed_cluster)
+
+    for decorate in (kopf.on.create, kopf.on.update, kopf.on.resume):
+        decorate(*policy, registry=registry, id=f"reconcile_on_{decorate.__name__}")(reconcile_policy)
+    kopf.timer(*policy, registry=registry, interval=config.resync_interval, id="resync")(reconcile_policy)
+    kopf.on.delete(*policy, registry=registry)(restore_on_delete)
+    return registry
