@@ -41,6 +41,7 @@ Message shapes (all plain data)::
 
     status = {
         "plugin_version": 1, "amm_core_version": str | None,
+        "amm_core_digest": str,          # amm_core.source_digest(): the code it runs
         "amm_core_path": str,            # where the scheduler imported amm_core from
         "distributed_version": str,
         "source": "preload" | "live",
@@ -454,6 +455,7 @@ class MemoryPolicyPlugin(SchedulerPlugin):
         return {
             "plugin_version": PLUGIN_VERSION,
             "amm_core_version": getattr(amm_core, "__version__", None),
+            "amm_core_digest": amm_core.source_digest(),
             "amm_core_path": os.path.dirname(amm_core.__file__),
             "distributed_version": distributed.__version__,
             "source": self.source,
