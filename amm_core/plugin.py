@@ -101,6 +101,9 @@ AMM_CONFIG = "distributed.scheduler.active-memory-manager"
 #: Interval of the ad-hoc AMM that finishes retirements when a config stops the AMM;
 #: the same as upstream's ad-hoc AMM in ``Scheduler.retire_workers``.
 RETIREMENT_INTERVAL = 2.0
+#: Shortest AMM interval accepted (seconds): a shorter one would spin the AMM on the
+#: scheduler's event loop
+MIN_INTERVAL = 0.1
 
 Source = Literal["preload", "live"]
 

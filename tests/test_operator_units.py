@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
-import pytest
+import re
+from pathlib import Path
 
-from dask_memory_operator.api.memorypolicy import InvalidPolicy, parse_spec
+import pytest
+import yaml
+from prometheus_client import REGISTRY
+
+from amm_core.plugin import MIN_INTERVAL
+from dask_memory_operator import manifests
 from dask_memory_operator.api.conditions import condition
-from dask_memory_operator.schedulers.converge import Outcome, drift
+from dask_memory_operator.api.memorypolicy import InvalidPolicy, parse_spec
 from dask_memory_operator.api.selection import PolicyInfo, assign, matches_selector, selects
 from dask_memory_operator.controllers.status import cluster_entry, invalid_status, policy_status
+from dask_memory_operator.observability import metrics
+from dask_memory_operator.schedulers import rpc
+from dask_memory_operator.schedulers.converge import (
+    LIVE_COUNTERS,
+    ClusterReconciler,
+    Outcome,
+    describe_change,
+    drift,
+    error_outcome,
+)
 
 
 def spec(**amm):
@@ -256,3 +272,143 @@ def test_amm_summary_reports_workers_to_replace():
         "replicasCopied": 2, "replicasDropped": 1, "memoryBytes": 10, "workers": 3,
         "workersToReplace": [{"name": "w-1", "address": "tcp://10.0.0.1:1", "retired": True}],
     }
+
+
+# --- hardening ----------------------------------------------------------------
+
+def _crd_interval_pattern() -> str:
+    crd = yaml.safe_load(Path(str(manifests.MEMORYPOLICY_CRD)).read_text())
+    amm = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "activeMemoryManager"]
+    return amm["properties"]["interval"]["pattern"]
+
+
+@pytest.mark.parametrize("text", ["1ms", "50ms", "99ms", "99.9ms", "0.05s", "0.09s", "0.001m", "0s", "0ms"])
+def test_interval_below_the_floor_is_invalid_in_the_parser_and_the_crd(text):
+    with pytest.raises(InvalidPolicy, match="interval") as e:
+        parse_spec(spec(interval=text))
+    assert "minimum of 100ms" in str(e.value) or "positive duration" in str(e.value)
+    assert re.fullmatch(_crd_interval_pattern(), text) is None
+
+
+@pytest.mark.parametrize("text", ["100ms", "150ms", "100.5ms", "0.1s", "0.15s", "2s", "10s", "1.5m", "0.01m", "1h"])
+def test_interval_at_or_above_the_floor_is_valid_in_the_parser_and_the_crd(text):
+    assert parse_spec(spec(interval=text)).interval >= MIN_INTERVAL
+    assert re.fullmatch(_crd_interval_pattern(), text) is not None
+
+
+def _status(running=True, interval=2.0, measure="optimistic", policies=("a.b.ReduceReplicas",)):
+    return {"amm": {"running": running, "interval": interval, "measure": measure,
+                    "policies": [{"class": c, "role": "configured"} for c in policies]
+                    + [{"class": "distributed.active_memory_manager.RetireWorker", "role": "retirement"}]}}
+
+
+def test_describe_change_says_what_changed_from_what_to_what():
+    before = _status(running=False)
+    after = _status(interval=0.5, measure="managed", policies=("x.PressureReduceReplicas", "y.Rebalance"))
+    assert describe_change(before, after) == (
+        "started; interval 2s → 0.5s; measure optimistic → managed; "
+        "policies [ReduceReplicas] → [PressureReduceReplicas, Rebalance]"
+    )
+    assert describe_change(after, after) == ""
+    assert describe_change(after, _status(running=False, interval=0.5, measure="managed",
+                                          policies=("x.PressureReduceReplicas", "y.Rebalance"))) == "stopped"
+
+
+def test_unexpected_errors_are_the_clusters_own_degraded_outcome():
+    outcome = error_outcome("c", KeyError("amm"))
+    assert outcome.state == "Degraded" and "unexpected error: KeyError" in outcome.message
+    protocol = error_outcome("c", rpc.SchedulerRPCError("scheduler sent a pickle; refused"))
+    assert protocol.state == "Degraded" and "pickle" in protocol.message
+
+
+def test_a_scheduler_answering_nonsense_degrades_only_its_cluster():
+    """One cluster whose pass raises something unforeseen does not stop the others:
+    converge() never raises."""
+    import asyncio
+
+    class Locator(FixedLocator):
+        async def address(self, namespace, cluster):
+            self.calls += 1
+            if cluster == "bad":
+                raise TypeError("not a mapping")  # anything no one foresaw
+            return self.addr
+
+    async def scenario():
+        reconciler = ClusterReconciler(Locator("tcp://127.0.0.1:1"), rpc_timeout=0.5)
+        wanted = parse_spec(spec())
+        return await asyncio.gather(*(reconciler.converge("ns", c, wanted, OWNER) for c in ("bad", "good")))
+
+    bad, good = asyncio.run(scenario())
+    assert bad.state == "Degraded" and "TypeError" in bad.message
+    assert good.state == "Pending"  # nothing listens there: its own, separate outcome
+
+
+def test_status_leaves_live_counters_to_metrics():
+    amm = {"running": True, "interval": "2s", "measure": "managed", "policies": [], "workers": 2,
+           "workersToReplace": [], "cycles": 5, "replicasCopied": 1, "replicasDropped": 2, "memoryBytes": 3}
+    entry = cluster_entry(Outcome("c", "Applied", amm=amm, plugin_warning="old amm_core"), "p")
+    assert not set(LIVE_COUNTERS) & set(entry["amm"])
+    assert entry["amm"]["workers"] == 2 and entry["pluginWarning"] == "old amm_core"
+    # two passes that differ only in counters give the same status
+    again = cluster_entry(Outcome("c", "Applied", amm=dict(amm, cycles=99, memoryBytes=7)), "p")
+    assert policy_status(1, [entry], {})["clusters"][0]["amm"] == policy_status(1, [again], {})["clusters"][0]["amm"]
+
+
+def test_unchanged_status_is_not_patched():
+    from dask_memory_operator.controllers.memorypolicy import _patch_status
+
+    class Patch:
+        def __init__(self):
+            self.status = {}
+
+    entry = cluster_entry(Outcome("c", "Applied", applied_generation=1), "p")
+    first = policy_status(1, [entry], {})
+    patch = Patch()
+    _patch_status(patch, first, policy_status(1, [entry], first))
+    assert patch.status == {}
+    _patch_status(patch, first, policy_status(1, [cluster_entry(Outcome("c", "Degraded", "x"), "p")], first))
+    assert patch.status["clusters"][0]["state"] == "Degraded"
+
+
+def _samples(name):
+    return [s for f in REGISTRY.collect() for s in f.samples if s.name.startswith(name)]
+
+
+def test_metrics_of_deleted_clusters_and_policies_end():
+    amm = {"cycles": 1, "replicasCopied": 0, "replicasDropped": 0, "memoryBytes": 1}
+    for policy, cluster in (("p1", "a"), ("p1", "b"), ("p2", "c")):
+        metrics.observe("metrics-ns", policy, Outcome(cluster, "Applied", amm=amm, actions=["x"]))
+    metrics.SCHEDULER_CONTACTS.labels("metrics-ns", "a", "converge").inc()
+
+    def clusters():
+        return {s.labels["cluster"] for s in _samples("dask_memory_operator_")
+                if s.labels.get("namespace") == "metrics-ns"}
+
+    assert clusters() == {"a", "b", "c"}
+    metrics.forget("metrics-ns", cluster="a")  # the DaskCluster was deleted
+    assert clusters() == {"b", "c"}
+    metrics.forget("metrics-ns", policy="p1")  # the MemoryPolicy was deleted
+    assert clusters() == {"c"}
+
+
+def test_an_invalid_policy_governs_nothing_but_is_known():
+    valid = PolicyInfo("young", "u2", "2024-01-02", {}, None)
+    invalid = PolicyInfo("old", "u1", "2024-01-01", {}, None, valid=False)
+    assert assign([invalid, valid], {"c": {}})["c"].governor.name == "young"
+    assert assign([invalid], {"c": {}}) == {}
+
+
+def test_forgetting_a_cluster_keeps_a_lock_a_pass_holds():
+    import asyncio
+
+    async def scenario():
+        reconciler = ClusterReconciler(FixedLocator("tcp://127.0.0.1:1"))
+        lock = reconciler._lock(("ns", "c"))
+        async with lock:
+            reconciler.forget_cluster("ns", "c")
+            assert reconciler._lock(("ns", "c")) is lock  # still the one held
+        reconciler.forget_cluster("ns", "c")
+        assert reconciler._lock(("ns", "c")) is not lock
+
+    asyncio.run(scenario())

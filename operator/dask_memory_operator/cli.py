@@ -65,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
     config = OperatorConfig(
         allowed_policy_classes=tuple(args.allow_policy_class),
         resync_interval=args.resync_interval,
-        rpc_timeout=args.rpc_timeout,
     )
     kopf.configure(verbose=args.verbose)
     if args.metrics_port:

@@ -16,7 +16,7 @@ from typing import Any
 from dask.utils import parse_timedelta
 
 from amm_core import BUILTIN_POLICIES
-from amm_core.plugin import build_policy
+from amm_core.plugin import MIN_INTERVAL, build_policy
 
 GROUP = "amm.dask.org"
 VERSION = "v1alpha1"
@@ -129,6 +129,12 @@ def parse_spec(spec: Mapping[str, Any], allowed: Iterable[str] = ()) -> AMMConfi
     if interval is None or interval <= 0:
         raise InvalidPolicy(
             f"{prefix}.interval", f"{interval_text!r} is not a positive duration"
+        )
+    if interval < MIN_INTERVAL:
+        raise InvalidPolicy(
+            f"{prefix}.interval",
+            f"{interval_text!r} is below the minimum of {MIN_INTERVAL * 1000:g}ms: the AMM "
+            "would spin on the scheduler's event loop",
         )
 
     measure = amm.get("measure", "optimistic")

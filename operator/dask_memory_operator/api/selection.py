@@ -26,11 +26,14 @@ class PolicyInfo:
     created: str
     selector: Mapping[str, Any] | None
     names: tuple[str, ...] | None
+    #: Whether its spec can be applied: only valid policies govern clusters, but every
+    #: policy is known (a scheduler an invalid policy configured is not orphaned)
+    valid: bool = True
     #: The policy's manifest (apiVersion, kind, metadata, spec), for events and specs
     body: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> PolicyInfo:
+    def from_body(cls, body: Mapping[str, Any], valid: bool = True) -> PolicyInfo:
         meta = body.get("metadata", {})
         spec = body.get("spec", {}) or {}
         names = spec.get("clusterNames")
@@ -40,6 +43,7 @@ class PolicyInfo:
             created=meta.get("creationTimestamp", ""),
             selector=spec.get("clusterSelector"),
             names=tuple(names) if names is not None else None,
+            valid=valid,
             body={
                 "apiVersion": body.get("apiVersion"),
                 "kind": body.get("kind"),
@@ -99,9 +103,10 @@ def assign(
 ) -> dict[str, Assignment]:
     """Map each selected cluster name (of one namespace) to its governing policy.
 
-    ``clusters`` maps cluster name -> labels. Clusters no policy selects are absent.
+    ``clusters`` maps cluster name -> labels. Clusters no valid policy selects are
+    absent: an invalid policy never holds a cluster away from a valid one.
     """
-    ordered = sorted(policies, key=lambda p: p.precedence)
+    ordered = sorted((p for p in policies if p.valid), key=lambda p: p.precedence)
     result = {}
     for cluster, labels in clusters.items():
         contenders = tuple(p for p in ordered if selects(p, cluster, labels))

@@ -13,7 +13,5 @@ class OperatorConfig:
     allowed_policy_classes: tuple[str, ...] = ()
     #: Seconds between level-triggered resyncs of every MemoryPolicy
     resync_interval: float = 10.0
-    #: Seconds for one scheduler RPC
-    rpc_timeout: float = 5.0
     #: How deletion handles an unreachable scheduler: retries before giving up
     delete_retries: int = 3

@@ -1,10 +1,18 @@
 """Watching DaskClusters: an index of the clusters of each namespace, and events that
 converge a new or relabelled cluster at once instead of at the next resync. Nothing
 here writes to the DaskCluster, so dask-kubernetes' own handlers on it (and their
-diff-base annotation) are never disturbed."""
+diff-base annotation) are never disturbed.
+
+Which schedulers the operator talks to: those of clusters a MemoryPolicy selects;
+in a namespace that has a MemoryPolicy, a cluster no policy governs (to restore it
+if a policy that is gone still configures it); and schedulers owed a restore by a
+policy deleted while they were unreachable. A scheduler in a namespace without any
+MemoryPolicy is never contacted.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,8 +45,11 @@ async def converge_changed_cluster(
     reconciler: ClusterReconciler = memo.reconciler
     if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
         reconciler.forget_cluster(namespace, name)
+        metrics.forget(namespace, cluster=name)
         return
     policies = list(memorypolicies_by_namespace.get(namespace, []))
+    if not policies:
+        return  # no MemoryPolicy here: this namespace's schedulers are not ours to ask
     a = assign(policies, {name: labels}).get(name)
     if a is None:
         await _release_orphan(body, name, namespace, memo, memorypolicies_by_namespace)
@@ -58,10 +69,28 @@ async def _release_orphan(
 ) -> None:
     """A cluster no policy selects, still configured by a policy that is gone (it was
     deleted while the scheduler was unreachable, or its finalizer was removed by
-    hand): give the scheduler its own configuration back."""
+    hand): give the scheduler its own configuration back. Every policy not being
+    deleted is known, valid or not: an invalid one leaves its clusters as they are."""
     known = {p.uid for policies in policies_index.values() for p in policies}
     outcome = await memo.reconciler.release_orphan(namespace, name, known)
     if outcome is not None:
         ref = dask_cluster_ref(namespace, name, body.metadata.get("uid", ""))
         for action in outcome.actions:
             kopf.info(ref, reason="MemoryPolicyReleased", message=f"no MemoryPolicy governs it: {action}")
+
+
+async def settle_owed_restores(memo: kopf.Memo, interval: float) -> None:
+    """Every ``interval`` seconds, restore the schedulers whose policy was deleted
+    while they could not be reached (see ClusterReconciler.owe_restore)."""
+    reconciler: ClusterReconciler = memo.reconciler
+    while True:
+        await asyncio.sleep(interval)
+        for owed, outcome in await reconciler.retry_pending_restores():
+            ref = dask_cluster_ref(owed.namespace, owed.cluster, owed.cluster_uid)
+            for action in outcome.actions:
+                kopf.info(
+                    ref,
+                    reason="MemoryPolicyReleased",
+                    message=f"MemoryPolicy {owed.policy_name} was deleted while the scheduler "
+                    f"was unreachable; now {action}",
+                )

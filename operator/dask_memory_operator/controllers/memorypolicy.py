@@ -24,7 +24,7 @@ from dask_memory_operator.controllers.config import OperatorConfig
 from dask_memory_operator.controllers.status import cluster_entry, invalid_status, policy_status
 from dask_memory_operator.observability import metrics
 from dask_memory_operator.observability.events import post_outcome
-from dask_memory_operator.schedulers.converge import ClusterReconciler, Outcome, owner_tag
+from dask_memory_operator.schedulers.converge import ClusterReconciler, Outcome, PendingRestore, owner_tag
 from dask_memory_operator.schedulers.locator import SchedulerAccessError
 from dask_memory_operator.schedulers.rpc import SchedulerRPCError
 
@@ -38,15 +38,20 @@ CONCURRENT_CLUSTERS = 8
 def memorypolicies_by_namespace(
     body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any
 ) -> dict[str, Any]:
-    """Policies that can govern clusters: not being deleted, and valid (an invalid
-    policy must not hold a cluster away from a valid one)."""
+    """Every policy not being deleted, marked valid or not. Only valid ones may govern
+    clusters (an invalid policy must not hold a cluster away from a valid one), but
+    all are known: the scheduler an invalid policy configured keeps what it runs."""
     if body.metadata.get("deletionTimestamp"):
         return {}
+    return {namespace: PolicyInfo.from_body(body, valid=_valid(body.get("spec") or {}, memo.config))}
+
+
+def _valid(spec: Mapping[str, Any], config: OperatorConfig) -> bool:
     try:
-        parse_spec(body.get("spec") or {}, memo.config.allowed_policy_classes)
+        parse_spec(spec, config.allowed_policy_classes)
     except InvalidPolicy:
-        return {}
-    return {namespace: PolicyInfo.from_body(body)}
+        return False
+    return True
 
 
 def _clusters(index: kopf.Index, namespace: str) -> dict[str, dict[str, Any]]:
@@ -98,7 +103,7 @@ async def _reconcile_policy(
         message = f"spec.{e}" if not str(e).startswith("spec.") else str(e)
         if previous.get("observedGeneration") != generation or not _is_invalid(previous):
             kopf.warn(body, reason="Invalid", message=message)
-        patch.status.update(invalid_status(generation, message, previous))
+        _patch_status(patch, previous, invalid_status(generation, message, previous))
         return
 
     clusters = _clusters(daskclusters_by_namespace, namespace)
@@ -139,7 +144,14 @@ async def _reconcile_policy(
         entries.append(entry)
 
     await _release_unselected(body, namespace, uid, previous, entries, clusters, reconciler)
-    patch.status.update(policy_status(generation, entries, previous))
+    _patch_status(patch, previous, policy_status(generation, entries, previous))
+
+
+def _patch_status(patch: kopf.Patch, previous: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    """Patch the status only when something in it changed: a resync that finds
+    the same state writes nothing, so watchers of the policy are not woken."""
+    if any(previous.get(k) != v for k, v in new.items()):
+        patch.status.update(new)
 
 
 def _is_invalid(status: Mapping[str, Any]) -> bool:
@@ -159,20 +171,28 @@ async def _release_unselected(
     reconciler: ClusterReconciler,
 ) -> None:
     """Clusters this policy configured before but no longer governs get their own
-    configuration back (relabelled, renamed out, or taken over by an older policy)."""
+    configuration back (relabelled, renamed out, or taken over by an older policy).
+    A cluster that could not be restored yet stays listed (once) as Degraded."""
+    name = policy.metadata["name"]
+    listed = {e["name"] for e in entries}
     governed_now = {e["name"] for e in entries if e["state"] != "Conflict"}
     for old in previous.get("clusters") or ():
         cluster = old.get("name")
         if cluster in governed_now or old.get("state") == "Conflict":
             continue
+        metrics.forget(namespace, policy=name, cluster=cluster)
         if cluster not in clusters:
             reconciler.forget_cluster(namespace, cluster)
             continue
         try:
             outcome = await reconciler.release(namespace, cluster, uid)
-        except (SchedulerRPCError, SchedulerAccessError) as e:
+        except Exception as e:  # one cluster's failure is its own
+            if not isinstance(e, (SchedulerRPCError, SchedulerAccessError)):
+                log.error("Unexpected error restoring DaskCluster %s", cluster, exc_info=e)
             log.warning("Could not restore DaskCluster %s yet: %s", cluster, e)
-            entries.append(cluster_entry(Outcome(cluster, "Degraded", f"restore pending: {e}"), policy.metadata["name"]))
+            if cluster not in listed:
+                entries.append(cluster_entry(Outcome(cluster, "Degraded", f"restore pending: {e}"), name))
+                listed.add(cluster)
             continue
         if outcome is not None:
             post_outcome(policy, clusters[cluster], outcome, previous)
@@ -196,6 +216,7 @@ async def _restore_all(
     body: kopf.Body,
     status: kopf.Status,
     namespace: str,
+    name: str,
     uid: str,
     memo: kopf.Memo,
     retry: int,
@@ -207,21 +228,33 @@ async def _restore_all(
     clusters = _clusters(daskclusters_by_namespace, namespace)
     me = PolicyInfo.from_body(body)
     candidates = {e["name"] for e in status.get("clusters") or () if e.get("state") != "Conflict"}
-    candidates |= {name for name, c in clusters.items() if selects(me, name, c["labels"])}
-    unreachable = []
-    for cluster in (clusters[name] for name in sorted(candidates) if name in clusters):
+    candidates |= {c for c, info in clusters.items() if selects(me, c, info["labels"])}
+    unreachable: dict[str, str] = {}
+    for cluster in (clusters[c] for c in sorted(candidates) if c in clusters):
         try:
             outcome = await reconciler.release(namespace, cluster["name"], uid)
-        except (SchedulerRPCError, SchedulerAccessError) as e:
-            unreachable.append(f"{cluster['name']} ({e})")
+        except Exception as e:  # one cluster's failure is its own
+            if not isinstance(e, (SchedulerRPCError, SchedulerAccessError)):
+                log.error("Unexpected error restoring DaskCluster %s", cluster["name"], exc_info=e)
+            unreachable[cluster["name"]] = str(e)
             continue
         if outcome is not None:
             post_outcome(body, cluster, outcome, {})
+    metrics.forget(namespace, policy=name)
     if not unreachable:
         return
-    message = "could not restore " + ", ".join(unreachable)
+    message = "could not restore " + ", ".join(f"{c} ({why})" for c, why in unreachable.items())
     if retry + 1 < config.delete_retries:
         raise kopf.TemporaryError(message, delay=config.resync_interval)
-    # A scheduler that comes back after a restart starts with its own configuration;
-    # holding the deletion forever would not help it.
-    kopf.warn(body, reason="RestoreFailed", message=f"{message}; giving up after {retry + 1} attempts")
+    # Holding the deletion forever would not help: the operator owes these schedulers
+    # a restore and does it when they answer again (a scheduler that restarts in
+    # between starts with its own configuration anyway).
+    for cluster in unreachable:
+        reconciler.owe_restore(
+            PendingRestore(namespace, cluster, clusters[cluster]["uid"], uid, name)
+        )
+    kopf.warn(
+        body,
+        reason="RestoreFailed",
+        message=f"{message}; giving up after {retry + 1} attempts: restored when they answer again",
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -9,7 +10,11 @@ import kopf
 
 from dask_memory_operator.api.memorypolicy import DASK_GROUP, DASK_VERSION, GROUP, PLURAL, VERSION
 from dask_memory_operator.controllers.config import OperatorConfig
-from dask_memory_operator.controllers.daskcluster import converge_changed_cluster, daskclusters_by_namespace
+from dask_memory_operator.controllers.daskcluster import (
+    converge_changed_cluster,
+    daskclusters_by_namespace,
+    settle_owed_restores,
+)
 from dask_memory_operator.controllers.memorypolicy import (
     memorypolicies_by_namespace,
     reconcile_policy,
@@ -17,7 +22,16 @@ from dask_memory_operator.controllers.memorypolicy import (
 )
 
 
-async def close_port_forwards(memo: kopf.Memo, **_: Any) -> None:
+def start_background_tasks(memo: kopf.Memo, **_: Any) -> None:
+    """Tasks of the whole operator, not of one object: the owed restores."""
+    config: OperatorConfig = memo.config
+    memo.background = [asyncio.create_task(settle_owed_restores(memo, config.resync_interval))]
+
+
+async def stop_background_tasks(memo: kopf.Memo, **_: Any) -> None:
+    for task in getattr(memo, "background", ()):
+        task.cancel()
+    await asyncio.gather(*getattr(memo, "background", ()), return_exceptions=True)
     await memo.reconciler.locator.close()
 
 
@@ -48,7 +62,8 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     cluster = (DASK_GROUP, DASK_VERSION, "daskclusters")
 
     kopf.on.startup(registry=registry)(configure_operator)
-    kopf.on.cleanup(registry=registry)(close_port_forwards)
+    kopf.on.startup(registry=registry)(start_background_tasks)
+    kopf.on.cleanup(registry=registry)(stop_background_tasks)
     kopf.on.login(registry=registry)(login)
     kopf.index(*cluster, registry=registry)(daskclusters_by_namespace)
     kopf.index(*policy, registry=registry)(memorypolicies_by_namespace)

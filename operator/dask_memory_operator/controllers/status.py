@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dask_memory_operator.api.conditions import condition
-from dask_memory_operator.schedulers.converge import Outcome
+from dask_memory_operator.schedulers.converge import LIVE_COUNTERS, Outcome
 
 
 def cluster_entry(outcome: Outcome, governed_by: str) -> dict[str, Any]:
@@ -30,8 +30,10 @@ def cluster_entry(outcome: Outcome, governed_by: str) -> dict[str, Any]:
         entry["pluginSource"] = outcome.plugin_source
     if outcome.applied_generation is not None:
         entry["appliedGeneration"] = outcome.applied_generation
+    if outcome.plugin_warning:
+        entry["pluginWarning"] = outcome.plugin_warning
     if outcome.amm is not None:
-        entry["amm"] = outcome.amm
+        entry["amm"] = {k: v for k, v in outcome.amm.items() if k not in LIVE_COUNTERS}
     return entry
 
 

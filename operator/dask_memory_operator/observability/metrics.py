@@ -1,14 +1,19 @@
 """Prometheus metrics: what each governed scheduler's AMM reports, per cluster.
 
 Served by ``dask-memory-operator run --metrics-port``. The gauges mirror the
-scheduler's own counters as of the last reconcile.
+scheduler's own counters as of the last reconcile (the policy's status leaves them
+out: they change on every cycle). The series of a cluster end when its policy stops
+governing it, the cluster is deleted or the policy is deleted (:func:`forget`).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge
 
-from dask_memory_operator.schedulers.converge import Outcome
+if TYPE_CHECKING:
+    from dask_memory_operator.schedulers.converge import Outcome
 
 _LABELS = ("namespace", "policy", "cluster")
 
@@ -34,12 +39,24 @@ SCHEDULER_CHANGES = Counter(
     "Changes the operator made to schedulers (apply, restore, plugin install)",
     _LABELS,
 )
+CONTACT_PURPOSES = ("converge", "release", "orphan-check")
+SCHEDULER_CONTACTS = Counter(
+    "dask_memory_operator_scheduler_contacts",
+    "Times the operator set out to ask a scheduler something, by purpose "
+    f"({', '.join(CONTACT_PURPOSES)})",
+    ("namespace", "cluster", "purpose"),
+)
 
 STATES = ("Applied", "Pending", "Degraded", "Conflict")
+_PER_CLUSTER = (AMM_CYCLES, REPLICAS_COPIED, REPLICAS_DROPPED, CLUSTER_MEMORY, SCHEDULER_CHANGES)
+
+#: Label values of every (namespace, policy, cluster) with series, for forget()
+_series: set[tuple[str, str, str]] = set()
 
 
 def observe(namespace: str, policy: str, outcome: Outcome) -> None:
     labels = (namespace, policy, outcome.cluster)
+    _series.add(labels)
     for state in STATES:
         CLUSTER_STATE.labels(*labels, state).set(1 if outcome.state == state else 0)
     if outcome.amm:
@@ -49,3 +66,24 @@ def observe(namespace: str, policy: str, outcome: Outcome) -> None:
         CLUSTER_MEMORY.labels(*labels).set(outcome.amm["memoryBytes"])
     if outcome.actions:
         SCHEDULER_CHANGES.labels(*labels).inc(len(outcome.actions))
+
+
+def forget(namespace: str, policy: str | None = None, cluster: str | None = None) -> None:
+    """End the series of a cluster (every policy's, when ``policy`` is None) or of a
+    policy (every cluster's, when ``cluster`` is None)."""
+    for labels in [s for s in _series if s[0] == namespace and policy in (None, s[1]) and cluster in (None, s[2])]:
+        _series.discard(labels)
+        for state in STATES:
+            _remove(CLUSTER_STATE, *labels, state)
+        for metric in _PER_CLUSTER:
+            _remove(metric, *labels)
+    if policy is None and cluster is not None:
+        for purpose in CONTACT_PURPOSES:
+            _remove(SCHEDULER_CONTACTS, namespace, cluster, purpose)
+
+
+def _remove(metric: Gauge | Counter, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:  # that series was never set (e.g. no amm report yet)
+        pass

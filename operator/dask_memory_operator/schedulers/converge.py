@@ -19,7 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dask_memory_operator.observability import metrics
 from dask_memory_operator.schedulers import rpc as scheduler_rpc
+from dask_memory_operator.schedulers.rpc import SchedulerRPCError
 from dask_memory_operator.schedulers.locator import SchedulerAccessError, SchedulerLocator, SchedulerServiceMissing
 from dask_memory_operator.api.memorypolicy import AMMConfig
 
@@ -36,6 +38,8 @@ class Outcome:
     state: ClusterStateName
     message: str = ""
     plugin_source: str | None = None
+    #: Why the scheduler's amm_core is not the operator's (a preloaded older one)
+    plugin_warning: str | None = None
     applied_generation: int | None = None
     #: The scheduler's report of its AMM, in status form
     amm: dict[str, Any] | None = None
@@ -75,17 +79,14 @@ def owner_tag(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def amm_summary(status: Mapping[str, Any]) -> dict[str, Any]:
-    """The plugin's status, in the shape of ``status.clusters[].amm``."""
+    """The plugin's status, in the shape of ``status.clusters[].amm`` plus the live
+    counters (``LIVE_COUNTERS``), which go to metrics and not to the policy's status."""
     amm = status.get("amm") or {}
     return {
         "running": bool(amm.get("running")),
         "interval": f"{amm.get('interval', 0):g}s",
         "measure": amm.get("measure", ""),
         "policies": [p["class"] for p in amm.get("policies") or ()],
-        "cycles": int(amm.get("cycles", 0)),
-        "replicasCopied": int(amm.get("replicas_copied", 0)),
-        "replicasDropped": int(amm.get("replicas_dropped", 0)),
-        "memoryBytes": int(amm.get("memory_bytes", 0)),
         "workers": int(status.get("workers", 0)),
         # marked by RetirePaused: retired (or retiring) and waiting to be replaced
         "workersToReplace": [
@@ -93,7 +94,53 @@ def amm_summary(status: Mapping[str, Any]) -> dict[str, Any]:
              "retired": bool(w.get("retired"))}
             for w in status.get("replace") or ()
         ],
+        "cycles": int(amm.get("cycles", 0)),
+        "replicasCopied": int(amm.get("replicas_copied", 0)),
+        "replicasDropped": int(amm.get("replicas_dropped", 0)),
+        "memoryBytes": int(amm.get("memory_bytes", 0)),
     }
+
+
+#: Fields of amm_summary() that change on every AMM cycle: metrics, not status (a
+#: status patch on every resync would wake every watcher of the policy)
+LIVE_COUNTERS = ("cycles", "replicasCopied", "replicasDropped", "memoryBytes")
+
+
+def _short(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+def _configured(amm: Mapping[str, Any]) -> list[str]:
+    """The configured policies' class names, as a person reads them."""
+    return [
+        _short(p["class"]) for p in amm.get("policies") or () if p.get("role", "configured") == "configured"
+    ]
+
+
+def describe_change(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+    """What changed in a scheduler's AMM between two plugin statuses, as ``kubectl
+    describe`` readers want it: "started; interval 2s → 500ms; policies
+    [ReduceReplicas] → [PressureReduceReplicas]"; "" when nothing did."""
+    old, new = before.get("amm") or {}, after.get("amm") or {}
+    changes = []
+    if bool(old.get("running")) != bool(new.get("running")):
+        changes.append("started" if new.get("running") else "stopped")
+    if not math.isclose(float(old.get("interval", 0)), float(new.get("interval", 0)), rel_tol=1e-6):
+        changes.append(f"interval {old.get('interval', 0):g}s → {new.get('interval', 0):g}s")
+    if old.get("measure") != new.get("measure"):
+        changes.append(f"measure {old.get('measure')} → {new.get('measure')}")
+    if _configured(old) != _configured(new):
+        changes.append(
+            f"policies [{', '.join(_configured(old))}] → [{', '.join(_configured(new))}]"
+        )
+    return "; ".join(changes)
+
+
+def _applied_action(owner: Mapping[str, Any], reason: str, change: str) -> str:
+    who = f"MemoryPolicy {owner['name']} generation {owner['generation']}"
+    if reason == "not configured by this policy generation":
+        return f"AMM set by {who}: {change}" if change else f"AMM now governed by {who} (unchanged)"
+    return f"AMM put back to {who} ({reason}): {change or 'policy objects rebuilt'}"
 
 
 def drift(wanted: AMMConfig, status: Mapping[str, Any]) -> str | None:
@@ -117,14 +164,52 @@ def drift(wanted: AMMConfig, status: Mapping[str, Any]) -> str | None:
     return None
 
 
+def error_outcome(cluster: str, error: Exception) -> Outcome:
+    """The outcome of a pass that failed with ``error``: Pending while the scheduler
+    is being created or restarted, Degraded otherwise. Whatever went wrong, it is
+    this one cluster's outcome and never escapes to the pass over the others."""
+    if isinstance(error, SchedulerServiceMissing):
+        return Outcome(cluster, "Pending", str(error))
+    if isinstance(error, scheduler_rpc.SchedulerUnreachable):
+        if error.refused:  # starting, or restarting: no backoff, no alarm
+            return Outcome(cluster, "Pending", str(error))
+        return Outcome(cluster, "Degraded", f"scheduler unreachable: {error}")
+    if isinstance(error, SchedulerAccessError):
+        return Outcome(cluster, "Degraded", str(error))
+    if isinstance(error, scheduler_rpc.ApplyRejected):
+        return Outcome(cluster, "Degraded", f"scheduler rejected the configuration: {error}")
+    if isinstance(error, scheduler_rpc.SchedulerRPCError):
+        return Outcome(cluster, "Degraded", f"scheduler call failed: {error}")
+    # A bug, or an answer nobody foresaw: logged with its traceback, and it degrades
+    # only this cluster
+    logger.error("Unexpected error converging DaskCluster %s", cluster, exc_info=error)
+    return Outcome(cluster, "Degraded", f"unexpected error: {type(error).__name__}: {error}")
+
+
+@dataclass(frozen=True)
+class PendingRestore:
+    """A scheduler whose policy was deleted while it could not be reached: it still
+    runs that policy's AMM, and is restored when it answers again."""
+
+    namespace: str
+    cluster: str
+    cluster_uid: str
+    #: uid of the deleted MemoryPolicy
+    policy_uid: str
+    policy_name: str
+
+
 class ClusterReconciler:
-    """Converges schedulers; holds the per-cluster locks and backoffs."""
+    """Converges schedulers; holds the per-cluster locks, backoffs and the restores
+    still owed to schedulers of deleted policies."""
 
     locator: SchedulerLocator
     #: Seconds for one RPC to the scheduler
     rpc_timeout: float
     backoff_base: float
     backoff_cap: float
+    #: Restores owed, by (namespace, cluster); retried by :meth:`retry_pending_restores`
+    pending_restores: dict[tuple[str, str], PendingRestore]
     _locks: dict[tuple[str, str], asyncio.Lock]
     _backoffs: dict[tuple[str, str], Backoff]
 
@@ -140,6 +225,7 @@ class ClusterReconciler:
         self.rpc_timeout = rpc_timeout
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
+        self.pending_restores = {}
         self._locks = {}
         self._backoffs = {}
 
@@ -149,7 +235,8 @@ class ClusterReconciler:
     async def converge(
         self, namespace: str, cluster: str, wanted: AMMConfig, owner: dict[str, Any]
     ) -> Outcome:
-        """Make the cluster's scheduler run ``wanted``, tagged with ``owner``."""
+        """Make the cluster's scheduler run ``wanted``, tagged with ``owner``. Never
+        raises: what goes wrong is the returned outcome."""
         key = (namespace, cluster)
         tag = (owner["uid"], owner["generation"])
         backoff = self._backoffs.setdefault(key, Backoff())
@@ -158,19 +245,8 @@ class ClusterReconciler:
         async with self._lock(key):
             try:
                 outcome = await self._converge(namespace, cluster, wanted, owner)
-            except SchedulerServiceMissing as e:
-                outcome = Outcome(cluster, "Pending", str(e))
-            except scheduler_rpc.SchedulerUnreachable as e:
-                if e.refused:  # starting, or restarting: no backoff, no alarm
-                    outcome = Outcome(cluster, "Pending", str(e))
-                else:
-                    outcome = Outcome(cluster, "Degraded", f"scheduler unreachable: {e}")
-            except SchedulerAccessError as e:
-                outcome = Outcome(cluster, "Degraded", str(e))
-            except scheduler_rpc.ApplyRejected as e:
-                outcome = Outcome(cluster, "Degraded", f"scheduler rejected the configuration: {e}")
-            except scheduler_rpc.SchedulerRPCError as e:
-                outcome = Outcome(cluster, "Degraded", f"scheduler call failed: {e}")
+            except Exception as e:  # one cluster's failure is its own outcome
+                outcome = error_outcome(cluster, e)
             if outcome.state == "Degraded":
                 backoff.fail(outcome, tag, self.backoff_base, self.backoff_cap)
                 await self._forget_route(namespace, cluster)
@@ -181,7 +257,7 @@ class ClusterReconciler:
     async def _converge(
         self, namespace: str, cluster: str, wanted: AMMConfig, owner: dict[str, Any]
     ) -> Outcome:
-        address = await self.locator.address(namespace, cluster)
+        address = await self._address(namespace, cluster, "converge")
         actions = []
         status, installed = await self._status_with_plugin(address)
         if installed:
@@ -191,12 +267,11 @@ class ClusterReconciler:
         reason = None if same_owner else "not configured by this policy generation"
         reason = reason or drift(wanted, status)
         if reason:
+            before = status
             status = await scheduler_rpc.apply(
                 address, wanted.to_dask_config(), owner, timeout=self.rpc_timeout
             )
-            actions.append(
-                f"applied MemoryPolicy {owner['name']} generation {owner['generation']} ({reason})"
-            )
+            actions.append(_applied_action(owner, reason, describe_change(before, status)))
             left = drift(wanted, status)
             if left:
                 return Outcome(
@@ -217,11 +292,12 @@ class ClusterReconciler:
 
         Returns None when there was nothing to do (not configured by that policy, no
         plugin, or no scheduler any more: a new scheduler starts with its own config).
-        Raises SchedulerRPCError when a scheduler exists but cannot be asked.
+        Raises SchedulerRPCError or SchedulerAccessError when a scheduler exists but
+        cannot be asked.
         """
         async with self._lock((namespace, cluster)):
             try:
-                address = await self.locator.address(namespace, cluster)
+                address = await self._address(namespace, cluster, "release")
             except SchedulerServiceMissing:
                 return None
             try:
@@ -233,21 +309,25 @@ class ClusterReconciler:
                 raise
             if (status.get("owner") or {}).get("uid") != owner_uid:
                 return None
-            status = await scheduler_rpc.restore(address, timeout=self.rpc_timeout)
+            restored = await scheduler_rpc.restore(address, timeout=self.rpc_timeout)
             self._backoffs.pop((namespace, cluster), None)
+            change = describe_change(status, restored)
             return Outcome(
                 cluster,
                 "Applied",
-                plugin_source=status.get("source"),
-                amm=amm_summary(status),
-                actions=["restored the scheduler's own AMM configuration"],
+                plugin_source=restored.get("source"),
+                amm=amm_summary(restored),
+                actions=[
+                    "restored the scheduler's own AMM configuration"
+                    + (f": {change}" if change else " (unchanged)")
+                ],
             )
 
     async def release_orphan(self, namespace: str, cluster: str, known_uids: set[str]) -> Outcome | None:
         """Restore a scheduler still configured by a policy that no longer exists
         (deleted while its scheduler was unreachable, or force-deleted)."""
         try:
-            address = await self.locator.address(namespace, cluster)
+            address = await self._address(namespace, cluster, "orphan-check")
             status = await scheduler_rpc.get_status(address, timeout=self.rpc_timeout)
         except (SchedulerServiceMissing, SchedulerAccessError, scheduler_rpc.SchedulerRPCError):
             return None  # no plugin, or not reachable now: the next event tries again
@@ -255,6 +335,31 @@ class ClusterReconciler:
         if not owner or owner.get("uid") in known_uids:
             return None
         return await self.release(namespace, cluster, owner["uid"])
+
+    def owe_restore(self, restore: PendingRestore) -> None:
+        """Remember a restore that deletion could not do (the policy is gone now)."""
+        self.pending_restores[(restore.namespace, restore.cluster)] = restore
+
+    async def retry_pending_restores(self) -> list[tuple[PendingRestore, Outcome]]:
+        """Try every owed restore once; returns those done, with what was done. A
+        scheduler that restarted in between starts with its own configuration: then
+        there is nothing to do, and the debt is settled too."""
+        done = []
+        for key, owed in list(self.pending_restores.items()):
+            try:
+                outcome = await self.release(owed.namespace, owed.cluster, owed.policy_uid)
+            except (SchedulerRPCError, SchedulerAccessError) as e:
+                logger.info("Restore of DaskCluster %s/%s still pending: %s", *key, e)
+                continue
+            self.pending_restores.pop(key, None)
+            if outcome is not None:
+                done.append((owed, outcome))
+        return done
+
+    async def _address(self, namespace: str, cluster: str, purpose: str) -> str:
+        """Where the scheduler is, counted: every contact with a scheduler starts here."""
+        metrics.SCHEDULER_CONTACTS.labels(namespace, cluster, purpose).inc()
+        return await self.locator.address(namespace, cluster)
 
     async def _status_with_plugin(self, address: str) -> tuple[dict[str, Any], bool]:
         try:
@@ -267,6 +372,11 @@ class ClusterReconciler:
         await self.locator.forget(namespace, cluster)
 
     def forget_cluster(self, namespace: str, cluster: str) -> None:
-        """The DaskCluster is gone: drop its lock and backoff."""
-        self._backoffs.pop((namespace, cluster), None)
-        self._locks.pop((namespace, cluster), None)
+        """The DaskCluster is gone: drop its backoff, its owed restore and its lock
+        (unless a pass holds the lock right now: that pass still needs it)."""
+        key = (namespace, cluster)
+        self._backoffs.pop(key, None)
+        self.pending_restores.pop(key, None)
+        lock = self._locks.get(key)
+        if lock is not None and not lock.locked():
+            del self._locks[key]
