@@ -6,14 +6,16 @@ turns those into `dask scheduler`/`dask worker` processes, and this operator (it
 own process, as `dask-memory-operator run`) configures the schedulers. What a
 scheduler runs is always checked by asking that scheduler, never the operator.
 
-Both clusters start with their own configuration "AMM off", so that what the
+Both shared clusters start with their own configuration "AMM off", so that what the
 operator changes, and what it restores, can be told apart from distributed's
 default (AMM on with ReduceReplicas).
 
-The tests share one namespace and its two clusters (starting Dask processes is the
-slow part) and run as a story, in file order: each says what it expects to find.
-The policy `both` is created by the unreachable-scheduler test and used by the two
-after it; the last test leaves a worker of `other` retired.
+Starting Dask processes is the slow part, so most tests share one namespace and its
+two clusters, but no test depends on another: before each one, every MemoryPolicy
+of the namespace is deleted and both schedulers are back to their own
+configuration, labels and worker counts (`fresh`), and each test creates the
+policies it needs. Tests that change a cluster for good (retire a worker, delete
+it) or need a cluster created after a policy have a namespace of their own.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import json
 import os
 import signal
 import socket
-import urllib.request
 import sys
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -35,7 +37,6 @@ from kr8s.asyncio.objects import Service
 from prometheus_client.parser import text_string_to_metric_families
 
 from amm_core.replicate import replicate
-from dask_memory_operator.schedulers.locator import _target_port, comm_port
 from dask_memory_operator.devstack.probes import (
     amm_cycles,
     amm_dropped,
@@ -44,6 +45,7 @@ from dask_memory_operator.devstack.probes import (
     set_pause_fraction,
 )
 from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
+from dask_memory_operator.schedulers.locator import _target_port, comm_port
 
 MATCHING, OTHER = "matching", "other"
 AMM_OFF = {"DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False"}
@@ -54,6 +56,10 @@ REDUCE = "amm_core.replicate.ReduceReplicas"
 #: the schedulers' own configuration: distributed's defaults, but the AMM off
 OWN_CONFIG = {"running": False, "interval": 2.0, "measure": "optimistic",
               "policies": ["distributed.active_memory_manager.ReduceReplicas"]}
+LABELS = {MATCHING: {"team": "analytics"}, OTHER: {}}
+#: the operator as the shared clusters' tests run it; dotted amm_core paths allowed
+OPERATOR_ARGS = ["--scheduler-access", "cluster-ip", "--resync-interval", "1", "--rpc-timeout", "2",
+                 "--allow-policy-class", "amm_core.*"]
 
 
 # --- fixtures ------------------------------------------------------------------
@@ -66,29 +72,30 @@ def metrics_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def memory_operator(stack: LocalStack, metrics_port: int):
+def start_operator(stack: LocalStack, metrics_port: int, *args: str) -> None:
     """This operator, as users run it, in its own process."""
     stack.start_process("dask-memory-operator", [
         sys.executable, "-m", "dask_memory_operator.cli", "run", "--verbose",
-        "--scheduler-access", "cluster-ip", "--resync-interval", "1", "--rpc-timeout", "2",
-        "--metrics-port", str(metrics_port),
+        "--metrics-port", str(metrics_port), *args,
     ])
+
+
+@pytest.fixture(scope="module")
+def memory_operator(stack: LocalStack, metrics_port: int):
+    start_operator(stack, metrics_port, *OPERATOR_ARGS)
     yield
     stack.stop_process("dask-memory-operator")
 
 
 @pytest.fixture(scope="module")
 def clusters(stack: LocalStack, memory_operator) -> Iterator[str]:
-    """A namespace with the MemoryPolicy `analytics` (team=analytics), then two
-    DaskClusters of 2 workers created after it: `matching` is labelled team=analytics
-    and preloads the plugin, `other` is neither. Yields the namespace."""
+    """A namespace with two DaskClusters of 2 workers: `matching` is labelled
+    team=analytics and preloads the plugin, `other` is neither. Yields the namespace."""
     ns = "e2e-operator"
     stack.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-    stack.apply(ANALYTICS, namespace=ns)
-    for name, labels, env in ((MATCHING, {"team": "analytics"}, AMM_OFF | PRELOAD), (OTHER, {}, AMM_OFF)):
+    for name, env in ((MATCHING, AMM_OFF | PRELOAD), (OTHER, AMM_OFF)):
         manifest = daskcluster_manifest(name, workers=2, scheduler_env=env)
-        manifest["metadata"]["labels"] = labels
+        manifest["metadata"]["labels"] = LABELS[name]
         stack.apply(manifest, namespace=ns)
     for name in (MATCHING, OTHER):
         with scheduler(stack, ns, name) as client:
@@ -99,11 +106,27 @@ def clusters(stack: LocalStack, memory_operator) -> Iterator[str]:
     stack.wait_for(lambda: not stack.pod_processes(ns), timeout=90, what=f"the processes of namespace {ns} to end")
 
 
+@pytest.fixture
+def fresh(stack: LocalStack, clusters: str) -> str:
+    """The shared namespace as a test expects it: no MemoryPolicy, both schedulers on
+    their own configuration with their labels and 2 workers each."""
+    ns = clusters
+    stack.kubectl("delete", "memorypolicies", "--all", "-n", ns, "--timeout=90s")
+    for name, labels in LABELS.items():
+        stack.kubectl("label", "daskcluster", name, "-n", ns, "team-", check=False)
+        for key, value in labels.items():
+            stack.kubectl("label", "daskcluster", name, "-n", ns, f"{key}={value}", "--overwrite")
+        wait_amm(stack, ns, name, **OWN_CONFIG)
+        with scheduler(stack, ns, name) as client:
+            client.wait_for_workers(2, timeout=120)
+    return ns
+
+
 @pytest.fixture(autouse=True)
 def logs_on_failure(request, stack: LocalStack):
     yield
-    report = getattr(request.node, "report_call", None)
-    if report is not None and report.failed:
+    reports = (getattr(request.node, f"report_{when}", None) for when in ("setup", "call"))
+    if any(r is not None and r.failed for r in reports):
         print(stack.dump_logs("e2e-operator", tail=60))
 
 
@@ -182,21 +205,62 @@ def scheduler_pid(stack: LocalStack, ns: str, cluster: str) -> int:
     return main.pid
 
 
+def metric_samples(metrics_port: int) -> list:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def metric(metrics_port: int, name: str, **labels: str) -> float | None:
+    """The value of one series, None when it does not exist."""
+    values = [s.value for s in metric_samples(metrics_port) if s.name == name and s.labels == labels]
+    return values[0] if values else None
+
+
+def contacts(metrics_port: int, ns: str, cluster: str, purpose: str) -> float:
+    return metric(metrics_port, "dask_memory_operator_scheduler_contacts_total",
+                  namespace=ns, cluster=cluster, purpose=purpose) or 0
+
+
+def wait_contacts(stack: LocalStack, metrics_port: int, ns: str, cluster: str, purpose: str, more: int) -> None:
+    """Wait until the operator has set out to ask the scheduler ``more`` more times."""
+    start = contacts(metrics_port, ns, cluster, purpose)
+    stack.wait_for(lambda: contacts(metrics_port, ns, cluster, purpose) >= start + more, 60,
+                   f"{more} more {purpose} contacts with {cluster}", interval=0.3)
+
+
+def make_cluster(stack: LocalStack, ns: str, name: str, workers: int = 1, env=None, labels=None) -> None:
+    manifest = daskcluster_manifest(name, workers=workers, scheduler_env=AMM_OFF | (env or {}))
+    manifest["metadata"]["labels"] = labels or {}
+    stack.apply(manifest, namespace=ns)
+    with scheduler(stack, ns, name) as client:
+        client.wait_for_workers(workers, timeout=120)
+
+
 # --- the tests -------------------------------------------------------------------
 
 
 ANALYTICS = policy_manifest("analytics", selector={"matchLabels": {"team": "analytics"}},
                             interval="500ms", measure="managed", policies=[{"class": "ReduceReplicas"}])
+#: MATCHING under ANALYTICS, as the scheduler reports it
+ANALYTICS_AMM = {"running": True, "interval": 0.5, "measure": "managed", "policies": [REDUCE]}
 
 
-def test_cluster_created_after_policy_gets_exactly_its_config(stack: LocalStack, clusters: str):
-    ns = clusters
+def apply_analytics(stack: LocalStack, ns: str) -> None:
+    stack.apply(ANALYTICS, namespace=ns)
+    wait_amm(stack, ns, MATCHING, **ANALYTICS_AMM)
+
+
+def test_cluster_created_after_policy_gets_exactly_its_config(stack: LocalStack, namespace: str,
+                                                              memory_operator):
+    ns = namespace
+    stack.apply(ANALYTICS, namespace=ns)
+    make_cluster(stack, ns, MATCHING, env=PRELOAD, labels={"team": "analytics"})
+    make_cluster(stack, ns, OTHER)
     # kubectl wait, as a user would
     stack.kubectl("wait", "--for=condition=Ready", "mempol/analytics", "-n", ns, "--timeout=60s")
 
-    assert scheduler_amm(stack, ns, MATCHING) == {
-        "running": True, "interval": 0.5, "measure": "managed", "policies": [REDUCE], "plugin": True,
-    }
+    assert scheduler_amm(stack, ns, MATCHING) == dict(ANALYTICS_AMM, plugin=True)
     assert scheduler_amm(stack, ns, OTHER) == dict(OWN_CONFIG, plugin=False)
 
     policy = wait_status(stack, ns, "analytics", lambda p: p["status"].get("appliedClusters") == 1, "applied")
@@ -205,18 +269,26 @@ def test_cluster_created_after_policy_gets_exactly_its_config(stack: LocalStack,
     assert entry["state"] == "Applied" and entry["pluginSource"] == "preload"
     assert entry["appliedGeneration"] == policy["metadata"]["generation"]
     assert entry["amm"]["running"] is True and entry["amm"]["measure"] == "managed"
+    assert "cycles" not in entry["amm"]  # a live counter: metrics, not status
 
     table = stack.kubectl("get", "mempol", "-n", ns).stdout
     assert table.split("\n")[0].split() == ["NAME", "MATCHED", "APPLIED", "READY", "REASON", "AGE"]
     assert table.split("\n")[1].split()[:5] == ["analytics", "1", "1", "True", "Applied"]
 
-    assert any(e["reason"] == "Applied" for e in events_about(stack, ns, "MemoryPolicy", "analytics"))
-    assert any(e["reason"] == "MemoryPolicyApplied" for e in events_about(stack, ns, "DaskCluster", MATCHING))
+    # the Events say what changed on the scheduler, from what to what
+    [applied] = [e for e in events_about(stack, ns, "MemoryPolicy", "analytics") if e["reason"] == "Applied"]
+    assert applied["message"] == (
+        f"DaskCluster {MATCHING}: AMM set by MemoryPolicy analytics generation 1: started; "
+        "interval 2s → 0.5s; measure optimistic → managed; policies "
+        f"[distributed.active_memory_manager.ReduceReplicas] → [{REDUCE}]"
+    )
+    assert any(e["reason"] == "MemoryPolicyApplied" and "interval 2s → 0.5s" in e["message"]
+               for e in events_about(stack, ns, "DaskCluster", MATCHING))
 
 
-def test_reduce_replicas_works_on_configured_cluster_only(stack: LocalStack, clusters: str):
-    ns = clusters
-    wait_amm(stack, ns, MATCHING, running=True, policies=[REDUCE])
+def test_reduce_replicas_works_on_configured_cluster_only(stack: LocalStack, fresh: str, metrics_port: int):
+    ns = fresh
+    apply_analytics(stack, ns)
     with scheduler(stack, ns, MATCHING) as matching, scheduler(stack, ns, OTHER) as other:
         dropped_before = matching.run_on_scheduler(amm_dropped)
         futures = {}
@@ -234,16 +306,39 @@ def test_reduce_replicas_works_on_configured_cluster_only(stack: LocalStack, clu
         key = futures["other"].key
         assert other.run_on_scheduler(replica_counts, [key]) == {key: 2}
 
-    policy = wait_status(stack, ns, "analytics",
-                         lambda p: cluster_entry(p, MATCHING).get("amm", {}).get("replicasDropped", 0) >= 1,
-                         "replicasDropped reported")
-    assert cluster_entry(policy, MATCHING)["amm"]["cycles"] > 0
+    # the scheduler's counters reach the metrics
+    ours = {"namespace": ns, "policy": "analytics", "cluster": MATCHING}
+    stack.wait_for(lambda: (metric(metrics_port, "dask_memory_operator_amm_replicas_dropped", **ours) or 0) >= 1,
+                   30, "replicas dropped in the metrics")
+    assert metric(metrics_port, "dask_memory_operator_amm_cycles", **ours) >= 1
+    assert metric(metrics_port, "dask_memory_operator_cluster_state", **ours, state="Applied") == 1
+    assert metric(metrics_port, "dask_memory_operator_cluster_state", **ours, state="Degraded") == 0
 
 
-def test_replicate_asks_for_the_policy_on_a_managed_scheduler(stack: LocalStack, clusters: str):
+def test_resyncs_that_find_nothing_new_write_no_status(stack: LocalStack, fresh: str, metrics_port: int):
+    """The AMM's counters change every cycle; the policy's status does not, so a
+    resync that finds the same state patches nothing and wakes no watcher."""
+    ns = fresh
+    apply_analytics(stack, ns)
+    wait_status(stack, ns, "analytics", lambda p: conditions(p)["Ready"]["status"] == "True", "Ready")
+    wait_contacts(stack, metrics_port, ns, MATCHING, "converge", 1)  # the status patch is out
+    version = get_policy(stack, ns, "analytics")["metadata"]["resourceVersion"]
+    cycles = scheduler_amm_cycles(stack, ns)
+    wait_contacts(stack, metrics_port, ns, MATCHING, "converge", 4)
+    assert scheduler_amm_cycles(stack, ns) > cycles  # the counters moved meanwhile
+    assert get_policy(stack, ns, "analytics")["metadata"]["resourceVersion"] == version
+
+
+def scheduler_amm_cycles(stack: LocalStack, ns: str) -> int:
+    with scheduler(stack, ns, MATCHING) as client:
+        return client.run_on_scheduler(amm_cycles)
+
+
+def test_replicate_asks_for_the_policy_on_a_managed_scheduler(stack: LocalStack, fresh: str):
     """amm_core's replicate() would add a Replicate policy that the operator then takes
     away: on a scheduler a MemoryPolicy manages, it says what to change instead."""
-    ns = clusters
+    ns = fresh
+    apply_analytics(stack, ns)
     with scheduler(stack, ns, MATCHING) as client:
         future = client.submit(lambda: 1, key="replicate-me", pure=False)
         future.result()
@@ -252,23 +347,9 @@ def test_replicate_asks_for_the_policy_on_a_managed_scheduler(stack: LocalStack,
         assert client.run_on_scheduler(amm_state)["policies"] == [REDUCE]
 
 
-def test_metrics_mirror_the_schedulers(clusters: str, metrics_port: int):
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
-        families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
-    ours = {"namespace": clusters, "policy": "analytics", "cluster": MATCHING}
-
-    def value(family: str, **labels: str) -> float:
-        [sample] = [s for s in families[family].samples if s.labels == ours | labels]
-        return sample.value
-
-    assert value("dask_memory_operator_cluster_state", state="Applied") == 1
-    assert value("dask_memory_operator_cluster_state", state="Degraded") == 0
-    assert value("dask_memory_operator_amm_replicas_dropped") >= 1
-    assert value("dask_memory_operator_amm_cycles") >= 1
-
-
-def test_policy_change_is_followed(stack: LocalStack, clusters: str):
-    ns = clusters
+def test_policy_change_is_followed(stack: LocalStack, fresh: str):
+    ns = fresh
+    apply_analytics(stack, ns)
     stack.kubectl("patch", "mempol", "analytics", "-n", ns, "--type=merge", "-p",
                   json.dumps({"spec": {"activeMemoryManager": {"interval": "1s", "measure": "process",
                                                                "policies": []}}}))
@@ -280,22 +361,22 @@ def test_policy_change_is_followed(stack: LocalStack, clusters: str):
     policy = wait_status(stack, ns, "analytics", lambda p: conditions(p)["Ready"]["status"] == "True", "Ready")
     assert cluster_entry(policy, MATCHING)["appliedGeneration"] == policy["metadata"]["generation"]
     assert scheduler_amm(stack, ns, OTHER) == dict(OWN_CONFIG, plugin=False)
-    # back to the config the other tests expect
-    stack.kubectl("patch", "mempol", "analytics", "-n", ns, "--type=merge", "-p",
-                  json.dumps({"spec": {"activeMemoryManager": {"enabled": True, "interval": "500ms",
-                                                               "measure": "managed",
-                                                               "policies": [{"class": "ReduceReplicas"}]}}}))
-    wait_amm(stack, ns, MATCHING, running=True, interval=0.5, policies=[REDUCE])
+    messages = [e["message"] for e in _applied(stack, ns)]
+    assert any("interval 0.5s → 1s; measure managed → process; policies [ReduceReplicas] → []" in m
+               for m in messages)
+    assert any(m.endswith("generation 3: stopped") for m in messages)
 
 
-def test_hand_made_change_is_undone(stack: LocalStack, clusters: str):
-    ns = clusters
-    wait_amm(stack, ns, MATCHING, running=True, interval=0.5)
+def test_hand_made_change_is_undone(stack: LocalStack, fresh: str):
+    ns = fresh
+    apply_analytics(stack, ns)
     applied_events = len(_applied(stack, ns))
     with scheduler(stack, ns, MATCHING) as client:
         client.amm.stop()
     stack.wait_for(lambda: len(_applied(stack, ns)) > applied_events, 30, "an Applied Event for the repair")
-    wait_amm(stack, ns, MATCHING, running=True, interval=0.5, policies=[REDUCE])
+    wait_amm(stack, ns, MATCHING, **ANALYTICS_AMM)
+    assert any("changed on the scheduler" in e["message"] and "started" in e["message"]
+               for e in _applied(stack, ns))
 
 
 def _applied(stack: LocalStack, ns: str) -> list[dict]:
@@ -306,8 +387,8 @@ def _invalid(policy: dict) -> bool:
     return conditions(policy).get("Invalid", {}).get("status") == "True"
 
 
-def test_invalid_policies_are_refused_and_apply_nothing(stack: LocalStack, clusters: str):
-    ns = clusters
+def test_invalid_policies_are_refused_and_apply_nothing(stack: LocalStack, fresh: str):
+    ns = fresh
     bad_measure = policy_manifest("bad-measure", names=[OTHER], measure="rss")
     result = stack.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(bad_measure), check=False)
     assert result.returncode != 0
@@ -317,6 +398,10 @@ def test_invalid_policies_are_refused_and_apply_nothing(stack: LocalStack, clust
     unknown_field["spec"]["activeMemoryManager"]["intervall"] = "1s"
     result = stack.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(unknown_field), check=False)
     assert result.returncode != 0 and "intervall" in result.stderr
+
+    too_fast = policy_manifest("too-fast", names=[OTHER], interval="1ms")
+    result = stack.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(too_fast), check=False)
+    assert result.returncode != 0 and "spec.activeMemoryManager.interval" in result.stderr
 
     unknown_class = policy_manifest("bad-class", names=[OTHER], policies=[{"class": "NoSuchPolicy"}])
     stack.apply(unknown_class, namespace=ns)
@@ -340,13 +425,52 @@ def test_invalid_policies_are_refused_and_apply_nothing(stack: LocalStack, clust
     assert "nope" in conditions(policy)["Invalid"]["message"]
 
     assert scheduler_amm(stack, ns, OTHER) == dict(OWN_CONFIG, plugin=False)
-    stack.kubectl("delete", "mempol", "bad-class", "bad-path", "bad-args", "-n", ns)
 
 
-def test_cluster_labelled_later_is_picked_up_and_released(stack: LocalStack, clusters: str):
-    ns = clusters
+def touch(stack: LocalStack, ns: str, cluster: str, value: str) -> None:
+    """A change of the DaskCluster that selects nothing differently: an event for it."""
+    stack.kubectl("annotate", "daskcluster", cluster, "-n", ns, f"e2e/touched={value}", "--overwrite")
+
+
+def test_governing_policy_made_invalid_leaves_its_clusters_as_they_are(stack: LocalStack, fresh: str,
+                                                                      metrics_port: int):
+    """An invalid edit applies nothing, and restores nothing: the cluster keeps what
+    it ran, though the cluster's events now find no valid policy governing it."""
+    ns = fresh
+    apply_analytics(stack, ns)
+    stack.kubectl("patch", "mempol", "analytics", "-n", ns, "--type=merge", "-p",
+                  json.dumps({"spec": {"activeMemoryManager": {"policies": [{"class": "NoSuchPolicy"}]}}}))
+    policy = wait_status(stack, ns, "analytics", _invalid, "Invalid")
+    assert cluster_entry(policy, MATCHING)["state"] == "Applied"  # what it ran, still listed
+    touch(stack, ns, MATCHING, "1")
+    wait_contacts(stack, metrics_port, ns, MATCHING, "orphan-check", 1)
+    assert scheduler_amm(stack, ns, MATCHING) == dict(ANALYTICS_AMM, plugin=True)
+
+
+def test_restart_with_a_narrower_allowlist_restores_nothing(stack: LocalStack, fresh: str, metrics_port: int):
+    ns = fresh
+    stack.apply(policy_manifest("dotted", names=[OTHER], interval="1s",
+                                policies=[{"class": "amm_core.rebalance.Rebalance"}]), namespace=ns)
+    wait_amm(stack, ns, OTHER, running=True, interval=1.0, policies=["amm_core.rebalance.Rebalance"])
+    stack.stop_process("dask-memory-operator")
+    narrower = [a for a in OPERATOR_ARGS if a not in ("--allow-policy-class", "amm_core.*")]
+    start_operator(stack, metrics_port, *narrower)
+    try:
+        policy = wait_status(stack, ns, "dotted", _invalid, "Invalid under the narrower allowlist")
+        assert "not allowed" in conditions(policy)["Invalid"]["message"]
+        touch(stack, ns, OTHER, "2")
+        wait_contacts(stack, metrics_port, ns, OTHER, "orphan-check", 1)
+        assert scheduler_amm(stack, ns, OTHER)["interval"] == 1.0  # not mass-restored
+    finally:
+        stack.stop_process("dask-memory-operator")
+        start_operator(stack, metrics_port, *OPERATOR_ARGS)
+
+
+def test_cluster_labelled_later_is_picked_up_and_released(stack: LocalStack, fresh: str):
+    ns = fresh
+    apply_analytics(stack, ns)
     stack.kubectl("label", "daskcluster", OTHER, "-n", ns, "team=analytics")
-    wait_amm(stack, ns, OTHER, running=True, interval=0.5, measure="managed", policies=[REDUCE])
+    wait_amm(stack, ns, OTHER, **ANALYTICS_AMM)
     policy = wait_status(stack, ns, "analytics", lambda p: p["status"].get("appliedClusters") == 2, "2 applied")
     assert cluster_entry(policy, OTHER)["pluginSource"] == "live"
 
@@ -356,11 +480,11 @@ def test_cluster_labelled_later_is_picked_up_and_released(stack: LocalStack, clu
     assert cluster_entry(policy, OTHER) == {}
 
 
-def test_dask_kubernetes_still_scales_the_governed_cluster(stack: LocalStack, clusters: str):
+def test_dask_kubernetes_still_scales_the_governed_cluster(stack: LocalStack, fresh: str):
     """Running beside dask-kubernetes: it sees every replica change of a governed
     cluster, and this operator writes nothing on DaskClusters or worker groups."""
-    ns = clusters
-    wait_amm(stack, ns, MATCHING, running=True)
+    ns = fresh
+    apply_analytics(stack, ns)
     with scheduler(stack, ns, MATCHING) as client:
         stack.kubectl("scale", "daskworkergroup", f"{MATCHING}-default", "-n", ns, "--replicas=3")
         client.wait_for_workers(3, timeout=90)
@@ -372,9 +496,9 @@ def test_dask_kubernetes_still_scales_the_governed_cluster(stack: LocalStack, cl
         assert ours == [] and "amm.dask.org/restore-schedulers" not in (meta.get("finalizers") or [])
 
 
-def test_changes_made_while_the_operator_is_down_are_applied_on_restart(stack: LocalStack, clusters: str):
-    ns = clusters
-    wait_amm(stack, ns, MATCHING, running=True, interval=0.5)
+def test_changes_made_while_the_operator_is_down_are_applied_on_restart(stack: LocalStack, fresh: str):
+    ns = fresh
+    apply_analytics(stack, ns)
     stack.stop_process("dask-memory-operator")
     try:
         stack.kubectl("patch", "mempol", "analytics", "-n", ns, "--type=merge", "-p",
@@ -383,8 +507,6 @@ def test_changes_made_while_the_operator_is_down_are_applied_on_restart(stack: L
     finally:
         stack.processes_by_name["dask-memory-operator"].start()
     wait_amm(stack, ns, MATCHING, running=True, interval=0.75)
-    stack.apply(ANALYTICS, namespace=ns)
-    wait_amm(stack, ns, MATCHING, running=True, interval=0.5)
 
 
 def test_port_forward_targets_the_pods_port(stack: LocalStack, clusters: str, monkeypatch):
@@ -399,13 +521,14 @@ def test_port_forward_targets_the_pods_port(stack: LocalStack, clusters: str, mo
     assert asyncio.run(target()) == 8786
 
 
-def test_restarted_scheduler_is_configured_again(stack: LocalStack, clusters: str):
-    ns = clusters
-    wait_amm(stack, ns, MATCHING, running=True, interval=0.5)
+def test_restarted_scheduler_is_configured_again(stack: LocalStack, fresh: str):
+    ns = fresh
+    apply_analytics(stack, ns)
+    restarts = _restarts(stack, ns, MATCHING)
     os.kill(scheduler_pid(stack, ns, MATCHING), signal.SIGKILL)
     # the kubelet restarts it with its own config; the operator puts the policy back
-    stack.wait_for(lambda: _restarts(stack, ns, MATCHING) >= 1, 60, "the scheduler's restart")
-    state = wait_amm(stack, ns, MATCHING, running=True, interval=0.5, measure="managed", policies=[REDUCE])
+    stack.wait_for(lambda: _restarts(stack, ns, MATCHING) > restarts, 60, "the scheduler's restart")
+    state = wait_amm(stack, ns, MATCHING, **ANALYTICS_AMM)
     assert state["plugin"] is True
 
 
@@ -414,14 +537,23 @@ def _restarts(stack: LocalStack, ns: str, cluster: str) -> int:
     return sum(cs.get("restartCount", 0) for p in pods for cs in p.get("status", {}).get("containerStatuses") or ())
 
 
-def test_unreachable_scheduler_degrades_only_its_cluster(stack: LocalStack, clusters: str):
-    ns = clusters
+@contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """The process stopped (SIGSTOP): it accepts connections and answers nothing."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_unreachable_scheduler_degrades_only_its_cluster(stack: LocalStack, fresh: str):
+    ns = fresh
+    apply_analytics(stack, ns)
     stack.apply(policy_manifest("both", names=[MATCHING, OTHER], interval="1s"), namespace=ns)
     # `both` is newer than `analytics`: it governs only `other`
     wait_amm(stack, ns, OTHER, running=True, interval=1.0)
-    pid = scheduler_pid(stack, ns, OTHER)
-    os.kill(pid, signal.SIGSTOP)
-    try:
+    with stopped(scheduler_pid(stack, ns, OTHER)):
         policy = wait_status(stack, ns, "both",
                              lambda p: cluster_entry(p, OTHER).get("state") == "Degraded", "other Degraded")
         assert conditions(policy)["Degraded"]["status"] == "True"
@@ -431,53 +563,92 @@ def test_unreachable_scheduler_degrades_only_its_cluster(stack: LocalStack, clus
         # the stopped scheduler does not hold back the other policy or cluster
         wait_status(stack, ns, "analytics", lambda p: conditions(p)["Ready"]["status"] == "True", "Ready")
         assert any(e["reason"] == "MemoryPolicyDegraded" for e in events_about(stack, ns, "DaskCluster", OTHER))
-    finally:
-        os.kill(pid, signal.SIGCONT)
     wait_status(stack, ns, "both", lambda p: cluster_entry(p, OTHER).get("state") == "Applied", "other Applied",
                 timeout=120)
 
 
-def test_conflicting_policies_resolve_to_the_oldest(stack: LocalStack, clusters: str):
-    ns = clusters
-    # `analytics` (older) and `both` select `matching`
+def test_conflicting_policies_resolve_to_the_oldest(stack: LocalStack, fresh: str):
+    ns = fresh
+    apply_analytics(stack, ns)
+    stack.apply(policy_manifest("both", names=[MATCHING, OTHER], interval="1s"), namespace=ns)
     older = wait_status(stack, ns, "analytics", lambda p: conditions(p)["Conflict"]["status"] == "True", "Conflict")
     newer = wait_status(stack, ns, "both", lambda p: cluster_entry(p, MATCHING).get("state") == "Conflict",
                         "matching in Conflict")
     assert "both" in conditions(older)["Conflict"]["message"]
     assert "governed by MemoryPolicy analytics" in cluster_entry(newer, MATCHING)["message"]
     assert cluster_entry(older, MATCHING)["state"] == "Applied"
+    assert [e["name"] for e in newer["status"]["clusters"]] == [MATCHING, OTHER]  # each once
     assert scheduler_amm(stack, ns, MATCHING)["interval"] == 0.5  # analytics', not both's 1s
 
 
-def test_deleting_policies_restores_schedulers(stack: LocalStack, clusters: str):
-    ns = clusters
+def test_deleting_policies_restores_schedulers(stack: LocalStack, fresh: str, metrics_port: int):
+    ns = fresh
+    apply_analytics(stack, ns)
+    stack.apply(policy_manifest("both", names=[MATCHING, OTHER], interval="1s"), namespace=ns)
+    wait_amm(stack, ns, OTHER, running=True, interval=1.0)
     stack.kubectl("delete", "mempol", "analytics", "-n", ns, "--timeout=60s")
     # `both` takes `matching` over, then gives it back when deleted too
     wait_amm(stack, ns, MATCHING, running=True, interval=1.0)
+    assert metric(metrics_port, "dask_memory_operator_cluster_state", namespace=ns, policy="analytics",
+                  cluster=MATCHING, state="Applied") is None  # the deleted policy's series ended
     stack.kubectl("delete", "mempol", "both", "-n", ns, "--timeout=60s")
     wait_amm(stack, ns, MATCHING, **OWN_CONFIG)
     wait_amm(stack, ns, OTHER, **OWN_CONFIG)
     assert stack.kubectl("get", "mempol", "-n", ns, "-o", "name").stdout.strip() == ""
+    assert any(e["reason"] == "MemoryPolicyApplied" and "restored the scheduler's own AMM configuration: "
+               "stopped; interval 1s → 2s" in e["message"] for e in events_about(stack, ns, "DaskCluster", OTHER))
 
 
-def test_paused_worker_is_retired_and_reported_for_replacement(stack: LocalStack, clusters: str):
+def test_policy_deleted_while_its_scheduler_is_unreachable_is_restored_when_it_answers(
+        stack: LocalStack, fresh: str):
+    ns = fresh
+    stack.apply(policy_manifest("gone", names=[OTHER], interval="1s"), namespace=ns)
+    wait_amm(stack, ns, OTHER, running=True, interval=1.0)
+    with stopped(scheduler_pid(stack, ns, OTHER)):
+        stack.kubectl("delete", "mempol", "gone", "-n", ns, "--timeout=90s")
+        [failed] = [e for e in events_about(stack, ns, "MemoryPolicy", "gone") if e["reason"] == "RestoreFailed"]
+        assert OTHER in failed["message"] and "restored when they answer again" in failed["message"]
+    # the same scheduler process answers again, still running the deleted policy's AMM
+    wait_amm(stack, ns, OTHER, **OWN_CONFIG)
+    stack.wait_for(lambda: any(e["reason"] == "MemoryPolicyReleased" and "gone was deleted" in e["message"]
+                               for e in events_about(stack, ns, "DaskCluster", OTHER)), 30, "a Released Event")
+
+
+def test_deleted_daskcluster_leaves_no_trace(stack: LocalStack, namespace: str, memory_operator,
+                                             metrics_port: int):
+    ns = namespace
+    stack.apply(policy_manifest("p", selector={}, interval="1s"), namespace=ns)
+    make_cluster(stack, ns, "short-lived")
+    wait_status(stack, ns, "p", lambda p: p["status"].get("appliedClusters") == 1, "applied")
+    labels = {"namespace": ns, "policy": "p", "cluster": "short-lived"}
+    assert metric(metrics_port, "dask_memory_operator_cluster_state", **labels, state="Applied") == 1
+    stack.kubectl("delete", "daskcluster", "short-lived", "-n", ns, "--timeout=60s")
+    policy = wait_status(stack, ns, "p", lambda p: p["status"].get("matchedClusters") == 0, "0 matched")
+    assert policy["status"]["clusters"] == []
+    assert conditions(policy)["Ready"]["reason"] == "NoClustersSelected"
+    stack.wait_for(lambda: metric(metrics_port, "dask_memory_operator_cluster_state", **labels,
+                                  state="Applied") is None, 30, "the cluster's series to end")
+
+
+def test_paused_worker_is_retired_and_reported_for_replacement(stack: LocalStack, namespace: str,
+                                                               memory_operator):
     """RetirePaused through the operator: a worker paused for longer than `after` is
     retired by the AMM, and the policy's status names it for replacement."""
-    ns = clusters
-    stack.apply(policy_manifest("retire", names=[OTHER], interval="200ms",
+    ns = namespace
+    stack.apply(policy_manifest("retire", selector={}, interval="200ms",
                                 policies=[{"class": "RetirePaused", "args": {"after": "1s"}}]), namespace=ns)
-    wait_amm(stack, ns, OTHER, running=True, policies=["amm_core.retire_paused.RetirePaused"])
-    with scheduler(stack, ns, OTHER) as client:
+    make_cluster(stack, ns, "pausing", workers=2)
+    wait_amm(stack, ns, "pausing", running=True, policies=["amm_core.retire_paused.RetirePaused"])
+    with scheduler(stack, ns, "pausing") as client:
         data = client.scatter(list(range(100)))
         victim = sorted(client.scheduler_info(n_workers=-1)["workers"])[0]
         name = client.scheduler_info(n_workers=-1)["workers"][victim]["name"]
         client.run(set_pause_fraction, 0.01, workers=[victim])
 
         policy = wait_status(stack, ns, "retire", lambda p: any(
-            w["retired"] for w in cluster_entry(p, OTHER).get("amm", {}).get("workersToReplace", [])
+            w["retired"] for w in cluster_entry(p, "pausing").get("amm", {}).get("workersToReplace", [])
         ), "a worker to replace")
-        [worker] = cluster_entry(policy, OTHER)["amm"]["workersToReplace"]
+        [worker] = cluster_entry(policy, "pausing")["amm"]["workersToReplace"]
         assert (worker["name"], worker["address"]) == (name, victim)
         assert client.scheduler_info(n_workers=-1)["workers"][victim]["status"] == "closing_gracefully"
-        assert client.gather(data) == list(range(100))  # nothing lost
-    stack.kubectl("delete", "mempol", "retire", "-n", ns, "--timeout=60s")
+        assert client.gather(data) == list(range(100))  # scattered: nothing could be recomputed

@@ -311,6 +311,9 @@ def test_describe_change_says_what_changed_from_what_to_what():
         "policies [ReduceReplicas] → [PressureReduceReplicas, Rebalance]"
     )
     assert describe_change(after, after) == ""
+    same_names = _status(policies=("amm_core.replicate.ReduceReplicas",))
+    assert describe_change(before, same_names).endswith(
+        "policies [a.b.ReduceReplicas] → [amm_core.replicate.ReduceReplicas]")
     assert describe_change(after, _status(running=False, interval=0.5, measure="managed",
                                           policies=("x.PressureReduceReplicas", "y.Rebalance"))) == "stopped"
 
@@ -412,3 +415,50 @@ def test_forgetting_a_cluster_keeps_a_lock_a_pass_holds():
         assert reconciler._lock(("ns", "c")) is not lock
 
     asyncio.run(scenario())
+
+
+def test_no_scheduler_is_contacted_in_a_namespace_without_a_memorypolicy():
+    """DaskCluster events come from every namespace; only those with a MemoryPolicy
+    are the operator's business (the orphan check asks a scheduler only there)."""
+    import asyncio
+
+    import kopf
+
+    from dask_memory_operator.controllers.config import OperatorConfig
+    from dask_memory_operator.controllers.daskcluster import converge_changed_cluster
+
+    locator = FixedLocator("tcp://127.0.0.1:1")
+    memo = kopf.Memo(config=OperatorConfig(), reconciler=ClusterReconciler(locator, rpc_timeout=0.5))
+    elsewhere = PolicyInfo("p", "u1", "2024-01-01", None, ("not-this-one",))
+
+    async def event(namespace, index):
+        body = kopf.Body({"apiVersion": "kubernetes.dask.org/v1", "kind": "DaskCluster",
+                          "metadata": {"name": "c", "namespace": namespace, "uid": "c1"}})
+        await converge_changed_cluster(event={"type": "MODIFIED"}, body=body, name="c", namespace=namespace,
+                                       labels={}, memo=memo, memorypolicies_by_namespace=index)
+
+    asyncio.run(event("lonely", {"other": [elsewhere]}))
+    assert locator.calls == 0
+    asyncio.run(event("other", {"other": [elsewhere]}))  # a policy here, governing nothing
+    assert locator.calls == 1
+
+
+def test_a_cluster_taken_over_and_not_restorable_yet_is_listed_once():
+    """A cluster this policy configured, now governed by an older one (Conflict), whose
+    scheduler cannot be asked: one entry, not a second "restore pending" one (the
+    CRD's list-map on name would refuse the whole status)."""
+    import asyncio
+
+    import kopf
+
+    from dask_memory_operator.controllers.memorypolicy import _release_unselected
+
+    policy = kopf.Body({"apiVersion": "amm.dask.org/v1alpha1", "kind": "MemoryPolicy",
+                        "metadata": {"name": "young", "namespace": "ns", "uid": "u2"}})
+    entries = [cluster_entry(Outcome("c", "Conflict", "c is governed by MemoryPolicy old"), "old")]
+    previous = {"clusters": [{"name": "c", "state": "Applied"}, {"name": "d", "state": "Applied"}]}
+    clusters = {"c": {"name": "c", "uid": "c1", "labels": {}}, "d": {"name": "d", "uid": "d1", "labels": {}}}
+    reconciler = ClusterReconciler(FixedLocator("tcp://127.0.0.1:1"), rpc_timeout=0.5)  # refused
+    asyncio.run(_release_unselected(policy, "ns", "u2", previous, entries, clusters, reconciler))
+    assert [(e["name"], e["state"]) for e in entries] == [("c", "Conflict"), ("d", "Degraded")]
+    assert "restore pending" in entries[1]["message"]

@@ -13,6 +13,7 @@ MemoryPolicy is never contacted.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,8 +22,10 @@ import kopf
 from dask_memory_operator.api.memorypolicy import InvalidPolicy, parse_spec
 from dask_memory_operator.api.selection import assign
 from dask_memory_operator.observability import metrics
-from dask_memory_operator.observability.events import dask_cluster_ref, post_actions
+from dask_memory_operator.observability.events import dask_cluster_ref, post_actions, post_from_background
 from dask_memory_operator.schedulers.converge import ClusterReconciler, owner_tag
+
+log = logging.getLogger(__name__)
 
 
 def daskclusters_by_namespace(
@@ -82,15 +85,21 @@ async def _release_orphan(
 async def settle_owed_restores(memo: kopf.Memo, interval: float) -> None:
     """Every ``interval`` seconds, restore the schedulers whose policy was deleted
     while they could not be reached (see ClusterReconciler.owe_restore)."""
-    reconciler: ClusterReconciler = memo.reconciler
     while True:
         await asyncio.sleep(interval)
-        for owed, outcome in await reconciler.retry_pending_restores():
-            ref = dask_cluster_ref(owed.namespace, owed.cluster, owed.cluster_uid)
-            for action in outcome.actions:
-                kopf.info(
-                    ref,
-                    reason="MemoryPolicyReleased",
-                    message=f"MemoryPolicy {owed.policy_name} was deleted while the scheduler "
-                    f"was unreachable; now {action}",
-                )
+        try:
+            await _settle_once(memo.reconciler)
+        except Exception:  # a bug here must not end the retries for good
+            log.exception("Retrying the owed restores failed")
+
+
+async def _settle_once(reconciler: ClusterReconciler) -> None:
+    for owed, outcome in await reconciler.retry_pending_restores():
+        ref = dask_cluster_ref(owed.namespace, owed.cluster, owed.cluster_uid)
+        for action in outcome.actions:
+            await post_from_background(
+                ref,
+                reason="MemoryPolicyReleased",
+                message=f"MemoryPolicy {owed.policy_name} was deleted while the scheduler "
+                f"was unreachable; now {action}",
+            )

@@ -22,7 +22,7 @@ from dask_memory_operator.controllers.memorypolicy import (
 )
 
 
-def start_background_tasks(memo: kopf.Memo, **_: Any) -> None:
+async def start_background_tasks(memo: kopf.Memo, **_: Any) -> None:
     """Tasks of the whole operator, not of one object: the owed restores."""
     config: OperatorConfig = memo.config
     memo.background = [asyncio.create_task(settle_owed_restores(memo, config.resync_interval))]

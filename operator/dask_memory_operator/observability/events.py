@@ -3,13 +3,18 @@ MemoryPolicy and the DaskCluster (``kubectl describe`` on either shows them)."""
 
 from __future__ import annotations
 
+import datetime
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
+from kr8s.asyncio.objects import Event
 
 from dask_memory_operator.api.memorypolicy import DASK_GROUP, DASK_VERSION
 from dask_memory_operator.schedulers.converge import Outcome
+
+logger = logging.getLogger(__name__)
 
 
 def dask_cluster_ref(namespace: str, name: str, uid: str) -> dict[str, Any]:
@@ -46,3 +51,35 @@ def post_actions(
         kopf.info(policy, reason="Applied", message=f"DaskCluster {cluster['name']}: {action}")
         kopf.info(ref, reason="MemoryPolicyApplied", message=f"MemoryPolicy {meta['name']}: {action}")
     return ref
+
+
+async def post_from_background(ref: Mapping[str, Any], reason: str, message: str, type_: str = "Normal") -> None:
+    """Post an Event from outside any kopf handler (kopf's ``kopf.info`` needs the
+    per-object context that only handlers have). The body is the one kopf posts, so
+    ``kubectl describe`` shows both alike. A failure is logged, never raised: an
+    Event is a report, not part of the work."""
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    meta = ref["metadata"]
+    body = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"namespace": meta["namespace"], "generateName": "kopf-event-"},
+        "action": "Action?",
+        "type": type_,
+        "reason": reason,
+        "message": message,
+        "reportingComponent": "kopf",
+        "reportingInstance": "dev",
+        "source": {"component": "kopf"},
+        "involvedObject": {
+            "apiVersion": ref["apiVersion"], "kind": ref["kind"], "namespace": meta["namespace"],
+            "name": meta["name"], "uid": meta["uid"],
+        },
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "eventTime": now,
+    }
+    try:
+        await (await Event(body)).create()
+    except Exception as e:  # the report is lost, the work is done
+        logger.warning("Could not post Event %s on %s %s: %s", reason, ref["kind"], meta["name"], e)

@@ -106,15 +106,20 @@ def amm_summary(status: Mapping[str, Any]) -> dict[str, Any]:
 LIVE_COUNTERS = ("cycles", "replicasCopied", "replicasDropped", "memoryBytes")
 
 
-def _short(path: str) -> str:
-    return path.rsplit(".", 1)[-1]
-
-
 def _configured(amm: Mapping[str, Any]) -> list[str]:
-    """The configured policies' class names, as a person reads them."""
-    return [
-        _short(p["class"]) for p in amm.get("policies") or () if p.get("role", "configured") == "configured"
-    ]
+    """The class paths of the configured policies (not retirements, not foreign)."""
+    return [p["class"] for p in amm.get("policies") or () if p.get("role", "configured") == "configured"]
+
+
+def _policy_names(before: list[str], after: list[str]) -> tuple[str, str]:
+    """Both lists as a person reads them: class names, or whole paths where the
+    names alone would read the same (distributed's and amm_core's ReduceReplicas)."""
+    def short(paths: list[str]) -> list[str]:
+        return [p.rsplit(".", 1)[-1] for p in paths]
+
+    if short(before) == short(after):
+        return ", ".join(before), ", ".join(after)
+    return ", ".join(short(before)), ", ".join(short(after))
 
 
 def describe_change(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
@@ -130,9 +135,8 @@ def describe_change(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
     if old.get("measure") != new.get("measure"):
         changes.append(f"measure {old.get('measure')} → {new.get('measure')}")
     if _configured(old) != _configured(new):
-        changes.append(
-            f"policies [{', '.join(_configured(old))}] → [{', '.join(_configured(new))}]"
-        )
+        was, now = _policy_names(_configured(old), _configured(new))
+        changes.append(f"policies [{was}] → [{now}]")
     return "; ".join(changes)
 
 
