@@ -1,0 +1,534 @@
+"""The operator's RPC client (dask_memory_operator.schedulers.rpc) on the wire.
+
+A *fake scheduler* (an asyncio TCP server speaking distributed's framing, its
+messages encoded by distributed's own ``dumps``) plays a hostile scheduler: pickles,
+ext types, oversized or deep messages, at the handshake and in replies. The pickles
+run ``touch <marker>`` when loaded; every test checks that the marker never appears.
+Real schedulers (LocalCluster in this process, ``dask scheduler`` subprocesses) show
+that the same client still does everything the operator needs, including replacing a
+live plugin that runs other amm_core code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import io
+import os
+import pickle
+import re
+import shlex
+import socket
+import struct
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from distributed import Client
+from distributed.comm import connect
+from distributed.protocol import dumps, loads
+from distributed.protocol.serialize import Pickled, Serialize, ToPickle
+from distributed.protocol.utils import pack_frames_prelude, unpack_frames
+from test_plugin import (  # noqa: F401  (cluster is a fixture)
+    HIDE_EDITABLE_INSTALL,
+    KeepCopies,
+    cluster,
+    config,
+    owner,
+    scheduler_process,
+    until,
+)
+
+import amm_core
+from amm_core.plugin import PLUGIN_NAME, MemoryPolicyPlugin
+from dask_memory_operator.schedulers import rpc
+from dask_memory_operator.schedulers.rpc import (
+    ApplyRejected,
+    SchedulerCallFailed,
+    SchedulerProtocolError,
+    SchedulerRPCError,
+    SchedulerUnreachable,
+)
+
+GiB = 2**30
+
+# --- a fake scheduler ---------------------------------------------------------
+
+
+def wire(frames: list[bytes]) -> bytes:
+    """Frames as distributed's TCP comm writes them (all in the "no split" part)."""
+    prelude = pack_frames_prelude(frames)
+    return struct.pack("Q", len(prelude) + sum(map(len, frames))) + prelude + b"".join(frames)
+
+
+def message(msg: Any) -> bytes:
+    """``msg`` encoded by distributed itself: ToPickle, Serialize, Pickled, sets and
+    enums come out as a real scheduler would send them."""
+    return wire(dumps(msg))
+
+
+SCHEDULER_HANDSHAKE = {"compression": None, "python": (3, 11, 0), "pickle-protocol": 5}
+
+
+async def receive(reader: asyncio.StreamReader) -> Any:
+    """One message as distributed's TCP comm reads it (the fake trusts the operator)."""
+    (nosplit,) = struct.unpack("Q", await reader.readexactly(8))
+    frames, missing = unpack_frames(await reader.readexactly(nosplit), partial=True)
+    frames += [await reader.readexactly(n) for n in missing]
+    return loads(frames)
+
+
+class FakeScheduler:
+    """Sends ``handshake`` (wire bytes) on every connection (and hangs up, with
+    ``hang_up``), reads the client's handshake, then answers every message with
+    ``answer(msg)``. Records what it got."""
+
+    def __init__(
+        self,
+        handshake: bytes = message(SCHEDULER_HANDSHAKE),
+        answer: Callable[[dict[str, Any]], bytes] = lambda msg: message(None),
+        hang_up: bool = False,
+    ):
+        self.handshake = handshake
+        self.answer = answer
+        self.hang_up = hang_up
+        self.handshakes: list[Any] = []
+        self.received: list[dict[str, Any]] = []
+        self.connections: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"tcp://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+        # Let each connection see the client's hang-up (a task still running when the
+        # test's loop closes is cancelled, and asyncio logs that as an error)
+        if self.connections:
+            await asyncio.wait(self.connections, timeout=5)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
+        try:
+            writer.write(self.handshake)
+            if self.hang_up:
+                return
+            self.handshakes.append(await receive(reader))
+            while True:
+                msg = await receive(reader)
+                self.received.append(msg)
+                writer.write(self.answer(msg))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client hung up
+        finally:
+            writer.close()
+
+
+class Boom:
+    """An attacker's object: loading its pickle runs a shell command that creates
+    ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+class Color(enum.Enum):
+    RED = 1
+
+
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    return tmp_path / "pickle-ran"
+
+
+def header_only(nframes: int, lengths: list[int]) -> bytes:
+    """A length prelude announcing frames that never come."""
+    prelude = struct.pack(f"Q{len(lengths)}Q", nframes, *lengths)
+    return struct.pack("Q", len(prelude) + sum(lengths)) + prelude
+
+
+# (what the hostile scheduler sends, given the marker; what the refusal says)
+ATTACKS: dict[str, tuple[Callable[[Path], bytes], str]] = {
+    "to_pickle": (lambda m: message({"x": ToPickle(Boom(m))}), r"pickled object \(__Pickled__\) at \['x'\]"),
+    "whole_message_pickled": (lambda m: message(ToPickle(Boom(m))), r"pickled object"),
+    "serialize": (lambda m: message({"x": [Serialize(Boom(m))]}), r"serialized object .* at \['x'\]\[0\]"),
+    "pickled": (
+        lambda m: message({"x": Pickled({"pickled-obj": pickle.dumps(Boom(m))}, [])}),
+        r"pickled object",
+    ),
+    "enum": (lambda m: message({"x": Color.RED}), r"enum placeholder"),
+    "set": (lambda m: message({"x": {1, 2}}), r"set placeholder"),
+    "ext_type": (lambda m: wire([msgpack.packb({"x": msgpack.ExtType(42, b"\0")})]), r"extension type"),
+    "timestamp_ext": (lambda m: wire([msgpack.packb([msgpack.Timestamp(1, 0)])]), r"extension type"),
+    "reserved_byte": (lambda m: wire([b"\xc1"]), r"reserved msgpack byte 0xc1"),
+    "oversized_frame": (lambda m: header_only(1, [10 * GiB]), r"message of 10737418240 bytes"),
+    "frames_too_big_together": (
+        lambda m: header_only(2, [rpc.MAX_MESSAGE_BYTES, 1]),
+        rf"message of {rpc.MAX_MESSAGE_BYTES + 1} bytes",
+    ),
+    "too_many_frames": (lambda m: header_only(10**6, []), r"message of 1000000 frames \(limit 16\)"),
+    "no_frame": (lambda m: header_only(0, []), r"message of 0 frames"),
+    "extra_frame": (lambda m: wire([msgpack.packb({"a": 1}), b"data"]), r"2 frames \(a plain message has one\)"),
+    "bad_frame_header": (lambda m: b"\x05" + wire([msgpack.packb(1)])[1:], r"frame header"),
+    "deep_nesting": (lambda m: wire([b"\x91" * 100 + b"\xc0"]), r"nested more than 32 deep"),
+    "int_map_key": (lambda m: wire([msgpack.packb({"a": {1: "x"}})]), r"map key of type int at \['a'\]"),
+    "bytes_map_key": (lambda m: wire([msgpack.packb({b"k": "x"}, use_bin_type=True)]), r"map key of type bytes"),
+    "duplicate_key": (lambda m: wire([b"\x82\xa1k\x01\xa1k\x02"]), r"map key 'k' twice"),
+    "too_many_values": (
+        lambda m: wire([b"\xdd" + struct.pack(">I", rpc.MAX_VALUES) + b"\x80" * rpc.MAX_VALUES]),
+        rf"more than {rpc.MAX_VALUES} values",
+    ),
+    "not_utf8": (lambda m: wire([b"\xa2\xff\xfe"]), r"not UTF-8"),
+    "truncated": (lambda m: wire([b"\x92\x01"]), r"truncated"),
+    "trailing_bytes": (lambda m: wire([b"\x80\x00"]), r"1 bytes after the message"),
+}
+
+
+async def status_or_refusal(addr: str) -> SchedulerProtocolError:
+    started = time.monotonic()
+    with pytest.raises(SchedulerProtocolError) as info:
+        await rpc.get_status(addr, timeout=10)
+    # Refused from what was read: nothing waited for the bytes a prelude announced
+    assert time.monotonic() - started < 5
+    return info.value
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+async def test_hostile_handshake_is_refused_and_nothing_is_sent_after_it(attack, marker):
+    send, refusal = ATTACKS[attack]
+    fake = FakeScheduler(handshake=send(marker))
+    async with fake as addr:
+        error = await status_or_refusal(addr)
+    assert str(error).startswith(f"scheduler {addr} sent ")
+    assert str(error).endswith(" in its handshake; refused")
+    assert re.search(refusal, str(error)), str(error)
+    assert fake.received == []  # the call itself was never sent
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+async def test_hostile_reply_is_refused(attack, marker):
+    send, refusal = ATTACKS[attack]
+    fake = FakeScheduler(answer=lambda msg: send(marker))
+    async with fake as addr:
+        error = await status_or_refusal(addr)
+    assert str(error).endswith(" in its reply to 'amm_core_status'; refused")
+    assert re.search(refusal, str(error)), str(error)
+    assert [m["op"] for m in fake.received] == ["amm_core_status"]
+    assert not marker.exists()
+
+
+async def test_distributeds_own_comm_runs_these_pickles_even_without_deserialize(tmp_path):
+    """The attacks above are live: distributed's connect() and read() with
+    deserialize=False run them (FACTS.md, "Wire safety")."""
+    at_handshake, in_reply = tmp_path / "handshake", tmp_path / "reply"
+    fake = FakeScheduler(
+        handshake=message({**SCHEDULER_HANDSHAKE, "x": ToPickle(Boom(at_handshake))}),
+        answer=lambda msg: message({"x": ToPickle(Boom(in_reply))}),
+    )
+    async with fake as addr:
+        comm = await connect(addr, deserialize=False)
+        assert at_handshake.exists()
+        await comm.write({"op": "amm_core_status", "reply": True})
+        await comm.read()
+        assert in_reply.exists()
+        await comm.close()
+
+
+# --- error replies --------------------------------------------------------------
+
+
+def error_reply(**fields: Any) -> bytes:
+    return message(
+        {
+            "status": "uncaught-error",
+            "exception_text": "ValueError('bad measure')",
+            "traceback_text": '  File "x.py", line 1\n',
+            **fields,
+        }
+    )
+
+
+async def test_error_reply_is_read_from_its_text_and_its_pickles_are_never_loaded(marker):
+    fake = FakeScheduler(
+        answer=lambda msg: error_reply(
+            exception=ToPickle(Boom(marker)), traceback=Serialize(Boom(marker))
+        )
+    )
+    async with fake as addr:
+        with pytest.raises(ApplyRejected) as info:
+            await rpc.apply(addr, config(), owner())
+        assert info.value.message == "bad measure"
+        with pytest.raises(SchedulerCallFailed) as failed:
+            await rpc.get_status(addr)
+        assert (failed.value.remote_type, failed.value.remote_message) == (
+            "ValueError",
+            "bad measure",
+        )
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "reply, refusal",
+    [
+        # a pickle in a field that is not one of the error reply's opaque ones
+        (lambda m: error_reply(exception_text=ToPickle(Boom(m))), r"\['exception_text'\]"),
+        # the opaque fields are opaque only in an error reply
+        (lambda m: message({"source": "live", "exception": ToPickle(Boom(m))}), r"\['exception'\]"),
+        (lambda m: error_reply(status="ok", exception=ToPickle(Boom(m))), r"\['exception'\]"),
+        # only a lone placeholder, at the top level
+        (lambda m: error_reply(exception={"__Pickled__": 1, "x": 2}), r"pickled object"),
+        (lambda m: error_reply(exception=[ToPickle(Boom(m))]), r"\['exception'\]\[0\]"),
+    ],
+    ids=["other_field", "not_an_error_reply", "status_not_an_error", "not_lone", "nested"],
+)
+async def test_pickles_outside_an_error_replys_opaque_fields_are_refused(reply, refusal, marker):
+    async with FakeScheduler(answer=lambda msg: reply(marker)) as addr:
+        error = await status_or_refusal(addr)
+    assert re.search(refusal, str(error)), str(error)
+    assert not marker.exists()
+
+
+def test_exception_text_is_parsed_as_a_literal_and_bounded():
+    parse = rpc.parse_exception_text
+    assert parse("ValueError('bad')") == ("ValueError", "bad")
+    assert parse("KeyError('a', 2)") == ("KeyError", "a, 2")
+    assert parse("ModuleNotFoundError(\"No module named 'amm_core'\")") == (
+        "ModuleNotFoundError",
+        "No module named 'amm_core'",
+    )
+    assert parse("not a repr") == ("", "not a repr")
+    assert parse("E(__import__('os').system('x'))") == ("E", "__import__('os').system('x')")
+    assert parse("E(" + "(" * 1000 + ")" * 1000 + ")")[0] == "E"
+    name, message = parse("E('" + "x" * (2 * rpc.MAX_ERROR_TEXT) + "')")
+    assert name == "E" and len(message) == rpc.MAX_ERROR_TEXT
+
+
+# --- the transport ----------------------------------------------------------------
+
+
+async def test_handshake_asks_for_no_compression_and_calls_are_plain_msgpack():
+    fake = FakeScheduler(answer=lambda msg: message({"source": "live", "echo": msg["config"]}))
+    async with fake as addr:
+        status = await rpc.apply(addr, {"policies": [{"class": "X", "n": (1, 2)}]}, owner())
+    (handshake,) = fake.handshakes
+    assert handshake["compression"] is None and handshake["pickle-protocol"] >= 5
+    (sent,) = fake.received
+    assert sent["op"] == "amm_core_apply" and sent["close"] is True
+    assert status["echo"] == {"policies": [{"class": "X", "n": [1, 2]}]}  # lists, not tuples
+    with pytest.raises(TypeError):  # nothing is pickled on the way out either
+        await rpc.apply(addr, {"x": {1, 2}}, owner())
+
+
+async def test_a_silent_scheduler_times_out_and_a_hanging_up_one_is_unreachable():
+    async with FakeScheduler(handshake=b"") as addr:
+        started = time.monotonic()
+        with pytest.raises(SchedulerUnreachable, match="within 0.5s") as info:
+            await rpc.get_status(addr, timeout=0.5)
+        assert time.monotonic() - started < 3 and not info.value.refused
+    async with FakeScheduler(handshake=message(SCHEDULER_HANDSHAKE)[:10], hang_up=True) as addr:
+        with pytest.raises(SchedulerUnreachable, match="lost during 'amm_core_status'"):
+            await rpc.get_status(addr, timeout=5)
+
+
+async def test_only_tcp_addresses_are_supported():
+    with pytest.raises(SchedulerRPCError, match="only tcp://"):
+        await rpc.get_status("tls://127.0.0.1:8786")
+
+
+async def test_unreachable_scheduler_raises_scheduler_unreachable():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    addr = f"tcp://127.0.0.1:{port}"  # nothing listens here any more
+    for call in (
+        rpc.get_status(addr, timeout=0.5),
+        rpc.apply(addr, config(), owner(), timeout=0.5),
+        rpc.restore(addr, timeout=0.5),
+        rpc.ensure_plugin(addr, timeout=0.5),
+    ):
+        with pytest.raises(SchedulerUnreachable, match=str(port)) as info:
+            await asyncio.wait_for(call, 30)
+        assert info.value.refused
+
+
+# --- real schedulers ----------------------------------------------------------------
+
+
+async def test_calls_work_on_a_real_scheduler_and_its_objects_are_refused(cluster):
+    cl, _ = cluster
+    addr = cl.scheduler_address
+    assert await rpc.ensure_plugin(addr) == "live"
+    status = await rpc.apply(addr, config(interval="1s"), owner())
+    assert status["amm"]["interval"] == 1.0
+    with pytest.raises(ApplyRejected, match="measure"):
+        await rpc.apply(addr, config(measure="rss"), owner(2))
+    assert (await rpc.get_status(addr))["owner"] == owner()
+    assert (await rpc.restore(addr))["owner"] is None
+
+    # A real error reply carries the exception pickled: read from its text only
+    def fail() -> None:
+        raise RuntimeError("status is broken")
+
+    cl.scheduler.handlers["amm_core_status"] = fail
+    with pytest.raises(SchedulerCallFailed, match="RuntimeError: status is broken"):
+        await rpc.get_status(addr)
+
+    # A scheduler answering with an object (distributed sends it as a pickle)
+    cl.scheduler.handlers["amm_core_status"] = lambda: {"policy": KeepCopies()}
+    with pytest.raises(SchedulerProtocolError, match=r"pickled object .*\['policy'\]"):
+        await rpc.get_status(addr)
+
+
+def test_package_zip_is_stable_and_holds_amm_core():
+    name, data = rpc.package_zip()
+    assert rpc.package_zip() == (name, data)
+    assert name.startswith("amm_core-") and name.endswith(".zip")
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        names = set(z.namelist())
+    assert {"amm_core/__init__.py", "amm_core/plugin.py", "amm_core/_room.py"} <= names
+    assert f"{rpc.RELOAD_MODULE}.py" in names
+    assert not any("__pycache__" in n for n in names)
+
+
+# --- version skew -------------------------------------------------------------------
+
+SKEW_PATCH = '''
+
+# A copy of amm_core that is not the operator's (TAG): its status says so
+_operator_status = MemoryPolicyPlugin.status
+
+
+def _skewed_status(self):
+    return {**_operator_status(self), "skewed_copy": "TAG"}
+
+
+MemoryPolicyPlugin.status = _skewed_status
+'''
+
+
+def skewed_amm_core_zip(folder: Path, tag: str, *, reload_module: bool) -> Path:
+    """amm_core as another operator version would upload it: plugin.py differs (its
+    status carries ``skewed_copy``); with or without a reload module like ours."""
+    root = Path(amm_core.__file__).parent
+    path = folder / f"amm_core-skewed-{tag}.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for source in sorted(root.glob("*.py")):
+            text = source.read_text()
+            if source.name == "plugin.py":
+                text += SKEW_PATCH.replace("TAG", tag)
+            z.writestr(f"amm_core/{source.name}", text)
+        if reload_module:
+            z.writestr(f"_amm_core_reload_{tag}.py", rpc.RELOAD_SOURCE)
+    return path
+
+
+async def install_as_another_operator(addr: str, zip_path: Path) -> None:
+    plugin = MemoryPolicyPlugin(source="live")
+    plugin.idempotent = False  # replace whatever plugin is there
+    async with Client(addr, asynchronous=True) as client:
+        await client.upload_file(str(zip_path))
+        await client.register_plugin(plugin, name=PLUGIN_NAME)
+
+
+async def next_cycle(addr: str, status: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler's status once its AMM has run a cycle after ``status``."""
+
+    async def later() -> dict[str, Any] | None:
+        now = await rpc.get_status(addr)
+        return now if now["amm"]["cycles"] > status["amm"]["cycles"] else None
+
+    return await until(later, "an AMM cycle")
+
+
+async def test_live_plugin_running_other_amm_core_code_is_replaced(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HIDE_EDITABLE_INSTALL)
+    ours = amm_core.source_digest()
+    replicate = config(interval="100ms", policies=[{"class": "amm_core.replicate.Replicate"}])
+    async with scheduler_process(tmp_path, env={"PYTHONPATH": str(site)}) as addr:
+        # An older operator, on a scheduler without amm_core
+        older = skewed_amm_core_zip(tmp_path, "older", reload_module=False)
+        await install_as_another_operator(addr, older)
+        status = await rpc.get_status(addr)
+        assert status["skewed_copy"] == "older" and status["amm_core_digest"] != ours
+        assert f"plugin runs amm_core {amm_core.__version__}" in rpc.skew(status)
+        await rpc.apply(addr, replicate, owner(1))
+
+        for round, tag in enumerate(["", "newer"]):
+            if tag:
+                # Another operator takes over again, then this one: its zip, uploaded
+                # before and now behind the other one on sys.path, must win again
+                newer = skewed_amm_core_zip(tmp_path, tag, reload_module=True)
+                await install_as_another_operator(addr, newer)
+                assert (await rpc.get_status(addr))["skewed_copy"] == tag
+
+            assert await rpc.ensure_plugin(addr) == "live"
+            status = await rpc.get_status(addr)
+            assert "skewed_copy" not in status, f"round {round}: the old code still runs"
+            assert status["amm_core_digest"] == ours and rpc.skew(status) is None
+            assert rpc.package_zip()[0] in status["amm_core_path"]
+
+            # The new plugin holds the handlers and the AMM: apply builds policies from
+            # the operator's code, and they run
+            status = await rpc.apply(addr, replicate, owner(2 + round))
+            assert status["owner"] == owner(2 + round) and status["in_force"]
+            status = await next_cycle(addr, status)
+            assert [r["class"] for r in status["policy_reports"]] == ["Replicate"]
+            assert await rpc.ensure_plugin(addr) == "live"  # nothing to replace now
+
+
+def plugin_status(source: str, digest: str | None) -> dict[str, Any]:
+    return {"source": source, "amm_core_version": "0.0.9", "amm_core_digest": digest}
+
+
+async def test_preloaded_plugin_running_other_code_is_left_alone_and_told():
+    fake = FakeScheduler(answer=lambda msg: message(plugin_status("preload", "abc")))
+    async with fake as addr:
+        assert await rpc.ensure_plugin(addr) == "preload"
+        status = await rpc.get_status(addr)
+    assert [m["op"] for m in fake.received] == ["amm_core_status"] * 2  # nothing installed
+    assert rpc.skew(status) == (
+        "the scheduler's image ships amm_core 0.0.9 (digest abc) but the operator runs "
+        f"amm_core {amm_core.__version__} (digest {amm_core.source_digest()})"
+    )
+
+
+def test_skew_is_none_for_the_operators_own_code():
+    ours = amm_core.source_digest()
+    assert rpc.skew(plugin_status("live", ours)) is None
+    assert rpc.skew(plugin_status("preload", ours)) is None
+    assert "plugin runs amm_core 0.0.9 (no digest)" in rpc.skew(plugin_status("live", None))
+
+
+async def test_a_replacement_that_does_not_take_is_an_error():
+    # A scheduler that accepts every registration but keeps reporting other code
+    def answer(msg: dict[str, Any]) -> bytes:
+        if msg["op"] == "amm_core_status":
+            return message(plugin_status("live", "abc"))
+        return message(None)
+
+    fake = FakeScheduler(answer=answer)
+    async with fake as addr:
+        with pytest.raises(SchedulerCallFailed, match="did not take: .*digest abc"):
+            await rpc.ensure_plugin(addr)
+    ops = [(m["op"], m.get("idempotent")) for m in fake.received]
+    assert ops == [
+        ("amm_core_status", None),
+        ("register_scheduler_plugin", False),  # the upload, again
+        ("register_scheduler_plugin", False),  # the plugin, replacing the old one
+        ("amm_core_status", None),
+    ]
