@@ -532,3 +532,62 @@ async def test_a_replacement_that_does_not_take_is_an_error():
         ("register_scheduler_plugin", False),  # the plugin, replacing the old one
         ("amm_core_status", None),
     ]
+
+
+# --- through the reconciler: one hostile cluster degrades only itself -----------------
+
+
+class Locator:
+    """Each cluster's scheduler at an address of the test's choosing."""
+
+    def __init__(self, addresses: dict[str, str]):
+        self.addresses = addresses
+
+    async def address(self, namespace: str, cluster: str) -> str:
+        return self.addresses[cluster]
+
+    async def forget(self, namespace: str, cluster: str) -> None:
+        pass
+
+
+async def test_a_hostile_scheduler_is_degraded_and_the_others_converge(cluster, marker):
+    from dask_memory_operator.api.memorypolicy import parse_spec
+    from dask_memory_operator.schedulers.converge import ClusterReconciler
+
+    cl, _ = cluster
+    send, _ = ATTACKS["to_pickle"]
+    wanted = parse_spec({"clusterSelector": {}, "activeMemoryManager": {"interval": "1s"}})
+    async with FakeScheduler(handshake=send(marker)) as at_handshake, \
+            FakeScheduler(answer=lambda msg: send(marker)) as in_reply:
+        reconciler = ClusterReconciler(Locator({"handshake": at_handshake, "reply": in_reply,
+                                                "good": cl.scheduler_address}), rpc_timeout=5)
+        outcomes = await asyncio.gather(*(reconciler.converge("ns", c, wanted, owner())
+                                          for c in ("handshake", "reply", "good")))
+    hostile_handshake, hostile_reply, good = outcomes
+    for outcome in (hostile_handshake, hostile_reply):
+        assert outcome.state == "Degraded"
+        assert outcome.message.startswith("scheduler protocol error: scheduler tcp://")
+        assert "sent a pickled object" in outcome.message and outcome.message.endswith("refused")
+    assert good.state == "Applied" and good.amm["interval"] == "1s"
+    assert not marker.exists()
+
+
+async def test_converging_a_scheduler_with_an_older_live_plugin_replaces_it(tmp_path):
+    """After an operator upgrade, the next pass replaces the live plugin and says so."""
+    from dask_memory_operator.api.memorypolicy import parse_spec
+    from dask_memory_operator.schedulers.converge import ClusterReconciler
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HIDE_EDITABLE_INSTALL)
+    wanted = parse_spec({"clusterSelector": {}, "activeMemoryManager": {"interval": "1s"}})
+    async with scheduler_process(tmp_path, env={"PYTHONPATH": str(site)}) as addr:
+        await install_as_another_operator(addr, skewed_amm_core_zip(tmp_path, "older", reload_module=False))
+        reconciler = ClusterReconciler(Locator({"c": addr}), rpc_timeout=10)
+        outcome = await reconciler.converge("ns", "c", wanted, owner())
+        assert outcome.state == "Applied" and outcome.plugin_warning is None
+        assert outcome.actions[0].startswith("replaced the live amm_core plugin: the scheduler's plugin runs")
+        status = await rpc.get_status(addr)
+        assert status["amm_core_digest"] == amm_core.source_digest() and status["owner"] == owner()
+        again = await reconciler.converge("ns", "c", wanted, owner())
+        assert again.actions == []  # nothing left to replace or apply

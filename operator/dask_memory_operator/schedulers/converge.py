@@ -180,6 +180,8 @@ def error_outcome(cluster: str, error: Exception) -> Outcome:
         return Outcome(cluster, "Degraded", f"scheduler unreachable: {error}")
     if isinstance(error, SchedulerAccessError):
         return Outcome(cluster, "Degraded", str(error))
+    if isinstance(error, scheduler_rpc.SchedulerProtocolError):
+        return Outcome(cluster, "Degraded", f"scheduler protocol error: {error}")
     if isinstance(error, scheduler_rpc.ApplyRejected):
         return Outcome(cluster, "Degraded", f"scheduler rejected the configuration: {error}")
     if isinstance(error, scheduler_rpc.SchedulerRPCError):
@@ -262,10 +264,7 @@ class ClusterReconciler:
         self, namespace: str, cluster: str, wanted: AMMConfig, owner: dict[str, Any]
     ) -> Outcome:
         address = await self._address(namespace, cluster, "converge")
-        actions = []
-        status, installed = await self._status_with_plugin(address)
-        if installed:
-            actions.append("installed the amm_core plugin on the scheduler (live)")
+        status, actions = await self._status_with_plugin(address)
         tag = status.get("owner") or {}
         same_owner = tag.get("uid") == owner["uid"] and tag.get("generation") == owner["generation"]
         reason = None if same_owner else "not configured by this policy generation"
@@ -286,6 +285,8 @@ class ClusterReconciler:
             cluster,
             "Applied",
             plugin_source=status.get("source"),
+            # a preloaded plugin of other code: the image owns it, the user is told
+            plugin_warning=scheduler_rpc.skew(status),
             applied_generation=owner["generation"],
             amm=amm_summary(status),
             actions=actions,
@@ -365,12 +366,24 @@ class ClusterReconciler:
         metrics.SCHEDULER_CONTACTS.labels(namespace, cluster, purpose).inc()
         return await self.locator.address(namespace, cluster)
 
-    async def _status_with_plugin(self, address: str) -> tuple[dict[str, Any], bool]:
+    async def _status_with_plugin(self, address: str) -> tuple[dict[str, Any], list[str]]:
+        """The plugin's status, after installing the plugin where it is missing and
+        replacing a live one that runs other amm_core code than the operator's (an
+        operator upgrade); with the actions taken, for Events."""
         try:
-            return await scheduler_rpc.get_status(address, timeout=self.rpc_timeout), False
+            status = await scheduler_rpc.get_status(address, timeout=self.rpc_timeout)
         except scheduler_rpc.PluginMissing:
             await scheduler_rpc.ensure_plugin(address, timeout=self.rpc_timeout)
-            return await scheduler_rpc.get_status(address, timeout=self.rpc_timeout), True
+            return await scheduler_rpc.get_status(address, timeout=self.rpc_timeout), [
+                "installed the amm_core plugin on the scheduler (live)"
+            ]
+        skew = scheduler_rpc.skew(status)
+        if status.get("source") != "live" or skew is None:
+            return status, []
+        await scheduler_rpc.ensure_plugin(address, timeout=self.rpc_timeout)
+        return await scheduler_rpc.get_status(address, timeout=self.rpc_timeout), [
+            f"replaced the live amm_core plugin: {skew}"
+        ]
 
     async def _forget_route(self, namespace: str, cluster: str) -> None:
         await self.locator.forget(namespace, cluster)

@@ -87,7 +87,6 @@ import asyncio
 import hashlib
 import io
 import itertools
-import os
 import re
 import struct
 import sys
@@ -105,9 +104,9 @@ from distributed.protocol.pickle import HIGHEST_PROTOCOL, dumps
 import amm_core
 from amm_core.plugin import PLUGIN_NAME, MemoryPolicyPlugin
 
-#: Seconds a call may take, connect included, unless a call says otherwise.
-#: Set DASK_MEMORY_OPERATOR_RPC_TIMEOUT to change the default.
-DEFAULT_TIMEOUT = float(os.environ.get("DASK_MEMORY_OPERATOR_RPC_TIMEOUT", "5"))
+#: Seconds a call may take, connect included, unless a call says otherwise (the
+#: operator passes its --rpc-timeout)
+DEFAULT_TIMEOUT = 5.0
 
 #: Bytes of frames one message may announce in its length prelude, all frames
 #: together (a status is a few kB; a large cluster's some 100 kB)
