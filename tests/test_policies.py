@@ -10,6 +10,8 @@ time matters; conditions are polled with a deadline.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -391,6 +393,58 @@ async def test_replicate_reports_upstream_reducer_alongside(
     assert len(errors) == 1
     assert errors[0].levelname == "ERROR"
     assert "amm_core.reduce.PressureReduceReplicas" in errors[0].getMessage()
+
+
+# --- policy state -------------------------------------------------------------------
+
+
+def _two_cycles(dask_scheduler: Scheduler) -> None:
+    # Back to back, in one go: no copy can arrive in between
+    amm = dask_scheduler.extensions["amm"]
+    amm.run_once()
+    amm.run_once()
+
+
+def test_stopped_amm_keeps_no_released_task_alive() -> None:
+    """Replicate's wanted counts and Rebalance's moves and cool-downs are cleaned up
+    by their run(), which never comes while the AMM is stopped: they must not hold
+    the TaskStates, or a released graph would stay in the scheduler's memory."""
+    with cluster(2) as (lc, c):
+        a, b = sorted(c.scheduler_info()["workers"])
+        futs = [c.submit(blob, i, 5 * MB, workers=[a], pure=False) for i in range(6)]
+        wait(futs)
+        replicate(c, futs[:2], 2)  # adds the Replicate policy
+        # move_timeout=0: a move whose copy has not arrived by the next cycle is
+        # abandoned, and its key cools down
+        add_policies(c, Rebalance(threshold=0.005, move_timeout=0, cooldown=100))
+        c.run_on_scheduler(_two_cycles)
+        amm = lc.scheduler.extensions["amm"]  # the scheduler runs in this process
+        (rep,) = (p for p in amm.policies if isinstance(p, Replicate))
+        (reb,) = (p for p in amm.policies if isinstance(p, Rebalance))
+        assert len(rep.wanted) == 2
+        assert reb.moves and reb.cooling, (reb.moves, reb.cooling)
+        assert not amm.running
+
+        tasks = [weakref.ref(lc.scheduler.tasks[f.key]) for f in futs]
+        keys = {f.key for f in futs}
+        del futs
+        wait_for(lambda: not keys & c.run_on_scheduler(scheduler_keys), what="released")
+
+        def collected() -> bool:
+            gc.collect()
+            return all(ref() is None for ref in tasks)
+
+        wait_for(collected, timeout=10, what="the released TaskStates to be collected")
+        # Nothing ran: the policies still remember the keys, by key only
+        assert set(rep.wanted) <= keys and len(rep.wanted) == 2
+        assert reb.moves and reb.cooling
+
+        # The next cycle forgets them
+        c.amm.run_once()
+        assert not rep.wanted and not reb.moves and not reb.cooling
+        counters = c.run_on_scheduler(reports)
+        assert counters["Replicate"]["counters"]["keys_forgotten"] == 2
+        assert counters["Rebalance"]["moves_in_flight"] == 0
 
 
 # --- RetirePaused --------------------------------------------------------------------

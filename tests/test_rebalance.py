@@ -186,7 +186,7 @@ def rebalance_of_key_in_flight(c: Any, key: Any) -> bool:
             for p in dask_scheduler.extensions["amm"].policies
             if isinstance(p, Rebalance)
         )
-        return any(ts.key == key for ts in policy.moves)
+        return key in policy.moves
 
     return c.run_on_scheduler(in_flight)
 
