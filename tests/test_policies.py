@@ -25,7 +25,16 @@ from distributed.core import rpc
 from amm_core.rebalance import Rebalance
 from amm_core.replicate import ReduceReplicas, Replicate, replicate, scatter
 from amm_core.retire_paused import RetirePaused
-from amm_testing import MB, add_policies, blob, cluster, holders, reports, wait_for
+from amm_testing import (
+    MB,
+    add_policies,
+    assert_never_lost,
+    blob,
+    cluster,
+    holders,
+    reports,
+    wait_for,
+)
 
 
 def scheduler_keys(dask_scheduler: Scheduler) -> set:
@@ -142,7 +151,9 @@ def test_rebalance_moves_data_off_heavy_worker_and_settles() -> None:
         assert settled["replicas_copied"] == outcomes, settled
         moved_off = sum(a not in ws for ws in prev.values())
         assert settled["moves_completed"] == moved_off, (settled, prev)
+        # The right data moved, and none of it was lost and recomputed on the way
         assert c.gather(futs) == [blob(i, 10 * MB) for i in range(12)]
+        assert_never_lost(c, futs + [needed])
         ev.set()
         assert blocker.result() == 10 * MB
 
@@ -258,6 +269,7 @@ def test_replicate_keeps_copies_and_respects_room() -> None:
         rep = c.run_on_scheduler(reports)["Replicate"]
         assert rep["counters"]["no_room"] >= no_room + 5
         assert rep["tracked_keys"] == 4
+        assert_never_lost(c, [two, every, sc, filler, big])
 
         # A released key is forgotten.
         key = two.key
@@ -306,6 +318,8 @@ def test_replicate_recreates_lost_copies_and_fills_new_workers() -> None:
             )
 
         wait_for(settled, what="copies recreated and the new worker filled")
+        # From the copies on the other workers, not recomputed
+        assert_never_lost(c, [two, every])
         assert c.gather([two, every]) == [blob(1, MB), blob(2, MB)]
 
         # A worker that joins later gets the "all" key too.
@@ -485,6 +499,7 @@ def test_paused_worker_is_retired_with_data_intact() -> None:
         # Its data is on the running workers, and readable.
         for ws in holders(c, futs).values():
             assert ws and a not in ws
+        assert_never_lost(c, futs)
         assert c.gather(futs) == [blob(i, 10 * MB) for i in range(6)]
         counters = c.run_on_scheduler(reports)["RetirePaused"]["counters"]
         assert counters == {"retirements_started": 1, "workers_retired": 1}
@@ -521,6 +536,7 @@ def test_paused_worker_stays_when_no_worker_has_room() -> None:
         # With room, it is retired at the next attempt.
         wait_for(lambda: [e["retired"] for e in rep()["replace"]] == [True])
         assert all(ws == {b} for ws in holders(c, futs).values())
+        assert_never_lost(c, futs)
 
 
 async def _rpc_replace(address: str) -> list[dict]:
