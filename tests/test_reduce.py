@@ -320,6 +320,8 @@ def test_benchmark_quick_mode(tmp_path: Path) -> None:
     ).stdout
     last = out.strip().splitlines()[-1]
     assert re.fullmatch(
-        r"peak_ratio_vs_upstream=\d+\.\d+ wall_ratio_vs_upstream=\d+\.\d+", last
+        r"peak_ratio_vs_upstream=\d+\.\d+ wall_ratio_vs_upstream=\d+\.\d+"
+        r" peak_ratio_vs_floor=\d+\.\d+",
+        last,
     )
     assert list(tmp_path.glob("*.png"))
