@@ -765,7 +765,7 @@ async def test_policies_run_in_config_order(cluster):
     async def cycle_order(tags: list[str], generation: int) -> list[str]:
         status = await scheduler_rpc.apply(
             addr,
-            config(start=True, interval="1h", policies=[{"class": RECORD, "tag": t} for t in tags]),
+            config(interval="1h", policies=[{"class": RECORD, "tag": t} for t in tags]),
             owner(generation),
         )
         assert [p["kwargs"]["tag"] for p in status["amm"]["policies"]] == tags
@@ -814,7 +814,8 @@ async def test_the_schedulers_own_config_is_read_leniently(tmp_path):
         # not a bool: the extension starts on any truthy value
         f"{AMM_ENV}__START": "yes",
     }
-    async with scheduler_process(tmp_path, "--preload", "amm_core.plugin", env=env) as addr:
+    preload = ("--preload", "amm_core.plugin")
+    async with scheduler_process(tmp_path, *preload, env=env) as addr:
         status = await preloaded_status(addr)
         assert status["error"] is None and status["source"] == "preload"
         assert status["amm"]["interval"] == 0.05 and status["amm"]["running"] is True
@@ -830,7 +831,7 @@ async def test_the_schedulers_own_config_is_read_leniently(tmp_path):
             await scheduler_rpc.apply(addr, config(interval="50ms"), owner())
         # An interval left out is the scheduler's own, sub-minimum or not
         status = await scheduler_rpc.apply(addr, {"measure": "managed"}, owner())
-        assert status["amm"]["interval"] == 0.05 and status["amm"]["measure"] == "managed"
+        assert (status["amm"]["interval"], status["amm"]["measure"]) == (0.05, "managed")
         status = await scheduler_rpc.apply(addr, {"interval": "100ms"}, owner(2))
         assert status["amm"]["interval"] == MIN_INTERVAL
         status = await scheduler_rpc.restore(addr)
@@ -844,11 +845,12 @@ async def test_the_schedulers_own_config_is_read_leniently(tmp_path):
 def without_amm_config() -> Iterator[None]:
     """The dask config without its distributed.scheduler.active-memory-manager
     section (dask.config.set can add and change keys, not remove them)."""
-    section = dask.config.config["distributed"]["scheduler"].pop("active-memory-manager")
+    scheduler_config = dask.config.config["distributed"]["scheduler"]
+    section = scheduler_config.pop("active-memory-manager")
     try:
         yield
     finally:
-        dask.config.config["distributed"]["scheduler"]["active-memory-manager"] = section
+        scheduler_config["active-memory-manager"] = section
 
 
 def extensions_without_amm() -> dict[str, Any]:
