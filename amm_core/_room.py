@@ -1,5 +1,5 @@
-"""What every amm_core policy shares: choosing recipients that have room, and
-counting what the policy did.
+"""What every amm_core policy shares: choosing recipients that have room, counting
+what the policy did, and remembering keys without keeping them alive.
 
 Upstream's ``_find_recipient`` picks the running worker with the least memory and
 never asks whether the copy fits. Every amm_core policy first narrows its candidates
@@ -14,19 +14,28 @@ measure "managed", a worker whose process holds 70% of its limit in unmanaged me
 copies sent to it would pause it. So room is computed from process memory plus this
 cycle's pending changes, which are the difference between ``workers_memory`` and the
 measure it started from: pass the AMM's ``measure`` (``manager.measure``).
+
+Policies that remember keys across cycles (Replicate's wanted counts, Rebalance's
+moves and cool-downs) hold the key and a weak reference to its ``TaskState``, never
+the ``TaskState`` itself: they clean up in ``run()``, which does not come while the
+AMM is stopped, and a ``TaskState`` holds its dependencies, dependents and group, so
+that one strong reference would keep a released graph alive. :func:`live_task` tells
+whether a remembered key is still the same task.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import dask
+from dask.typing import Key
 from distributed.active_memory_manager import ActiveMemoryManagerPolicy
 from distributed.core import Status
 
 if TYPE_CHECKING:
-    from distributed.scheduler import WorkerState
+    from distributed.scheduler import Scheduler, TaskState, WorkerState
 
 
 def pause_fraction() -> float | None:
@@ -91,6 +100,16 @@ def workers_with_room(
         for ws in pool
         if ws.status == Status.running and room(ws, workers_memory, measure) >= nbytes
     }
+
+
+def live_task(
+    scheduler: Scheduler, key: Key, ref: weakref.ref[TaskState]
+) -> TaskState | None:
+    """The TaskState ``ref`` points to while it is still the scheduler's task for
+    ``key``; None once the key was released (its TaskState forgotten) or recreated
+    (a new TaskState under the same key)."""
+    ts = ref()
+    return ts if ts is not None and scheduler.tasks.get(key) is ts else None
 
 
 class CountingPolicy(ActiveMemoryManagerPolicy):

@@ -26,6 +26,28 @@ so the operator never sends code for day-to-day work:
 ``amm_core_restore()``
     Back to the scheduler's own configuration, as recorded when the plugin started.
 
+**Policies run in config order.** Upstream keeps the extension's policies in a set
+(no defined order); the plugin replaces it with an insertion-ordered set-like
+:class:`OrderedPolicies`, so that the configured policies run in the order the
+config lists them, before the retirements in progress. Without the plugin (policies
+from dask config alone) the order stays upstream's: undefined.
+
+**The scheduler's own config is read leniently, what an operator sends strictly.**
+The baseline (``distributed.scheduler.active-memory-manager`` as the scheduler's dask
+config has it) was already read by the AMM extension: a key that a newer distributed
+adds, or a value the strict parse would refuse, must not stop the plugin. Such keys
+are ignored and such values replaced by what the extension made of them, each with a
+note (logged, and listed in the status as ``baseline_notes``). ``amm_core_apply``
+refuses anything unknown or invalid, and an interval below :data:`MIN_INTERVAL`.
+
+**A preloaded plugin never stops its scheduler.** The scheduler runs plugins'
+``start()`` outside of its preload error handling, so a failure there would abort
+the scheduler's start-up. Preloaded on a scheduler without the AMM extension
+(``Scheduler(extensions=...)`` without ``amm``), or failing at start for any other
+reason, the plugin logs the reason and stays inert: ``amm_core_status`` answers with
+``"error": <reason>`` and ``"amm": None``, ``amm_core_apply``/``amm_core_restore``
+raise ValueError with the reason. Registered live, it raises to the caller instead.
+
 ``RetireWorker`` policies belong to ``Scheduler.retire_workers`` calls in progress,
 which poll them until done: they are never removed. When a config stops the AMM while
 retirements are in progress, they are handed over to an ad-hoc AMM, exactly as
@@ -36,6 +58,7 @@ Message shapes (all plain data)::
     config = {"start": bool, "interval": "2s" | seconds, "measure": str,
               "policies": [{"class": "dotted.path" | short name, **kwargs}, ...]}
         # keys left out keep the scheduler's own values; unknown keys are refused;
+        # interval >= MIN_INTERVAL (0.1 s); policies run in this order;
         # short names are those of amm_core.BUILTIN_POLICIES
     owner = {"uid": str, "namespace": str, "name": str, "generation": int}
 
@@ -45,12 +68,18 @@ Message shapes (all plain data)::
         "amm_core_path": str,            # where the scheduler imported amm_core from
         "distributed_version": str,
         "source": "preload" | "live",
+        "baseline_notes": [str, ...],    # what of the scheduler's own AMM config
+                                         # was not taken as written
+        "error": str | None,             # why the plugin is inert (no AMM); then
+                                         # "amm" is None, "owner" None, "in_force"
+                                         # False, the lists empty
         "owner": owner | None,           # None: the scheduler's own configuration
         "in_force": bool,                # the AMM is exactly what was last applied
-        "amm": {
+        "amm": None | {
             "running": bool, "interval": seconds, "measure": str,
-            "policies": [{"class": str, "kwargs": dict | None,
+            "policies": [{"class": str, "kwargs": dict | None,   # configured
                           "role": "configured" | "retirement" | "foreign"}, ...],
+                                         # ones first, in config order
             "cycles": int, "replicas_copied": int, "replicas_dropped": int,
             "memory_bytes": int,         # cluster memory by the measure in force
             "retiring_workers": [address, ...],
@@ -71,7 +100,7 @@ import inspect
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, MutableSet
 from typing import TYPE_CHECKING, Any, Literal
 
 import dask
@@ -101,9 +130,13 @@ AMM_CONFIG = "distributed.scheduler.active-memory-manager"
 #: Interval of the ad-hoc AMM that finishes retirements when a config stops the AMM;
 #: the same as upstream's ad-hoc AMM in ``Scheduler.retire_workers``.
 RETIREMENT_INTERVAL = 2.0
-#: Shortest AMM interval accepted (seconds): a shorter one would spin the AMM on the
-#: scheduler's event loop
+#: Shortest AMM interval an ``apply`` may ask for, in seconds. An AMM cycle runs on the
+#: scheduler's event loop and walks every replicated key (Rebalance also the keys of
+#: every heavy worker): much more often than this and the loop would do little else.
+#: The scheduler's own config is not held to it (see ``AMMSpec.parse_baseline``).
 MIN_INTERVAL = 0.1
+#: The keys of the AMM config section
+AMM_KEYS = ("start", "interval", "measure", "policies")
 
 Source = Literal["preload", "live"]
 
@@ -174,72 +207,213 @@ class AMMSpec:
     def parse(
         cls, config: Any, measures: set[str], defaults: AMMSpec | None = None
     ) -> AMMSpec:
-        """Validate a dask-config-shaped AMM section. Keys left out take their value
-        from ``defaults``. Raises ValueError with a message meant for a person."""
+        """Validate a dask-config-shaped AMM section sent by an operator, strictly.
+        Keys left out take their value from ``defaults`` (which are not validated
+        again: the interval floor is for what the operator asks). Raises ValueError
+        with a message meant for a person."""
         if not isinstance(config, dict):
             raise ValueError(f"AMM config must be a mapping, got {config!r}")
         config = plain(config)
-        unknown = set(config) - {"start", "interval", "measure", "policies"}
+        unknown = set(config) - set(AMM_KEYS)
         if unknown:
             raise ValueError(
                 f"unknown AMM config key(s) {sorted(unknown)}; expected start, "
                 "interval, measure, policies"
             )
-        if defaults is None and set(config) != {
-            "start",
-            "interval",
-            "measure",
-            "policies",
-        }:
+        if defaults is None and set(config) != set(AMM_KEYS):
             raise ValueError("AMM config needs start, interval, measure and policies")
-
-        def get(key: str) -> Any:
-            if key in config:
-                return config[key]
-            assert defaults is not None
-            return defaults.to_config()[key]
-
-        start = get("start")
-        if not isinstance(start, bool):
-            raise ValueError(f"AMM start must be true or false, got {start!r}")
-
-        raw_interval = get("interval")
-        not_a_duration = ValueError(
-            f"AMM interval {raw_interval!r} is not a positive duration "
-            "(e.g. '2s', '500ms', or seconds as a number)"
+        values = defaults.to_config() if defaults is not None else {}
+        values.update(
+            (key, _check(key, config[key], measures, floor=True))
+            for key in AMM_KEYS
+            if key in config
         )
-        # parse_timedelta's own errors name internals ("could not convert '1-1'")
-        try:
-            interval = parse_timedelta(raw_interval, default="seconds")
-        except (ValueError, KeyError, TypeError):
-            raise not_a_duration from None
-        if (
-            isinstance(raw_interval, bool)
-            or not isinstance(interval, (int, float))
-            or not math.isfinite(interval)
-            or interval <= 0
-        ):
-            raise not_a_duration
+        return cls._from_values(values)
 
-        measure = get("measure")
-        if not isinstance(measure, str) or measure not in measures:
-            raise ValueError(
-                f"AMM measure {measure!r} is not one of {', '.join(sorted(measures))}"
-            )
+    @classmethod
+    def parse_baseline(
+        cls, config: Any, measures: set[str], found: AMMSpec
+    ) -> tuple[AMMSpec, list[str]]:
+        """The scheduler's own AMM section, parsed leniently; with one note per thing
+        that was not taken as written.
 
-        raw_policies = get("policies")
-        if not isinstance(raw_policies, list):
-            raise ValueError(f"AMM policies must be a list, got {raw_policies!r}")
-        policies = []
-        for i, entry in enumerate(raw_policies):
-            if not isinstance(entry, dict) or not isinstance(entry.get("class"), str):
-                raise ValueError(
-                    f"AMM policy #{i} must be a mapping with a 'class' string, "
-                    f"got {entry!r}"
+        The AMM extension has already read this section (or failed the scheduler's
+        start-up), so nothing in it may stop the plugin: a key a newer distributed
+        added is ignored, a value :meth:`parse` would refuse is replaced by what the
+        extension made of it (``found``: its running, interval and measure), and a
+        policy entry that cannot be read is left out. An interval below
+        :data:`MIN_INTERVAL` is kept: it is the scheduler's own choice.
+        """
+        notes: list[str] = []
+        if config is None:
+            notes.append(f"no {AMM_CONFIG} section in the dask config")
+            config = {}
+        elif not isinstance(config, dict):
+            notes.append(f"the AMM config is not a mapping: {config!r}")
+            config = {}
+        config = plain(config)
+        notes += [
+            f"unknown AMM config key {key!r} ignored"
+            for key in sorted(set(config) - set(AMM_KEYS), key=str)
+        ]
+        values = found.to_config()
+        for key in ("start", "interval", "measure"):
+            if key not in config:
+                notes.append(
+                    f"AMM {key} missing; the extension's {values[key]!r} taken"
                 )
-            kwargs = {k: v for k, v in entry.items() if k != "class"}
-            policies.append((entry["class"], kwargs))
-        return cls(start, float(interval), measure, policies)
+                continue
+            try:
+                values[key] = _check(key, config[key], measures, floor=False)
+            except ValueError as e:
+                if key == "start":
+                    # The extension only asks "if start:"; e.g. a string from a
+                    # hand-written env var counts as it does there
+                    values[key] = bool(config[key])
+                notes.append(f"{e}; the AMM extension's {values[key]!r} taken")
+        if values["interval"] < MIN_INTERVAL:
+            notes.append(
+                f"AMM interval {values['interval']:g}s is below the minimum of "
+                f"{MIN_INTERVAL:g}s an apply may ask for; kept, as the scheduler's own"
+            )
+        raw_policies = config.get("policies", [])
+        if not isinstance(raw_policies, list):
+            notes.append(
+                f"AMM policies must be a list, got {raw_policies!r}; none taken"
+            )
+            raw_policies = []
+        values["policies"] = []
+        for i, entry in enumerate(raw_policies):
+            try:
+                values["policies"].append(_policy_entry(i, entry))
+            except ValueError as e:
+                notes.append(f"{e}; left out")
+        return cls._from_values(values), notes
+
+    @classmethod
+    def _from_values(cls, values: dict[str, Any]) -> AMMSpec:
+        """From ``to_config()``-shaped values (validated already)."""
+        return cls(
+            values["start"],
+            float(values["interval"]),
+            values["measure"],
+            [
+                (entry["class"], {k: v for k, v in entry.items() if k != "class"})
+                for entry in values["policies"]
+            ],
+        )
+
+
+def _check(key: str, value: Any, measures: set[str], *, floor: bool) -> Any:
+    """One value of the AMM section, validated; ValueError (meant for a person) if it
+    is not valid. Policies come back as ``{"class": ..., **kwargs}`` entries."""
+    if key == "start":
+        if not isinstance(value, bool):
+            raise ValueError(f"AMM start must be true or false, got {value!r}")
+        return value
+    if key == "interval":
+        return _interval(value, floor=floor)
+    if key == "measure":
+        if not isinstance(value, str) or value not in measures:
+            raise ValueError(
+                f"AMM measure {value!r} is not one of {', '.join(sorted(measures))}"
+            )
+        return value
+    assert key == "policies"
+    if not isinstance(value, list):
+        raise ValueError(f"AMM policies must be a list, got {value!r}")
+    return [_policy_entry(i, entry) for i, entry in enumerate(value)]
+
+
+def _interval(raw: Any, *, floor: bool) -> float:
+    """Seconds from a duration ('2s', '500ms', or seconds as a number); with
+    ``floor``, at least :data:`MIN_INTERVAL`."""
+    not_a_duration = ValueError(
+        f"AMM interval {raw!r} is not a positive duration "
+        "(e.g. '2s', '500ms', or seconds as a number)"
+    )
+    # parse_timedelta's own errors name internals ("could not convert '1-1'")
+    try:
+        interval = parse_timedelta(raw, default="seconds")
+    except (ValueError, KeyError, TypeError):
+        raise not_a_duration from None
+    if (
+        isinstance(raw, bool)
+        or not isinstance(interval, (int, float))
+        or not math.isfinite(interval)
+        or interval <= 0
+    ):
+        raise not_a_duration
+    if floor and interval < MIN_INTERVAL:
+        raise ValueError(
+            f"AMM interval {raw!r} is below the minimum of {MIN_INTERVAL * 1000:g}ms: "
+            "the AMM would spin on the scheduler's event loop"
+        )
+    return float(interval)
+
+
+def _policy_entry(i: int, entry: Any) -> dict[str, Any]:
+    """Policy entry #``i``, checked: ``{"class": dotted path or short name,
+    **kwargs}``."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("class"), str):
+        raise ValueError(
+            f"AMM policy #{i} must be a mapping with a 'class' string, got {entry!r}"
+        )
+    return entry
+
+
+class OrderedPolicies(MutableSet[ActiveMemoryManagerPolicy]):
+    """The AMM extension's ``policies``, iterated in insertion order.
+
+    Upstream keeps the policies in a set: they run in no defined order, although the
+    order matters (e.g. whether Rebalance's drop or a reducer's comes first decides
+    which copy of a moved key survives). The plugin puts one of these in place of the
+    set, so that configured policies run in config order. It is a drop-in: what the
+    extension, ``RetireWorker`` and ``Scheduler.retire_workers`` do with the set
+    (``add``, ``remove``, ``discard``, ``in``, ``len``, iteration while a policy
+    removes itself from a ``list()`` copy) behaves the same, as do ``set()``,
+    ``copy()``, comparisons with sets and the set operators.
+    """
+
+    __slots__ = ("_items",)
+
+    #: The policies, as the keys of an insertion-ordered dict
+    _items: dict[ActiveMemoryManagerPolicy, None]
+
+    def __init__(self, policies: Iterable[ActiveMemoryManagerPolicy] = ()):
+        self._items = dict.fromkeys(policies)
+
+    def __contains__(self, policy: object) -> bool:
+        return policy in self._items
+
+    def __iter__(self) -> Iterator[ActiveMemoryManagerPolicy]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({list(self._items)!r})"
+
+    def add(self, policy: ActiveMemoryManagerPolicy) -> None:
+        self._items[policy] = None
+
+    def discard(self, policy: ActiveMemoryManagerPolicy) -> None:
+        self._items.pop(policy, None)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def copy(self) -> OrderedPolicies:
+        return type(self)(self)
+
+    def update(self, *others: Iterable[ActiveMemoryManagerPolicy]) -> None:
+        for other in others:
+            self._items.update(dict.fromkeys(other))
+
+
+class AMMUnavailable(RuntimeError):
+    """The scheduler has no AMM extension for the plugin to configure."""
 
 
 def policy_class(path: str) -> type[ActiveMemoryManagerPolicy]:
@@ -289,6 +463,12 @@ class MemoryPolicyPlugin(SchedulerPlugin):
     amm: ActiveMemoryManagerExtension
     #: The scheduler's own AMM configuration, recorded at plugin start
     baseline: AMMSpec
+    #: What of the scheduler's own AMM config was not taken as written (ignored keys,
+    #: unreadable values replaced by the extension's); see AMMSpec.parse_baseline
+    baseline_notes: list[str]
+    #: Why the plugin has no AMM to configure (preload on a scheduler without the AMM
+    #: extension, or a failed start); None when it works
+    unavailable: str | None
     #: What was last applied (the baseline until the first apply)
     applied: AMMSpec
     #: The policy objects in force for ``applied``, with the entry they came from;
@@ -310,6 +490,8 @@ class MemoryPolicyPlugin(SchedulerPlugin):
             raise ValueError(f"source must be 'preload' or 'live', got {source!r}")
         self.source = source
         self.owner = None
+        self.baseline_notes = []
+        self.unavailable = None
         self.retirement_amms = set()
         self.cycles = 0
         self.replicas_copied = 0
@@ -324,21 +506,22 @@ class MemoryPolicyPlugin(SchedulerPlugin):
             # own start-up calls start() on every plugin again.
             return
         self.scheduler = scheduler
-        amm = scheduler.extensions.get("amm")
-        if not isinstance(amm, ActiveMemoryManagerExtension):
-            raise RuntimeError(
-                "amm_core.plugin needs the scheduler's Active Memory Manager "
-                "extension (scheduler.extensions['amm']), which is missing"
-            )
-        self.amm = amm
-        own = dict(dask.config.get(AMM_CONFIG))
-        # The extension only asks "if start:"; a string from a hand-written env var
-        # counts as it does there
-        own["start"] = bool(own.get("start"))
-        self.baseline = AMMSpec.parse(own, self.measures())
-        self.applied = self.baseline
-        self.configured = self._match_in_force(self.baseline)
-        self._count(amm)
+        try:
+            self._attach()
+        except AMMUnavailable as e:
+            if self.source == "live":
+                # The caller registering the plugin gets the error
+                del self.scheduler
+                raise
+            self._go_inert(str(e), exc_info=False)
+        # The scheduler runs preloaded plugins' start() outside of its preload error
+        # handling: whatever fails here would stop the scheduler from starting. On
+        # that path the failure is logged and reported by the status handler instead.
+        except Exception as e:
+            if self.source == "live":
+                del self.scheduler
+                raise
+            self._go_inert(f"the plugin failed to start: {type(e).__name__}: {e}")
         scheduler.handlers.update(
             {
                 "amm_core_status": self.status,
@@ -346,11 +529,57 @@ class MemoryPolicyPlugin(SchedulerPlugin):
                 "amm_core_restore": self.restore,
             }
         )
+
+    def _attach(self) -> None:
+        """Take the scheduler's AMM extension in hand: record its own config, pair the
+        config entries with the policy objects, order them, count cycles. Everything
+        that can fail comes before the first change to the extension."""
+        scheduler = self.scheduler
+        amm = scheduler.extensions.get("amm")
+        if not isinstance(amm, ActiveMemoryManagerExtension):
+            raise AMMUnavailable(
+                "the scheduler has no Active Memory Manager extension "
+                "(scheduler.extensions['amm']): it was built without it, e.g. with "
+                "Scheduler(extensions=...) or without the dask config section "
+                f"{AMM_CONFIG}"
+            )
+        self.amm = amm
+        found = AMMSpec(amm.running, amm.interval, amm.measure, [])
+        self.baseline, self.baseline_notes = AMMSpec.parse_baseline(
+            dask.config.get(AMM_CONFIG, default=None), self.measures(), found
+        )
+        for note in self.baseline_notes:
+            logger.warning("amm_core plugin: the scheduler's own AMM config: %s", note)
+        self.configured = self._match_baseline()
+        self.applied = self.baseline
+        # The baseline's policies first, in config order; then the others (in
+        # progress retirements, policies added by others) in the order they had
+        ordered = self._ordered()
+        first = [p for p, _, _ in self.configured if p is not None]
+        rest = [p for p in ordered if p not in first]
+        ordered.clear()
+        ordered.update(first, rest)
+        self._count(amm)
         logger.info(
             "amm_core plugin started (%s); scheduler's own AMM config: %s",
             self.source,
             self.baseline.to_config(),
         )
+
+    def _go_inert(self, why: str, exc_info: bool = True) -> None:
+        self.unavailable = why
+        logger.error(
+            "amm_core plugin (%s) is inert, the scheduler runs on without it: %s",
+            self.source,
+            why,
+            exc_info=exc_info,
+        )
+
+    def _check_available(self) -> None:
+        if self.unavailable is not None:
+            raise ValueError(
+                f"amm_core cannot configure this scheduler: {self.unavailable}"
+            )
 
     def _count(self, amm: ActiveMemoryManagerExtension) -> None:
         """Count cycles and enacted suggestions by wrapping the extension instance's
@@ -379,25 +608,53 @@ class MemoryPolicyPlugin(SchedulerPlugin):
         mem = self.scheduler.memory
         return {n for n in dir(mem) if not n.startswith("_") and n != "sum"}
 
-    def _match_in_force(
-        self, spec: AMMSpec
+    def _match_baseline(
+        self,
     ) -> list[tuple[ActiveMemoryManagerPolicy | None, str, dict[str, Any]]]:
-        """Pair the config entries with the policy objects the extension built from
-        them (by exact class, in order). Entries left without an object mean that
-        what is in force differs from the config."""
+        """Pair the baseline's entries with the policy objects the extension built
+        from them (by exact class, in order). Entries left without an object mean that
+        what is in force differs from the config. An entry whose class cannot be
+        imported here is left out of the baseline, with a note (the extension built
+        it, so this takes a changed environment)."""
         free = [p for p in self.amm.policies if not isinstance(p, RetireWorker)]
         matched: list[tuple[ActiveMemoryManagerPolicy | None, str, dict[str, Any]]] = []
-        for path, kwargs in spec.policies:
-            cls = policy_class(path)
+        for path, kwargs in self.baseline.policies:
+            try:
+                cls = policy_class(path)
+            except ValueError as e:
+                self.baseline_notes.append(f"{e}; left out")
+                logger.warning("amm_core plugin: the scheduler's own AMM config: %s", e)
+                continue
             obj = next((p for p in free if type(p) is cls), None)
             if obj is not None:
                 free.remove(obj)
             matched.append((obj, path, kwargs))
+        self.baseline.policies = [(path, kwargs) for _, path, kwargs in matched]
         return matched
+
+    def _ordered(self) -> OrderedPolicies:
+        """The extension's policies as an OrderedPolicies, put in place of upstream's
+        set (or of a set someone put back)."""
+        amm = self.amm
+        if not isinstance(amm.policies, OrderedPolicies):
+            amm.policies = OrderedPolicies(amm.policies)  # type: ignore[assignment]
+        assert isinstance(amm.policies, OrderedPolicies)
+        return amm.policies
 
     # --- handlers -------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        if self.unavailable is not None:
+            return {
+                **self._identity(),
+                "error": self.unavailable,
+                "owner": None,
+                "in_force": False,
+                "amm": None,
+                "workers": len(self.scheduler.workers),
+                "policy_reports": [],
+                "replace": [],
+            }
         amm = self.amm
         ours = [
             (p, path, kwargs)
@@ -456,12 +713,8 @@ class MemoryPolicyPlugin(SchedulerPlugin):
         # the cluster
         replace = [entry for r in reports for entry in r.get("replace", ())]
         return {
-            "plugin_version": PLUGIN_VERSION,
-            "amm_core_version": getattr(amm_core, "__version__", None),
-            "amm_core_digest": amm_core.source_digest(),
-            "amm_core_path": os.path.dirname(amm_core.__file__),
-            "distributed_version": distributed.__version__,
-            "source": self.source,
+            **self._identity(),
+            "error": None,
             "owner": self.owner,
             "in_force": self.in_force(self.applied),
             "amm": {
@@ -483,7 +736,20 @@ class MemoryPolicyPlugin(SchedulerPlugin):
             "replace": replace,
         }
 
+    def _identity(self) -> dict[str, Any]:
+        """The part of the status that tells which plugin and code answer."""
+        return {
+            "plugin_version": PLUGIN_VERSION,
+            "amm_core_version": getattr(amm_core, "__version__", None),
+            "amm_core_digest": amm_core.source_digest(),
+            "amm_core_path": os.path.dirname(amm_core.__file__),
+            "distributed_version": distributed.__version__,
+            "source": self.source,
+            "baseline_notes": list(self.baseline_notes),
+        }
+
     def apply(self, config: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
+        self._check_available()
         if not isinstance(owner, dict) or not owner.get("uid"):
             raise ValueError(f"owner must be a mapping with a uid, got {owner!r}")
         generation = owner.get("generation")
@@ -509,6 +775,7 @@ class MemoryPolicyPlugin(SchedulerPlugin):
         return self.status()
 
     def restore(self) -> dict[str, Any]:
+        self._check_available()
         if self.owner is None and self.baseline == self.applied:
             self._repair(self.baseline)
         else:
@@ -544,16 +811,17 @@ class MemoryPolicyPlugin(SchedulerPlugin):
             amm.running == spec.start
             and amm.interval == spec.interval
             and amm.measure == spec.measure
-            and all(p is not None for p, _, _ in self.configured)
-            and {id(p) for p, _, _ in self.configured}
-            == {id(p) for p in amm.policies if not isinstance(p, RetireWorker)}
+            and isinstance(amm.policies, OrderedPolicies)
+            # the very objects, in config order (an entry without one never matches)
+            and [id(p) for p in amm.policies if not isinstance(p, RetireWorker)]
+            == [id(p) for p, _, _ in self.configured]
         )
 
     def _repair(self, spec: AMMSpec) -> None:
         """Same config again: keep the policy objects (they may hold state) and only
-        put back what someone changed behind our back: start/interval/measure, and
-        policies added by others. A policy of ours that went missing is built anew
-        (the others are kept)."""
+        put back what someone changed behind our back: start/interval/measure,
+        policies added by others, the order of ours. A policy of ours that went
+        missing is built anew (the others are kept)."""
         if self.in_force(spec):
             return
         ours = [p for p, _, _ in self.configured]
@@ -620,11 +888,13 @@ class MemoryPolicyPlugin(SchedulerPlugin):
         can run in between."""
         amm = self.amm
         amm.stop()
-        for p in list(amm.policies):
-            if not isinstance(p, RetireWorker):
-                amm.policies.discard(p)
+        ordered = self._ordered()
+        retiring = [p for p in ordered if isinstance(p, RetireWorker)]
+        # Configured policies in config order, then the retirements in progress
+        ordered.clear()
         for p in policies:
             amm.add_policy(p)
+        ordered.update(retiring)
         amm.interval = spec.interval
         amm.measure = spec.measure
         if spec.start:

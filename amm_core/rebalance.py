@@ -10,6 +10,9 @@ The AMM has no "move": a move is a replicate to the recipient in one cycle and a
 from the sender in a later cycle, once the copy exists. The policy keeps its moves in
 flight in :attr:`Rebalance.moves` and counts them as already done when it weighs the
 workers, so that a sender whose copy has not been dropped yet is not chosen again.
+Moves and cool-downs are kept by key, with a weak reference to the ``TaskState``
+(see :func:`amm_core._room.live_task`): they do not keep a released key alive while
+the AMM is stopped and no cycle comes to end them.
 
 **What is heavy.** The manager's measure (``manager.workers_memory``, default
 "optimistic"), with the moves in flight counted as done (below). It lags: managed
@@ -73,14 +76,16 @@ first, heaviest sender first).
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dask.typing import Key
 from dask.utils import parse_bytes
 from distributed.active_memory_manager import Suggestion, SuggestionGenerator
 from distributed.core import Status
 
-from amm_core._room import CountingPolicy, room, workers_with_room
+from amm_core._room import CountingPolicy, live_task, room, workers_with_room
 from amm_core.replicate import wanted_replicas
 
 if TYPE_CHECKING:
@@ -121,6 +126,8 @@ def _needed_on(ts: TaskState, ws: WorkerState, max_scan: int) -> bool:
 class Move:
     """A key being moved: copied to ``recipient``, to be dropped from ``sender``."""
 
+    #: The key's TaskState when the move started, weakly
+    task: weakref.ref[TaskState]
     sender: WorkerState
     recipient: WorkerState
     #: AMM cycles since the copy was requested
@@ -173,9 +180,10 @@ class Rebalance(CountingPolicy):
     #: Unassigned dependents examined per key by the imminent rule
     max_scan: int
     #: Moves in flight, by key
-    moves: dict[TaskState, Move]
-    #: Keys cooling down after an abandoned or undone move: the cycle they may move again
-    cooling: dict[TaskState, int]
+    moves: dict[Key, Move]
+    #: Keys cooling down after an abandoned or undone move: their TaskState (weakly)
+    #: and the cycle they may move again
+    cooling: dict[Key, tuple[weakref.ref[TaskState], int]]
     #: AMM cycles run so far
     cycle: int
     #: Cluster mean and dead-band state seen in the last cycle, for report()
@@ -228,52 +236,54 @@ class Rebalance(CountingPolicy):
     def _finish_moves(self) -> SuggestionGenerator:
         """Drop the sender's copy of every move whose copy has arrived."""
         scheduler = self.manager.scheduler
-        for ts, move in list(self.moves.items()):
+        for key, move in list(self.moves.items()):
             move.age += 1
+            ts = live_task(scheduler, key, move.task)
+            if ts is None or ts.state != "memory":
+                self._end(key, "abandoned", "key left memory")
+                continue
             who_has = ts.who_has or set()
-            if scheduler.tasks.get(ts.key) is not ts or ts.state != "memory":
-                self._end(ts, "abandoned", "key left memory")
-            elif move.sender not in who_has:
+            if move.sender not in who_has:
                 # Someone else (a reducer, the worker itself) dropped it already.
                 done = move.recipient in who_has
-                self._end(ts, "completed" if done else "abandoned", "sender dropped")
+                self._end(key, "completed" if done else "abandoned", "sender dropped")
             elif move.recipient in who_has:
                 move.arrived = True
                 ws = yield Suggestion("drop", ts, {move.sender})
                 if ws is not None:
                     self.count("replicas_dropped")
                     self.count("bytes_moved", ts.nbytes)
-                    self._end(ts, "completed", "dropped from sender")
+                    self._end(key, "completed", "dropped from sender")
                 elif move.sender in self.manager.pending.get(ts, ((), ()))[1]:
                     self.count("bytes_moved", ts.nbytes)
-                    self._end(ts, "completed", "another policy drops it")
+                    self._end(key, "completed", "another policy drops it")
                 elif move.age > self.move_timeout:
-                    self._end(ts, "abandoned", "sender can't drop its copy")
+                    self._end(key, "abandoned", "sender can't drop its copy")
             elif move.arrived:
                 # Another policy (a reducer keeping the sender's copy) disagrees:
                 # waiting for move_timeout would only delay a repeat of the move.
-                self._end(ts, "undone", "recipient's copy dropped after it arrived")
+                self._end(key, "undone", "recipient's copy dropped after it arrived")
             elif (
                 move.age > self.move_timeout
                 or move.recipient.status != Status.running
                 or scheduler.workers.get(move.recipient.address) is not move.recipient
             ):
-                self._end(ts, "abandoned", "copy did not arrive")
+                self._end(key, "abandoned", "copy did not arrive")
 
     def _expire_cooling(self) -> None:
         scheduler = self.manager.scheduler
-        for ts, until in list(self.cooling.items()):
-            if until <= self.cycle or scheduler.tasks.get(ts.key) is not ts:
-                del self.cooling[ts]
+        for key, (ref, until) in list(self.cooling.items()):
+            if until <= self.cycle or live_task(scheduler, key, ref) is None:
+                del self.cooling[key]
 
-    def _end(self, ts: TaskState, outcome: str, why: str) -> None:
-        move = self.moves.pop(ts)
+    def _end(self, key: Key, outcome: str, why: str) -> None:
+        move = self.moves.pop(key)
         self.count(f"moves_{outcome}")
-        if outcome != "completed" and self.cooldown:
-            self.cooling[ts] = self.cycle + self.cooldown
+        if outcome != "completed" and self.cooldown and move.task() is not None:
+            self.cooling[key] = (move.task, self.cycle + self.cooldown)
         task_logger.debug(
             "Rebalance: move of %s from %s to %s %s: %s",
-            ts.key,
+            key,
             move.sender.address,
             move.recipient.address,
             outcome,
@@ -289,7 +299,11 @@ class Rebalance(CountingPolicy):
             for ws, nbytes in workers_memory.items()
             if ws.status in (Status.running, Status.paused)
         }
-        for ts, move in self.moves.items():
+        for move in self.moves.values():
+            # Alive: _finish_moves() ended the moves of keys that left memory
+            ts = move.task()
+            if ts is None:
+                continue
             who_has = ts.who_has or set()
             if move.sender in eff and move.sender in who_has:
                 eff[move.sender] -= ts.nbytes
@@ -365,8 +379,8 @@ class Rebalance(CountingPolicy):
                 if (
                     nbytes > limit
                     or nbytes <= 0
-                    or ts in self.moves
-                    or ts in self.cooling
+                    or ts.key in self.moves
+                    or ts.key in self.cooling
                     or ts.actor
                 ):
                     continue
@@ -396,7 +410,7 @@ class Rebalance(CountingPolicy):
                 recipient = yield Suggestion("replicate", ts, candidates)
                 if recipient is None:
                     continue
-                self.moves[ts] = Move(sender, recipient)
+                self.moves[ts.key] = Move(weakref.ref(ts), sender, recipient)
                 eff[sender] -= nbytes
                 eff[recipient] += nbytes
                 budget -= nbytes
@@ -428,6 +442,10 @@ class Rebalance(CountingPolicy):
         out["max_bytes_per_cycle"] = self.max_bytes_per_cycle
         out["moves_in_flight"] = len(self.moves)
         out["keys_cooling"] = len(self.cooling)
-        out["bytes_in_flight"] = sum(ts.nbytes for ts in self.moves)
+        out["bytes_in_flight"] = sum(
+            ts.nbytes
+            for ts in (move.task() for move in self.moves.values())
+            if ts is not None
+        )
         out["last_cycle"] = dict(self.last_cycle)
         return out

@@ -24,12 +24,16 @@ This module provides:
 
 A tracked key is forgotten when it leaves the cluster (its ``TaskState`` is no longer
 the one in ``scheduler.tasks``). A key that is only lost and recomputed keeps its
-count: the same ``TaskState`` goes back to memory.
+count: the same ``TaskState`` goes back to memory. The policy holds the key and a weak
+reference to its ``TaskState`` (see :func:`amm_core._room.live_task`): a released key
+is not kept alive by it, even while the AMM is stopped and ``run()`` never comes to
+forget it.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -44,7 +48,7 @@ from distributed.active_memory_manager import (
 from distributed.client import futures_of
 from distributed.core import Status
 
-from amm_core._room import CountingPolicy, workers_with_room
+from amm_core._room import CountingPolicy, live_task, workers_with_room
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -116,9 +120,9 @@ class Replicate(CountingPolicy):
     wanted on many workers spreads over a few cycles as a tree.
     """
 
-    #: Tracked keys: the TaskState seen at registration and the wanted count.
-    #: Holding the TaskState lets run() tell a released key from a recreated one.
-    wanted: dict[Key, tuple[TaskState, Wanted]]
+    #: Tracked keys: a weak reference to the TaskState seen at registration and the
+    #: wanted count. The reference tells a released key from a recreated one.
+    wanted: dict[Key, tuple[weakref.ref[TaskState], Wanted]]
     #: Whether the conflict with upstream's ReduceReplicas was logged already
     conflict_logged: bool
 
@@ -137,13 +141,13 @@ class Replicate(CountingPolicy):
             if n == 1:
                 self.wanted.pop(ts.key, None)
             else:
-                self.wanted[ts.key] = (ts, n)
+                self.wanted[ts.key] = (weakref.ref(ts), n)
                 task_logger.debug("Replicate: %s wants %s copies", ts.key, n)
 
     def wanted_for(self, ts: TaskState) -> int:
         """The wanted count of ``ts`` as a number of copies (1 if untracked)."""
         entry = self.wanted.get(ts.key)
-        if entry is None or entry[0] is not ts:
+        if entry is None or entry[0]() is not ts:
             return 1
         n = entry[1]
         if n == "all":
@@ -154,16 +158,12 @@ class Replicate(CountingPolicy):
         manager = self.manager
         scheduler = manager.scheduler
         self._check_reducers()
+        self._forget_released()
         ncopies = 0
         nkeys = 0
-        for key, (ts, n) in list(self.wanted.items()):
-            if scheduler.tasks.get(key) is not ts:
-                # Released by every client: it left the cluster.
-                del self.wanted[key]
-                self.count("keys_forgotten")
-                task_logger.debug("Replicate: forgetting released key %s", key)
-                continue
-            if ts.state != "memory" or ts.actor:
+        for key, (ref, n) in list(self.wanted.items()):
+            ts = ref()
+            if ts is None or ts.state != "memory" or ts.actor:
                 # Lost and being recomputed, or erred: nothing to copy yet.
                 continue
             assert ts.who_has
@@ -217,6 +217,15 @@ class Replicate(CountingPolicy):
         if ncopies:
             logger.debug("Replicate: creating %d copies of %d keys", ncopies, nkeys)
 
+    def _forget_released(self) -> None:
+        """Stop tracking the keys that left the cluster (released by every client)."""
+        scheduler = self.manager.scheduler
+        for key, (ref, _) in list(self.wanted.items()):
+            if live_task(scheduler, key, ref) is None:
+                del self.wanted[key]
+                self.count("keys_forgotten")
+                task_logger.debug("Replicate: forgetting released key %s", key)
+
     def _has_target(self, ts: TaskState, n: Wanted) -> bool:
         """Whether ``ts`` holds its wanted copies, on running or paused workers,
         without building sets (called for every tracked key every cycle)."""
@@ -251,6 +260,9 @@ class Replicate(CountingPolicy):
             )
 
     def report(self) -> dict[str, Any]:
+        if getattr(self, "manager", None) is not None:
+            # Also while the AMM is stopped: released keys are not tracked ones
+            self._forget_released()
         out = super().report()
         by_count: dict[str, int] = {}
         for _, n in self.wanted.values():

@@ -1,6 +1,6 @@
 """The Active Memory Manager announcement's benchmark, scaled to this machine.
 
-The 2021 announcement (``/work/shared/seed/000_b26fd8aca74d3a12.txt``) measured
+The 2021 announcement (the seed text ``seed/000_b26fd8aca74d3a12.txt``) measured
 ``(A @ A.T).sum()`` for ``A = da.random.random((40_000, 40_000), chunks=(4_000,
 4_000))`` on 48 workers with ``MemorySampler``: 166 GiB peak cluster memory without
 the AMM, 135 GiB with ReduceReplicas. Here the same workload, by default 8000^2 in
@@ -23,10 +23,23 @@ worker processes, from their heartbeats), wall time of ``compute()``, CPU second
 the worker processes (what dropping too eagerly would cost in re-fetches, and nearly
 immune to the machine's other load) and bytes the workers fetched from each other, as
 median and [min, max] over the repetitions; then the ratios of the medians against
-``upstream``, and the ratios within each round (median [min, max]). A plot of cluster memory over time (aligned on each run's start, as the
-announcement's ``ms.plot(align=True)``) goes to ``--out``. The last line is::
+``upstream``, and the ratios within each round (median [min, max]).
 
-    peak_ratio_vs_upstream=<managed peak median ratio> wall_ratio_vs_upstream=<wall median ratio>
+**The single-copy floor.** No replica policy can hold less than the bytes of the keys
+in memory, each counted once. Every run samples that on the scheduler (the sum of
+``nbytes`` of the tasks in state memory, every ``--interval`` seconds, by a
+:class:`FloorSampler` plugin) next to the cluster memory, and its peak is the run's
+floor. Each configuration's managed peak is printed against the floor of its own run
+(``managed / floor``, median [min, max]): what is above 1 is extra copies.
+
+A plot of cluster memory over time (aligned on each run's start, as the
+announcement's ``ms.plot(align=True)``, with the floor dashed) goes to ``--out``. The
+last line is::
+
+    peak_ratio_vs_upstream=<managed peak median ratio> wall_ratio_vs_upstream=<wall
+    median ratio> peak_ratio_vs_floor=<amm_core's managed / floor, median over runs>
+
+(on one line).
 
 Usage::
 
@@ -51,6 +64,8 @@ import pandas as pd
 import psutil
 from distributed import Client, LocalCluster
 from distributed.diagnostics import MemorySampler
+from distributed.diagnostics.plugin import SchedulerPlugin
+from tornado.ioloop import PeriodicCallback
 
 GiB = 2**30
 
@@ -60,6 +75,44 @@ CONFIGS: dict[str, list[dict[str, Any]] | None] = {
     "upstream": [{"class": "distributed.active_memory_manager.ReduceReplicas"}],
     "amm_core": [{"class": "amm_core.reduce.PressureReduceReplicas"}],
 }
+
+
+class FloorSampler(SchedulerPlugin):
+    """Samples, on the scheduler, the bytes of the keys in memory, each counted once
+    however many workers hold it: the least any replica policy can hold."""
+
+    name = "seed-floor-sampler"
+
+    #: Seconds between samples
+    interval: float
+    #: (scheduler time, bytes) samples since start()
+    samples: list[tuple[float, int]]
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.samples = []
+
+    async def start(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self.callback = PeriodicCallback(self.sample, self.interval * 1000)
+        self.callback.start()
+        self.sample()
+
+    def sample(self) -> None:
+        tasks = self.scheduler.tasks.values()
+        nbytes = sum(ts.nbytes for ts in tasks if ts.state == "memory")
+        self.samples.append((time.time(), nbytes))
+
+    async def close(self) -> None:
+        self.callback.stop()
+
+
+def _floor_samples(dask_scheduler: Any) -> list[tuple[float, int]]:
+    """Stop the FloorSampler and return its samples, with a last one taken now."""
+    sampler = dask_scheduler.plugins[FloorSampler.name]
+    sampler.callback.stop()
+    sampler.sample()
+    return sampler.samples
 
 
 @dataclass
@@ -74,9 +127,12 @@ class Run:
     peak_process: int
     #: Seconds spent in compute()
     wall: float
+    #: Peak bytes of the keys in memory, each counted once (the single-copy floor)
+    peak_floor: int
     #: Cluster memory over time, seconds since the start -> bytes
     managed: pd.Series
     process: pd.Series
+    floor: pd.Series
     #: Bytes the workers fetched from each other, and the part of it that a worker
     #: fetched again after having dropped its copy (the cost of dropping too early)
     transferred: int = 0
@@ -151,6 +207,7 @@ def run_once(config: str, args: argparse.Namespace, rep: int) -> Run:
         ms_managed = MemorySampler()
         ms_process = MemorySampler()
         cpu_before = client.run(_cpu_seconds)
+        client.register_plugin(FloorSampler(args.interval))
         start = time.perf_counter()
         with (
             ms_managed.sample(label, measure="managed", interval=args.interval),
@@ -158,6 +215,7 @@ def run_once(config: str, args: argparse.Namespace, rep: int) -> Run:
         ):
             total.compute()
         wall = time.perf_counter() - start
+        floor_samples = client.run_on_scheduler(_floor_samples)
         cpu_after = client.run(_cpu_seconds)
         cpu = sum(cpu_after[w] - cpu_before[w] for w in cpu_before)
         reports = client.run_on_scheduler(_policy_reports) if policies else []
@@ -165,14 +223,21 @@ def run_once(config: str, args: argparse.Namespace, rep: int) -> Run:
 
     managed = _series(ms_managed, label)
     process = _series(ms_process, label)
+    t0 = floor_samples[0][0]
+    floor = pd.Series(
+        [nbytes for _, nbytes in floor_samples],
+        index=pd.to_timedelta([t - t0 for t, _ in floor_samples], unit="s"),
+    )
     return Run(
         config=config,
         rep=rep,
         peak_managed=int(managed.max()),
         peak_process=int(process.max()),
+        peak_floor=int(floor.max()),
         wall=wall,
         managed=managed,
         process=process,
+        floor=floor,
         transferred=sum(t[0] for t in transfers),
         refetched=sum(t[1] for t in transfers),
         missing=sum(t[2] for t in transfers),
@@ -208,6 +273,16 @@ def plot(runs: list[Run], path: Path) -> None:
                 label=None if run.config in labelled else run.config,
             )
             labelled.add(run.config)
+            if measure == "managed":
+                ax.plot(
+                    run.floor.index.total_seconds(),
+                    run.floor.values / GiB,
+                    color=colors.get(run.config),
+                    alpha=0.5,
+                    linestyle="--",
+                    label=None if "floor" in labelled else "single-copy floor",
+                )
+                labelled.add("floor")
         ax.set_title(f"cluster memory ({measure})")
         ax.set_xlabel("time since start (s)")
         ax.set_ylabel("GiB")
@@ -278,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(run)
             print(
                 f"  run {rep + 1} {config:9s} managed {run.peak_managed / GiB:.3f} GiB"
+                f"  floor {run.peak_floor / GiB:.3f} GiB"
+                f" (x{run.peak_managed / run.peak_floor:.3f})"
                 f"  process {run.peak_process / GiB:.3f} GiB  wall {run.wall:.2f} s"
                 f"  cpu {run.cpu:.1f} s"
                 f"  fetched {run.transferred / GiB:.2f} GiB"
@@ -291,7 +368,8 @@ def main(argv: list[str] | None = None) -> None:
 
     medians: dict[str, dict[str, float]] = {}
     print(
-        f"{'config':9s} {'peak managed GiB':>24s} {'peak process GiB':>24s} "
+        f"{'config':9s} {'peak managed GiB':>24s} {'peak floor GiB':>24s} "
+        f"{'managed / floor':>24s} {'peak process GiB':>24s} "
         f"{'wall s':>22s} {'worker cpu s':>22s} {'fetched GiB':>20s}"
     )
     for config in configs:
@@ -301,15 +379,19 @@ def main(argv: list[str] | None = None) -> None:
         wall = [r.wall for r in mine]
         cpu = [r.cpu for r in mine]
         fetched = [r.transferred / GiB for r in mine]
+        floor = [r.peak_floor / GiB for r in mine]
+        vs_floor = [r.peak_managed / r.peak_floor for r in mine]
         medians[config] = {
             "managed": statistics.median(managed),
+            "vs_floor": statistics.median(vs_floor),
             "process": statistics.median(process),
             "wall": statistics.median(wall),
             "cpu": statistics.median(cpu),
             "fetched": statistics.median(fetched),
         }
         print(
-            f"{config:9s} {_stat(managed, '.3f'):>24s} {_stat(process, '.3f'):>24s} "
+            f"{config:9s} {_stat(managed, '.3f'):>24s} {_stat(floor, '.3f'):>24s} "
+            f"{_stat(vs_floor, '.3f'):>24s} {_stat(process, '.3f'):>24s} "
             f"{_stat(wall, '.2f'):>22s} {_stat(cpu, '.1f'):>22s} "
             f"{_stat(fetched, '.2f'):>20s}"
         )
@@ -348,7 +430,8 @@ def main(argv: list[str] | None = None) -> None:
         mine = medians["amm_core"]
         print(
             f"peak_ratio_vs_upstream={mine['managed'] / base['managed']:.3f} "
-            f"wall_ratio_vs_upstream={mine['wall'] / base['wall']:.3f}"
+            f"wall_ratio_vs_upstream={mine['wall'] / base['wall']:.3f} "
+            f"peak_ratio_vs_floor={mine['vs_floor']:.3f}"
         )
 
 

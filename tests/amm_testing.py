@@ -1,6 +1,11 @@
 """Helpers shared by the amm_core policy tests (test_policies, test_rebalance,
-test_retire_paused): real LocalClusters of worker processes, one thread each, and
-conditions polled with a deadline.
+test_retire_paused, test_reduce): real LocalClusters of worker processes, one thread
+each, conditions polled with a deadline, and what the scheduler saw of each key.
+
+"Nothing was lost" cannot be told from a result: the scheduler recomputes a lost key,
+identically. :class:`KeyHistory`, a scheduler plugin, counts per key how often it was
+computed and how often it left memory; :func:`assert_never_lost` asserts from it, and
+:func:`cluster` asserts at its end that no key was computed twice.
 
 Functions here that run on workers or the scheduler are found there by reference:
 the tests' folder is on the worker processes' path, as it is on pytest's.
@@ -9,12 +14,16 @@ the tests' folder is on the worker processes' path, as it is on pytest's.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import dask
+from dask.typing import Key
 from distributed import Client, LocalCluster, Scheduler
+from distributed.client import futures_of
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 from amm_core._room import CountingPolicy
 
@@ -41,12 +50,80 @@ def wait_for(cond: Callable[[], Any], timeout: float = 30, what: str = "") -> An
         time.sleep(0.05)
 
 
+class KeyHistory(SchedulerPlugin):
+    """Per key: how often it was computed (processing -> memory) and how often it
+    left memory (lost with a worker or its last copy dropped, or released)."""
+
+    name = "amm-testing-key-history"
+
+    #: Completed computations per key
+    computed: Counter[Key]
+    #: Transitions out of memory per key
+    left_memory: Counter[Key]
+
+    def __init__(self) -> None:
+        self.computed = Counter()
+        self.left_memory = Counter()
+
+    def transition(
+        self, key: Key, start: str, finish: str, *args: Any, **kwargs: Any
+    ) -> None:
+        if start == "processing" and finish == "memory":
+            self.computed[key] += 1
+        elif start == "memory" and finish != "memory":
+            self.left_memory[key] += 1
+
+
+def track_keys(c: Client) -> None:
+    """Install :class:`KeyHistory` on the scheduler."""
+    c.register_plugin(KeyHistory())
+
+
+def _history(dask_scheduler: Scheduler) -> KeyHistory:
+    plugin = dask_scheduler.plugins[KeyHistory.name]
+    assert isinstance(plugin, KeyHistory)
+    return plugin
+
+
+def _recomputed(dask_scheduler: Scheduler) -> dict[Key, int]:
+    return {k: n for k, n in _history(dask_scheduler).computed.items() if n > 1}
+
+
+def recomputed(c: Client) -> dict[Key, int]:
+    """Keys computed more than once since :func:`track_keys`, with their count."""
+    return c.run_on_scheduler(_recomputed)
+
+
+def _lost(dask_scheduler: Scheduler, keys: list[Key]) -> dict[Key, str]:
+    history = _history(dask_scheduler)
+    out = {}
+    for key in keys:
+        ts = dask_scheduler.tasks.get(key)
+        state = ts.state if ts is not None else "forgotten"
+        if history.computed[key] > 1 or history.left_memory[key] or state != "memory":
+            out[key] = (
+                f"computed {history.computed[key]}x, left memory "
+                f"{history.left_memory[key]}x, now {state}"
+            )
+    return out
+
+
+def assert_never_lost(c: Client, futures: Iterable[Any]) -> None:
+    """The keys of ``futures`` (held all along by the test) are in memory, never left
+    it and were computed at most once, as the scheduler saw them."""
+    keys = [f.key for f in futures_of(list(futures))]
+    assert keys
+    lost = c.run_on_scheduler(_lost, keys=keys)
+    assert not lost, lost
+
+
 @contextmanager
 def cluster(
     n: int = 3, memory_limit: str = "1GB", **config: Any
 ) -> Iterator[tuple[LocalCluster, Client]]:
     """``n`` worker processes; the AMM stopped, measuring "managed", with no policy,
-    unless ``config`` (dask config keys) says otherwise."""
+    unless ``config`` (dask config keys) says otherwise. The scheduler tracks the
+    keys (:func:`track_keys`); at the end no key may have been computed twice."""
     settings = {
         **WORKER_MEMORY,
         "distributed.scheduler.active-memory-manager.start": False,
@@ -66,7 +143,9 @@ def cluster(
         Client(lc) as c,
     ):
         c.wait_for_workers(n)
+        track_keys(c)
         yield lc, c
+        assert not recomputed(c), f"keys computed more than once: {recomputed(c)}"
 
 
 def add_policies(c: Client, *policies: Any) -> None:

@@ -9,23 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
-import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
-import zipfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import dask
 import pytest
-from distributed import Client, LocalCluster
-from distributed.core import ConnectionPool
+from distributed import Client, LocalCluster, Scheduler
 from distributed.active_memory_manager import (
     ActiveMemoryManagerPolicy,
     ReduceReplicas,
@@ -37,15 +34,21 @@ import amm_core
 import amm_core.rebalance
 import amm_core.replicate
 import amm_core.retire_paused
-from amm_core.plugin import PLUGIN_NAME, dotted_name as dotted
+from amm_core.plugin import (
+    MIN_INTERVAL,
+    PLUGIN_NAME,
+    MemoryPolicyPlugin,
+    OrderedPolicies,
+    dotted_name as dotted,
+)
 from dask_memory_operator.schedulers import rpc as scheduler_rpc
 from dask_memory_operator.schedulers.rpc import (
     ApplyRejected,
     PluginMissing,
-    SchedulerUnreachable,
 )
 
 REDUCE = "distributed.active_memory_manager.ReduceReplicas"
+AMM_ENV = "DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER"
 DEADLINE = 30.0
 
 
@@ -78,8 +81,25 @@ class OpaqueReport(KeepCopies):
         return {"class": "OpaqueReport", "keys": {"a", "b"}}
 
 
+#: Tags of the Record policies, in the order they ran (the scheduler of the cluster
+#: fixture runs in this process)
+RUNS: list[str] = []
+
+
+class Record(ActiveMemoryManagerPolicy):
+    """Test-local policy: notes its tag in RUNS whenever it runs."""
+
+    def __init__(self, tag: str):
+        self.tag = tag
+
+    def run(self):  # type: ignore[no-untyped-def]
+        RUNS.append(self.tag)
+        yield from ()
+
+
 KEEP = f"{KeepCopies.__module__}.KeepCopies"
 OPAQUE = f"{OpaqueReport.__module__}.OpaqueReport"
+RECORD = f"{Record.__module__}.Record"
 
 
 def owner(generation: int = 1, uid: str = "uid-1") -> dict[str, Any]:
@@ -175,6 +195,19 @@ async def scheduler_process(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+async def preloaded_status(addr: str) -> dict[str, Any]:
+    """The status of a preloaded plugin, once it has started."""
+
+    async def started() -> dict[str, Any] | None:
+        try:
+            return await scheduler_rpc.get_status(addr)
+        except PluginMissing:  # preloads start after the scheduler listens
+            return None
+
+    return await until(started, "the preloaded plugin")
+
 
 
 # --- apply ------------------------------------------------------------------
@@ -465,6 +498,8 @@ INVALID = [
     ({"interval": "-1s"}, "is not a positive duration"),
     ({"interval": -1}, "is not a positive duration"),
     ({"interval": 0}, "is not a positive duration"),
+    ({"interval": "1ms"}, "AMM interval '1ms' is below the minimum of 100ms"),
+    ({"interval": 0.099}, "is below the minimum of 100ms: the AMM would spin"),
     ({"start": "yes"}, "start must be true or false"),
     ({"polices": []}, "unknown AMM config key"),
 ]
@@ -653,15 +688,9 @@ async def test_restore_brings_back_the_schedulers_own_config(tmp_path):
 
 async def test_preload_reports_preload(tmp_path):
     async with scheduler_process(tmp_path, "--preload", "amm_core.plugin") as addr:
-
-        async def started() -> dict[str, Any] | None:
-            try:
-                return await scheduler_rpc.get_status(addr)
-            except PluginMissing:  # preloads start after the scheduler listens
-                return None
-
-        status = await until(started, "the preloaded plugin")
-        assert status["source"] == "preload"
+        status = await preloaded_status(addr)
+        assert status["source"] == "preload" and status["error"] is None
+        assert status["baseline_notes"] == []
         assert await scheduler_rpc.ensure_plugin(addr) == "preload"
         status = await scheduler_rpc.apply(addr, config(interval="1s"), owner())
         assert status["source"] == "preload" and status["amm"]["interval"] == 1.0
@@ -715,3 +744,149 @@ async def test_live_install_on_a_scheduler_without_amm_core(tmp_path):
         status = await until(ran, "AMM cycles with the uploaded policy")
         assert [r["class"] for r in status["policy_reports"]] == ["Replicate"]
         assert await scheduler_rpc.ensure_plugin(addr) == "live"
+
+
+# --- policy order -------------------------------------------------------------
+
+
+async def test_policies_run_in_config_order(cluster):
+    cl, client = cluster
+    addr = cl.scheduler_address
+    await scheduler_rpc.ensure_plugin(addr)
+    amm = amm_of(cl)
+    # Eight policies: a set would run them in config order once in 40320 tries
+    tags = ["h", "c", "a", "f", "b", "g", "e", "d"]
+
+    async def cycle_order(tags: list[str], generation: int) -> list[str]:
+        status = await scheduler_rpc.apply(
+            addr,
+            config(interval="1h", policies=[{"class": RECORD, "tag": t} for t in tags]),
+            owner(generation),
+        )
+        assert [p["kwargs"]["tag"] for p in status["amm"]["policies"]] == tags
+        assert status["in_force"] is True
+        RUNS.clear()
+        amm.run_once()
+        return list(RUNS)
+
+    assert await cycle_order(tags, 1) == tags
+    first = configured(cl)
+    # Reordered: the objects are kept (same entries), and run in the new order
+    assert await cycle_order(tags[::-1], 2) == tags[::-1]
+    assert configured(cl) == first
+    assert isinstance(amm.policies, OrderedPolicies)
+
+    # Someone puts a plain set back: the order is drift, repaired by the same apply
+    amm.policies = set(amm.policies)
+    assert (await scheduler_rpc.get_status(addr))["in_force"] is False
+    assert await cycle_order(tags[::-1], 2) == tags[::-1]
+
+    # Upstream's retire_workers works with it: its RetireWorker runs after ours and
+    # removes itself when done (the worker holds no data)
+    worker = next(iter(cl.scheduler.workers))
+    retired = await client.retire_workers([worker], close_workers=False, remove=False)
+    assert set(retired) == {worker}
+    assert not [p for p in amm.policies if isinstance(p, RetireWorker)]
+    assert [p.tag for p in amm.policies] == tags[::-1]
+
+
+# --- the scheduler's own config, MIN_INTERVAL -----------------------------------
+
+
+def test_min_interval_is_100ms():
+    assert MIN_INTERVAL == 0.1
+
+
+async def test_the_schedulers_own_config_is_read_leniently(tmp_path):
+    """What a newer distributed (or a hand-written env var) puts in the scheduler's
+    AMM section does not stop a preloaded plugin; what an operator sends is still
+    checked strictly."""
+    env = {
+        # a key this plugin does not know
+        f"{AMM_ENV}__FUTURE_KNOB": "1",
+        # below MIN_INTERVAL, but the scheduler's own choice
+        f"{AMM_ENV}__INTERVAL": "50ms",
+        # not a bool: the extension starts on any truthy value
+        f"{AMM_ENV}__START": "yes",
+    }
+    preload = ("--preload", "amm_core.plugin")
+    async with scheduler_process(tmp_path, *preload, env=env) as addr:
+        status = await preloaded_status(addr)
+        assert status["error"] is None and status["source"] == "preload"
+        assert status["amm"]["interval"] == 0.05 and status["amm"]["running"] is True
+        notes = status["baseline_notes"]
+        assert len(notes) == 3, notes
+        assert [n for n in notes if "future" in n and "ignored" in n], notes
+        assert [n for n in notes if "below the minimum" in n], notes
+        assert [n for n in notes if "'yes'" in n and "True taken" in n], notes
+
+        with pytest.raises(ApplyRejected, match="unknown AMM config key"):
+            await scheduler_rpc.apply(addr, config(future_knob=1), owner())
+        with pytest.raises(ApplyRejected, match="below the minimum of 100ms"):
+            await scheduler_rpc.apply(addr, config(interval="50ms"), owner())
+        # An interval left out is the scheduler's own, sub-minimum or not
+        status = await scheduler_rpc.apply(addr, {"measure": "managed"}, owner())
+        assert (status["amm"]["interval"], status["amm"]["measure"]) == (0.05, "managed")
+        status = await scheduler_rpc.apply(addr, {"interval": "100ms"}, owner(2))
+        assert status["amm"]["interval"] == MIN_INTERVAL
+        status = await scheduler_rpc.restore(addr)
+        assert status["amm"]["interval"] == 0.05 and status["in_force"] is True
+
+
+# --- a scheduler without the AMM ----------------------------------------------
+
+
+@contextlib.contextmanager
+def without_amm_config() -> Iterator[None]:
+    """The dask config without its distributed.scheduler.active-memory-manager
+    section (dask.config.set can add and change keys, not remove them)."""
+    scheduler_config = dask.config.config["distributed"]["scheduler"]
+    section = scheduler_config.pop("active-memory-manager")
+    try:
+        yield
+    finally:
+        scheduler_config["active-memory-manager"] = section
+
+
+def extensions_without_amm() -> dict[str, Any]:
+    from distributed.scheduler import DEFAULT_EXTENSIONS
+
+    return {k: v for k, v in DEFAULT_EXTENSIONS.items() if k != "amm"}
+
+
+@pytest.mark.parametrize("config_section", [True, False], ids=["config", "no_config"])
+async def test_preloaded_on_a_scheduler_without_the_amm_stays_inert(config_section):
+    with contextlib.nullcontext() if config_section else without_amm_config():
+        async with Scheduler(
+            extensions=extensions_without_amm(),
+            preload=["amm_core.plugin"],
+            dashboard_address=":0",
+            port=0,
+        ) as s:
+            assert "amm" not in s.extensions
+            status = await scheduler_rpc.get_status(s.address)
+            assert status["source"] == "preload"
+            assert "no Active Memory Manager extension" in status["error"]
+            assert status["amm"] is None and status["owner"] is None
+            assert status["in_force"] is False and status["workers"] == 0
+            assert status["amm_core_digest"] == amm_core.source_digest()
+            with pytest.raises(ApplyRejected, match="no Active Memory Manager"):
+                await scheduler_rpc.apply(s.address, config(), owner())
+            with pytest.raises(scheduler_rpc.SchedulerCallFailed) as info:
+                await scheduler_rpc.restore(s.address)
+            assert info.value.remote_type == "ValueError"
+            assert "no Active Memory Manager" in info.value.remote_message
+
+
+async def test_live_registration_on_a_scheduler_without_the_amm_raises():
+    async with Scheduler(
+        extensions=extensions_without_amm(), dashboard_address=":0", port=0
+    ) as s:
+        with pytest.raises(scheduler_rpc.SchedulerCallFailed) as info:
+            await scheduler_rpc.ensure_plugin(s.address)
+        assert info.value.remote_type == "AMMUnavailable"
+        assert "no Active Memory Manager extension" in info.value.remote_message
+        assert PLUGIN_NAME not in s.plugins and "amm_core_status" not in s.handlers
+        # Registered in-process, the same
+        with pytest.raises(RuntimeError, match="no Active Memory Manager extension"):
+            await MemoryPolicyPlugin(source="live").start(s)

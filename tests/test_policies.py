@@ -10,6 +10,8 @@ time matters; conditions are polled with a deadline.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +25,16 @@ from distributed.core import rpc
 from amm_core.rebalance import Rebalance
 from amm_core.replicate import ReduceReplicas, Replicate, replicate, scatter
 from amm_core.retire_paused import RetirePaused
-from amm_testing import MB, add_policies, blob, cluster, holders, reports, wait_for
+from amm_testing import (
+    MB,
+    add_policies,
+    assert_never_lost,
+    blob,
+    cluster,
+    holders,
+    reports,
+    wait_for,
+)
 
 
 def scheduler_keys(dask_scheduler: Scheduler) -> set:
@@ -140,7 +151,9 @@ def test_rebalance_moves_data_off_heavy_worker_and_settles() -> None:
         assert settled["replicas_copied"] == outcomes, settled
         moved_off = sum(a not in ws for ws in prev.values())
         assert settled["moves_completed"] == moved_off, (settled, prev)
+        # The right data moved, and none of it was lost and recomputed on the way
         assert c.gather(futs) == [blob(i, 10 * MB) for i in range(12)]
+        assert_never_lost(c, futs + [needed])
         ev.set()
         assert blocker.result() == 10 * MB
 
@@ -256,6 +269,7 @@ def test_replicate_keeps_copies_and_respects_room() -> None:
         rep = c.run_on_scheduler(reports)["Replicate"]
         assert rep["counters"]["no_room"] >= no_room + 5
         assert rep["tracked_keys"] == 4
+        assert_never_lost(c, [two, every, sc, filler, big])
 
         # A released key is forgotten.
         key = two.key
@@ -304,6 +318,8 @@ def test_replicate_recreates_lost_copies_and_fills_new_workers() -> None:
             )
 
         wait_for(settled, what="copies recreated and the new worker filled")
+        # From the copies on the other workers, not recomputed
+        assert_never_lost(c, [two, every])
         assert c.gather([two, every]) == [blob(1, MB), blob(2, MB)]
 
         # A worker that joins later gets the "all" key too.
@@ -393,6 +409,58 @@ async def test_replicate_reports_upstream_reducer_alongside(
     assert "amm_core.reduce.PressureReduceReplicas" in errors[0].getMessage()
 
 
+# --- policy state -------------------------------------------------------------------
+
+
+def _two_cycles(dask_scheduler: Scheduler) -> None:
+    # Back to back, in one go: no copy can arrive in between
+    amm = dask_scheduler.extensions["amm"]
+    amm.run_once()
+    amm.run_once()
+
+
+def test_stopped_amm_keeps_no_released_task_alive() -> None:
+    """Replicate's wanted counts and Rebalance's moves and cool-downs are cleaned up
+    by their run(), which never comes while the AMM is stopped: they must not hold
+    the TaskStates, or a released graph would stay in the scheduler's memory."""
+    with cluster(2) as (lc, c):
+        a, b = sorted(c.scheduler_info()["workers"])
+        futs = [c.submit(blob, i, 5 * MB, workers=[a], pure=False) for i in range(6)]
+        wait(futs)
+        replicate(c, futs[:2], 2)  # adds the Replicate policy
+        # move_timeout=0: a move whose copy has not arrived by the next cycle is
+        # abandoned, and its key cools down
+        add_policies(c, Rebalance(threshold=0.005, move_timeout=0, cooldown=100))
+        c.run_on_scheduler(_two_cycles)
+        amm = lc.scheduler.extensions["amm"]  # the scheduler runs in this process
+        (rep,) = (p for p in amm.policies if isinstance(p, Replicate))
+        (reb,) = (p for p in amm.policies if isinstance(p, Rebalance))
+        assert len(rep.wanted) == 2
+        assert reb.moves and reb.cooling, (reb.moves, reb.cooling)
+        assert not amm.running
+
+        tasks = [weakref.ref(lc.scheduler.tasks[f.key]) for f in futs]
+        keys = {f.key for f in futs}
+        del futs
+        wait_for(lambda: not keys & c.run_on_scheduler(scheduler_keys), what="released")
+
+        def collected() -> bool:
+            gc.collect()
+            return all(ref() is None for ref in tasks)
+
+        wait_for(collected, timeout=10, what="the released TaskStates to be collected")
+        # Nothing ran: the policies still remember the keys, by key only
+        assert set(rep.wanted) <= keys and len(rep.wanted) == 2
+        assert reb.moves and reb.cooling
+
+        # The next cycle forgets them
+        c.amm.run_once()
+        assert not rep.wanted and not reb.moves and not reb.cooling
+        counters = c.run_on_scheduler(reports)
+        assert counters["Replicate"]["counters"]["keys_forgotten"] == 2
+        assert counters["Rebalance"]["moves_in_flight"] == 0
+
+
 # --- RetirePaused --------------------------------------------------------------------
 
 
@@ -431,6 +499,7 @@ def test_paused_worker_is_retired_with_data_intact() -> None:
         # Its data is on the running workers, and readable.
         for ws in holders(c, futs).values():
             assert ws and a not in ws
+        assert_never_lost(c, futs)
         assert c.gather(futs) == [blob(i, 10 * MB) for i in range(6)]
         counters = c.run_on_scheduler(reports)["RetirePaused"]["counters"]
         assert counters == {"retirements_started": 1, "workers_retired": 1}
@@ -467,6 +536,7 @@ def test_paused_worker_stays_when_no_worker_has_room() -> None:
         # With room, it is retired at the next attempt.
         wait_for(lambda: [e["retired"] for e in rep()["replace"]] == [True])
         assert all(ws == {b} for ws in holders(c, futs).values())
+        assert_never_lost(c, futs)
 
 
 async def _rpc_replace(address: str) -> list[dict]:

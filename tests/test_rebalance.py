@@ -22,7 +22,16 @@ from distributed.active_memory_manager import Suggestion, SuggestionGenerator
 from amm_core._room import CountingPolicy
 from amm_core.rebalance import Rebalance
 from amm_core.reduce import PressureReduceReplicas
-from amm_testing import MB, add_policies, blob, cluster, holders, reports, wait_for
+from amm_testing import (
+    MB,
+    add_policies,
+    assert_never_lost,
+    blob,
+    cluster,
+    holders,
+    reports,
+    wait_for,
+)
 
 
 def block(x: bytes, ev: Event) -> int:
@@ -127,6 +136,7 @@ def test_rebalance_and_pressure_reducer_do_not_undo_each_other() -> None:
         assert c.gather(keys) == [blob(i, 10 * MB) for i in range(8)] + [
             blob(100 + i, 10 * MB) for i in range(4)
         ]
+        assert_never_lost(c, keys)
 
 
 def test_undone_move_ends_at_once_and_key_cools_down() -> None:
@@ -177,6 +187,7 @@ def test_undone_move_ends_at_once_and_key_cools_down() -> None:
         assert holders(c, [fut])[key] == {a}
         assert holders(c, others) != before
         assert c.gather(futs) == [blob(i, 5 * MB) for i in range(4)]
+        assert_never_lost(c, futs)
 
 
 def rebalance_of_key_in_flight(c: Any, key: Any) -> bool:
@@ -186,7 +197,7 @@ def rebalance_of_key_in_flight(c: Any, key: Any) -> bool:
             for p in dask_scheduler.extensions["amm"].policies
             if isinstance(p, Rebalance)
         )
-        return any(ts.key == key for ts in policy.moves)
+        return key in policy.moves
 
     return c.run_on_scheduler(in_flight)
 
@@ -209,6 +220,7 @@ def test_cycle_examines_at_most_max_keys_per_cycle() -> None:
 
         wait_for(cycle_and_count, what="more keys on b")
         assert c.gather(futs) == [blob(i, 1 * MB) for i in range(30)]
+        assert_never_lost(c, futs)
 
 
 def test_no_room_skips_keys_without_scanning_recipients() -> None:

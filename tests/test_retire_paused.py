@@ -31,7 +31,14 @@ from amm_core.retire_paused import (
     RetireWorkerWithRoom,
     set_status,
 )
-from amm_testing import MB, blob, cluster as amm_cluster, holders, wait_for
+from amm_testing import (
+    MB,
+    assert_never_lost,
+    blob,
+    cluster as amm_cluster,
+    holders,
+    wait_for,
+)
 
 AMM = "distributed.scheduler.active-memory-manager"
 
@@ -138,6 +145,7 @@ def test_key_landing_after_retirement_is_moved_before_retired(removed: bool) -> 
         # The task's result lands on a only; it is moved, then a is retired.
         wait_for(lambda: [e["retired"] for e in amm_replace(c)] == [True])
         assert all(a not in ws for ws in holders(c, [*futs, late]).values())
+        assert_never_lost(c, [*futs, late])
         assert c.gather([*futs, late]) == [blob(i, 10 * MB) for i in range(5)]
         assert status(c, a) == "closing_gracefully"
         counters = c.run_on_scheduler(report)["counters"]
@@ -198,6 +206,7 @@ def test_retirement_survives_rebuilt_policy_and_its_abort_is_handled() -> None:
         # With room, the new object retires it again.
         wait_for(lambda: [e["retired"] for e in amm_replace(c)] == [True])
         assert all(ws == {b} for ws in holders(c, [*futs, late]).values())
+        assert_never_lost(c, [*futs, late])
         assert c.gather([*futs, late]) == [blob(i, 10 * MB) for i in range(5)]
         counters = c.run_on_scheduler(report)["counters"]
         assert counters["retirements_adopted"] == 1
