@@ -350,12 +350,6 @@ async def test_pod_graceful_deletion(http: Http) -> None:
     assert status == 200 and p['spec']['containers'][0]['image'] == 'y'
     status, err = await http.patch(pods + '/p', {'spec': {'nodeName': 'n2'}})
     assert status == 422 and 'pod updates may not change fields' in err['message']
-    # A scheduler binds through pods/binding.
-    await http.post(pods, {'metadata': {'name': 'b'}, 'spec': {'containers': [{'name': 'c', 'image': 'x'}]}})
-    binding = {'apiVersion': 'v1', 'kind': 'Binding', 'metadata': {'name': 'b'}, 'target': {'kind': 'Node', 'name': 'n1'}}
-    assert (await http.post(pods + '/b/binding', binding))[0] == 201
-    assert (await http.get(pods + '/b'))[1]['spec']['nodeName'] == 'n1'
-    assert (await http.post(pods + '/b/binding', binding))[0] == 409
     status, p = await http.delete(pods + '/p')
     assert status == 200 and p['metadata']['deletionGracePeriodSeconds'] == 30  # the kubelet's turn
     assert (await http.get(pods + '/p'))[0] == 200
@@ -530,10 +524,6 @@ async def test_discovery(widgets: Http) -> None:
     status, crd = await http.get(CRDS + '/widgets.example.com')
     assert {c['type']: c['status'] for c in crd['status']['conditions']}['Established'] == 'True'
     assert (await http.get('/nonexistent'))[0] == 404
-    # No RBAC: access reviews allow, as the AlwaysAllow authorizer does.
-    review = {'spec': {'resourceAttributes': {'verb': 'delete', 'resource': 'pods'}}}
-    status, review = await http.post('/apis/authorization.k8s.io/v1/selfsubjectaccessreviews', review)
-    assert status == 201 and review['status']['allowed'] is True
     async with http.session.get(http.url + '/readyz') as resp:
         assert resp.status == 200 and await resp.text() == 'ok'
     status, root = await http.get('/')
