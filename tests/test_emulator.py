@@ -537,31 +537,19 @@ async def test_discovery(widgets: Http) -> None:
     assert (await http.get(WIDGETS))[0] == 404
 
 
-async def test_crd_versions_share_objects(http: Http) -> None:
+async def test_crd_serves_its_storage_version(http: Http) -> None:
     crd = copy.deepcopy(WIDGET_CRD)
     v1 = crd['spec']['versions'][0]
     v2 = copy.deepcopy(v1)
     v2['name'], v1['storage'] = 'v2', False
-    v2['schema']['openAPIV3Schema']['properties']['spec']['properties']['size']['maximum'] = 100
     crd['spec']['versions'].append(v2)
     assert (await http.post(CRDS, crd))[0] == 201
-    widgets_v2 = WIDGETS.replace('/v1/', '/v2/')
-    status, w = await http.post(WIDGETS, widget('w', size=3))
-    assert status == 201 and w['apiVersion'] == 'example.com/v1'
-    status, w2 = await http.get(widgets_v2 + '/w')
-    assert status == 200 and w2['apiVersion'] == 'example.com/v2' and w2['spec']['size'] == 3
-    assert w2['metadata']['uid'] == w['metadata']['uid']
-    # Each version validates with its own schema.
-    assert (await http.patch(WIDGETS + '/w', {'spec': {'size': 50}}))[0] == 422
-    status, w2 = await http.patch(widgets_v2 + '/w', {'spec': {'size': 50}})
-    assert status == 200 and w2['apiVersion'] == 'example.com/v2'
-    status, listed = await http.get(WIDGETS)
-    assert listed['items'][0]['apiVersion'] == 'example.com/v1' and listed['items'][0]['spec']['size'] == 50
-    events: list[dict[str, Any]] = []
-    await http.watch(widgets_v2, events, timeoutSeconds=0.3)
-    assert [e['object']['apiVersion'] for e in events] == ['example.com/v2']
-    await http.delete(widgets_v2 + '/w')
-    assert await http.gone(WIDGETS + '/w')
+    # Conversion between versions is not emulated: only the storage version is served.
+    status, w = await http.post(WIDGETS.replace('/v1/', '/v2/'), {**widget('w'), 'apiVersion': 'example.com/v2'})
+    assert status == 201 and w['apiVersion'] == 'example.com/v2'
+    assert (await http.get(WIDGETS))[0] == 404
+    status, group = await http.get('/apis/example.com')
+    assert [v['version'] for v in group['versions']] == ['v2']
 
 
 # ---------------------------------------------------------------- schema validation

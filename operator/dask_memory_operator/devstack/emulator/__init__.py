@@ -53,9 +53,8 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   served at once (names, scope, subresources, short names, printer columns) and get
   ``Established``/``NamesAccepted`` conditions. ``/openapi/v2`` and ``/openapi/v3``
   answer minimal valid documents: enough for kubectl to validate server-side.
-- CRD versions: one set of objects, stored in the ``storage: true`` version and
-  served at every served version with its ``apiVersion`` (conversion strategy None;
-  webhook conversion is not emulated), each version validated with its own schema.
+- CRDs: only the ``storage: true`` version is served (no CRD here has more than one;
+  conversion between versions is not emulated).
 - CRD schema handling as the API server does it: pruning of unknown fields (outside
   ``x-kubernetes-preserve-unknown-fields``) and of nulls in non-nullable fields,
   ``default`` values, then validation with the ``jsonschema`` library (Draft 4, the
@@ -68,15 +67,16 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   127.1.0.0/16, so that a process kubelet can bind it on loopback); headless
   (``None``) stays; the address is immutable and released on deletion.
 - kubectl's table output (``Accept: ...;as=Table;g=meta.k8s.io``, lists, gets and
-  watches): kubectl's usual columns for pods, deployments, services and namespaces,
-  NAME and AGE for other built-in kinds, a CRD's ``additionalPrinterColumns``.
+  watches): kube-apiserver's printers for pods, deployments, services and events (the
+  kinds one looks at in the sandbox), NAME and AGE for other built-in kinds, a CRD's
+  ``additionalPrinterColumns``.
 - Watch streams end cleanly when the server stops, so no client hangs on them.
 - ``/healthz``, ``/livez``, ``/readyz`` answer ``ok``; ``pods/eviction`` deletes a pod
   gracefully, without PodDisruptionBudgets.
 
 Not emulated: server-side apply, admission webhooks, RBAC and authentication (the
 access and token review resources are not served), ``pods/binding``, CEL
-rules, webhook conversion between CRD versions, schema validation of built-in kinds,
+rules, schema validation of built-in kinds,
 periodic watch bookmarks (one is sent when a watch reaches its timeout), the
 controllers (no Deployment makes a pod: a kubelet's job), and protobuf or CBOR request
 bodies (answered 415): kubectl's imperative commands for built-in kinds (``create

@@ -59,9 +59,6 @@ class ResourceType:
     printer_columns: list[dict[str, Any]] = attrs.field(factory=list)
     #: The CRD's name when it is a custom resource.
     crd: str | None = None
-    #: The version objects are stored in (a CRD's ``storage: true`` one); others are
-    #: served from it with only ``apiVersion`` changed (the CRD conversion strategy None).
-    storage_version: str | None = None
 
     @property
     def has_generation(self) -> bool:
@@ -70,15 +67,6 @@ class ResourceType:
     @property
     def resource(self) -> kmock.resource:
         return kmock.resource(self.group, self.version, self.plural)
-
-    @property
-    def storage(self) -> kmock.resource:
-        """The key of the objects in kmock's array: one set of objects for all served versions."""
-        return kmock.resource(self.group, self.storage_version or self.version, self.plural)
-
-    def convert(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """A stored object as served at this version (conversion strategy None)."""
-        return obj if obj.get('apiVersion') == self.api_version else {**obj, 'apiVersion': self.api_version}
 
     @property
     def api_version(self) -> str:

@@ -105,35 +105,34 @@ class KubeEmulator(Storage, Writes, Deletion, Eviction, ServiceIPs, Discovery, k
                            'labelSelectorPath': '.spec.selector'}
         self._types[res.group, res.version, res.plural] = rtype
 
-    def register_crd(self, crd: Mapping[str, Any]) -> list[ResourceType]:
-        """Serve the resources of a CustomResourceDefinition (as the API server does at once)."""
+    def register_crd(self, crd: Mapping[str, Any]) -> ResourceType:
+        """Serve the resource of a CustomResourceDefinition (as the API server does at once).
+
+        Only the storage version is served: no CRD here has more than one, and serving
+        several means converting between them, which is not emulated.
+        """
         spec = crd['spec']
         names = spec['names']
-        added = []
-        storage = next((v['name'] for v in spec['versions'] if v.get('storage')), spec['versions'][0]['name'])
-        for ver in spec['versions']:
-            if not ver.get('served', True):
-                continue
-            subs = ver.get('subresources') or {}
-            schema = (ver.get('schema') or {}).get('openAPIV3Schema')
-            rtype = ResourceType(
-                group=spec['group'], version=ver['name'], plural=names['plural'], kind=names['kind'],
-                singular=names.get('singular') or names['kind'].lower(),
-                namespaced=spec.get('scope', 'Namespaced') == 'Namespaced',
-                shortnames=list(names.get('shortNames') or []),
-                categories=list(names.get('categories') or []),
-                subresources={s for s in ('status', 'scale') if s in subs},
-                schema=StructuralSchema(schema) if schema else None,
-                scale=dict(subs['scale']) if 'scale' in subs else None,
-                printer_columns=list(ver.get('additionalPrinterColumns') or []),
-                crd=crd['metadata']['name'], storage_version=storage)
-            self._types[rtype.group, rtype.version, rtype.plural] = rtype
-            self.resources[rtype.resource] = kmock.ResourceInfo(
-                namespaced=rtype.namespaced, kind=rtype.kind, singular=rtype.singular,
-                verbs=VERBS, shortnames=rtype.shortnames, categories=rtype.categories,
-                subresources=rtype.subresources)
-            added.append(rtype)
-        return added
+        ver = next((v for v in spec['versions'] if v.get('storage')), spec['versions'][0])
+        subs = ver.get('subresources') or {}
+        schema = (ver.get('schema') or {}).get('openAPIV3Schema')
+        rtype = ResourceType(
+            group=spec['group'], version=ver['name'], plural=names['plural'], kind=names['kind'],
+            singular=names.get('singular') or names['kind'].lower(),
+            namespaced=spec.get('scope', 'Namespaced') == 'Namespaced',
+            shortnames=list(names.get('shortNames') or []),
+            categories=list(names.get('categories') or []),
+            subresources={s for s in ('status', 'scale') if s in subs},
+            schema=StructuralSchema(schema) if schema else None,
+            scale=dict(subs['scale']) if 'scale' in subs else None,
+            printer_columns=list(ver.get('additionalPrinterColumns') or []),
+            crd=crd['metadata']['name'])
+        self._types[rtype.group, rtype.version, rtype.plural] = rtype
+        self.resources[rtype.resource] = kmock.ResourceInfo(
+            namespaced=rtype.namespaced, kind=rtype.kind, singular=rtype.singular,
+            verbs=VERBS, shortnames=rtype.shortnames, categories=rtype.categories,
+            subresources=rtype.subresources)
+        return rtype
 
     async def apply(self, doc: Mapping[str, Any]) -> dict[str, Any]:
         """Create or replace one object (as ``kubectl apply`` would, minus the patching)."""
@@ -151,7 +150,7 @@ class KubeEmulator(Storage, Writes, Deletion, Eviction, ServiceIPs, Discovery, k
             else:
                 meta = {**doc['metadata'], 'resourceVersion': old['metadata']['resourceVersion']}
                 obj, _ = self._replace(Target(rtype, namespace, name, None), {**doc, 'metadata': meta}, {})
-        return rtype.convert(obj)
+        return obj
 
     def _unregister_crd(self, crd_name: str) -> None:
         for key, rtype in list(self._types.items()):
@@ -249,7 +248,7 @@ class KubeEmulator(Storage, Writes, Deletion, Eviction, ServiceIPs, Discovery, k
                 return self._respond(self._patch(target, body, ctype, params), 200, target, params)
             if method == 'DELETE' and target.name is not None:
                 code, result = self._delete(target, body, params)
-                return json_response(target.rtype.convert(result) if result.get('kind') != 'Status' else result, code)
+                return json_response(result, code)
             if method == 'DELETE':
                 return json_response(self._delete_collection(target, body, params))
         raise ApiError(405, 'MethodNotAllowed', 'the server does not allow this method on the requested resource')
@@ -257,7 +256,7 @@ class KubeEmulator(Storage, Writes, Deletion, Eviction, ServiceIPs, Discovery, k
     def _respond(self, result: tuple[dict[str, Any], list[str]], code: int, target: Target,
                  params: Mapping[str, str]) -> aiohttp.web.StreamResponse:
         obj, warnings = result
-        response = json_response(target.rtype.convert(obj) if obj.get('kind') != 'Scale' else obj, code)
+        response = json_response(obj, code)
         for warning in warnings:
             response.headers.add('Warning', f'299 - {json.dumps(warning)}')
         return response
@@ -292,4 +291,4 @@ class KubeEmulator(Storage, Writes, Deletion, Eviction, ServiceIPs, Discovery, k
             raise target.rtype.not_found(target.name)
         if target.subresource == 'scale':
             return self._to_scale(target.rtype, obj)
-        return target.rtype.convert(obj)
+        return obj

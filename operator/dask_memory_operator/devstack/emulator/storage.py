@@ -49,7 +49,7 @@ class Storage:
     """The storage half of the emulator (a mixin of ``KubeEmulator``)."""
 
     def _key(self, rtype: ResourceType, namespace: str | None, name: str) -> tuple[Any, ...]:
-        return (rtype.storage, namespace if rtype.namespaced else None, name)
+        return (rtype.resource, namespace if rtype.namespaced else None, name)
 
     def _get_live(self, rtype: ResourceType, namespace: str | None, name: str) -> dict[str, Any] | None:
         key = self._key(rtype, namespace, name)
@@ -64,7 +64,7 @@ class Storage:
         for (res, ns, _), obj in self._objects.items():
             if obj.deleted:
                 continue
-            if rtype is not None and res != rtype.storage:
+            if rtype is not None and res != rtype.resource:
                 continue
             if namespace is not None and ns != namespace:
                 continue
@@ -78,7 +78,7 @@ class Storage:
         return str(self._rv)
 
     def _emit(self, etype: str, rtype: ResourceType, obj: dict[str, Any], old: dict[str, Any] | None = None) -> None:
-        event = WatchEvent(self._rv, etype, rtype.storage, obj['metadata'].get('namespace'),
+        event = WatchEvent(self._rv, etype, rtype.resource, obj['metadata'].get('namespace'),
                        copy.deepcopy(obj), old)
         self._events.append(event)
         if len(self._events) > _MAX_EVENTS:
@@ -151,7 +151,7 @@ class Storage:
 
     def _list(self, target: Target, params: Mapping[str, str]) -> dict[str, Any]:
         matches = self._selectors(target.rtype, params)
-        items = [target.rtype.convert(obj) for _, obj in self._live_items(target.rtype, target.namespace)
+        items = [obj for _, obj in self._live_items(target.rtype, target.namespace)
                  if matches(obj)]
         def order(o: Mapping[str, Any]) -> list[str]:  # etcd's key order: namespace, then name
             return [o['metadata'].get('namespace') or '', o['metadata']['name']]
@@ -207,7 +207,7 @@ class Storage:
         await response.prepare(request._raw_request)
         async with self._lock:
             if since in ('', '0'):
-                initial = [{'type': 'ADDED', 'object': rtype.convert(obj)}
+                initial = [{'type': 'ADDED', 'object': obj}
                            for _, obj in self._live_items(rtype, target.namespace) if matches(obj)]
                 cursor = self._rv
             else:
@@ -225,7 +225,7 @@ class Storage:
                 index = bisect.bisect_right(self._events, cursor, key=lambda e: e.rv)
                 for event in self._events[index:]:
                     cursor = event.rv
-                    if event.resource != rtype.storage:
+                    if event.resource != rtype.resource:
                         continue
                     now_in = visible(event.object, event.namespace)
                     was_in = event.old is not None and visible(event.old, event.namespace)
@@ -235,7 +235,7 @@ class Storage:
                     elif etype == 'MODIFIED' and was_in and not now_in:
                         etype, now_in = 'DELETED', True
                     if now_in:
-                        await response.write(encode(etype, rtype.convert(event.object)))
+                        await response.write(encode(etype, event.object))
                 if self._events and self._events[-1].rv > cursor:
                     continue  # events came while writing
                 if self._tick is None:

@@ -98,10 +98,6 @@ BUILTIN_COLUMNS: dict[tuple[str, str], list[tuple[str, str, int, Any]]] = {
         ('Port(s)', 'string', 0, _service_ports),
         ('Age', 'string', 0, _created),
     ],
-    ('', 'namespaces'): [
-        ('Status', 'string', 0, lambda o: (o.get('status') or {}).get('phase', '')),
-        ('Age', 'string', 0, _created),
-    ],
 }
 
 

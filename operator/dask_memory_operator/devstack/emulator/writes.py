@@ -88,7 +88,6 @@ class Writes:
             self._allocated_ips.add(obj['spec']['clusterIP'])
         if rtype.resource == CRD_RESOURCE:
             obj['status'] = crd_status(obj)
-        obj['apiVersion'] = f'{rtype.group}/{rtype.storage_version}' if rtype.storage_version else obj['apiVersion']
         obj = self._store_new(rtype, target.namespace if rtype.namespaced else None, obj)
         if rtype.resource == CRD_RESOURCE:
             self.register_crd(obj)
@@ -236,7 +235,7 @@ class Writes:
         old = self._get_live(rtype, target.namespace, target.name)
         if old is None:
             raise rtype.not_found(target.name)
-        base = self._to_scale(rtype, old) if target.subresource == 'scale' else rtype.convert(old)
+        base = self._to_scale(rtype, old) if target.subresource == 'scale' else old
         new = apply_patch(base, body, ctype, custom=rtype.crd is not None)
         if target.subresource == 'scale':
             return self._write_scale(target, old, new, params)
