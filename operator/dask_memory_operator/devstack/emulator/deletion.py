@@ -93,17 +93,17 @@ class Deletion:
             # Already being deleted: only a shorter grace period changes anything.
             if grace >= int(new_meta.get('deletionGracePeriodSeconds') or 0):
                 return obj
+        elif new_meta.get('generation'):
+            # Controllers must see the deletion as a change: the registry bumps the
+            # generation once, when deletionTimestamp is first set (markAsDeleting).
+            new_meta['generation'] += 1
         new_meta['deletionTimestamp'] = now(grace)
         new_meta['deletionGracePeriodSeconds'] = grace
         if finalizers:
             new_meta['finalizers'] = finalizers
         if terminating_ns:
             new.setdefault('status', {})['phase'] = 'Terminating'
-        stored = self._store_update(rtype, obj, new)
-        if grace == 0 and not finalizers and not terminating_ns:
-            self._store_remove(rtype, stored)
-            return None
-        return stored
+        return self._store_update(rtype, obj, new)
 
     def _delete_collection(self, target: Target, body: Any, params: Mapping[str, str]) -> dict[str, Any]:
         listed = self._list(target, params)
