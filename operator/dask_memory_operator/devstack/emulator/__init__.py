@@ -34,8 +34,11 @@ API server behaves (status codes, ``Status`` objects with reason, message and
 - ``/status`` and ``/scale`` subresources: with a status subresource the main
   endpoint keeps the stored ``.status`` and ``/status`` changes only ``.status``;
   scale maps ``autoscaling/v1`` Scale onto the CRD's ``specReplicasPath`` etc.
-- Deletion: finalizers (``deletionTimestamp``; removed once finalizers are empty;
-  no new finalizers while deleting), pod graceful deletion (a pod bound to a node is
+- Deletion: finalizers (``deletionTimestamp``, ``generation`` bumped once; removing
+  the last finalizer deletes the object: one DELETED event carrying its last stored
+  state, no MODIFIED; no new finalizers while deleting), a DELETE answered with a
+  ``Status`` or, for pods and services, the deleted object (with the object when it
+  stays), pod graceful deletion (a pod bound to a node is
   kept for its grace period until deleted with ``gracePeriodSeconds=0``: the
   kubelet's job), deletecollection, and a garbage collector through
   ``ownerReferences`` (background and foreground cascade, ``Orphan``), namespace

@@ -20,6 +20,11 @@ from .resources import CRD_FINALIZER, CRD_RESOURCE, NAMESPACES, PODS, ResourceTy
 
 logger = logging.getLogger(__name__)
 
+#: Kinds whose registries answer a DELETE with the deleted object (``ReturnDeletedObject``);
+#: the others answer a ``Status`` naming it.
+RETURN_DELETED_OBJECT = {('', 'pods'), ('', 'services'), ('', 'serviceaccounts'),
+                         ('', 'persistentvolumes'), ('', 'persistentvolumeclaims')}
+
 
 class Deletion:
     """The deletion half of the emulator (a mixin of ``KubeEmulator``)."""
@@ -51,11 +56,13 @@ class Deletion:
             return 200, obj
         result = self.delete_object(rtype, obj, options.get('propagationPolicy', 'Background'),
                                     options.get('gracePeriodSeconds'))
-        if result is None:
-            return 200, {'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Success',
-                         'details': {'name': target.name, 'group': rtype.group, 'kind': rtype.plural,
-                                     'uid': obj['metadata']['uid']}}
-        return 200, result
+        if result is not None:
+            return 200, result  # kept (finalizers, grace period): the object with its deletionTimestamp
+        if (rtype.group, rtype.plural) in RETURN_DELETED_OBJECT:
+            return 200, obj
+        return 200, {'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Success',
+                     'details': {'name': target.name, 'group': rtype.group, 'kind': rtype.plural,
+                                 'uid': obj['metadata']['uid']}}
 
     def delete_object(self, rtype: ResourceType, obj: dict[str, Any], propagation: str = 'Background',
                       grace: int | None = None) -> dict[str, Any] | None:
@@ -180,9 +187,10 @@ class Deletion:
                 new['metadata']['finalizers'] = finalizers
                 if not finalizers:
                     del new['metadata']['finalizers']
-                stored = self._store_update(otype, current, new)
-                if not finalizers and otype.resource != NAMESPACES:
-                    self._store_remove(otype, stored)
+                if finalizers or otype.resource == NAMESPACES:
+                    self._store_update(otype, current, new)
+                else:
+                    self._store_remove(otype, current)  # the last finalizer: deleted, not updated
 
     def _still_live(self, rtype: ResourceType, obj: dict[str, Any]) -> bool:
         current = self._get_live(rtype, obj['metadata'].get('namespace'), obj['metadata']['name'])

@@ -9,7 +9,6 @@ nothing (no new resourceVersion, no event: kopf relies on it).
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 import random
 from collections.abc import Mapping
@@ -18,7 +17,7 @@ from typing import Any
 from .builtin import builtin_defaults, check_pod_update
 from .errors import ApiError, FieldError, go_repr
 from .jsonpath import eval_jsonpath, set_dotted
-from .meta import DNS1123_LABEL, DNS1123_SUBDOMAIN, GENERATE_ALPHABET, check_labels, parse_time
+from .meta import DNS1123_LABEL, DNS1123_SUBDOMAIN, GENERATE_ALPHABET, check_labels
 from .patches import apply_patch
 from .resources import CRD_RESOURCE, NAMESPACES, SERVICES, PODS, ResourceType, Target, crd_status
 from .schema import check_schema
@@ -203,14 +202,15 @@ class Writes:
             return old, warnings  # a no-op write: no new resourceVersion, no event
         if params.get('dryRun') == 'All':
             return new, warnings
+        if _finalized(rtype, old, new):
+            # Store.Update: not written but deleted (one DELETED event); clients get the
+            # object as they asked for it.
+            self._store_remove(rtype, old)
+            return new, warnings
         stored = self._store_update(rtype, old, new)
         if rtype.resource == CRD_RESOURCE:
             self._unregister_crd(name)
             self.register_crd(stored)
-        if meta.get('deletionTimestamp') and not meta.get('finalizers') and rtype.resource != NAMESPACES:
-            grace = meta.get('deletionGracePeriodSeconds')
-            if not grace or parse_time(meta['deletionTimestamp']) <= datetime.datetime.now(tz=datetime.UTC):
-                self._store_remove(rtype, stored)
         return stored, warnings
 
     def _replace(self, target: Target, body: Any, params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
@@ -275,3 +275,12 @@ class Writes:
         main = Target(rtype, target.namespace, target.name, None)
         stored, warnings = self._finish_write(main, old, new, {**params, 'fieldValidation': 'Ignore'})
         return self._to_scale(rtype, stored), warnings
+
+
+def _finalized(rtype: ResourceType, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """An update that deletes (ShouldDeleteDuringUpdate): the last finalizer removed from an
+    object being deleted, unless a grace period still runs (a pod's: the kubelet's turn)."""
+    if new['metadata'].get('finalizers') or rtype.resource == NAMESPACES:
+        return False
+    old_meta = old['metadata']
+    return bool(old_meta.get('deletionTimestamp')) and not old_meta.get('deletionGracePeriodSeconds')
