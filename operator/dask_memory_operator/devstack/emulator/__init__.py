@@ -62,7 +62,8 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   ``x-kubernetes-preserve-unknown-fields``) and of nulls in non-nullable fields,
   ``default`` values, then validation with the ``jsonschema`` library (Draft 4, the
   dialect of OpenAPI v3.0 schemas) with ``x-kubernetes-int-or-string`` and
-  ``nullable`` translated; errors are 422 Invalid with the API server's message form.
+  ``nullable`` translated, and ``x-kubernetes-list-type`` ``set``/``map`` uniqueness;
+  errors are 422 Invalid with the API server's message form (``Duplicate value: ...``).
   ``fieldValidation=Strict`` refuses unknown fields (400 BadRequest "strict decoding
   error", as real), ``Warn`` answers a ``Warning`` header. ``x-kubernetes-validations``
   (CEL) rules are NOT evaluated; built-in kinds are not schema-validated at all.

@@ -9,7 +9,7 @@ A real API server answers every failure with a ``Status`` object (``code``, ``re
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -66,3 +66,22 @@ def path_str(path: Iterable[Any]) -> str:
     for part in path:
         out += f'[{part}]' if isinstance(part, int) else (f'.{part}' if out else str(part))
     return out
+
+
+def go_sharp_v(value: Any) -> str:
+    """A JSON value as Go's ``%#v`` prints it once decoded into ``interface{}``."""
+    if isinstance(value, Mapping):
+        items = ', '.join(f'{json.dumps(k)}:{go_sharp_v(value[k])}' for k in sorted(value))
+        return f'map[string]interface {{}}{{{items}}}'
+    if isinstance(value, list):
+        return f'[]interface {{}}{{{", ".join(go_sharp_v(v) for v in value)}}}'
+    if value is None:
+        return 'interface {}(nil)'
+    return go_repr(value)
+
+
+def go_bad_value(value: Any) -> str:
+    """A field error's bad value as ``field.Error`` prints it: scalars plainly, the rest ``%#v``."""
+    if isinstance(value, (Mapping, list)):
+        return go_sharp_v(value)
+    return go_repr(value)

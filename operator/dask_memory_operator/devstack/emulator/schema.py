@@ -15,13 +15,14 @@ from __future__ import annotations
 import base64
 import copy
 import datetime
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import jsonschema
 
-from .errors import FieldError, go_repr, path_str
+from .errors import FieldError, go_bad_value, go_repr, path_str
 
 class StructuralSchema:
     """One CRD version's openAPIV3Schema: pruning, defaulting and validation."""
@@ -78,6 +79,7 @@ class StructuralSchema:
         errors = []
         for e in sorted(self.validator.iter_errors(body), key=lambda e: list(map(str, e.absolute_path))):
             errors.extend(field_errors(e))
+        errors.extend(list_type_errors(self.schema, body, ''))
         return errors
 
 
@@ -227,3 +229,62 @@ def field_errors(e: jsonschema.ValidationError) -> list[FieldError]:
         case _:
             detail = e.message
     return [FieldError(where, 'FieldValueInvalid', f'Invalid value: {go_repr(inst)}: {detail}')]
+
+
+# --------------------------------------------------------------------------- list types
+
+
+def list_type_errors(schema: Mapping[str, Any], value: Any, path: str) -> list[FieldError]:
+    """Uniqueness of ``x-kubernetes-list-type`` ``set`` items and ``map`` keys (listtype validation)."""
+    if isinstance(value, Mapping):
+        return _object_list_errors(schema, value, path)
+    if not isinstance(value, list):
+        return []
+    errors = []
+    if schema.get('x-kubernetes-list-type') == 'set':
+        errors += [_duplicate(path, i, value[i]) for i in _repeated(value)]
+    elif schema.get('x-kubernetes-list-type') == 'map':
+        errors += _list_map_errors(schema.get('x-kubernetes-list-map-keys') or [], value, path)
+    if isinstance(schema.get('items'), Mapping):
+        for i, item in enumerate(value):
+            errors += list_type_errors(schema['items'], item, f'{path}[{i}]')
+    return errors
+
+
+def _object_list_errors(schema: Mapping[str, Any], value: Mapping[str, Any], path: str) -> list[FieldError]:
+    errors = []
+    props = schema.get('properties') or {}
+    addl = schema.get('additionalProperties')
+    for key, sub in value.items():
+        if isinstance(addl, Mapping):  # field.Path.Key(): path[key]
+            errors += list_type_errors(addl, sub, f'{path}[{key}]')
+        if key in props:
+            errors += list_type_errors(props[key], sub, f'{path}.{key}' if path else key)
+    return errors
+
+
+def _list_map_errors(keys: list[str], items: list[Any], path: str) -> list[FieldError]:
+    for i, item in enumerate(items):
+        if item is not None and not isinstance(item, Mapping):
+            return [FieldError(f'{path}[{i}]', 'FieldValueInvalid',
+                               f'Invalid value: {go_bad_value(item)}: must be an object for an array of '
+                               f'list-type map')]
+    # An item's key: its key fields that are set (a missing one is "unspecified").
+    key_values = [{k: item[k] for k in keys if k in item} if item else {} for item in items]
+    return [_duplicate(path, i, key_values[i]) for i in _repeated(key_values)]
+
+
+def _repeated(values: list[Any]) -> list[int]:
+    """Indices of the second appearance of each repeated value (as validateListSet reports)."""
+    seen: dict[str, int] = {}
+    second = []
+    for i, value in enumerate(values):
+        key = json.dumps(value, sort_keys=True)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] == 2:
+            second.append(i)
+    return second
+
+
+def _duplicate(path: str, index: int, value: Any) -> FieldError:
+    return FieldError(f'{path}[{index}]', 'FieldValueDuplicate', f'Duplicate value: {go_bad_value(value)}')
