@@ -961,3 +961,24 @@ def test_kubectl_scale_and_wait(kubeconfig: pathlib.Path, tmp_path: pathlib.Path
     assert timeout.returncode != 0
     kubectl(kubeconfig, 'delete', 'wdg', 'ready')
     kubectl(kubeconfig, 'wait', 'wdg/ready', '--for=delete', '--timeout=10s')
+
+
+def test_kubectl_get_events_columns(kubeconfig: pathlib.Path) -> None:
+    import urllib.request
+    server = yaml.safe_load(kubeconfig.read_text())['clusters'][0]['cluster']['server']
+    now = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
+    event = {'metadata': {'name': 'p1.started'}, 'type': 'Normal', 'reason': 'Started',
+             'message': 'Started container main ', 'involvedObject': {'kind': 'Pod', 'name': 'p1',
+                                                                      'namespace': 'default'},
+             'source': {'component': 'kubelet', 'host': 'node-1'}, 'count': 3,
+             'firstTimestamp': now, 'lastTimestamp': now}
+    request = urllib.request.Request(server + '/api/v1/namespaces/default/events', data=json.dumps(event).encode(),
+                                     headers={'Content-Type': 'application/json'}, method='POST')
+    assert urllib.request.urlopen(request).status == 201
+    lines = kubectl(kubeconfig, 'get', 'events').stdout.splitlines()
+    # kube-apiserver's Event printer: LAST SEEN, TYPE, REASON, OBJECT, MESSAGE (the rest with -o wide).
+    assert lines[0].split() == ['LAST', 'SEEN', 'TYPE', 'REASON', 'OBJECT', 'MESSAGE']
+    assert lines[1].split()[1:] == ['Normal', 'Started', 'pod/p1', 'Started', 'container', 'main']
+    wide = kubectl(kubeconfig, 'get', 'events', '-o', 'wide').stdout.splitlines()
+    assert wide[0].split()[-6:] == ['SOURCE', 'MESSAGE', 'FIRST', 'SEEN', 'COUNT', 'NAME']
+    assert wide[1].split()[-2:] == ['3', 'p1.started'] and 'kubelet, node-1' in wide[1]

@@ -73,61 +73,109 @@ def _created(o: Mapping[str, Any]) -> str:
     return age(o['metadata'].get('creationTimestamp'))
 
 
-# The columns of kubectl's printers for the built-in kinds one looks at in the sandbox.
-BUILTIN_COLUMNS: dict[tuple[str, str], list[tuple[str, str, int, Any]]] = {
+def _name(o: Mapping[str, Any]) -> str:
+    return o['metadata']['name']
+
+
+def _event_first_seen(event: Mapping[str, Any]) -> str:
+    return age(event.get('firstTimestamp') or event.get('eventTime'))
+
+
+def _event_last_seen(event: Mapping[str, Any]) -> str:
+    if event.get('series'):
+        return age(event['series'].get('lastObservedTime'))
+    return age(event['lastTimestamp']) if event.get('lastTimestamp') else _event_first_seen(event)
+
+
+def _event_object(event: Mapping[str, Any]) -> str:
+    ref = event.get('involvedObject') or {}
+    kind = (ref.get('kind') or '').lower()
+    return f'{kind}/{ref["name"]}' if ref.get('name') else kind
+
+
+def _event_source(event: Mapping[str, Any]) -> str:
+    """formatEventSource: component (or reportingComponent), then host (or reportingInstance)."""
+    source = event.get('source') or {}
+    component = source.get('component') or event.get('reportingComponent') or ''
+    instance = source.get('host') or event.get('reportingInstance') or ''
+    return f'{component}, {instance}' if instance else component
+
+
+def _event_count(event: Mapping[str, Any]) -> int:
+    if event.get('series'):
+        return int(event['series'].get('count') or 0)
+    return int(event.get('count') or 1)  # singleton events of the new API have no count
+
+
+#: kube-apiserver's printers (pkg/printers/internalversion) for the built-in kinds one
+#: looks at in the sandbox: (name, type, priority, format, cell). The server renders
+#: every column ("wide"); kubectl hides priority 1 columns unless ``-o wide``.
+BUILTIN_COLUMNS: dict[tuple[str, str], list[tuple[str, str, int, str, Any]]] = {
     ('', 'pods'): [
-        ('Ready', 'string', 0, _pod_ready),
-        ('Status', 'string', 0, _pod_status),
-        ('Restarts', 'string', 0, lambda o: str(sum(cs.get('restartCount', 0) for cs in
-                                                   (o.get('status') or {}).get('containerStatuses') or []))),
-        ('Age', 'string', 0, _created),
-        ('IP', 'string', 1, lambda o: (o.get('status') or {}).get('podIP') or '<none>'),
-        ('Node', 'string', 1, lambda o: (o.get('spec') or {}).get('nodeName') or '<none>'),
+        ('Name', 'string', 0, 'name', _name),
+        ('Ready', 'string', 0, '', _pod_ready),
+        ('Status', 'string', 0, '', _pod_status),
+        ('Restarts', 'string', 0, '', lambda o: str(sum(cs.get('restartCount', 0) for cs in
+                                                       (o.get('status') or {}).get('containerStatuses') or []))),
+        ('Age', 'string', 0, '', _created),
+        ('IP', 'string', 1, '', lambda o: (o.get('status') or {}).get('podIP') or '<none>'),
+        ('Node', 'string', 1, '', lambda o: (o.get('spec') or {}).get('nodeName') or '<none>'),
     ],
     ('apps', 'deployments'): [
-        ('Ready', 'string', 0, lambda o: f'{(o.get("status") or {}).get("readyReplicas", 0)}/'
-                                         f'{(o.get("spec") or {}).get("replicas", 0)}'),
-        ('Up-to-date', 'integer', 0, lambda o: (o.get('status') or {}).get('updatedReplicas', 0)),
-        ('Available', 'integer', 0, lambda o: (o.get('status') or {}).get('availableReplicas', 0)),
-        ('Age', 'string', 0, _created),
+        ('Name', 'string', 0, 'name', _name),
+        ('Ready', 'string', 0, '', lambda o: f'{(o.get("status") or {}).get("readyReplicas", 0)}/'
+                                             f'{(o.get("spec") or {}).get("replicas", 0)}'),
+        ('Up-to-date', 'integer', 0, '', lambda o: (o.get('status') or {}).get('updatedReplicas', 0)),
+        ('Available', 'integer', 0, '', lambda o: (o.get('status') or {}).get('availableReplicas', 0)),
+        ('Age', 'string', 0, '', _created),
     ],
     ('', 'services'): [
-        ('Type', 'string', 0, lambda o: (o.get('spec') or {}).get('type', 'ClusterIP')),
-        ('Cluster-IP', 'string', 0, lambda o: (o.get('spec') or {}).get('clusterIP') or '<none>'),
-        ('External-IP', 'string', 0, lambda o: '<none>'),
-        ('Port(s)', 'string', 0, _service_ports),
-        ('Age', 'string', 0, _created),
+        ('Name', 'string', 0, 'name', _name),
+        ('Type', 'string', 0, '', lambda o: (o.get('spec') or {}).get('type', 'ClusterIP')),
+        ('Cluster-IP', 'string', 0, '', lambda o: (o.get('spec') or {}).get('clusterIP') or '<none>'),
+        ('External-IP', 'string', 0, '', lambda o: '<none>'),
+        ('Port(s)', 'string', 0, '', _service_ports),
+        ('Age', 'string', 0, '', _created),
+    ],
+    # printEvent: the name comes last, and only with -o wide.
+    ('', 'events'): [
+        ('Last Seen', 'string', 0, '', _event_last_seen),
+        ('Type', 'string', 0, '', lambda o: o.get('type') or ''),
+        ('Reason', 'string', 0, '', lambda o: o.get('reason') or ''),
+        ('Object', 'string', 0, '', _event_object),
+        ('Subobject', 'string', 1, '', lambda o: (o.get('involvedObject') or {}).get('fieldPath') or ''),
+        ('Source', 'string', 1, '', _event_source),
+        ('Message', 'string', 0, '', lambda o: (o.get('message') or '').strip()),
+        ('First Seen', 'string', 1, '', _event_first_seen),
+        ('Count', 'string', 1, '', _event_count),
+        ('Name', 'string', 1, 'name', _name),
     ],
 }
+
+#: The default table convertor's columns (kinds without a printer here).
+_DEFAULT_COLUMNS = [('Name', 'string', 0, 'name', _name), ('Age', 'string', 0, '', _created)]
+
+
+def _columns(rtype: ResourceType) -> list[tuple[str, str, int, str, Any]]:
+    if rtype.crd is not None and rtype.printer_columns:
+        return [('Name', 'string', 0, 'name', _name)] + [
+            (c['name'], c.get('type', 'string'), c.get('priority', 0), c.get('format', ''),
+             lambda o, c=c: cell(o, c)) for c in rtype.printer_columns]
+    return BUILTIN_COLUMNS.get((rtype.group, rtype.plural), _DEFAULT_COLUMNS)
 
 
 def to_table(rtype: ResourceType, items: list[dict[str, Any]],
              listed: dict[str, Any] | None) -> dict[str, Any]:
     """A Table of these objects (``listed``: the list they come from, for its resourceVersion)."""
-    columns = [{'name': 'Name', 'type': 'string', 'format': 'name', 'priority': 0,
-                'description': 'Name must be unique within a namespace.'}]
-    getters: list[Any] = [lambda o: o['metadata']['name']]
-    if rtype.crd is not None and rtype.printer_columns:
-        for col in rtype.printer_columns:
-            columns.append({'name': col['name'], 'type': col.get('type', 'string'),
-                            'format': col.get('format', ''), 'priority': col.get('priority', 0),
-                            'description': col.get('description', '')})
-            getters.append(lambda o, c=col: cell(o, c))
-    elif (rtype.group, rtype.plural) in BUILTIN_COLUMNS:
-        for name, ctype, priority, getter in BUILTIN_COLUMNS[rtype.group, rtype.plural]:
-            columns.append({'name': name, 'type': ctype, 'format': '', 'priority': priority, 'description': ''})
-            getters.append(getter)
-    else:
-        columns.append({'name': 'Age', 'type': 'string', 'format': '', 'priority': 0,
-                        'description': 'CreationTimestamp is a timestamp representing the server time '
-                                       'when this object was created.'})
-        getters.append(lambda o: age(o['metadata'].get('creationTimestamp')))
-    rows = [{'cells': [g(o) for g in getters],
+    columns = _columns(rtype)
+    definitions = [{'name': name, 'type': ctype, 'format': fmt, 'priority': priority, 'description': ''}
+                   for name, ctype, priority, fmt, _ in columns]
+    rows = [{'cells': [getter(o) for *_, getter in columns],
              'object': {'kind': 'PartialObjectMetadata', 'apiVersion': 'meta.k8s.io/v1',
                         'metadata': o['metadata']}} for o in items]
     meta = {'resourceVersion': listed['metadata']['resourceVersion']} if listed else {}
     return {'kind': 'Table', 'apiVersion': 'meta.k8s.io/v1', 'metadata': meta,
-            'columnDefinitions': columns, 'rows': rows}
+            'columnDefinitions': definitions, 'rows': rows}
 
 
 def age(ts: str | None) -> str:
