@@ -44,7 +44,7 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   ``ownerReferences`` (background and foreground cascade, ``Orphan``), namespace
   deletion (contents first) and CRD deletion (its objects first).
 - Watches: ``resourceVersion`` (only later events; 410 Expired ERROR event when older
-  than the kept event log), ``timeoutSeconds``, label selectors (``=``, ``==``,
+  than the kept event log, ``watch_window`` events long; so is a list ``continue`` token), ``timeoutSeconds``, label selectors (``=``, ``==``,
   ``!=``, ``in``, ``notin``, exists, ``!``) and field selectors (``metadata.name``,
   ``metadata.namespace``, plus the few per-kind fields a real server supports) on
   list and watch, ADDED/DELETED when a change moves an object into/out of a selector.

@@ -25,10 +25,12 @@ class ApiError(Exception):
         self.reason: str = reason
         self.message: str = message
         self.details: dict[str, Any] | None = details
+        #: ListMeta of the Status (a 410 for a stale continue token carries a fresh one).
+        self.metadata: dict[str, Any] = {}
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = {
-            'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Failure',
+            'kind': 'Status', 'apiVersion': 'v1', 'metadata': dict(self.metadata), 'status': 'Failure',
             'message': self.message, 'reason': self.reason, 'code': self.code,
         }
         if self.details is not None:

@@ -41,6 +41,9 @@ class KubeEmulator(Storage, Writes, Deletion, Eviction, ServiceIPs, Discovery, k
 
     #: Where Service cluster IPs come from (loopback by default: a process kubelet binds them).
     service_cidr: str = '127.1.0.0/16'
+    #: How many watch events are kept: a watch (or a list's continue token) from an older
+    #: resourceVersion gets 410 Expired, and clients relist (the watch cache's window).
+    watch_window: int = 10_000
 
     _types: dict[tuple[str, str, str], ResourceType] = attrs.field(factory=dict, init=False)
     _rv: int = attrs.field(default=0, init=False)

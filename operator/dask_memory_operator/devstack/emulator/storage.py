@@ -3,9 +3,10 @@ Storage, lists and watches: one cluster-wide resourceVersion counter and an even
 
 Objects live in kmock's ``objects`` array (tests read it), keyed by resource,
 namespace and name, with a bounded history. Every write takes the next
-resourceVersion and appends a watch event to a bounded log: a watch resumes from
-any resourceVersion still in the log, older ones get a 410 ``Expired`` ERROR event,
-after which clients relist, as with a real API server whose watch cache moved on.
+resourceVersion and appends a watch event to a log of ``watch_window`` events: a
+watch resumes from any resourceVersion still in the log, older ones get a 410
+``Expired`` ERROR event (and a list ``continue`` token that old a 410), after which
+clients relist, as with a real API server whose watch cache moved on.
 """
 from __future__ import annotations
 
@@ -29,7 +30,12 @@ from .resources import CRD_RESOURCE, SERVICES, ResourceType, Target
 from .selectors import FIELD_LABELS, field_value, parse_field_selector, parse_label_selector
 from .tables import to_table
 
-_MAX_EVENTS = 10_000  # watch history kept for resumption by resourceVersion (clients relist on 410)
+#: The API server's message for a continue token it can no longer serve consistently.
+_CONTINUE_EXPIRED = (
+    'The provided continue parameter is too old to display a consistent list result. You can start a new list '
+    'without the continue parameter, or use the continue token in this response to retrieve the remainder of the '
+    'results. Continuing with the provided token results in an inconsistent list - objects that were created, '
+    'modified, or deleted between the time the first chunk was returned and now may show up in the list.')
 _MAX_HISTORY = 20  # object versions kept per object in kmock's objects array
 _MAX_DELETED = 1_000  # deleted objects whose history is kept in kmock's objects array
 
@@ -81,8 +87,8 @@ class Storage:
         event = WatchEvent(self._rv, etype, rtype.resource, obj['metadata'].get('namespace'),
                        copy.deepcopy(obj), old)
         self._events.append(event)
-        if len(self._events) > _MAX_EVENTS:
-            del self._events[:len(self._events) - _MAX_EVENTS]
+        if len(self._events) > self.watch_window:
+            del self._events[:len(self._events) - self.watch_window]
         self._notify()
         self._gc_wakeup.set()
 
@@ -163,9 +169,13 @@ class Storage:
             # resourceVersion of its first page, so a watch from it misses nothing.
             try:
                 token = json.loads(base64.b64decode(params['continue']))
-                start, meta['resourceVersion'] = list(token['start']), str(int(token['rv']))
+                start, token_rv = list(token['start']), int(token['rv'])
             except (ValueError, KeyError, TypeError) as e:
                 raise ApiError(400, 'BadRequest', f'continue key is not valid: {e}')
+            if token_rv != -1 and self._expired(token_rv):
+                raise self._continue_expired(start)
+            if token_rv != -1:  # -1: the inconsistent continuation, at the current resourceVersion
+                meta['resourceVersion'] = str(token_rv)
             items = [o for o in items if order(o) > start]
         limit = int(params.get('limit') or 0)
         if 0 < limit < len(items):
@@ -175,6 +185,20 @@ class Storage:
             items = items[:limit]
         return {'kind': f'{target.rtype.kind}List', 'apiVersion': target.rtype.api_version,
                 'metadata': meta, 'items': items}
+
+    def _oldest_rv(self) -> int:
+        """The oldest resourceVersion a watch can still start from."""
+        return (self._events[0].rv if self._events else self._rv + 1) - 1
+
+    def _expired(self, rv: int) -> bool:
+        return rv < self._oldest_rv() and rv < self._rv
+
+    def _continue_expired(self, start: list[str]) -> ApiError:
+        """A continue token older than the event log: 410, with a token to go on inconsistently."""
+        token = {'v': 'meta.k8s.io/v1', 'rv': -1, 'start': start}
+        error = ApiError(410, 'Expired', _CONTINUE_EXPIRED)
+        error.metadata = {'continue': base64.b64encode(json.dumps(token).encode()).decode()}
+        return error
 
     async def _watch(self, request: rendering.Request, target: Target) -> aiohttp.web.StreamResponse:
         params = request.params
@@ -213,10 +237,10 @@ class Storage:
             else:
                 initial = []
                 cursor = int(since) if since.isdigit() else 0
-                oldest = self._events[0].rv if self._events else self._rv + 1
-                if cursor < oldest - 1 and cursor < self._rv:
+                if self._expired(cursor):
+                    # As the watch cache answers: 200, then one ERROR event with the 410.
                     initial = [{'type': 'ERROR', 'object': ApiError(
-                        410, 'Expired', f'too old resource version: {since} ({oldest - 1})').status()}]
+                        410, 'Expired', f'too old resource version: {since} ({self._oldest_rv()})').status()}]
                     cursor = -1
         try:
             for event in initial:
