@@ -75,14 +75,17 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   kinds one looks at in the sandbox), NAME and AGE for other built-in kinds, a CRD's
   ``additionalPrinterColumns``.
 - Watch streams end cleanly when the server stops, so no client hangs on them.
-- ``/healthz``, ``/livez``, ``/readyz`` answer ``ok``; ``pods/eviction`` deletes a pod
-  gracefully, without PodDisruptionBudgets.
+- ``/healthz``, ``/livez``, ``/readyz`` answer ``ok``; ``pods/eviction`` honours the
+  PodDisruptionBudget selecting the pod (429 TooManyRequests when it allows no
+  disruption) and deletes the pod gracefully; a disruption controller keeps the
+  budgets' status, as kube-controller-manager does.
 
 Not emulated: server-side apply, admission webhooks, RBAC and authentication (the
 access and token review resources are not served), ``pods/binding``, CEL
 rules, schema validation of built-in kinds,
 periodic watch bookmarks (one is sent when a watch reaches its timeout), the
-controllers (no Deployment makes a pod: a kubelet's job), and protobuf or CBOR request
+controllers but the garbage collector and the disruption controller (no Deployment
+makes a pod: a kubelet's job), and protobuf or CBOR request
 bodies (answered 415): kubectl's imperative commands for built-in kinds (``create
 deployment``, ``expose``, ``run``, ``auth can-i``, ``drain``) send protobuf, so use
 ``kubectl apply -f`` (JSON) instead.

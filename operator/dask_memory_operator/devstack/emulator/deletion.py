@@ -129,6 +129,7 @@ class Deletion:
             async with self._lock:
                 try:
                     self._gc_pass()
+                    self.update_disruption_budgets()
                 except Exception as e:  # an emulator bug: keep collecting, and let tests see it
                     logger.exception('The garbage collector failed.')
                     if self._errors:

@@ -39,6 +39,15 @@ class LabelRequirement:
     op: str  # '=', '!=', 'in', 'notin', 'exists', '!'
     values: frozenset[str] = frozenset()
 
+    @classmethod
+    def from_selector(cls, selector: Mapping[str, Any]) -> list[LabelRequirement]:
+        """The requirements of a metav1.LabelSelector (matchLabels and matchExpressions)."""
+        ops = {'In': 'in', 'NotIn': 'notin', 'Exists': 'exists', 'DoesNotExist': '!'}
+        reqs = [cls(k, '=', frozenset([v])) for k, v in (selector.get('matchLabels') or {}).items()]
+        for expr in selector.get('matchExpressions') or []:
+            reqs.append(cls(expr['key'], ops[expr['operator']], frozenset(expr.get('values') or [])))
+        return reqs
+
     def matches(self, labels: Mapping[str, str]) -> bool:
         if self.op == 'exists':
             return self.key in labels
