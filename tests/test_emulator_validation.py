@@ -40,13 +40,13 @@ async def test_list_type_map_and_set_on_custom_resources(http: Http) -> None:
     # Map keys are compared after defaulting (protocol TCP).
     status, err = await http.post(WIDGETS, widget('w', ports=[{'port': 80}, {'port': 80, 'protocol': 'TCP'}]))
     assert status == 422 and err['message'] == ('Widget.example.com "w" is invalid: spec.ports[1]: Duplicate value: '
-                                                'map[string]interface {}{"port":80, "protocol":"TCP"}')
+                                                '{"port":80,"protocol":"TCP"}')
     status, w = await http.post(WIDGETS, widget('w', labels=['a', 'b'], ports=[{'port': 80}, {'port': 81}]))
     assert status == 201
     # Two status conditions of the same type.
     conditions = [{'type': 'Ready', 'status': 'True'}, {'type': 'Ready', 'status': 'False'}]
     status, err = await http.patch(WIDGETS + '/w/status', {'status': {'conditions': conditions}})
     assert status == 422 and err['message'] == ('Widget.example.com "w" is invalid: status.conditions[1]: Duplicate '
-                                                'value: map[string]interface {}{"type":"Ready"}')
+                                                'value: {"type":"Ready"}')
     status, w = await http.patch(WIDGETS + '/w/status', {'status': {'conditions': conditions[:1]}})
     assert status == 200 and w['status']['conditions'] == conditions[:1]

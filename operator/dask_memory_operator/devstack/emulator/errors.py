@@ -9,7 +9,7 @@ A real API server answers every failure with a ``Status`` object (``code``, ``re
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -51,7 +51,9 @@ class FieldError:
 
 
 def go_repr(value: Any) -> str:
-    """Values as the API server quotes them in field errors."""
+    """Values as the API server quotes them in field errors: scalars plainly, strings
+    quoted, maps and lists as compact JSON (field.Error renders composites as JSON since
+    Kubernetes 1.34; Go sorts map keys)."""
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, bool):
@@ -60,7 +62,7 @@ def go_repr(value: Any) -> str:
         return 'null'
     if isinstance(value, (int, float)):
         return repr(value)
-    return json.dumps(value, separators=(',', ':'))
+    return json.dumps(value, separators=(',', ':'), sort_keys=True)
 
 
 def path_str(path: Iterable[Any]) -> str:
@@ -68,22 +70,3 @@ def path_str(path: Iterable[Any]) -> str:
     for part in path:
         out += f'[{part}]' if isinstance(part, int) else (f'.{part}' if out else str(part))
     return out
-
-
-def go_sharp_v(value: Any) -> str:
-    """A JSON value as Go's ``%#v`` prints it once decoded into ``interface{}``."""
-    if isinstance(value, Mapping):
-        items = ', '.join(f'{json.dumps(k)}:{go_sharp_v(value[k])}' for k in sorted(value))
-        return f'map[string]interface {{}}{{{items}}}'
-    if isinstance(value, list):
-        return f'[]interface {{}}{{{", ".join(go_sharp_v(v) for v in value)}}}'
-    if value is None:
-        return 'interface {}(nil)'
-    return go_repr(value)
-
-
-def go_bad_value(value: Any) -> str:
-    """A field error's bad value as ``field.Error`` prints it: scalars plainly, the rest ``%#v``."""
-    if isinstance(value, (Mapping, list)):
-        return go_sharp_v(value)
-    return go_repr(value)

@@ -22,7 +22,7 @@ from typing import Any
 
 import jsonschema
 
-from .errors import FieldError, go_bad_value, go_repr, path_str
+from .errors import FieldError, go_repr, path_str
 
 class StructuralSchema:
     """One CRD version's openAPIV3Schema: pruning, defaulting and validation."""
@@ -267,7 +267,7 @@ def _list_map_errors(keys: list[str], items: list[Any], path: str) -> list[Field
     for i, item in enumerate(items):
         if item is not None and not isinstance(item, Mapping):
             return [FieldError(f'{path}[{i}]', 'FieldValueInvalid',
-                               f'Invalid value: {go_bad_value(item)}: must be an object for an array of '
+                               f'Invalid value: {go_repr(item)}: must be an object for an array of '
                                f'list-type map')]
     # An item's key: its key fields that are set (a missing one is "unspecified").
     key_values = [{k: item[k] for k in keys if k in item} if item else {} for item in items]
@@ -287,4 +287,4 @@ def _repeated(values: list[Any]) -> list[int]:
 
 
 def _duplicate(path: str, index: int, value: Any) -> FieldError:
-    return FieldError(f'{path}[{index}]', 'FieldValueDuplicate', f'Duplicate value: {go_bad_value(value)}')
+    return FieldError(f'{path}[{index}]', 'FieldValueDuplicate', f'Duplicate value: {go_repr(value)}')
