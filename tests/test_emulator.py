@@ -621,6 +621,7 @@ async def test_schema_validation_defaults_and_pruning(widgets: Http) -> None:
 
 async def test_service_cluster_ip(http: Http) -> None:
     svc = {'metadata': {'name': 's'}, 'spec': {'ports': [{'name': 'tcp-comm', 'port': 8786}]}}
+    ports = {'ports': [{'port': 80}]}  # a Service that is not headless needs ports
     status, s = await http.post(SERVICES, svc)
     ip = s['spec']['clusterIP']
     assert ipaddress.ip_address(ip) in ipaddress.ip_network('127.1.0.0/16')
@@ -633,20 +634,21 @@ async def test_service_cluster_ip(http: Http) -> None:
     assert status == 422 and err['details']['causes'][0]['field'] == 'spec.clusterIPs[0]'
     status, s = await http.patch(SERVICES + '/s', {'spec': {'clusterIP': None, 'type': 'ClusterIP'}})
     assert s['spec']['clusterIP'] == ip  # kept when omitted
-    status, err = await http.post(SERVICES, {'metadata': {'name': 'taken'}, 'spec': {'clusterIP': ip}})
+    status, err = await http.post(SERVICES, {'metadata': {'name': 'taken'}, 'spec': {'clusterIP': ip, **ports}})
     assert status == 422 and 'provided IP is already allocated' in err['message']
-    status, err = await http.post(SERVICES, {'metadata': {'name': 'out'}, 'spec': {'clusterIP': '10.0.0.1'}})
+    status, err = await http.post(SERVICES, {'metadata': {'name': 'out'}, 'spec': {'clusterIP': '10.0.0.1', **ports}})
     assert status == 422 and 'not in the valid range' in err['message']
     # A failed create does not keep an address; a deletion releases it.
-    assert (await http.post(SERVICES, {'metadata': {'name': 's'}, 'spec': {}}))[0] == 409
+    assert (await http.post(SERVICES, {'metadata': {'name': 's'}, 'spec': ports}))[0] == 409
     await http.delete(SERVICES + '/s')
-    status, again = await http.post(SERVICES, {'metadata': {'name': 'again'}, 'spec': {'clusterIP': ip}})
+    status, again = await http.post(SERVICES, {'metadata': {'name': 'again'}, 'spec': {'clusterIP': ip, **ports}})
     assert status == 201 and again['spec']['clusterIP'] == ip
 
 
 async def test_service_cidr_is_configurable() -> None:
     async with ApiServer(service_cidr='127.7.0.0/24') as server, aiohttp.ClientSession() as session:
-        status, s = await Http(server.url, session).post(SERVICES, {'metadata': {'name': 's'}, 'spec': {}})
+        status, s = await Http(server.url, session).post(SERVICES, {'metadata': {'name': 's'},
+                                                                   'spec': {'ports': [{'port': 80}]}})
         assert s['spec']['clusterIP'].startswith('127.7.0.')
 
 
@@ -722,7 +724,8 @@ async def test_dask_kubernetes_crds() -> None:
         assert (await http.get(groups + '/c1-default'))[1]['spec']['worker']['replicas'] == 5
         # Deleting the cluster deletes what the operator made for it.
         await http.post(DEPLOYMENTS, deployment('c1-scheduler', ownerReferences=[owner_ref(cluster)]))
-        await http.post(SERVICES, {'metadata': {'name': 'c1-scheduler', 'ownerReferences': [owner_ref(cluster)]}})
+        await http.post(SERVICES, {'metadata': {'name': 'c1-scheduler', 'ownerReferences': [owner_ref(cluster)]},
+                                   'spec': {'ports': [{'port': 8786}]}})
         await http.post(DEPLOYMENTS, deployment('c1-default-worker-0a', ownerReferences=[owner_ref(group)]))
         await http.delete(clusters + '/c1')
         await wait_for(lambda: http.gone(DEPLOYMENTS + '/c1-default-worker-0a'))

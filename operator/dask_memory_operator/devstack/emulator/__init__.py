@@ -66,7 +66,15 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   errors are 422 Invalid with the API server's message form (``Duplicate value: ...``).
   ``fieldValidation=Strict`` refuses unknown fields (400 BadRequest "strict decoding
   error", as real), ``Warn`` answers a ``Warning`` header. ``x-kubernetes-validations``
-  (CEL) rules are NOT evaluated; built-in kinds are not schema-validated at all.
+  (CEL) rules are NOT evaluated.
+- Built-in kinds: checked against kube-apiserver 1.36's OpenAPI schemas (from the
+  pinned ``kubernetes-validate`` package; a wrong JSON type is the 400 of Go's decoder,
+  a missing field a 422), then by the rules of the API server's validation code that
+  matter here: port numbers and IANA port names, DNS-1123 container names, service
+  ports, a workload's selector matching its template, legacy Event namespaces; for all
+  kinds ``ownerReferences`` (complete, at most one controller). Unknown fields of
+  built-in kinds are kept (not pruned), and the rest of the validation code is not
+  emulated.
 - Services get a ``spec.clusterIP`` allocated from a configurable CIDR (default
   127.1.0.0/16, so that a process kubelet can bind it on loopback); headless
   (``None``) stays; the address is immutable and released on deletion.
@@ -82,7 +90,7 @@ API server behaves (status codes, ``Status`` objects with reason, message and
 
 Not emulated: server-side apply, admission webhooks, RBAC and authentication (the
 access and token review resources are not served), ``pods/binding``, CEL
-rules, schema validation of built-in kinds,
+rules, most of the validation code of built-in kinds,
 periodic watch bookmarks (one is sent when a watch reaches its timeout), the
 controllers but the garbage collector and the disruption controller (no Deployment
 makes a pod: a kubelet's job), and protobuf or CBOR request

@@ -9,6 +9,7 @@ follow apimachinery's validation, with its messages.
 from __future__ import annotations
 
 import datetime
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -71,3 +72,76 @@ def check_labels(meta: Mapping[str, Any]) -> list[FieldError]:
         errors.append(FieldError('metadata.annotations', 'FieldValueTooLong', 'Too long: must have at most 262144 bytes'))
     return errors
 
+
+# --------------------------------------------------------------------------- names (apimachinery's IsDNS1123Label...)
+
+_DNS1123_LABEL_FMT = '[a-z0-9]([-a-z0-9]*[a-z0-9])?'
+_DNS1123_SUBDOMAIN_FMT = r'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*'
+_DNS1035_LABEL_FMT = '[a-z]([-a-z0-9]*[a-z0-9])?'
+
+
+def _regex_error(message: str, fmt: str, *examples: str) -> str:
+    """validation.RegexError: the message, examples and the regex."""
+    shown = ' or '.join(f"'{e}', " for e in examples)
+    return f"{message} (e.g. {shown}regex used for validation is '{fmt}')"
+
+
+def dns1123_label_errors(value: str) -> list[str]:
+    errors = ['must be no more than 63 characters'] if len(value) > 63 else []
+    if not re.fullmatch(_DNS1123_LABEL_FMT, value):
+        errors.append(_regex_error("a lowercase RFC 1123 label must consist of lower case alphanumeric characters or "
+                                   "'-', and must start and end with an alphanumeric character", _DNS1123_LABEL_FMT,
+                                   'my-name', '123-abc'))
+    return errors
+
+
+def dns1123_subdomain_errors(value: str) -> list[str]:
+    errors = ['must be no more than 253 characters'] if len(value) > 253 else []
+    if not re.fullmatch(_DNS1123_SUBDOMAIN_FMT, value):
+        errors.append(_regex_error("a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, "
+                                   "'-' or '.', and must start and end with an alphanumeric character",
+                                   _DNS1123_SUBDOMAIN_FMT, 'example.com'))
+    return errors
+
+
+def dns1035_label_errors(value: str) -> list[str]:
+    errors = ['must be no more than 63 characters'] if len(value) > 63 else []
+    if not re.fullmatch(_DNS1035_LABEL_FMT, value):
+        errors.append(_regex_error("a DNS-1035 label must consist of lower case alphanumeric characters or '-', start "
+                                   "with an alphabetic character, and end with an alphanumeric character",
+                                   _DNS1035_LABEL_FMT, 'my-name', 'abc-123'))
+    return errors
+
+
+def invalid(path: str, value: Any, messages: list[str]) -> list[FieldError]:
+    """One ``Invalid value`` field error per message, as the validators report them."""
+    return [FieldError(path, 'FieldValueInvalid', f'Invalid value: {go_repr(value)}: {m}') for m in messages]
+
+
+# --------------------------------------------------------------------------- ownerReferences
+
+_OWNER_FIELDS = ('apiVersion', 'kind', 'name', 'uid', 'controller', 'blockOwnerDeletion')  # the Go struct's order
+
+
+def check_owner_references(meta: Mapping[str, Any]) -> list[FieldError]:
+    """ValidateOwnerReferences: each reference complete, at most one controller."""
+    refs = meta.get('ownerReferences') or []
+    path = 'metadata.ownerReferences'
+    errors = []
+    controller = None
+    for ref in refs:
+        version = (ref.get('apiVersion') or '').rpartition('/')[2]
+        for key, value, what in (('apiVersion', version, 'version'), ('kind', ref.get('kind'), 'kind'),
+                                 ('name', ref.get('name'), 'name'), ('uid', ref.get('uid'), 'uid')):
+            if not value:
+                errors += invalid(f'{path}.{key}', ref.get(key) or '', [f'{what} must not be empty'])
+        if ref.get('controller'):
+            current = f'{ref.get("kind")}/{ref.get("name")}'
+            if controller is None:
+                controller = current
+            else:
+                ordered = [{k: r[k] for k in _OWNER_FIELDS if r.get(k) is not None} for r in refs]
+                errors.append(FieldError(path, 'FieldValueInvalid', f'Invalid value: {json.dumps(ordered, separators=(",", ":"))}: '
+                                         f'Only one reference can have Controller set to true. Found "true" in '
+                                         f'references for {controller} and {current}'))
+    return errors

@@ -7,10 +7,9 @@ Service's address; ``clusterIP: None`` (headless) stays as it is.
 from __future__ import annotations
 
 import ipaddress
-import json
 from typing import Any
 
-from .errors import FieldError
+from .errors import FieldError, go_repr
 
 
 class ServiceIPs:
@@ -32,8 +31,7 @@ class ServiceIPs:
                 spec['clusterIPs'] = [old_ip]
             elif spec['clusterIP'] != old_ip:
                 return [FieldError('spec.clusterIPs[0]', 'FieldValueInvalid',
-                                   f'Invalid value: []string{{{json.dumps(spec["clusterIP"])}}}: may not change '
-                                   f'once set')]
+                                   f'Invalid value: {go_repr([spec["clusterIP"]])}: may not change once set')]
             return []
         if spec.get('clusterIP') == 'None':
             spec['clusterIPs'] = ['None']
@@ -42,8 +40,8 @@ class ServiceIPs:
         if spec.get('clusterIP'):
             if spec['clusterIP'] in self._allocated_ips:
                 return [FieldError('spec.clusterIPs', 'FieldValueInvalid',
-                                   f'Invalid value: []string{{{json.dumps(spec["clusterIP"])}}}: failed to '
-                                   f'allocate IP {spec["clusterIP"]}: provided IP is already allocated')]
+                                   f'Invalid value: {go_repr([spec["clusterIP"]])}: failed to allocate IP '
+                                   f'{spec["clusterIP"]}: provided IP is already allocated')]
         else:
             for host in network.hosts():
                 if str(host) not in self._allocated_ips:
@@ -53,7 +51,7 @@ class ServiceIPs:
                 return [FieldError('spec.clusterIPs', 'FieldValueInvalid', 'Invalid value: []: range is full')]
         if ipaddress.ip_address(spec['clusterIP']) not in network:
             return [FieldError('spec.clusterIPs', 'FieldValueInvalid',
-                               f'Invalid value: []string{{{json.dumps(spec["clusterIP"])}}}: failed to allocate IP '
+                               f'Invalid value: {go_repr([spec["clusterIP"]])}: failed to allocate IP '
                                f'{spec["clusterIP"]}: the provided IP ({spec["clusterIP"]}) is not in the valid '
                                f'range. The range of valid IPs is {self.service_cidr}')]
         spec['clusterIPs'] = [spec['clusterIP']]

@@ -14,10 +14,12 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from .builtin import builtin_defaults, check_pod_update
+from .builtin import builtin_defaults, check_builtin, check_pod_update, write_defaults
+from .builtin_schema import schema_for
 from .errors import ApiError, FieldError, go_repr
 from .jsonpath import eval_jsonpath, set_dotted
-from .meta import DNS1123_LABEL, DNS1123_SUBDOMAIN, GENERATE_ALPHABET, check_labels
+from .meta import (GENERATE_ALPHABET, check_labels, check_owner_references, dns1035_label_errors,
+                   dns1123_label_errors, dns1123_subdomain_errors, invalid)
 from .patches import apply_patch
 from .resources import CRD_RESOURCE, NAMESPACES, SERVICES, PODS, ResourceType, Target, crd_status
 from .schema import check_schema
@@ -61,6 +63,7 @@ class Writes:
             target = Target(rtype, target.namespace or meta.get('namespace'), None, None)
             if not target.namespace:
                 raise ApiError(404, 'NotFound', 'the server could not find the requested resource')
+            meta['namespace'] = target.namespace  # from the URL, before validation (BeforeCreate)
         else:
             meta.pop('namespace', None)
         for key in ('uid', 'resourceVersion', 'creationTimestamp', 'deletionTimestamp',
@@ -97,20 +100,19 @@ class Writes:
         """Defaults, pruning and validation of a new object state; returns warnings."""
         meta = obj['metadata']
         name = meta.get('name') or ''
-        errors: list[FieldError] = []
+        builtin = rtype.crd is None and rtype.resource != CRD_RESOURCE
+        schema = schema_for(rtype.group, rtype.version, rtype.kind) if builtin else None
+        if builtin:
+            write_defaults(rtype, obj)
+        # Decoding comes first: a wrong JSON type is a 400 before any validation.
+        errors: list[FieldError] = schema.check(obj, rtype.api_version) if schema else []
         if not name:
             errors.append(FieldError('metadata.name', 'FieldValueRequired',
                                      'Required value: name or generateName is required'))
         elif old is None:
-            label_only = rtype.resource in (NAMESPACES, SERVICES)
-            pattern = DNS1123_LABEL if label_only else DNS1123_SUBDOMAIN
-            if not pattern.match(name) or len(name) > (63 if label_only else 253):
-                what = 'RFC 1123 label' if label_only else 'RFC 1123 subdomain'
-                errors.append(FieldError('metadata.name', 'FieldValueInvalid',
-                                         f'Invalid value: {go_repr(name)}: a lowercase {what} must consist of lower '
-                                         f"case alphanumeric characters, '-' or '.', and must start and end with an "
-                                         f'alphanumeric character'))
+            errors += invalid('metadata.name', name, _name_errors(rtype, name))
         errors.extend(check_labels(meta))
+        errors.extend(check_owner_references(meta))
         warnings: list[str] = []
         if rtype.schema is not None:
             unknown = rtype.schema.prune(obj)
@@ -133,6 +135,8 @@ class Writes:
             errors.extend(self._admit_service(old, obj))
         if rtype.resource == CRD_RESOURCE:
             errors.extend(self._admit_crd(old, obj))
+        if builtin:
+            errors.extend(check_builtin(rtype, obj))  # after the service defaults above
         if errors:
             raise rtype.invalid(name, errors)
         return warnings
@@ -284,3 +288,12 @@ def _finalized(rtype: ResourceType, old: dict[str, Any], new: dict[str, Any]) ->
         return False
     old_meta = old['metadata']
     return bool(old_meta.get('deletionTimestamp')) and not old_meta.get('deletionGracePeriodSeconds')
+
+
+def _name_errors(rtype: ResourceType, name: str) -> list[str]:
+    """ValidateNameFunc of the kind: namespaces are DNS-1123 labels, services DNS-1035 labels."""
+    if rtype.resource == NAMESPACES:
+        return dns1123_label_errors(name)
+    if rtype.resource == SERVICES:
+        return dns1035_label_errors(name)
+    return dns1123_subdomain_errors(name)
