@@ -16,8 +16,6 @@ from typing import Any
 
 from .errors import FieldError, go_repr
 
-DNS1123_SUBDOMAIN = re.compile(r'^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')
-DNS1123_LABEL = re.compile(r'^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')
 GENERATE_ALPHABET = 'bcdfghjklmnpqrstvwxz2456789'  # as k8s.io/apimachinery/pkg/util/rand
 
 
@@ -48,9 +46,8 @@ def _check_key(key: str, field: str) -> list[FieldError]:
         detail = _NAME_PART_MSG
     elif len(name) > 63:
         detail = 'name part must be no more than 63 characters'
-    elif '/' in key and (not prefix or len(prefix) > 253 or not DNS1123_SUBDOMAIN.match(prefix)):
-        detail = 'prefix part a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, ' \
-                 "'-' or '.', and must start and end with an alphanumeric character"
+    elif '/' in key and (not prefix or dns1123_subdomain_errors(prefix)):
+        detail = 'prefix part ' + (dns1123_subdomain_errors(prefix) or ['must be non-empty'])[0]
     return [] if detail is None else [FieldError(field, 'FieldValueInvalid', f'Invalid value: {go_repr(key)}: {detail}')]
 
 
@@ -86,31 +83,29 @@ def _regex_error(message: str, fmt: str, *examples: str) -> str:
     return f"{message} (e.g. {shown}regex used for validation is '{fmt}')"
 
 
-def dns1123_label_errors(value: str) -> list[str]:
-    errors = ['must be no more than 63 characters'] if len(value) > 63 else []
-    if not re.fullmatch(_DNS1123_LABEL_FMT, value):
-        errors.append(_regex_error("a lowercase RFC 1123 label must consist of lower case alphanumeric characters or "
-                                   "'-', and must start and end with an alphanumeric character", _DNS1123_LABEL_FMT,
-                                   'my-name', '123-abc'))
+def _format_errors(value: str, max_length: int, fmt: str, message: str, *examples: str) -> list[str]:
+    errors = [f'must be no more than {max_length} characters'] if len(value) > max_length else []
+    if not re.fullmatch(fmt, value):
+        errors.append(_regex_error(message, fmt, *examples))
     return errors
+
+
+def dns1123_label_errors(value: str) -> list[str]:
+    return _format_errors(value, 63, _DNS1123_LABEL_FMT, "a lowercase RFC 1123 label must consist of lower case "
+                          "alphanumeric characters or '-', and must start and end with an alphanumeric character",
+                          'my-name', '123-abc')
 
 
 def dns1123_subdomain_errors(value: str) -> list[str]:
-    errors = ['must be no more than 253 characters'] if len(value) > 253 else []
-    if not re.fullmatch(_DNS1123_SUBDOMAIN_FMT, value):
-        errors.append(_regex_error("a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, "
-                                   "'-' or '.', and must start and end with an alphanumeric character",
-                                   _DNS1123_SUBDOMAIN_FMT, 'example.com'))
-    return errors
+    return _format_errors(value, 253, _DNS1123_SUBDOMAIN_FMT, "a lowercase RFC 1123 subdomain must consist of lower "
+                          "case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric "
+                          "character", 'example.com')
 
 
 def dns1035_label_errors(value: str) -> list[str]:
-    errors = ['must be no more than 63 characters'] if len(value) > 63 else []
-    if not re.fullmatch(_DNS1035_LABEL_FMT, value):
-        errors.append(_regex_error("a DNS-1035 label must consist of lower case alphanumeric characters or '-', start "
-                                   "with an alphabetic character, and end with an alphanumeric character",
-                                   _DNS1035_LABEL_FMT, 'my-name', 'abc-123'))
-    return errors
+    return _format_errors(value, 63, _DNS1035_LABEL_FMT, "a DNS-1035 label must consist of lower case alphanumeric "
+                          "characters or '-', start with an alphabetic character, and end with an alphanumeric "
+                          "character", 'my-name', 'abc-123')
 
 
 def invalid(path: str, value: Any, messages: list[str]) -> list[FieldError]:
