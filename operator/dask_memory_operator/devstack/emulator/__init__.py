@@ -23,9 +23,9 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   ``resourceVersion``; a no-op write changes nothing (kopf relies on that to avoid
   loops); namespaces must exist (and not be terminating); custom resources refuse a
   PUT without ``resourceVersion``; pod specs are immutable but for images (and the
-  few fields Kubernetes allows); the built-in
-  defaults clients read (pod ``restartPolicy``, ``terminationGracePeriodSeconds``,
-  workload ``replicas``, Service port ``protocol``/``targetPort``...).
+  few fields Kubernetes allows); the built-in defaults clients read (pod
+  ``restartPolicy``, ``terminationGracePeriodSeconds``, workload ``replicas``, port
+  ``protocol``, Service ``targetPort``...).
 - Writes: PUT (replace), JSON patch (RFC 6902, a failed ``test`` is 422), merge patch
   (RFC 7386), strategic merge patch for built-in kinds (lists merged by their
   Kubernetes merge keys, ``$patch``/``$setElementOrder``/``$retainKeys``/
@@ -38,13 +38,13 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   the last finalizer deletes the object: one DELETED event carrying its last stored
   state, no MODIFIED; no new finalizers while deleting), a DELETE answered with a
   ``Status`` or, for pods and services, the deleted object (with the object when it
-  stays), pod graceful deletion (a pod bound to a node is
-  kept for its grace period until deleted with ``gracePeriodSeconds=0``: the
-  kubelet's job), deletecollection, and a garbage collector through
+  stays), pod graceful deletion (a pod bound to a node is kept for its grace period
+  until deleted with ``gracePeriodSeconds=0``: the kubelet's job), deletecollection, and a garbage collector through
   ``ownerReferences`` (background and foreground cascade, ``Orphan``), namespace
   deletion (contents first) and CRD deletion (its objects first).
-- Watches: ``resourceVersion`` (only later events; 410 Expired ERROR event when older
-  than the kept event log, ``watch_window`` events long; so is a list ``continue`` token), ``timeoutSeconds``, label selectors (``=``, ``==``,
+- Watches: ``resourceVersion`` (only later events; a 410 Expired ERROR event when older
+  than the kept event log, ``watch_window`` events long, and a 410 for a list
+  ``continue`` token that old), ``timeoutSeconds``, label selectors (``=``, ``==``,
   ``!=``, ``in``, ``notin``, exists, ``!``) and field selectors (``metadata.name``,
   ``metadata.namespace``, plus the few per-kind fields a real server supports) on
   list and watch, ADDED/DELETED when a change moves an object into/out of a selector.
@@ -89,12 +89,11 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   budgets' status, as kube-controller-manager does.
 
 Not emulated: server-side apply, admission webhooks, RBAC and authentication (the
-access and token review resources are not served), ``pods/binding``, CEL
-rules, most of the validation code of built-in kinds,
-periodic watch bookmarks (one is sent when a watch reaches its timeout), the
-controllers but the garbage collector and the disruption controller (no Deployment
-makes a pod: a kubelet's job), and protobuf or CBOR request
-bodies (answered 415): kubectl's imperative commands for built-in kinds (``create
+access and token review resources are not served), ``pods/binding``, CEL rules,
+most of the validation code of built-in kinds, periodic watch bookmarks (one is sent
+when a watch reaches its timeout), the controllers but the garbage collector and the
+disruption controller (no Deployment makes a pod: a kubelet's job), and protobuf or
+CBOR request bodies (answered 415): kubectl's imperative commands for built-in kinds (``create
 deployment``, ``expose``, ``run``, ``auth can-i``, ``drain``) send protobuf, so use
 ``kubectl apply -f`` (JSON) instead.
 
@@ -104,9 +103,10 @@ Where each part lives (modules named by concern):
 - ``storage``: objects, the resourceVersion counter, lists and watches;
 - ``writes``: create, replace, patch, ``/status`` and ``/scale``;
 - ``deletion``: finalizers, graceful deletion, garbage collection;
-- ``eviction``: ``pods/eviction``;
+- ``eviction``: ``pods/eviction`` and the PodDisruptionBudget status;
 - ``schema``: CRD schema pruning, defaulting and validation;
-- ``builtin``: defaults and rules of built-in kinds;
+- ``builtin``: defaults and validation rules of built-in kinds; ``builtin_schema``:
+  their OpenAPI schemas;
 - ``patches``: JSON, merge and strategic merge patches;
 - ``meta``: ObjectMeta fields and syntax; ``selectors``: label and field selectors;
 - ``services``: cluster IP allocation; ``discovery``: discovery and OpenAPI documents;
