@@ -5,11 +5,14 @@ clients (a real kopf operator here) relist and go on.
 from __future__ import annotations
 
 import asyncio
+import pathlib
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from dask_memory_operator.devstack.apiserver import ApiServer
 from test_emulator import CONFIGMAPS, CRDS, WIDGET_CRD, WIDGETS, Http, holds, wait_for, widget
@@ -104,3 +107,23 @@ async def test_kopf_relists_after_its_watch_expired(tiny_server: ApiServer, tiny
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=20)
+
+
+async def test_watch_window_flag_of_the_server_command(tmp_path: pathlib.Path) -> None:
+    kubeconfig = tmp_path / 'config'
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, '-m', 'dask_memory_operator.devstack.apiserver', '--port', '0', '--kubeconfig',
+        str(kubeconfig), '--watch-window', '1', stdout=asyncio.subprocess.DEVNULL)
+    try:
+        await wait_for(lambda: holds(kubeconfig.exists()), timeout=60)  # written once serving
+        url = yaml.safe_load(kubeconfig.read_text())['clusters'][0]['cluster']['server']
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            http = Http(url, session)
+            _, first = await http.post(CONFIGMAPS, {'metadata': {'name': 'first'}})
+            await churn(http, 'x', 2)
+            events: list[dict[str, Any]] = []
+            await http.watch(CONFIGMAPS, events, resourceVersion=first['metadata']['resourceVersion'])
+            assert [e['object']['code'] for e in events] == [410]
+    finally:
+        proc.terminate()
+        assert await proc.wait() == 0
