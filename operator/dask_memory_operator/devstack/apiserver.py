@@ -2,6 +2,7 @@
 Run the Kubernetes API emulator over HTTP: in-process (``ApiServer``) or as a command.
 
     python -m dask_memory_operator.devstack.apiserver --port 0 --kubeconfig PATH [--crds DIR ...]
+        [--service-cidr CIDR] [--watch-window EVENTS]
 
 The command serves on 127.0.0.1, applies the CRD yaml files found in the given
 folders, and only then writes a kubeconfig (server ``http://127.0.0.1:<port>``, one
@@ -38,9 +39,9 @@ class ApiServer:
     """An emulated Kubernetes API server on 127.0.0.1, as an async context manager."""
 
     def __init__(self, port: int = 0, *, host: str = '127.0.0.1', service_cidr: str = '127.1.0.0/16',
-                 crd_dirs: Iterable[str | os.PathLike[str]] = ()) -> None:
+                 crd_dirs: Iterable[str | os.PathLike[str]] = (), watch_window: int = 10_000) -> None:
         #: The emulator: its ``objects`` and ``resources`` are there for assertions.
-        self.emulator: KubeEmulator = KubeEmulator(service_cidr=service_cidr)
+        self.emulator: KubeEmulator = KubeEmulator(service_cidr=service_cidr, watch_window=watch_window)
         self._host: str = host
         self._port: int = port
         self._crd_dirs: list[pathlib.Path] = [pathlib.Path(d) for d in crd_dirs]
@@ -104,12 +105,13 @@ def write_kubeconfig(path: pathlib.Path, url: str, namespace: str = 'default') -
     os.replace(tmp, path)
 
 
-async def serve(port: int, kubeconfig: pathlib.Path, crd_dirs: list[str], service_cidr: str) -> None:
+async def serve(port: int, kubeconfig: pathlib.Path, crd_dirs: list[str], service_cidr: str,
+                watch_window: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with ApiServer(port, service_cidr=service_cidr, crd_dirs=crd_dirs) as server:
+    async with ApiServer(port, service_cidr=service_cidr, crd_dirs=crd_dirs, watch_window=watch_window) as server:
         write_kubeconfig(kubeconfig, server.url)
         print(f'Kubernetes API emulator serving at {server.url}', flush=True)
         await stop.wait()
@@ -125,8 +127,10 @@ def main(argv: list[str] | None = None) -> None:
                         help='a folder of CRD yaml files to apply at start (repeatable)')
     parser.add_argument('--service-cidr', default='127.1.0.0/16',
                         help='where Service cluster IPs are allocated from')
+    parser.add_argument('--watch-window', type=int, default=10_000, metavar='EVENTS',
+                        help='watch events kept for resumption; older resourceVersions get 410 Expired')
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.port, args.kubeconfig, args.crds, args.service_cidr))
+    asyncio.run(serve(args.port, args.kubeconfig, args.crds, args.service_cidr, args.watch_window))
 
 
 if __name__ == '__main__':

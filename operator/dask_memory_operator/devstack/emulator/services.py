@@ -1,0 +1,58 @@
+"""
+Service cluster IPs: allocated from a configurable CIDR, immutable, released on deletion.
+
+The default CIDR is on loopback (127.1.0.0/16) so that a process kubelet can bind a
+Service's address; ``clusterIP: None`` (headless) stays as it is.
+"""
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from .errors import FieldError, go_repr
+
+
+class ServiceIPs:
+    """Cluster IP allocation (a mixin of ``KubeEmulator``)."""
+
+    def _admit_service(self, old: dict[str, Any] | None, obj: dict[str, Any]) -> list[FieldError]:
+        if old is None:
+            obj.setdefault('status', {'loadBalancer': {}})  # as the API server returns it
+        spec = obj.setdefault('spec', {})
+        spec.setdefault('type', 'ClusterIP')
+        spec.setdefault('sessionAffinity', 'None')
+        for port in spec.get('ports') or []:
+            port.setdefault('protocol', 'TCP')
+            port.setdefault('targetPort', port.get('port'))
+        if old is not None:
+            old_ip = (old.get('spec') or {}).get('clusterIP')
+            if not spec.get('clusterIP'):
+                spec['clusterIP'] = old_ip
+                spec['clusterIPs'] = [old_ip]
+            elif spec['clusterIP'] != old_ip:
+                return [FieldError('spec.clusterIPs[0]', 'FieldValueInvalid',
+                                   f'Invalid value: {go_repr([spec["clusterIP"]])}: may not change once set')]
+            return []
+        if spec.get('clusterIP') == 'None':
+            spec['clusterIPs'] = ['None']
+            return []
+        network = ipaddress.ip_network(self.service_cidr)
+        if spec.get('clusterIP'):
+            if spec['clusterIP'] in self._allocated_ips:
+                return [FieldError('spec.clusterIPs', 'FieldValueInvalid',
+                                   f'Invalid value: {go_repr([spec["clusterIP"]])}: failed to allocate IP '
+                                   f'{spec["clusterIP"]}: provided IP is already allocated')]
+        else:
+            for host in network.hosts():
+                if str(host) not in self._allocated_ips:
+                    spec['clusterIP'] = str(host)
+                    break
+            else:
+                return [FieldError('spec.clusterIPs', 'FieldValueInvalid', 'Invalid value: []: range is full')]
+        if ipaddress.ip_address(spec['clusterIP']) not in network:
+            return [FieldError('spec.clusterIPs', 'FieldValueInvalid',
+                               f'Invalid value: {go_repr([spec["clusterIP"]])}: failed to allocate IP '
+                               f'{spec["clusterIP"]}: the provided IP ({spec["clusterIP"]}) is not in the valid '
+                               f'range. The range of valid IPs is {self.service_cidr}')]
+        spec['clusterIPs'] = [spec['clusterIP']]
+        return []  # allocated when stored (see _create), released on deletion
