@@ -44,6 +44,9 @@ def configure_operator(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.INFO
+    # A policy deleted while its resync timer runs waits for the timer to exit; kopf
+    # looks again only after this many seconds (60 by default: a minute-long delete)
+    settings.background.cancellation_polling = 0.5
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 90
     settings.networking.request_timeout = 30
