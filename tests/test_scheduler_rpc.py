@@ -314,6 +314,12 @@ def test_exception_text_is_parsed_as_a_literal_and_bounded():
     assert parse("E(" + "(" * 1000 + ")" * 1000 + ")")[0] == "E"
     name, message = parse("E('" + "x" * (2 * rpc.MAX_ERROR_TEXT) + "')")
     assert name == "E" and len(message) == rpc.MAX_ERROR_TEXT
+    # an int too long for str(): still two bounded strings, nothing raised
+    name, message = parse("E(0x" + "f" * 19000 + ")")
+    assert name == "E" and len(message) <= rpc.MAX_ERROR_TEXT
+    # a class name of any length is not a class name
+    name, message = parse("a" * 100_000 + "()")
+    assert name == "" and len(message) == rpc.MAX_ERROR_TEXT
 
 
 # --- the transport ----------------------------------------------------------------
@@ -591,3 +597,33 @@ async def test_converging_a_scheduler_with_an_older_live_plugin_replaces_it(tmp_
         assert status["amm_core_digest"] == amm_core.source_digest() and status["owner"] == owner()
         again = await reconciler.converge("ns", "c", wanted, owner())
         assert again.actions == []  # nothing left to replace or apply
+
+
+# --- a plain reply of the wrong shape ------------------------------------------------
+
+GOOD_STATUS = {"source": "live", "owner": None, "in_force": True, "workers": 1, "replace": [],
+               "amm": {"running": True, "interval": 2.0, "measure": "optimistic", "policies": []},
+               "amm_core_digest": None, "amm_core_version": None}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("source", "evil"),                          # the CRD's enum would refuse the whole status
+    ("owner", "x"),
+    ("owner", {"uid": ["not", "a", "uid"]}),
+    ("amm", {"interval": "x"}),
+    ("amm", {"policies": [1]}),
+    ("amm", {"measure": "m" * 2**20}),           # past etcd's limit once in the status
+    ("replace", [1]),
+    ("workers", float("nan")),
+    ("in_force", "yes"),
+])
+async def test_a_status_of_the_wrong_shape_is_a_protocol_error(field, value):
+    fake = FakeScheduler(answer=lambda msg: message({**GOOD_STATUS, field: value}))
+    async with fake as addr:
+        with pytest.raises(SchedulerProtocolError, match=f"status whose '{field}' is not"):
+            await rpc.get_status(addr)
+
+
+async def test_a_status_of_the_right_shape_passes():
+    async with FakeScheduler(answer=lambda msg: message(GOOD_STATUS)) as addr:
+        assert (await rpc.get_status(addr))["source"] == "live"

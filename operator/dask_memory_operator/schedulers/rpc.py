@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import functools
 import hashlib
 import io
 import itertools
@@ -110,13 +111,13 @@ DEFAULT_TIMEOUT = 5.0
 
 #: Bytes of frames one message may announce in its length prelude, all frames
 #: together (a status is a few kB; a large cluster's some 100 kB)
-MAX_MESSAGE_BYTES = 16 * 2**20
+MAX_MESSAGE_BYTES = 4 * 2**20
 #: Frames one message may announce (a plain message has one; an error reply a few)
 MAX_FRAMES = 16
 #: Containers (arrays, maps) nested in one another, the outermost included
 MAX_DEPTH = 32
 #: Values (scalars, containers, map keys) in one message
-MAX_VALUES = 200_000
+MAX_VALUES = 50_000
 #: Characters of a remote exception_text that are parsed (distributed truncates
 #: exceptions to distributed.admin.max-error-length, 10,000 by default)
 MAX_ERROR_TEXT = 20_000
@@ -434,10 +435,16 @@ async def read_message(
 # --- one call -----------------------------------------------------------------
 
 
+#: Characters of a remote exception's class name kept
+MAX_ERROR_NAME = 200
+
+
 def parse_exception_text(text: str) -> tuple[str, str]:
     """(class name, message) from distributed's ``exception_text``, which is
-    ``repr(exception)``, e.g. ``ValueError('bad')`` -> ("ValueError", "bad")."""
-    match = re.fullmatch(r"([\w.]+)\((.*)\)", text, re.DOTALL)
+    ``repr(exception)``, e.g. ``ValueError('bad')`` -> ("ValueError", "bad"). The text
+    comes from the scheduler: it is cut to its bounds first, and whatever it makes
+    the parser do, the answer is two bounded strings."""
+    match = re.fullmatch(rf"([\w.]{{1,{MAX_ERROR_NAME}}})\((.*)\)", text, re.DOTALL)
     if match is None:
         return "", text[:MAX_ERROR_TEXT]
     name, args_text = match.groups()
@@ -445,12 +452,12 @@ def parse_exception_text(text: str) -> tuple[str, str]:
         return name, args_text[:MAX_ERROR_TEXT]
     try:
         args = ast.literal_eval(f"({args_text},)") if args_text else ()
-    # What a crafted text can make the parser raise; it is then shown as it is
+        message = ", ".join(a if isinstance(a, str) else repr(a) for a in args)
+    # What a crafted text can make the parser (or int's repr) raise; it is then
+    # shown as it is
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return name, args_text
-    if len(args) == 1:
-        return name, str(args[0])
-    return name, ", ".join(map(str, args))
+    return name, message[:MAX_ERROR_TEXT]
 
 
 def tcp_host_port(address: str) -> tuple[str, int]:
@@ -560,7 +567,90 @@ async def _plugin_call(
             "",
             "",
         )
-    return answer
+    return checked_status(address, op, answer)
+
+
+# --- the status's shape ---------------------------------------------------------
+
+#: Characters of a name or word in a status (class paths, measures, uids, versions)
+MAX_STATUS_TEXT = 256
+#: Entries of a list in a status (policies, workers to replace, retirements)
+MAX_STATUS_ITEMS = 1000
+
+
+class _Shape:
+    """What a field of the plugin's status must be. The reader already refused
+    everything that is not plain data; this refuses plain data of the wrong shape or
+    size, which would otherwise break the operator's pass, or the policy's status
+    patch (the CRD's enums, etcd's size limit), for every cluster of the policy."""
+
+    def __init__(self, check: Any, what: str):
+        self.check = check
+        self.what = what
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= MAX_STATUS_TEXT
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+        and abs(value) < 2**63
+
+
+def _optional(check: Any) -> Any:
+    return lambda value: value is None or check(value)
+
+
+def _list_of(check: Any) -> Any:
+    return lambda value: isinstance(value, list) and len(value) <= MAX_STATUS_ITEMS and all(map(check, value))
+
+
+def _map_with(fields: dict[str, Any]) -> Any:
+    """A map whose listed fields, where present, pass their checks."""
+    return lambda value: isinstance(value, dict) and all(
+        check(value[k]) for k, check in fields.items() if k in value
+    )
+
+
+_OWNER = _map_with({"uid": _text, "namespace": _text, "name": _text, "generation": _number})
+_POLICY_ENTRY = _map_with({"class": _text, "role": _text})
+_REPLACE_ENTRY = _map_with({"name": _optional(_text), "address": _text, "retired": lambda v: isinstance(v, bool)})
+_AMM = _map_with({
+    "running": lambda v: isinstance(v, bool),
+    "interval": _number,
+    "measure": _text,
+    "policies": _list_of(_POLICY_ENTRY),
+    "cycles": _number,
+    "replicas_copied": _number,
+    "replicas_dropped": _number,
+    "memory_bytes": _number,
+    "retiring_workers": _list_of(_text),
+})
+#: The fields of the plugin's status the operator reads, and what each must be
+STATUS_SHAPE: dict[str, _Shape] = {
+    "source": _Shape(lambda v: v in ("preload", "live"), '"preload" or "live"'),
+    "owner": _Shape(_optional(_OWNER), "null or an owner {uid, namespace, name, generation}"),
+    "in_force": _Shape(lambda v: isinstance(v, bool), "true or false"),
+    "amm": _Shape(_optional(_AMM), "null or the AMM's report"),
+    "workers": _Shape(_number, "a number"),
+    "replace": _Shape(_list_of(_REPLACE_ENTRY), "a list of workers to replace"),
+    "amm_core_version": _Shape(_optional(_text), "null or a version"),
+    "amm_core_digest": _Shape(_optional(_text), "null or a digest"),
+    "error": _Shape(_optional(lambda v: isinstance(v, str) and len(v) <= MAX_ERROR_TEXT), "null or a message"),
+}
+
+
+def checked_status(address: str, op: str, status: dict[str, Any]) -> dict[str, Any]:
+    """``status`` if every field the operator reads has its shape; else
+    SchedulerProtocolError naming the field."""
+    for field, shape in STATUS_SHAPE.items():
+        if field in status and not shape.check(status[field]):
+            raise SchedulerProtocolError(
+                f"scheduler {address} answered {op!r} with a status whose {field!r} is not "
+                f"{shape.what} (or too large); refused"
+            )
+    return status
 
 
 async def get_status(address: str, *, timeout: float | None = None) -> dict[str, Any]:
@@ -625,6 +715,7 @@ def _zip_entry(z: zipfile.ZipFile, arcname: str, data: bytes) -> None:
     z.writestr(info, data)
 
 
+@functools.cache
 def package_zip() -> tuple[str, bytes]:
     """The amm_core package this process runs, and :data:`RELOAD_MODULE`, as (file
     name, zip bytes). The name carries a hash of the content: a changed package never
