@@ -402,17 +402,18 @@ def test_an_invalid_policy_governs_nothing_but_is_known():
     assert assign([invalid], {"c": {}}) == {}
 
 
-def test_forgetting_a_cluster_keeps_a_lock_a_pass_holds():
+def test_a_clusters_lock_lives_while_a_pass_holds_it_and_goes_after():
     import asyncio
+    import gc
 
     async def scenario():
         reconciler = ClusterReconciler(FixedLocator("tcp://127.0.0.1:1"))
-        lock = reconciler._lock(("ns", "c"))
-        async with lock:
+        async with reconciler._lock(("ns", "c")):
             reconciler.forget_cluster("ns", "c")
-            assert reconciler._lock(("ns", "c")) is lock  # still the one held
-        reconciler.forget_cluster("ns", "c")
-        assert reconciler._lock(("ns", "c")) is not lock
+            gc.collect()
+            assert reconciler._lock(("ns", "c")).locked()  # still the one held
+        gc.collect()
+        assert ("ns", "c") not in reconciler._locks  # no pass holds it: gone, no leak
 
     asyncio.run(scenario())
 
@@ -428,7 +429,8 @@ def test_no_scheduler_is_contacted_in_a_namespace_without_a_memorypolicy():
     from dask_memory_operator.controllers.daskcluster import converge_changed_cluster
 
     locator = FixedLocator("tcp://127.0.0.1:1")
-    memo = kopf.Memo(config=OperatorConfig(), reconciler=ClusterReconciler(locator, rpc_timeout=0.5))
+    memo = kopf.Memo(config=OperatorConfig(), reconciler=ClusterReconciler(locator, rpc_timeout=0.5),
+                     cluster_labels={})
     elsewhere = PolicyInfo("p", "u1", "2024-01-01", None, ("not-this-one",))
 
     async def event(namespace, index):
@@ -440,6 +442,8 @@ def test_no_scheduler_is_contacted_in_a_namespace_without_a_memorypolicy():
     asyncio.run(event("lonely", {"other": [elsewhere]}))
     assert locator.calls == 0
     asyncio.run(event("other", {"other": [elsewhere]}))  # a policy here, governing nothing
+    assert locator.calls == 1
+    asyncio.run(event("other", {"other": [elsewhere]}))  # same labels: a status write, say
     assert locator.calls == 1
 
 
@@ -462,3 +466,26 @@ def test_a_cluster_taken_over_and_not_restorable_yet_is_listed_once():
     asyncio.run(_release_unselected(policy, "ns", "u2", previous, entries, clusters, reconciler))
     assert [(e["name"], e["state"]) for e in entries] == [("c", "Conflict"), ("d", "Degraded")]
     assert "restore pending" in entries[1]["message"]
+    # `c`'s new governor applies its own config: no restore was even tried for it
+    assert reconciler.locator.calls == 1
+
+
+def test_policy_args_may_not_hold_keys_the_schedulers_decoder_interprets():
+    for args in ({"__Enum__": True}, {"x": [{"__Serialized__": 1}]}):
+        with pytest.raises(InvalidPolicy, match="policies\\[0\\].args: may not contain the key '__"):
+            parse_spec(spec(policies=[{"class": "Rebalance", "args": args}]))
+
+
+def test_the_degraded_condition_says_why():
+    entries = [cluster_entry(error_outcome("a", rpc.SchedulerProtocolError("pickle")), "p")]
+    assert entries[0]["reason"] == "ProtocolError"
+    assert conditions_of(policy_status(1, entries, {}))["Degraded"]["reason"] == "ProtocolError"
+    entries.append(cluster_entry(error_outcome("b", rpc.ApplyRejected("no")), "p"))
+    assert conditions_of(policy_status(1, entries, {}))["Degraded"]["reason"] == "SchedulersDegraded"
+    long = cluster_entry(Outcome("c", "Degraded", "x" * 100_000), "p")
+    assert len(long["message"]) == 1024
+    assert len(conditions_of(policy_status(1, [long] * 10, {}))["Degraded"]["message"]) == 4096
+
+
+def conditions_of(status):
+    return {c["type"]: c for c in status["conditions"]}

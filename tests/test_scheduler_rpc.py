@@ -627,3 +627,18 @@ async def test_a_status_of_the_wrong_shape_is_a_protocol_error(field, value):
 async def test_a_status_of_the_right_shape_passes():
     async with FakeScheduler(answer=lambda msg: message(GOOD_STATUS)) as addr:
         assert (await rpc.get_status(addr))["source"] == "live"
+
+
+async def test_a_late_pass_of_an_older_generation_leaves_the_newer_one_in_force():
+    """The plugin never goes back a generation; the reconciler neither reads that as a
+    configuration that did not take nor applies again."""
+    from dask_memory_operator.api.memorypolicy import parse_spec
+    from dask_memory_operator.schedulers.converge import ClusterReconciler
+
+    newer = {**GOOD_STATUS, "owner": owner(3), "amm_core_digest": amm_core.source_digest()}
+    fake = FakeScheduler(answer=lambda msg: message(newer))
+    wanted = parse_spec({"clusterSelector": {}, "activeMemoryManager": {}})
+    async with fake as addr:
+        outcome = await ClusterReconciler(Locator({"c": addr})).converge("ns", "c", wanted, owner(2))
+    assert outcome.state == "Applied" and outcome.applied_generation == 3 and outcome.actions == []
+    assert [m["op"] for m in fake.received] == ["amm_core_status"]  # nothing applied

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import weakref
 
 COMMANDS_HELP = """\
 commands:
@@ -74,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         reconciler=ClusterReconciler(
             SchedulerLocator(args.scheduler_access), rpc_timeout=args.rpc_timeout
         ),
-        policy_locks={},
+        policy_locks=weakref.WeakValueDictionary(),
+        cluster_labels={},
     )
     kopf.run(
         registry=build_registry(config),

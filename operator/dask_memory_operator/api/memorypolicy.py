@@ -110,6 +110,23 @@ def check_selector(selector: Mapping[str, Any] | None) -> None:
             raise InvalidPolicy(where, f"may not be specified when `operator` is {expr['operator']}")
 
 
+def _reserved_key(value: Any) -> str | None:
+    """The first ``__dunder__`` map key anywhere in ``value``, if any."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if isinstance(k, str) and k.startswith("__") and k.endswith("__"):
+                return k
+            found = _reserved_key(v)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for v in value:
+            found = _reserved_key(v)
+            if found:
+                return found
+    return None
+
+
 def parse_spec(spec: Mapping[str, Any], allowed: Iterable[str] = ()) -> AMMConfig:
     """Check a MemoryPolicy spec beyond its schema and return the wanted config.
 
@@ -152,6 +169,11 @@ def parse_spec(spec: Mapping[str, Any], allowed: Iterable[str] = ()) -> AMMConfi
         args = item.get("args") or {}
         if not isinstance(args, Mapping):
             raise InvalidPolicy(f"{where}.args", "must be an object")
+        reserved = _reserved_key(args)
+        if reserved:
+            # the scheduler's msgpack decoder gives meaning to such keys (__Enum__
+            # imports a module): a policy's author must not reach into it that way
+            raise InvalidPolicy(f"{where}.args", f"may not contain the key {reserved!r}")
         if "class" in args:
             # dask config puts kwargs beside `class`; one in args would replace the
             # class that the allowlist checked

@@ -49,10 +49,13 @@ async def converge_changed_cluster(
     if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
         reconciler.forget_cluster(namespace, name)
         metrics.forget(namespace, cluster=name)
+        memo.cluster_labels.pop((namespace, name), None)
         return
     policies = list(memorypolicies_by_namespace.get(namespace, []))
     if not policies:
         return  # no MemoryPolicy here: this namespace's schedulers are not ours to ask
+    if not _new_or_relabelled(memo, namespace, name, event, labels):
+        return  # status or annotation writes: the resync covers them, at its pace
     a = assign(policies, {name: labels}).get(name)
     if a is None:
         await _release_orphan(body, name, namespace, memo, memorypolicies_by_namespace)
@@ -65,6 +68,20 @@ async def converge_changed_cluster(
     outcome = await reconciler.converge(namespace, name, wanted, owner_tag(policy_body))
     metrics.observe(namespace, a.governor.name, outcome)
     post_actions(policy_body, {"name": name, "uid": body.metadata.get("uid", "")}, outcome)
+
+
+def _new_or_relabelled(
+    memo: kopf.Memo, namespace: str, name: str, event: Mapping[str, Any], labels: Mapping[str, str]
+) -> bool:
+    """Whether this event shows a cluster first, or with other labels than last time:
+    what can change which policy governs it. Anything else (a status write, an
+    annotation a user sets in a loop) would make a scheduler pass for nothing."""
+    seen: dict[tuple[str, str], dict[str, str]] = memo.cluster_labels
+    key = (namespace, name)
+    if seen.get(key) == dict(labels) and event.get("type") != "ADDED":
+        return False
+    seen[key] = dict(labels)
+    return True
 
 
 async def _release_orphan(

@@ -75,7 +75,12 @@ async def reconcile_policy(body: kopf.Body, uid: str, memo: kopf.Memo, **kwargs:
 
 
 def _policy_lock(memo: kopf.Memo, uid: str) -> asyncio.Lock:
-    return memo.policy_locks.setdefault(uid, asyncio.Lock())
+    """One lock per policy; ``memo.policy_locks`` is a WeakValueDictionary, so a lock
+    no pass holds or waits for goes by itself."""
+    lock = memo.policy_locks.get(uid)
+    if lock is None:
+        lock = memo.policy_locks[uid] = asyncio.Lock()
+    return lock
 
 
 async def _reconcile_policy(
@@ -175,10 +180,14 @@ async def _release_unselected(
     A cluster that could not be restored yet stays listed (once) as Degraded."""
     name = policy.metadata["name"]
     listed = {e["name"] for e in entries}
-    governed_now = {e["name"] for e in entries if e["state"] != "Conflict"}
     for old in previous.get("clusters") or ():
         cluster = old.get("name")
-        if cluster in governed_now or old.get("state") == "Conflict":
+        if cluster in listed or old.get("state") == "Conflict":
+            # still ours, or taken over by an older policy whose pass applies its own
+            # configuration (restoring first would flash the scheduler's own)
+            if cluster not in listed or next(e for e in entries if e["name"] == cluster)["state"] != "Conflict":
+                continue
+            metrics.forget(namespace, policy=name, cluster=cluster)
             continue
         metrics.forget(namespace, policy=name, cluster=cluster)
         if cluster not in clusters:
@@ -187,9 +196,10 @@ async def _release_unselected(
         try:
             outcome = await reconciler.release(namespace, cluster, uid)
         except Exception as e:  # one cluster's failure is its own
-            if not isinstance(e, (SchedulerRPCError, SchedulerAccessError)):
+            if isinstance(e, (SchedulerRPCError, SchedulerAccessError)):
+                log.warning("Could not restore DaskCluster %s yet: %s", cluster, e)
+            else:
                 log.error("Unexpected error restoring DaskCluster %s", cluster, exc_info=e)
-            log.warning("Could not restore DaskCluster %s yet: %s", cluster, e)
             if cluster not in listed:
                 entries.append(cluster_entry(Outcome(cluster, "Degraded", f"restore pending: {e}"), name))
                 listed.add(cluster)
@@ -209,7 +219,6 @@ async def restore_on_delete(body: kopf.Body, uid: str, memo: kopf.Memo, **kwargs
     """
     async with _policy_lock(memo, uid):  # let a resync in flight finish first
         await _restore_all(body=body, uid=uid, memo=memo, **kwargs)
-    memo.policy_locks.pop(uid, None)
 
 
 async def _restore_all(

@@ -18,14 +18,26 @@ from dask_memory_operator.api.conditions import condition
 from dask_memory_operator.schedulers.converge import LIVE_COUNTERS, Outcome
 
 
+#: Characters of a cluster's message, and of a condition's: scheduler texts end up
+#: there, and a status past etcd's size limit would not be written at all
+MAX_ENTRY_MESSAGE = 1024
+MAX_CONDITION_MESSAGE = 4096
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def cluster_entry(outcome: Outcome, governed_by: str) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "name": outcome.cluster,
         "state": outcome.state,
         "governedBy": governed_by,
     }
+    if outcome.cause:
+        entry["reason"] = outcome.cause
     if outcome.message:
-        entry["message"] = outcome.message
+        entry["message"] = _bounded(outcome.message, MAX_ENTRY_MESSAGE)
     if outcome.plugin_source:
         entry["pluginSource"] = outcome.plugin_source
     if outcome.applied_generation is not None:
@@ -92,7 +104,10 @@ def policy_status(
             f"{len(applied)}/{len(governed)} clusters configured", generation, old,
         )
 
-    degraded_msg = "; ".join(f"{e['name']}: {e.get('message', '')}" for e in degraded)
+    degraded_msg = _bounded("; ".join(f"{e['name']}: {e.get('message', '')}" for e in degraded),
+                            MAX_CONDITION_MESSAGE)
+    causes = {e.get("reason") or "Unreachable" for e in degraded}
+    degraded_reason = (causes.pop() if len(causes) == 1 else "SchedulersDegraded") if degraded else "AllReachable"
     conflict_msgs = [e["message"] for e in contested] + [
         e["conflictMessage"] for e in governed if e.get("conflictMessage")
     ]
@@ -105,12 +120,12 @@ def policy_status(
             ready,
             condition("Invalid", False, "Valid", "", generation, old),
             condition(
-                "Degraded", bool(degraded), "SchedulerUnavailable" if degraded else "AllReachable",
+                "Degraded", bool(degraded), degraded_reason,
                 degraded_msg, generation, old,
             ),
             condition(
                 "Conflict", bool(conflict_msgs), "OverlappingPolicies" if conflict_msgs else "NoOverlap",
-                "; ".join(conflict_msgs), generation, old,
+                _bounded("; ".join(conflict_msgs), MAX_CONDITION_MESSAGE), generation, old,
             ),
         ],
     }

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import time
+import weakref
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ class Outcome:
     amm: dict[str, Any] | None = None
     #: Changes made to the scheduler in this pass, each a short sentence for Events
     actions: list[str] = field(default_factory=list)
+    #: Why a Degraded cluster is degraded, as a condition reason: Unreachable,
+    #: ProtocolError, Rejected, CallFailed, AccessDenied, DidNotTake, Unexpected
+    cause: str = ""
 
 
 @dataclass
@@ -177,19 +181,24 @@ def error_outcome(cluster: str, error: Exception) -> Outcome:
     if isinstance(error, scheduler_rpc.SchedulerUnreachable):
         if error.refused:  # starting, or restarting: no backoff, no alarm
             return Outcome(cluster, "Pending", str(error))
-        return Outcome(cluster, "Degraded", f"scheduler unreachable: {error}")
+        return Outcome(cluster, "Degraded", f"scheduler unreachable: {error}", cause="Unreachable")
     if isinstance(error, SchedulerAccessError):
-        return Outcome(cluster, "Degraded", str(error))
+        return Outcome(cluster, "Degraded", str(error), cause="AccessDenied")
     if isinstance(error, scheduler_rpc.SchedulerProtocolError):
-        return Outcome(cluster, "Degraded", f"scheduler protocol error: {error}")
+        return Outcome(cluster, "Degraded", f"scheduler protocol error: {error}", cause="ProtocolError")
     if isinstance(error, scheduler_rpc.ApplyRejected):
-        return Outcome(cluster, "Degraded", f"scheduler rejected the configuration: {error}")
+        return Outcome(cluster, "Degraded", f"scheduler rejected the configuration: {error}", cause="Rejected")
     if isinstance(error, scheduler_rpc.SchedulerRPCError):
-        return Outcome(cluster, "Degraded", f"scheduler call failed: {error}")
+        return Outcome(cluster, "Degraded", f"scheduler call failed: {error}", cause="CallFailed")
     # A bug, or an answer nobody foresaw: logged with its traceback, and it degrades
     # only this cluster
     logger.error("Unexpected error converging DaskCluster %s", cluster, exc_info=error)
-    return Outcome(cluster, "Degraded", f"unexpected error: {type(error).__name__}: {error}")
+    return Outcome(cluster, "Degraded", f"unexpected error: {type(error).__name__}: {error}", cause="Unexpected")
+
+
+#: A pass over one cluster may take this many RPC timeouts in all (status, install
+#: or replace: up to four calls, status, apply)
+PASS_TIMEOUT_CALLS = 6
 
 
 @dataclass(frozen=True)
@@ -216,7 +225,8 @@ class ClusterReconciler:
     backoff_cap: float
     #: Restores owed, by (namespace, cluster); retried by :meth:`retry_pending_restores`
     pending_restores: dict[tuple[str, str], PendingRestore]
-    _locks: dict[tuple[str, str], asyncio.Lock]
+    #: Per-cluster locks; a lock no pass holds or waits for is dropped by itself
+    _locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock]
     _backoffs: dict[tuple[str, str], Backoff]
 
     def __init__(
@@ -232,11 +242,14 @@ class ClusterReconciler:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.pending_restores = {}
-        self._locks = {}
+        self._locks = weakref.WeakValueDictionary()
         self._backoffs = {}
 
     def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
-        return self._locks.setdefault(key, asyncio.Lock())
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
 
     async def converge(
         self, namespace: str, cluster: str, wanted: AMMConfig, owner: dict[str, Any]
@@ -250,7 +263,12 @@ class ClusterReconciler:
             return dataclasses.replace(backoff.last, actions=[])  # nothing done this time
         async with self._lock(key):
             try:
-                outcome = await self._converge(namespace, cluster, wanted, owner)
+                # each call has its own timeout; this bounds the whole pass
+                async with asyncio.timeout(PASS_TIMEOUT_CALLS * self.rpc_timeout):
+                    outcome = await self._converge(namespace, cluster, wanted, owner)
+            except TimeoutError:
+                outcome = Outcome(cluster, "Degraded", f"scheduler too slow: a pass took over "
+                                  f"{PASS_TIMEOUT_CALLS * self.rpc_timeout:g}s", cause="Unreachable")
             except Exception as e:  # one cluster's failure is its own outcome
                 outcome = error_outcome(cluster, e)
             if outcome.state == "Degraded":
@@ -266,6 +284,10 @@ class ClusterReconciler:
         address = await self._address(namespace, cluster, "converge")
         status, actions = await self._status_with_plugin(address)
         tag = status.get("owner") or {}
+        if tag.get("uid") == owner["uid"] and (tag.get("generation") or 0) > owner["generation"]:
+            # a pass of an older generation, late: the newer one's pass owns the scheduler
+            return Outcome(cluster, "Applied", plugin_source=status.get("source"),
+                           applied_generation=tag["generation"], amm=amm_summary(status))
         same_owner = tag.get("uid") == owner["uid"] and tag.get("generation") == owner["generation"]
         reason = None if same_owner else "not configured by this policy generation"
         reason = reason or drift(wanted, status)
@@ -278,7 +300,7 @@ class ClusterReconciler:
             left = drift(wanted, status)
             if left:
                 return Outcome(
-                    cluster, "Degraded", f"configuration did not take: {left}",
+                    cluster, "Degraded", f"configuration did not take: {left}", cause="DidNotTake",
                     plugin_source=status.get("source"), amm=amm_summary(status), actions=actions,
                 )
         return Outcome(
@@ -339,7 +361,11 @@ class ClusterReconciler:
         owner = status.get("owner") or {}
         if not owner or owner.get("uid") in known_uids:
             return None
-        return await self.release(namespace, cluster, owner["uid"])
+        try:
+            return await self.release(namespace, cluster, owner["uid"])
+        except Exception as e:  # tried again at the cluster's next change
+            logger.warning("Could not restore orphaned DaskCluster %s/%s: %s", namespace, cluster, e)
+            return None
 
     def owe_restore(self, restore: PendingRestore) -> None:
         """Remember a restore that deletion could not do (the policy is gone now)."""
@@ -353,7 +379,9 @@ class ClusterReconciler:
         for key, owed in list(self.pending_restores.items()):
             try:
                 outcome = await self.release(owed.namespace, owed.cluster, owed.policy_uid)
-            except (SchedulerRPCError, SchedulerAccessError) as e:
+            except Exception as e:  # one scheduler's failure is its own
+                if not isinstance(e, (SchedulerRPCError, SchedulerAccessError)):
+                    logger.error("Unexpected error restoring %s/%s", *key, exc_info=e)
                 logger.info("Restore of DaskCluster %s/%s still pending: %s", *key, e)
                 continue
             self.pending_restores.pop(key, None)
@@ -389,11 +417,8 @@ class ClusterReconciler:
         await self.locator.forget(namespace, cluster)
 
     def forget_cluster(self, namespace: str, cluster: str) -> None:
-        """The DaskCluster is gone: drop its backoff, its owed restore and its lock
-        (unless a pass holds the lock right now: that pass still needs it)."""
+        """The DaskCluster is gone: drop its backoff and its owed restore (its lock
+        goes by itself once no pass holds or waits for it)."""
         key = (namespace, cluster)
         self._backoffs.pop(key, None)
         self.pending_restores.pop(key, None)
-        lock = self._locks.get(key)
-        if lock is not None and not lock.locked():
-            del self._locks[key]
