@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dask_memory_operator.schedulers.locator import SchedulerLocator, SchedulerServiceMissing
+from dask_memory_operator.schedulers.locator import SchedulerAccessError, SchedulerLocator, SchedulerServiceMissing
 from dask_memory_operator.devstack.stack import LocalStack
 
 
@@ -16,7 +16,7 @@ def api(tmp_path, monkeypatch):
         stack.apply({
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "demo-scheduler", "namespace": "ns"},
-            "spec": {"selector": {"app": "x"}, "ports": [
+            "spec": {"selector": {"dask.org/cluster-name": "demo", "dask.org/component": "scheduler"}, "ports": [
                 {"name": "http-dashboard", "port": 8787},
                 {"name": "tcp-comm", "port": 8786},
             ]},
@@ -40,3 +40,19 @@ def test_auto_picks_dns_in_a_pod_and_port_forward_outside(monkeypatch):
     assert SchedulerLocator("auto").mode == "dns"
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
     assert SchedulerLocator("auto").mode == "port-forward"
+
+
+@pytest.mark.parametrize("spec, words", [
+    ({"type": "ExternalName", "externalName": "victim-scheduler.other.svc.cluster.local"}, "ExternalName"),
+    ({"ports": [{"name": "tcp-comm", "port": 8786}]}, "does not select"),  # endpoints by hand
+    ({"selector": {"dask.org/cluster-name": "victim", "dask.org/component": "scheduler"},
+      "ports": [{"name": "tcp-comm", "port": 8786}]}, "does not select"),
+])
+async def test_a_service_leading_elsewhere_is_refused(api, spec, words):
+    """The namespace's owner writes the Service: it may not route the operator to
+    another tenant's scheduler."""
+    api.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sly-scheduler", "namespace": "ns"},
+               "spec": spec})
+    for mode in ("dns", "cluster-ip"):
+        with pytest.raises(SchedulerAccessError, match=words):
+            await SchedulerLocator(mode).address("ns", "sly")

@@ -49,6 +49,29 @@ def comm_port(service: Mapping[str, Any]) -> Mapping[str, Any]:
     raise SchedulerServiceMissing(f"Service {name} has no port named {COMM_PORT_NAME}")
 
 
+#: Labels dask-kubernetes gives a cluster's scheduler pod; the Service must select them
+def scheduler_pod_labels(cluster: str) -> dict[str, str]:
+    return {"dask.org/cluster-name": cluster, "dask.org/component": "scheduler"}
+
+
+def check_routes_to_own_scheduler(service: Mapping[str, Any], cluster: str) -> None:
+    """The Service is written by whoever owns the namespace: it must lead to this
+    cluster's scheduler pods, in its own namespace, and nowhere else. An
+    ExternalName Service, or one without that selector (its endpoints written by
+    hand), could send the operator to another tenant's scheduler."""
+    spec = service.get("spec") or {}
+    name = service.get("metadata", {}).get("name")
+    if spec.get("type") == "ExternalName":
+        raise SchedulerAccessError(f"Service {name} is of type ExternalName: refused")
+    selector = spec.get("selector") or {}
+    wanted = scheduler_pod_labels(cluster)
+    if any(selector.get(k) != v for k, v in wanted.items()):
+        raise SchedulerAccessError(
+            f"Service {name} does not select the cluster's scheduler pods "
+            f"({', '.join(f'{k}={v}' for k, v in wanted.items())}): refused"
+        )
+
+
 async def _target_port(service: Service, port_spec: Mapping[str, Any]) -> int:
     """The container port behind a Service port (``targetPort`` may name it)."""
     target = port_spec.get("targetPort", port_spec["port"])
@@ -94,6 +117,7 @@ class SchedulerLocator:
 
     async def address(self, namespace: str, cluster: str) -> str:
         service = await self._get_service(namespace, cluster)
+        check_routes_to_own_scheduler(service.raw, cluster)
         port_spec = comm_port(service.raw)
         port = int(port_spec["port"])
         name = service.name
