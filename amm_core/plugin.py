@@ -397,6 +397,16 @@ class MemoryPolicyPlugin(SchedulerPlugin):
         if getattr(self, "retirement", None) is not None:
             self.retirement.worker_joined(worker)
 
+    def log_event(self, topic: str, msg: Any) -> None:
+        # Called synchronously by handle_worker_status_change, before a worker that
+        # turned running gets tasks: the moment to keep a retired one out
+        if (
+            getattr(self, "retirement", None) is not None
+            and isinstance(msg, dict)
+            and msg.get("action") == "worker-status-change"
+        ):
+            self.retirement.status_changed(topic, msg)
+
     def remove_worker(
         self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any
     ) -> None:

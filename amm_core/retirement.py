@@ -463,6 +463,22 @@ class RetirementEngine:
         )
         self.amm.start()
 
+    def status_changed(self, address: str, event: dict[str, Any]) -> None:
+        """A worker's status changed (``handle_worker_status_change`` logs it, then
+        acts on it). A worker under retirement reporting itself running is a process
+        that registered again and finished starting up (it registers as init, then
+        says running): set it back to closing_gracefully before the scheduler, which
+        reads the status again after logging, gives it tasks. Changes by anyone else
+        are seen at the next cycle and abort the retirement."""
+        if event.get("status") != Status.running.name or not str(
+            event.get("stimulus_id", "")
+        ).startswith("worker-status-change"):
+            return
+        ws = self.scheduler.workers.get(address)
+        rt = self.records.get(str(ws.name)) if ws is not None else None
+        if ws is not None and rt is not None and rt.ws is ws and rt.state in ACTIVE:
+            set_status(self.scheduler, ws, Status.closing_gracefully)
+
     def worker_left(self, address: str) -> None:
         for rt in self.records.values():
             if rt.ws.address != address or rt.left or rt.state not in ACTIVE:

@@ -44,10 +44,17 @@ class Computes(SchedulerPlugin):
 
     def __init__(self) -> None:
         self.started: Counter[Any] = Counter()
+        #: key -> addresses of the workers it went processing on
+        self.where: dict[Any, list[str]] = {}
+
+    async def start(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         if finish == "processing":
             self.started[key] += 1
+            ws = self.scheduler.tasks[key].processing_on
+            self.where.setdefault(key, []).append(ws.address)
 
 
 class Veto(SchedulerPlugin):
@@ -225,12 +232,13 @@ async def test_workers_holding_each_others_only_copies_wait_for_a_third() -> Non
             rec = records(s)
             on_third = s.workers[third] in (s.tasks[x.key].who_has or ())
             seen.append((rec["w0"]["state"], rec.get("w1", {}).get("state"), on_third))
-            return on_third and {r["state"] for r in rec.values()} == {"done"}
+            return {r["state"] for r in rec.values()} == {"done"}
 
         # w1 retires too: the copies on w0 and w1 no longer count.
         await call(s, "amm_core_retire", workers=["w1"], limit=30)
-        await until(observe, "both done with a copy on the third worker")
+        await until(observe, "both done")
         assert all(on_third for s0, s1, on_third in seen if "done" in (s0, s1)), seen
+        assert seen[-1][2], "done without a copy on the third worker"
         assert seen[0][:2] == ("moving", "moving")
         assert sum(r["keys_moved"] for r in records(s).values()) == 1
         await ws[0].close()
@@ -389,10 +397,16 @@ async def test_retired_worker_that_registers_again_stays_out_until_cancelled() -
         reply = await call(s, "amm_core_forget_retirement", workers=["w0"])
         assert reply["forgotten"] == [] and "still connected" in reply["kept"][0]["reason"]
 
-        # Its process restarts before the pod is deleted (dask-kubernetes#855).
+        # Its process restarts before the pod is deleted (dask-kubernetes#855),
+        # while tasks queue on the scheduler for want of threads: a worker turning
+        # running would get some at once.
         await ws[0].close()
         await until(lambda: a not in s.workers, "old process gone")
         assert records(s)["w0"]["state"] == "done" and records(s)["w0"]["left"]
+        ev = Event()
+        await ev.clear()
+        queued = c.map(wait_for_event, [ev] * 6, pure=False)
+        await until(lambda: s.queued, "tasks queued")
         async with Worker(s.address, name="w0", nthreads=1, memory_limit="4GB") as again:
             new = again.address
             assert s.workers[new].status == Status.closing_gracefully
@@ -404,9 +418,11 @@ async def test_retired_worker_that_registers_again_stays_out_until_cancelled() -
                 1,
                 False,
             )
-            futs = c.map(link, [None] * 6, range(6), [0.01] * 6, pure=False)
-            await c.gather(futs)
-            assert all(s.tasks[f.key].who_has == {s.workers[b]} for f in futs)
+            await ev.set()
+            await c.gather(queued)
+            assert all(s.tasks[f.key].who_has == {s.workers[b]} for f in queued)
+            assert not any(new in where for where in s.plugins["computes"].where.values())
+            assert s.workers[new].status == Status.closing_gracefully
             assert not s.workers[new].has_what
 
             reply = await call(s, "amm_core_cancel_retirement", workers=["w0"])
