@@ -16,10 +16,9 @@ check reads (the workers read theirs at start-up).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -30,10 +29,9 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from amm_core.plugin import PLUGIN_NAME, MemoryPolicyPlugin, is_plain, plain
 from amm_core.retirement import retiring_workers, unsafe_keys
-from amm_testing import MB, WORKER_MEMORY, blob
+from amm_testing import MB, WORKER_MEMORY, blob, until
 
 AMM = "distributed.scheduler.active-memory-manager"
-DEADLINE = 20.0
 
 
 class Computes(SchedulerPlugin):
@@ -99,17 +97,6 @@ async def cluster(n: int) -> AsyncIterator[tuple[Scheduler, list[Worker], Client
             c = await stack.enter_async_context(Client(s.address, asynchronous=True))
             await c.register_plugin(MemoryPolicyPlugin())
             yield s, workers, c
-
-
-async def until(cond: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        out = cond()
-        if out:
-            return out
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def call(s: Scheduler, op: str, **kwargs: Any) -> Any:
