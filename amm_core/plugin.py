@@ -89,6 +89,41 @@ Message shapes (all plain data)::
         "replace": [entry, ...],         # report()["replace"] of all policies
     }
 
+Graceful retirement (amm_core.retirement; non-blocking: each handler returns at
+once, the operator polls)::
+
+    amm_core_retire(workers: [name | address, ...], limit: seconds,
+                    drain: bool = True, reason: str = "")
+        -> {"retirements": [retirement, ...], "unknown": [name, ...]}
+        # idempotent: a worker already retiring or retired keeps its record;
+        # a refused one (actors, long-running tasks, a plugin's veto) comes back
+        # "aborted" with the reason
+    amm_core_retirements() -> [retirement, ...]
+    amm_core_cancel_retirement(workers) -> {"cancelled": [name, ...],
+                                            "retirements": [retirement, ...]}
+    amm_core_forget_retirement(workers) -> {"forgotten": [name, ...],
+                                            "kept": [{"worker", "reason"}, ...]}
+    amm_core_retirement_candidates(workers, n: int)
+        -> {"candidates": [{"worker", "address", "unique_bytes", "unique_keys",
+                            "tasks_running", "why"}, ...],   # best first, at most n
+            "excluded": [{"worker", "reason"}, ...]}
+
+    retirement = {
+        "worker": name, "address": str,
+        "state": "draining" | "moving" | "done" | "aborted",
+        "reason": str,                   # why aborted, else the caller's reason
+        "requested": str,                # the caller's reason
+        "keys_left": int, "bytes_left": int,   # keys only it holds (not safe)
+        "tasks_running": int, "keys_moved": int, "bytes_moved": int,
+        "wasted_tasks": int,             # tasks lost (or to be lost, drain=False)
+        "started": scheduler time, "seconds": float, "limit": float,
+        "drain": bool,
+        "left": bool,                    # the worker left the cluster
+        "rejoined": int,                 # re-registrations kept closing_gracefully
+    }
+
+``status()`` also has ``"retirements": [retirement, ...]``.
+
 Install with ``dask scheduler --preload amm_core.plugin`` (or
 ``DASK_DISTRIBUTED__SCHEDULER__PRELOAD=amm_core.plugin``); the operator can also
 register it on a running scheduler (see dask_memory_operator.schedulers.rpc).
@@ -115,6 +150,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.utils import import_term
 
 import amm_core
+from amm_core.retirement import RetirementEngine
 
 if TYPE_CHECKING:
     from distributed.scheduler import Scheduler
@@ -479,6 +515,8 @@ class MemoryPolicyPlugin(SchedulerPlugin):
     #: Ad-hoc AMMs finishing retirements that were in progress when a config stopped
     #: the main AMM
     retirement_amms: set[ActiveMemoryManagerExtension]
+    #: Graceful retirements (amm_core.retirement), served by their own handlers
+    retirement: RetirementEngine
     #: AMM cycles run since the plugin started
     cycles: int
     #: Replicate and drop suggestions the AMM enacted (sent to workers) since start
@@ -560,6 +598,8 @@ class MemoryPolicyPlugin(SchedulerPlugin):
         ordered.clear()
         ordered.update(first, rest)
         self._count(amm)
+        self.retirement = RetirementEngine(scheduler, self, lambda: self.amm.measure)
+        scheduler.handlers.update(self.retirement.handlers())
         logger.info(
             "amm_core plugin started (%s); scheduler's own AMM config: %s",
             self.source,
@@ -580,6 +620,27 @@ class MemoryPolicyPlugin(SchedulerPlugin):
             raise ValueError(
                 f"amm_core cannot configure this scheduler: {self.unavailable}"
             )
+
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        # A retired worker's process restarted before its pod went: keep it out
+        if getattr(self, "retirement", None) is not None:
+            self.retirement.worker_joined(worker)
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        # Called synchronously by handle_worker_status_change, before a worker that
+        # turned running gets tasks: the moment to keep a retired one out
+        if (
+            getattr(self, "retirement", None) is not None
+            and isinstance(msg, dict)
+            and msg.get("action") == "worker-status-change"
+        ):
+            self.retirement.status_changed(topic, msg)
+
+    def remove_worker(
+        self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any
+    ) -> None:
+        if getattr(self, "retirement", None) is not None:
+            self.retirement.worker_left(worker)
 
     def _count(self, amm: ActiveMemoryManagerExtension) -> None:
         """Count cycles and enacted suggestions by wrapping the extension instance's
@@ -734,6 +795,7 @@ class MemoryPolicyPlugin(SchedulerPlugin):
             "workers": len(self.scheduler.workers),
             "policy_reports": reports,
             "replace": replace,
+            "retirements": self.retirement.reports(),
         }
 
     def _identity(self) -> dict[str, Any]:

@@ -19,8 +19,11 @@ operator the user decides). The policy lists these workers in
 msgpack data, no pickling), as ``{"address", "name", "paused_since",
 "retiring_since", "retired"}``.
 
-``retired`` says the worker can be killed now without losing data: it holds no key
-without a copy elsewhere and is processing nothing. It is recomputed at every cycle,
+``retired`` says the worker can be killed now without losing data: every key it
+holds has a copy on a worker that is not itself retiring (the safe-key rule of
+:func:`amm_core.retirement.is_safe`: two paused workers retired together, holding
+each other's only copies, are not retired until the keys sit on a third) and it is
+processing nothing. It is recomputed at every cycle,
 because it can turn false again: a task that was still running when the worker
 paused finishes later and leaves its only copy there. Upstream's RetireWorker detaches
 itself as soon as no unique key is left, and anything landing afterwards is lost when
@@ -33,6 +36,12 @@ RetirePaused object that started it: the scheduler plugin rebuilds RetirePaused 
 its arguments change, and keeps RetireWorker policies. A RetirePaused adopts at every
 cycle the RetireWorkerWithRoom policies it does not track yet, and reports and handles
 them as its own.
+
+A retirement lives only as long as a RetirePaused is in the AMM: when a config
+drops RetirePaused (or the scheduler plugin restores the scheduler's own config), its
+RetireWorkerWithRoom policies put their workers back to paused (they unpause by
+themselves if their memory went down) and detach at their next run, instead of
+leaving them closing_gracefully with no one reporting them for replacement.
 
 If the unique keys cannot go anywhere (no running worker with room), the retirement
 is aborted: the RetireWorkerWithRoom puts the worker back to paused itself, as
@@ -61,6 +70,7 @@ from distributed.active_memory_manager import (
 from distributed.core import Status
 from distributed.metrics import time
 
+from amm_core import retirement
 from amm_core._room import CountingPolicy, workers_with_room
 
 if TYPE_CHECKING:
@@ -76,22 +86,14 @@ HANDLER = "amm_replace"
 
 
 def set_status(scheduler: Scheduler, ws: WorkerState, status: Status) -> None:
-    """Change a worker's status as Scheduler.retire_workers does: on the scheduler at
-    once, so that no task or copy lands on the worker meanwhile, and tell the worker."""
-    stimulus_id = f"retire-paused-{time()}"
-    scheduler.handle_worker_status_change(status, ws, stimulus_id)
-    scheduler.stream_comms[ws.address].send(
-        {
-            "op": "worker-status-change",
-            "status": status.name,
-            "stimulus_id": stimulus_id,
-        }
-    )
+    """amm_core.retirement.set_status, with stimulus ids saying retire-paused."""
+    retirement.set_status(scheduler, ws, status, prefix="retire-paused")
 
 
-def unique_keys(ws: WorkerState) -> int:
-    """How many keys ``ws`` holds that no other worker has."""
-    return sum(len(ts.who_has or ()) <= 1 for ts in ws.has_what)
+def unsafe_keys(scheduler: Scheduler, ws: WorkerState) -> int:
+    """How many keys ``ws`` holds that would be lost if it went now: those with no
+    copy on a worker that is not itself retiring (amm_core.retirement.is_safe)."""
+    return len(retirement.unsafe_keys(ws, retirement.retiring_workers(scheduler)))
 
 
 class RetireWorkerWithRoom(RetireWorker):
@@ -120,6 +122,19 @@ class RetireWorkerWithRoom(RetireWorker):
     def run(self) -> SuggestionGenerator:
         scheduler = self.manager.scheduler
         ws = scheduler.workers.get(self.address)
+        if not self.watched():
+            # RetirePaused left the config (or the scheduler was restored): no one
+            # will report the worker for replacement. Back to paused (it unpauses by
+            # itself if its memory went down) rather than closing_gracefully forever.
+            if ws is not None and ws.status == Status.closing_gracefully:
+                set_status(scheduler, ws, Status.paused)
+            self.manager.policies.discard(self)
+            logger.info(
+                "RetireWorkerWithRoom(%s): no RetirePaused in the AMM; retirement "
+                "abandoned",
+                self.address,
+            )
+            return
         if ws is not None and not ws.has_what and not ws.actors:
             # Retired and empty. Upstream would log "no unique keys" and detach.
             return
@@ -160,6 +175,13 @@ class RetireWorkerWithRoom(RetireWorker):
             # there may yet leave its only copy on the worker.
             self.manager.policies.add(self)
 
+    def watched(self) -> bool:
+        """Whether a RetirePaused is in this policy's AMM or in the scheduler's (the
+        plugin hands retirements over to an ad-hoc AMM when a config stops it)."""
+        main = self.manager.scheduler.extensions.get("amm")
+        pools = [self.manager.policies, main.policies if main is not None else ()]
+        return any(isinstance(p, RetirePaused) for pool in pools for p in pool)
+
     def attached(self) -> bool:
         """Whether this policy is still in an AMM (the main one or an ad-hoc one the
         scheduler plugin handed it over to)."""
@@ -175,8 +197,8 @@ class Retirement:
     ws: WorkerState
     #: The AMM policy copying its unique keys away; holds paused_since, retiring_since
     policy: RetireWorkerWithRoom
-    #: No key is held only by this worker and it processes nothing (recomputed at
-    #: every cycle)
+    #: Every key it holds has a copy on a worker that is not retiring, and it
+    #: processes nothing (recomputed at every cycle)
     retired: bool = False
 
 
@@ -299,7 +321,7 @@ class RetirePaused(CountingPolicy):
                     ws.status.name,
                 )
                 continue
-            unique = unique_keys(ws)
+            unique = unsafe_keys(scheduler, ws)
             if unique and not rt.policy.attached():
                 # Someone removed it from the AMM; the keys must still go somewhere.
                 old = rt.policy

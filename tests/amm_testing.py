@@ -13,6 +13,7 @@ the tests' folder is on the worker processes' path, as it is on pytest's.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -41,13 +42,24 @@ WORKER_MEMORY = {
 def wait_for(cond: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
     """Poll ``cond`` until it returns something truthy, and return that."""
     deadline = time.monotonic() + timeout
-    while True:
-        out = cond()
-        if out:
-            return out
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
+    while not (out := _check(cond, deadline, what)):
         time.sleep(0.05)
+    return out
+
+
+async def until(cond: Callable[[], Any], what: str = "", timeout: float = 30) -> Any:
+    """:func:`wait_for` for tests on the event loop of an in-process scheduler."""
+    deadline = time.monotonic() + timeout
+    while not (out := _check(cond, deadline, what)):
+        await asyncio.sleep(0.01)
+    return out
+
+
+def _check(cond: Callable[[], Any], deadline: float, what: str) -> Any:
+    out = cond()
+    if not out and time.monotonic() > deadline:
+        raise AssertionError(f"timed out waiting for {what or cond}")
+    return out
 
 
 class KeyHistory(SchedulerPlugin):

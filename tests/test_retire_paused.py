@@ -278,3 +278,77 @@ async def test_handler_installed_when_policy_joins_an_amm() -> None:
             assert HANDLER not in s.handlers
             s.extensions["amm"].add_policy(RetirePaused())
             assert s.handlers[HANDLER]() == []
+
+
+def test_shared_keys_only_on_other_retiring_workers_are_not_retired() -> None:
+    """Two paused workers hold the only copies of a key: neither is retired until
+    the key sits on a third. Cycles are driven by hand (the AMM is stopped), so the
+    check runs while the copy is still to be made."""
+    with amm_cluster(
+        3,
+        memory_limit="500MB",
+        **{
+            f"{AMM}.start": False,
+            f"{AMM}.policies": [
+                {"class": "amm_core.retire_paused.RetirePaused", "after": "0s"}
+            ],
+        },
+    ) as (lc, c):
+        a, b, third = sorted(c.scheduler_info()["workers"])
+        [x] = c.scatter([blob(1, 10 * MB)], workers=[a, b], broadcast=True)
+        c.run(lower_pause, workers=[a, b])
+        wait_for(lambda: status(c, a) == status(c, b) == "paused", what="paused")
+        c.amm.run_once()  # both retire
+        c.amm.run_once()  # the copy to the third worker is asked for
+        entries = amm_replace(c)
+        assert sorted(e["address"] for e in entries) == [a, b]
+        assert holders(c, [x])[x.key] <= {a, b, third}
+        assert [e["retired"] for e in entries] == [False, False]
+
+        def retired() -> bool:
+            c.amm.run_once()
+            return [e["retired"] for e in amm_replace(c)] == [True, True]
+
+        wait_for(retired, what="both retired")
+        assert third in holders(c, [x])[x.key]
+        assert c.gather(x) == blob(1, 10 * MB)
+
+
+@pytest.mark.parametrize("how", ["apply_without", "restore"])
+def test_dropping_retire_paused_puts_its_retirements_back(how: str) -> None:
+    """RetirePaused leaves the config (a MemoryPolicy without it, or the scheduler's
+    own config restored): its retirement goes back to paused and its
+    RetireWorkerWithRoom detaches, instead of closing_gracefully forever."""
+    with amm_cluster(
+        2,
+        memory_limit="500MB",
+        **{f"{AMM}.start": True, f"{AMM}.interval": "200ms", f"{AMM}.policies": []},
+    ) as (lc, c):
+        a, b = sorted(c.scheduler_info()["workers"])
+        c.register_plugin(MemoryPolicyPlugin())
+
+        def apply(dask_scheduler: Scheduler, policies: list, generation: int) -> dict:
+            plugin = dask_scheduler.plugins[PLUGIN_NAME]
+            owner = {"uid": "u", "namespace": "ns", "name": "mp", "generation": generation}
+            return plugin.apply({"policies": policies}, owner)
+
+        c.run_on_scheduler(
+            apply, policies=[{"class": "RetirePaused", "after": "1s"}], generation=1
+        )
+        futs, late, ev = start_blocked(c, a, 2)
+        c.run(lower_pause, workers=[a])
+        wait_for(lambda: status(c, a) == "closing_gracefully", what="retiring")
+        assert c.run_on_scheduler(retirement_policies) == [a]
+
+        if how == "restore":
+            c.run_on_scheduler(
+                lambda dask_scheduler: dask_scheduler.plugins[PLUGIN_NAME].restore()
+            )
+        else:
+            c.run_on_scheduler(apply, policies=[], generation=2)
+        wait_for(lambda: status(c, a) == "paused", what="back to paused")
+        assert c.run_on_scheduler(retirement_policies) == []
+        c.amm.run_once()
+        assert status(c, a) == "paused"
+        ev.set()
+        assert c.gather([*futs, late]) == [blob(i, 10 * MB) for i in range(3)]
