@@ -66,7 +66,9 @@ async def converge_changed_cluster(
     except InvalidPolicy:
         return  # the policy's own reconcile reports it
     outcome = await reconciler.converge(namespace, name, wanted, owner_tag(policy_body))
-    metrics.observe(namespace, a.governor.name, outcome)
+    if any(p.uid == a.governor.uid for p in memorypolicies_by_namespace.get(namespace, [])):
+        # (a policy deleted during the pass has ended its series: keep them ended)
+        metrics.observe(namespace, a.governor.name, outcome)
     post_actions(policy_body, {"name": name, "uid": body.metadata.get("uid", "")}, outcome)
 
 

@@ -239,16 +239,21 @@ async def _restore_all(
     candidates = {e["name"] for e in status.get("clusters") or () if e.get("state") != "Conflict"}
     candidates |= {c for c, info in clusters.items() if selects(me, c, info["labels"])}
     unreachable: dict[str, str] = {}
-    for cluster in (clusters[c] for c in sorted(candidates) if c in clusters):
-        try:
-            outcome = await reconciler.release(namespace, cluster["name"], uid)
-        except Exception as e:  # one cluster's failure is its own
-            if not isinstance(e, (SchedulerRPCError, SchedulerAccessError)):
-                log.error("Unexpected error restoring DaskCluster %s", cluster["name"], exc_info=e)
-            unreachable[cluster["name"]] = str(e)
-            continue
+    limit = asyncio.Semaphore(CONCURRENT_CLUSTERS)
+
+    async def release(cluster: Mapping[str, Any]) -> None:
+        async with limit:
+            try:
+                outcome = await reconciler.release(namespace, cluster["name"], uid)
+            except Exception as e:  # one cluster's failure is its own
+                if not isinstance(e, (SchedulerRPCError, SchedulerAccessError)):
+                    log.error("Unexpected error restoring DaskCluster %s", cluster["name"], exc_info=e)
+                unreachable[cluster["name"]] = str(e)
+                return
         if outcome is not None:
             post_outcome(body, cluster, outcome, {})
+
+    await asyncio.gather(*(release(clusters[c]) for c in sorted(candidates) if c in clusters))
     metrics.forget(namespace, policy=name)
     if not unreachable:
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +16,9 @@ from dask_memory_operator.api.memorypolicy import DASK_GROUP, DASK_VERSION
 from dask_memory_operator.schedulers.converge import Outcome
 
 logger = logging.getLogger(__name__)
+
+#: Characters of an Event's message kept (kopf's own limit)
+MAX_MESSAGE = 1024
 
 
 def dask_cluster_ref(namespace: str, name: str, uid: str) -> dict[str, Any]:
@@ -60,6 +64,8 @@ async def post_from_background(ref: Mapping[str, Any], reason: str, message: str
     Event is a report, not part of the work."""
     now = datetime.datetime.now(datetime.timezone.utc).isoformat()
     meta = ref["metadata"]
+    if len(message) > MAX_MESSAGE:  # as kopf cuts them: the API server refuses longer
+        message = message[: MAX_MESSAGE // 2 - 3] + " … " + message[-(MAX_MESSAGE // 2 - 3):]
     body = {
         "apiVersion": "v1",
         "kind": "Event",
@@ -69,7 +75,7 @@ async def post_from_background(ref: Mapping[str, Any], reason: str, message: str
         "reason": reason,
         "message": message,
         "reportingComponent": "kopf",
-        "reportingInstance": "dev",
+        "reportingInstance": socket.gethostname(),  # in a pod: the pod's name
         "source": {"component": "kopf"},
         "involvedObject": {
             "apiVersion": ref["apiVersion"], "kind": ref["kind"], "namespace": meta["namespace"],
