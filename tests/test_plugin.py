@@ -41,7 +41,7 @@ from amm_core.plugin import (
     OrderedPolicies,
     dotted_name as dotted,
 )
-from dask_memory_operator.schedulers import rpc as scheduler_rpc
+from dask_memory_operator.schedulers import install, rpc as scheduler_rpc
 from dask_memory_operator.schedulers.rpc import (
     ApplyRejected,
     PluginMissing,
@@ -220,7 +220,7 @@ async def test_plugin_missing_then_apply_sets_the_amm_exactly(cluster):
         await scheduler_rpc.get_status(addr)
 
     # amm_core is importable here already: registered, nothing uploaded
-    assert await scheduler_rpc.ensure_plugin(addr) == "live"
+    assert await install.ensure_plugin(addr) == "live"
     assert PLUGIN_NAME in cl.scheduler.plugins
     before = await scheduler_rpc.get_status(addr)
     assert ".zip" not in before["amm_core_path"]
@@ -274,13 +274,13 @@ async def test_plugin_missing_then_apply_sets_the_amm_exactly(cluster):
     ]
 
     # A second ensure_plugin finds it and registers nothing
-    assert await scheduler_rpc.ensure_plugin(addr) == "live"
+    assert await install.ensure_plugin(addr) == "live"
 
 
 async def test_repeated_apply_keeps_policy_objects_and_repairs_drift(cluster):
     cl, client = cluster
     addr = cl.scheduler_address
-    await scheduler_rpc.ensure_plugin(addr)
+    await install.ensure_plugin(addr)
     cfg = config(interval="100ms", policies=[{"class": KEEP, "copies": 1}])
 
     await scheduler_rpc.apply(addr, cfg, owner(1))
@@ -338,7 +338,7 @@ async def test_repeated_apply_keeps_policy_objects_and_repairs_drift(cluster):
 async def test_unchanged_entries_keep_their_objects_changed_ones_are_rebuilt(cluster):
     cl, _ = cluster
     addr = cl.scheduler_address
-    await scheduler_rpc.ensure_plugin(addr)
+    await install.ensure_plugin(addr)
     cfg = config(
         interval="1h",
         policies=[
@@ -395,7 +395,7 @@ async def test_replicate_keeps_wanted_counts_when_a_new_generation_changes_inter
 ):
     cl, client = cluster
     addr = cl.scheduler_address
-    await scheduler_rpc.ensure_plugin(addr)
+    await install.ensure_plugin(addr)
     cfg = config(
         interval="100ms",
         policies=[
@@ -452,7 +452,7 @@ async def test_an_older_generation_of_the_owner_in_force_changes_nothing(
 ):
     cl, _ = cluster
     addr = cl.scheduler_address
-    await scheduler_rpc.ensure_plugin(addr)
+    await install.ensure_plugin(addr)
     cfg = config(interval="1s", policies=[{"class": KEEP}])
     await scheduler_rpc.apply(addr, cfg, owner(3))
     before = configured(cl)
@@ -508,7 +508,7 @@ INVALID = [
 async def test_invalid_config_is_rejected_and_leaves_the_scheduler_unchanged(cluster):
     cl, _ = cluster
     addr = cl.scheduler_address
-    await scheduler_rpc.ensure_plugin(addr)
+    await install.ensure_plugin(addr)
     good = config(interval="1s", measure="managed", policies=[{"class": REDUCE}])
     await scheduler_rpc.apply(addr, good, owner(1))
     amm = amm_of(cl)
@@ -536,7 +536,7 @@ async def test_invalid_config_is_rejected_and_leaves_the_scheduler_unchanged(clu
 async def test_keys_left_out_take_the_schedulers_own_values(cluster):
     cl, _ = cluster
     addr = cl.scheduler_address
-    await scheduler_rpc.ensure_plugin(addr)
+    await install.ensure_plugin(addr)
     status = await scheduler_rpc.apply(addr, {"interval": "3s"}, owner())
     assert status["amm"]["interval"] == 3.0
     assert status["amm"]["measure"] == "optimistic"  # distributed's default
@@ -546,7 +546,7 @@ async def test_keys_left_out_take_the_schedulers_own_values(cluster):
 async def test_amm_core_builtin_policies_by_short_name_report_plain_data(cluster):
     cl, _ = cluster
     addr = cl.scheduler_address
-    await scheduler_rpc.ensure_plugin(addr)
+    await install.ensure_plugin(addr)
     names = list(amm_core.BUILTIN_POLICIES)
     cfg = config(interval="100ms", policies=[{"class": n} for n in names])
     status = await scheduler_rpc.apply(addr, cfg, owner())
@@ -572,7 +572,7 @@ async def test_amm_core_builtin_policies_by_short_name_report_plain_data(cluster
 async def test_counters_count_cycles_copies_and_a_real_reduce_replicas_drop(cluster):
     cl, client = cluster
     addr = cl.scheduler_address
-    await scheduler_rpc.ensure_plugin(addr)
+    await install.ensure_plugin(addr)
     await scheduler_rpc.apply(addr, config(start=False, interval="100ms"), owner(1))
 
     fut = client.submit(bytes, 1_000_000, pure=False)
@@ -614,7 +614,7 @@ async def test_counters_count_cycles_copies_and_a_real_reduce_replicas_drop(clus
 async def test_retire_worker_policies_survive_apply_and_restore(cluster):
     cl, _ = cluster
     addr = cl.scheduler_address
-    await scheduler_rpc.ensure_plugin(addr)
+    await install.ensure_plugin(addr)
     # A long interval keeps the RetireWorker policy below from ever running by itself:
     # it stands for a retire_workers() call in progress.
     await scheduler_rpc.apply(addr, config(interval="1h"), owner(1))
@@ -660,7 +660,7 @@ async def test_restore_brings_back_the_schedulers_own_config(tmp_path):
         "DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__MEASURE": "managed",
     }
     async with scheduler_process(tmp_path, env=env) as addr:
-        assert await scheduler_rpc.ensure_plugin(addr) == "live"
+        assert await install.ensure_plugin(addr) == "live"
         own = await scheduler_rpc.get_status(addr)
         assert own["amm"]["running"] is False
         assert own["amm"]["interval"] == 3
@@ -691,7 +691,7 @@ async def test_preload_reports_preload(tmp_path):
         status = await preloaded_status(addr)
         assert status["source"] == "preload" and status["error"] is None
         assert status["baseline_notes"] == []
-        assert await scheduler_rpc.ensure_plugin(addr) == "preload"
+        assert await install.ensure_plugin(addr) == "preload"
         status = await scheduler_rpc.apply(addr, config(interval="1s"), owner())
         assert status["source"] == "preload" and status["amm"]["interval"] == 1.0
 
@@ -719,7 +719,7 @@ async def test_live_install_on_a_scheduler_without_amm_core(tmp_path):
         async with Client(addr, asynchronous=True) as client:
             assert await client.run_on_scheduler(importlib.util.find_spec, "amm_core") is None
 
-        assert await scheduler_rpc.ensure_plugin(addr) == "live"
+        assert await install.ensure_plugin(addr) == "live"
         status = await scheduler_rpc.get_status(addr)
         assert status["source"] == "live"
         assert ".zip" in status["amm_core_path"]  # imported from the upload
@@ -743,7 +743,7 @@ async def test_live_install_on_a_scheduler_without_amm_core(tmp_path):
 
         status = await until(ran, "AMM cycles with the uploaded policy")
         assert [r["class"] for r in status["policy_reports"]] == ["Replicate"]
-        assert await scheduler_rpc.ensure_plugin(addr) == "live"
+        assert await install.ensure_plugin(addr) == "live"
 
 
 # --- policy order -------------------------------------------------------------
@@ -752,7 +752,7 @@ async def test_live_install_on_a_scheduler_without_amm_core(tmp_path):
 async def test_policies_run_in_config_order(cluster):
     cl, client = cluster
     addr = cl.scheduler_address
-    await scheduler_rpc.ensure_plugin(addr)
+    await install.ensure_plugin(addr)
     amm = amm_of(cl)
     # Eight policies: a set would run them in config order once in 40320 tries
     tags = ["h", "c", "a", "f", "b", "g", "e", "d"]
@@ -883,7 +883,7 @@ async def test_live_registration_on_a_scheduler_without_the_amm_raises():
         extensions=extensions_without_amm(), dashboard_address=":0", port=0
     ) as s:
         with pytest.raises(scheduler_rpc.SchedulerCallFailed) as info:
-            await scheduler_rpc.ensure_plugin(s.address)
+            await install.ensure_plugin(s.address)
         assert info.value.remote_type == "AMMUnavailable"
         assert "no Active Memory Manager extension" in info.value.remote_message
         assert PLUGIN_NAME not in s.plugins and "amm_core_status" not in s.handlers

@@ -1,4 +1,5 @@
-"""The operator's RPC client (dask_memory_operator.schedulers.rpc) on the wire.
+"""The operator's RPC client (dask_memory_operator.schedulers: rpc, wire, install) on the
+wire.
 
 A *fake scheduler* (an asyncio TCP server speaking distributed's framing, its
 messages encoded by distributed's own ``dumps``) plays a hostile scheduler: pickles,
@@ -45,7 +46,7 @@ from test_plugin import (  # noqa: F401  (cluster is a fixture)
 
 import amm_core
 from amm_core.plugin import PLUGIN_NAME, MemoryPolicyPlugin
-from dask_memory_operator.schedulers import rpc
+from dask_memory_operator.schedulers import install, rpc
 from dask_memory_operator.schedulers.rpc import (
     ApplyRejected,
     SchedulerCallFailed,
@@ -53,6 +54,7 @@ from dask_memory_operator.schedulers.rpc import (
     SchedulerRPCError,
     SchedulerUnreachable,
 )
+from dask_memory_operator.schedulers.wire import MAX_MESSAGE_BYTES, MAX_VALUES
 
 GiB = 2**30
 
@@ -175,8 +177,8 @@ ATTACKS: dict[str, tuple[Callable[[Path], bytes], str]] = {
     "reserved_byte": (lambda m: wire([b"\xc1"]), r"reserved msgpack byte 0xc1"),
     "oversized_frame": (lambda m: header_only(1, [10 * GiB]), r"message of 10737418240 bytes"),
     "frames_too_big_together": (
-        lambda m: header_only(2, [rpc.MAX_MESSAGE_BYTES, 1]),
-        rf"message of {rpc.MAX_MESSAGE_BYTES + 1} bytes",
+        lambda m: header_only(2, [MAX_MESSAGE_BYTES, 1]),
+        rf"message of {MAX_MESSAGE_BYTES + 1} bytes",
     ),
     "too_many_frames": (lambda m: header_only(10**6, []), r"message of 1000000 frames \(limit 16\)"),
     "no_frame": (lambda m: header_only(0, []), r"message of 0 frames"),
@@ -187,8 +189,8 @@ ATTACKS: dict[str, tuple[Callable[[Path], bytes], str]] = {
     "bytes_map_key": (lambda m: wire([msgpack.packb({b"k": "x"}, use_bin_type=True)]), r"map key of type bytes"),
     "duplicate_key": (lambda m: wire([b"\x82\xa1k\x01\xa1k\x02"]), r"map key 'k' twice"),
     "too_many_values": (
-        lambda m: wire([b"\xdd" + struct.pack(">I", rpc.MAX_VALUES) + b"\x80" * rpc.MAX_VALUES]),
-        rf"more than {rpc.MAX_VALUES} values",
+        lambda m: wire([b"\xdd" + struct.pack(">I", MAX_VALUES) + b"\x80" * MAX_VALUES]),
+        rf"more than {MAX_VALUES} values",
     ),
     "not_utf8": (lambda m: wire([b"\xa2\xff\xfe"]), r"not UTF-8"),
     "truncated": (lambda m: wire([b"\x92\x01"]), r"truncated"),
@@ -363,7 +365,7 @@ async def test_unreachable_scheduler_raises_scheduler_unreachable():
         rpc.get_status(addr, timeout=0.5),
         rpc.apply(addr, config(), owner(), timeout=0.5),
         rpc.restore(addr, timeout=0.5),
-        rpc.ensure_plugin(addr, timeout=0.5),
+        install.ensure_plugin(addr, timeout=0.5),
     ):
         with pytest.raises(SchedulerUnreachable, match=str(port)) as info:
             await asyncio.wait_for(call, 30)
@@ -376,7 +378,7 @@ async def test_unreachable_scheduler_raises_scheduler_unreachable():
 async def test_calls_work_on_a_real_scheduler_and_its_objects_are_refused(cluster):
     cl, _ = cluster
     addr = cl.scheduler_address
-    assert await rpc.ensure_plugin(addr) == "live"
+    assert await install.ensure_plugin(addr) == "live"
     status = await rpc.apply(addr, config(interval="1s"), owner())
     assert status["amm"]["interval"] == 1.0
     with pytest.raises(ApplyRejected, match="measure"):
@@ -399,13 +401,13 @@ async def test_calls_work_on_a_real_scheduler_and_its_objects_are_refused(cluste
 
 
 def test_package_zip_is_stable_and_holds_amm_core():
-    name, data = rpc.package_zip()
-    assert rpc.package_zip() == (name, data)
+    name, data = install.package_zip()
+    assert install.package_zip() == (name, data)
     assert name.startswith("amm_core-") and name.endswith(".zip")
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         names = set(z.namelist())
     assert {"amm_core/__init__.py", "amm_core/plugin.py", "amm_core/_room.py"} <= names
-    assert f"{rpc.RELOAD_MODULE}.py" in names
+    assert f"{install.RELOAD_MODULE}.py" in names
     assert not any("__pycache__" in n for n in names)
 
 
@@ -437,7 +439,7 @@ def skewed_amm_core_zip(folder: Path, tag: str, *, reload_module: bool) -> Path:
                 text += SKEW_PATCH.replace("TAG", tag)
             z.writestr(f"amm_core/{source.name}", text)
         if reload_module:
-            z.writestr(f"_amm_core_reload_{tag}.py", rpc.RELOAD_SOURCE)
+            z.writestr(f"_amm_core_reload_{tag}.py", install.RELOAD_SOURCE)
     return path
 
 
@@ -471,7 +473,7 @@ async def test_live_plugin_running_other_amm_core_code_is_replaced(tmp_path):
         await install_as_another_operator(addr, older)
         status = await rpc.get_status(addr)
         assert status["skewed_copy"] == "older" and status["amm_core_digest"] != ours
-        assert f"plugin runs amm_core {amm_core.__version__}" in rpc.skew(status)
+        assert f"plugin runs amm_core {amm_core.__version__}" in install.skew(status)
         await rpc.apply(addr, replicate, owner(1))
 
         for round, tag in enumerate(["", "newer"]):
@@ -482,11 +484,11 @@ async def test_live_plugin_running_other_amm_core_code_is_replaced(tmp_path):
                 await install_as_another_operator(addr, newer)
                 assert (await rpc.get_status(addr))["skewed_copy"] == tag
 
-            assert await rpc.ensure_plugin(addr) == "live"
+            assert await install.ensure_plugin(addr) == "live"
             status = await rpc.get_status(addr)
             assert "skewed_copy" not in status, f"round {round}: the old code still runs"
-            assert status["amm_core_digest"] == ours and rpc.skew(status) is None
-            assert rpc.package_zip()[0] in status["amm_core_path"]
+            assert status["amm_core_digest"] == ours and install.skew(status) is None
+            assert install.package_zip()[0] in status["amm_core_path"]
 
             # The new plugin holds the handlers and the AMM: apply builds policies from
             # the operator's code, and they run
@@ -494,7 +496,7 @@ async def test_live_plugin_running_other_amm_core_code_is_replaced(tmp_path):
             assert status["owner"] == owner(2 + round) and status["in_force"]
             status = await next_cycle(addr, status)
             assert [r["class"] for r in status["policy_reports"]] == ["Replicate"]
-            assert await rpc.ensure_plugin(addr) == "live"  # nothing to replace now
+            assert await install.ensure_plugin(addr) == "live"  # nothing to replace now
 
 
 def plugin_status(source: str, digest: str | None) -> dict[str, Any]:
@@ -504,10 +506,10 @@ def plugin_status(source: str, digest: str | None) -> dict[str, Any]:
 async def test_preloaded_plugin_running_other_code_is_left_alone_and_told():
     fake = FakeScheduler(answer=lambda msg: message(plugin_status("preload", "abc")))
     async with fake as addr:
-        assert await rpc.ensure_plugin(addr) == "preload"
+        assert await install.ensure_plugin(addr) == "preload"
         status = await rpc.get_status(addr)
     assert [m["op"] for m in fake.received] == ["amm_core_status"] * 2  # nothing installed
-    assert rpc.skew(status) == (
+    assert install.skew(status) == (
         "the scheduler's image ships amm_core 0.0.9 (digest abc) but the operator runs "
         f"amm_core {amm_core.__version__} (digest {amm_core.source_digest()})"
     )
@@ -515,9 +517,9 @@ async def test_preloaded_plugin_running_other_code_is_left_alone_and_told():
 
 def test_skew_is_none_for_the_operators_own_code():
     ours = amm_core.source_digest()
-    assert rpc.skew(plugin_status("live", ours)) is None
-    assert rpc.skew(plugin_status("preload", ours)) is None
-    assert "plugin runs amm_core 0.0.9 (no digest)" in rpc.skew(plugin_status("live", None))
+    assert install.skew(plugin_status("live", ours)) is None
+    assert install.skew(plugin_status("preload", ours)) is None
+    assert "plugin runs amm_core 0.0.9 (no digest)" in install.skew(plugin_status("live", None))
 
 
 async def test_a_replacement_that_does_not_take_is_an_error():
@@ -530,7 +532,7 @@ async def test_a_replacement_that_does_not_take_is_an_error():
     fake = FakeScheduler(answer=answer)
     async with fake as addr:
         with pytest.raises(SchedulerCallFailed, match="did not take: .*digest abc"):
-            await rpc.ensure_plugin(addr)
+            await install.ensure_plugin(addr)
     ops = [(m["op"], m.get("idempotent")) for m in fake.received]
     assert ops == [
         ("amm_core_status", None),

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dask_memory_operator.observability import metrics
-from dask_memory_operator.schedulers import rpc as scheduler_rpc
+from dask_memory_operator.schedulers import install, rpc as scheduler_rpc
 from dask_memory_operator.schedulers.rpc import SchedulerRPCError
 from dask_memory_operator.schedulers.locator import SchedulerAccessError, SchedulerLocator, SchedulerServiceMissing
 from dask_memory_operator.api.memorypolicy import AMMConfig
@@ -308,7 +308,7 @@ class ClusterReconciler:
             "Applied",
             plugin_source=status.get("source"),
             # a preloaded plugin of other code: the image owns it, the user is told
-            plugin_warning=scheduler_rpc.skew(status),
+            plugin_warning=install.skew(status),
             applied_generation=owner["generation"],
             amm=amm_summary(status),
             actions=actions,
@@ -401,14 +401,14 @@ class ClusterReconciler:
         try:
             status = await scheduler_rpc.get_status(address, timeout=self.rpc_timeout)
         except scheduler_rpc.PluginMissing:
-            await scheduler_rpc.ensure_plugin(address, timeout=self.rpc_timeout)
+            await install.ensure_plugin(address, timeout=self.rpc_timeout)
             return await scheduler_rpc.get_status(address, timeout=self.rpc_timeout), [
                 "installed the amm_core plugin on the scheduler (live)"
             ]
-        skew = scheduler_rpc.skew(status)
+        skew = install.skew(status)
         if status.get("source") != "live" or skew is None:
             return status, []
-        await scheduler_rpc.ensure_plugin(address, timeout=self.rpc_timeout)
+        await install.ensure_plugin(address, timeout=self.rpc_timeout)
         return await scheduler_rpc.get_status(address, timeout=self.rpc_timeout), [
             f"replaced the live amm_core plugin: {skew}"
         ]
