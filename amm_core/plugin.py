@@ -126,7 +126,7 @@ once, the operator polls)::
 
 Install with ``dask scheduler --preload amm_core.plugin`` (or
 ``DASK_DISTRIBUTED__SCHEDULER__PRELOAD=amm_core.plugin``); the operator can also
-register it on a running scheduler (see dask_memory_operator.schedulers.rpc).
+register it on a running scheduler (see dask_memory_operator.schedulers.install).
 """
 
 from __future__ import annotations
