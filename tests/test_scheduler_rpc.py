@@ -644,3 +644,48 @@ async def test_a_late_pass_of_an_older_generation_leaves_the_newer_one_in_force(
         outcome = await ClusterReconciler(Locator({"c": addr})).converge("ns", "c", wanted, owner(2))
     assert outcome.state == "Applied" and outcome.applied_generation == 3 and outcome.actions == []
     assert [m["op"] for m in fake.received] == ["amm_core_status"]  # nothing applied
+
+
+# --- graceful retirement, from the operator's side -------------------------------------
+
+
+async def test_a_worker_is_retired_through_the_plugin_and_its_data_moves(cluster):
+    cl, client = cluster
+    addr = cl.scheduler_address
+    assert await install.ensure_plugin(addr) == "live"
+    await client.wait_for_workers(2)
+    names = {w: ws.name for w, ws in cl.scheduler.workers.items()}
+    victim, keeper = sorted(names)
+    [data] = await client.scatter([b"x" * 2**20], workers=[victim])
+    name = str(names[victim])
+
+    candidates = await rpc.retirement_candidates(addr, [str(n) for n in names.values()], 1)
+    assert [c["worker"] for c in candidates["candidates"]] == [str(names[keeper])]  # holds nothing
+
+    started = await rpc.retire(addr, [name, "no-such-worker"], 30, reason="scale-down")
+    assert started["unknown"] == ["no-such-worker"]
+    assert [r["worker"] for r in started["retirements"]] == [name]
+
+    async def done() -> dict[str, Any] | None:
+        [record] = [r for r in await rpc.retirements(addr) if r["worker"] == name]
+        return record if record["state"] == "done" else None
+
+    record = await until(done, "the retirement to be done")
+    assert record["keys_left"] == 0 and record["bytes_moved"] >= 2**20
+    who_has = await client.scheduler.who_has(keys=[data.key])
+    assert keeper in who_has[data.key]  # the only copy moved before anything went
+
+    # the worker is still connected: its record is kept until its pod is gone
+    assert [k["worker"] for k in (await rpc.forget_retirement(addr, [name]))["kept"]] == [name]
+    cancelled = await rpc.cancel_retirement(addr, [name])
+    assert cancelled["cancelled"] == [name]
+    assert (await rpc.forget_retirement(addr, [name]))["forgotten"] == [name]
+    assert await rpc.retirements(addr) == []
+
+
+async def test_a_retirement_record_of_the_wrong_shape_is_a_protocol_error():
+    bad = {**GOOD_STATUS, "amm_core_digest": amm_core.source_digest(),
+           "retirements": [{"worker": "w", "state": "gone-fishing"}]}
+    async with FakeScheduler(answer=lambda msg: message(bad)) as addr:
+        with pytest.raises(SchedulerProtocolError, match="'retirements' is not a list of retirements"):
+            await rpc.retirements(addr)

@@ -293,6 +293,18 @@ _AMM = _map_with({
     "memory_bytes": _number,
     "retiring_workers": _list_of(_text),
 })
+_RETIREMENT_STATES = ("draining", "moving", "done", "aborted")
+_RETIREMENT = _map_with({
+    "worker": _text,
+    "address": _text,
+    "state": lambda v: v in _RETIREMENT_STATES,
+    "reason": lambda v: isinstance(v, str) and len(v) <= MAX_ERROR_TEXT,
+    "keys_left": _number, "bytes_left": _number, "tasks_running": _number,
+    "keys_moved": _number, "bytes_moved": _number, "wasted_tasks": _number,
+    "seconds": _number, "limit": _number,
+    "drain": lambda v: isinstance(v, bool), "left": lambda v: isinstance(v, bool),
+})
+_RETIREMENTS = _list_of(lambda v: _RETIREMENT(v) and "worker" in v and "state" in v)
 #: The fields of the plugin's status the operator reads, and what each must be
 STATUS_SHAPE: dict[str, _Shape] = {
     "source": _Shape(lambda v: v in ("preload", "live"), '"preload" or "live"'),
@@ -304,6 +316,7 @@ STATUS_SHAPE: dict[str, _Shape] = {
     "amm_core_version": _Shape(_optional(_text), "null or a version"),
     "amm_core_digest": _Shape(_optional(_text), "null or a digest"),
     "error": _Shape(_optional(lambda v: isinstance(v, str) and len(v) <= MAX_ERROR_TEXT), "null or a message"),
+    "retirements": _Shape(_RETIREMENTS, "a list of retirements"),
 }
 
 
@@ -350,3 +363,41 @@ async def apply(
 async def restore(address: str, *, timeout: float | None = None) -> dict[str, Any]:
     """Put the scheduler's own AMM configuration back; returns the status."""
     return await _plugin_call(address, "amm_core_restore", timeout=timeout)
+
+
+# --- graceful retirement (amm_core.retirement) ---------------------------------------
+# Each call returns at once; the retirement goes on in the scheduler, and the caller
+# follows it with retirements(). The records come back checked like a status.
+
+
+async def retire(
+    address: str, workers: list[str], limit: float, *, drain: bool = True, reason: str = "",
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Start retiring ``workers`` (names or addresses); {"retirements", "unknown"}."""
+    return await _plugin_call(address, "amm_core_retire", timeout=timeout,
+                              workers=list(workers), limit=limit, drain=drain, reason=reason)
+
+
+async def retirements(address: str, *, timeout: float | None = None) -> list[dict[str, Any]]:
+    """Every retirement record the scheduler keeps."""
+    return (await get_status(address, timeout=timeout)).get("retirements", [])
+
+
+async def cancel_retirement(address: str, workers: list[str], *, timeout: float | None = None) -> dict[str, Any]:
+    """Put workers back in service; {"cancelled", "retirements"}."""
+    return await _plugin_call(address, "amm_core_cancel_retirement", timeout=timeout, workers=list(workers))
+
+
+async def forget_retirement(address: str, workers: list[str], *, timeout: float | None = None) -> dict[str, Any]:
+    """Drop the records of workers whose pods are gone; {"forgotten", "kept"}."""
+    return await _plugin_call(address, "amm_core_forget_retirement", timeout=timeout, workers=list(workers))
+
+
+async def retirement_candidates(
+    address: str, workers: list[str], n: int, *, timeout: float | None = None
+) -> dict[str, Any]:
+    """The ``n`` of ``workers`` best retired now, and why the others are not;
+    {"candidates", "excluded"}."""
+    return await _plugin_call(address, "amm_core_retirement_candidates", timeout=timeout,
+                              workers=list(workers), n=n)
