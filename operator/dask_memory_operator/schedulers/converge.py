@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 from dask_memory_operator.observability import metrics
 from dask_memory_operator.schedulers import install, rpc as scheduler_rpc
-from dask_memory_operator.schedulers.rpc import SchedulerRPCError
 from dask_memory_operator.schedulers.locator import SchedulerAccessError, SchedulerLocator, SchedulerServiceMissing
 from dask_memory_operator.api.memorypolicy import AMMConfig
 
@@ -273,7 +272,7 @@ class ClusterReconciler:
                 outcome = error_outcome(cluster, e)
             if outcome.state == "Degraded":
                 backoff.fail(outcome, tag, self.backoff_base, self.backoff_cap)
-                await self._forget_route(namespace, cluster)
+                await self.locator.forget(namespace, cluster)
             else:
                 self._backoffs.pop(key, None)
             return outcome
@@ -332,7 +331,7 @@ class ClusterReconciler:
             except scheduler_rpc.PluginMissing:
                 return None
             except scheduler_rpc.SchedulerRPCError:
-                await self._forget_route(namespace, cluster)
+                await self.locator.forget(namespace, cluster)
                 raise
             if (status.get("owner") or {}).get("uid") != owner_uid:
                 return None
@@ -380,7 +379,7 @@ class ClusterReconciler:
             try:
                 outcome = await self.release(owed.namespace, owed.cluster, owed.policy_uid)
             except Exception as e:  # one scheduler's failure is its own
-                if not isinstance(e, (SchedulerRPCError, SchedulerAccessError)):
+                if not isinstance(e, (scheduler_rpc.SchedulerRPCError, SchedulerAccessError)):
                     logger.error("Unexpected error restoring %s/%s", *key, exc_info=e)
                 logger.info("Restore of DaskCluster %s/%s still pending: %s", *key, e)
                 continue
@@ -412,9 +411,6 @@ class ClusterReconciler:
         return await scheduler_rpc.get_status(address, timeout=self.rpc_timeout), [
             f"replaced the live amm_core plugin: {skew}"
         ]
-
-    async def _forget_route(self, namespace: str, cluster: str) -> None:
-        await self.locator.forget(namespace, cluster)
 
     def forget_cluster(self, namespace: str, cluster: str) -> None:
         """The DaskCluster is gone: drop its backoff and its owed restore (its lock
