@@ -33,6 +33,8 @@ def test_sandbox_runs_the_demo_keeps_the_stack_and_cleans_up(tmp_path):
         assert match and float(match[1]) > 0 and float(match[2]) > 0, text
         assert re.search(r"analytics\s+1\s+1\s+True\s+Applied", text)
         assert "cluster demo: Applied, plugin live" in text
+        counters = re.search(r"cycles=(\d+) dropped=(\d+) copied=(\d+)", text)
+        assert counters and int(counters[1]) > 0, text  # from the scheduler, not None
         kubeconfig = re.search(r"export KUBECONFIG=(\S+)", text)[1]
 
         # the stack is up for kubectl, as printed

@@ -39,6 +39,12 @@ def amm_cycles(dask_scheduler: Any) -> int:
     return dask_scheduler.plugins["amm-core"].status()["amm"]["cycles"]
 
 
+def amm_counters(dask_scheduler: Any) -> dict[str, int]:
+    """Cycles run and replicas dropped and copied since the amm_core plugin started."""
+    amm = dask_scheduler.plugins["amm-core"].status()["amm"]
+    return {k: amm[k] for k in ("cycles", "replicas_dropped", "replicas_copied")}
+
+
 def amm_dropped(dask_scheduler: Any) -> int:
     """Replicas the AMM dropped since the amm_core plugin started."""
     return dask_scheduler.plugins["amm-core"].status()["amm"]["replicas_dropped"]

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dask_memory_operator import manifests
-from dask_memory_operator.devstack.probes import amm_state
+from dask_memory_operator.devstack.probes import amm_counters, amm_state
 from dask_memory_operator.devstack.stack import LocalStack
 
 EXAMPLES = Path(str(manifests.EXAMPLES))
@@ -133,7 +133,7 @@ def _demo(console: Console, stack: LocalStack, args: argparse.Namespace) -> None
 
     _print_results(console, sampler, timings)
     console.print(stack.kubectl("get", "memorypolicy", "-n", NAMESPACE).stdout)
-    _print_policy_status(console, policy_status(stack))
+    _print_policy_status(console, policy_status(stack), client.run_on_scheduler(amm_counters))
     client.close()
 
     if args.keep:
@@ -167,15 +167,17 @@ def _print_results(console: Console, sampler: Any, timings: dict[str, float]) ->
                   f"ratio_on_vs_off={on / off:.3f}")
 
 
-def _print_policy_status(console: Console, status: dict[str, Any]) -> None:
+def _print_policy_status(console: Console, status: dict[str, Any], counters: dict[str, int]) -> None:
+    """The policy's status, and the AMM's counters as the scheduler's plugin has them
+    (the status leaves live counters to metrics)."""
     for c in status.get("conditions") or ():
         console.print(f"  {c['type']}={c['status']} ({c.get('reason', '')}) {c.get('message', '')}")
     for entry in status.get("clusters") or ():
         amm = entry.get("amm") or {}
         console.print(
             f"  cluster {entry['name']}: {entry['state']}, plugin {entry.get('pluginSource')}, "
-            f"AMM running={amm.get('running')} cycles={amm.get('cycles')} "
-            f"dropped={amm.get('replicasDropped')} copied={amm.get('replicasCopied')}"
+            f"AMM running={amm.get('running')} cycles={counters['cycles']} "
+            f"dropped={counters['replicas_dropped']} copied={counters['replicas_copied']}"
         )
 
 
