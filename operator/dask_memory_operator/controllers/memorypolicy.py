@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,12 +23,14 @@ from dask_memory_operator.controllers.config import OperatorConfig
 from dask_memory_operator.controllers.status import cluster_entry, invalid_status, policy_status
 from dask_memory_operator.observability import metrics
 from dask_memory_operator.observability.events import post_outcome
-from dask_memory_operator.schedulers.converge import ClusterReconciler, Outcome, PendingRestore, owner_tag
-from dask_memory_operator.schedulers.locator import SchedulerAccessError
-from dask_memory_operator.schedulers.rpc import SchedulerRPCError
+from dask_memory_operator.schedulers.converge import (
+    ClusterReconciler,
+    Outcome,
+    PendingRestore,
+    log_failed_restore,
+    owner_tag,
+)
 
-# Logs that are not Events (kopf's per-object `logger` posts its warnings as Events)
-log = logging.getLogger(__name__)
 
 #: Schedulers one policy talks to at once
 CONCURRENT_CLUSTERS = 8
@@ -179,30 +180,24 @@ async def _release_unselected(
     configuration back (relabelled, renamed out, or taken over by an older policy).
     A cluster that could not be restored yet stays listed (once) as Degraded."""
     name = policy.metadata["name"]
-    listed = {e["name"] for e in entries}
+    now = {e["name"]: e["state"] for e in entries}
     for old in previous.get("clusters") or ():
         cluster = old.get("name")
-        if cluster in listed or old.get("state") == "Conflict":
-            # still ours, or taken over by an older policy whose pass applies its own
-            # configuration (restoring first would flash the scheduler's own)
-            if cluster not in listed or next(e for e in entries if e["name"] == cluster)["state"] != "Conflict":
-                continue
-            metrics.forget(namespace, policy=name, cluster=cluster)
-            continue
+        if old.get("state") == "Conflict" or now.get(cluster, "Conflict") != "Conflict":
+            continue  # never configured by this policy, or still governed by it
         metrics.forget(namespace, policy=name, cluster=cluster)
+        if cluster in now:
+            # taken over by an older policy, whose pass applies its own configuration
+            # (restoring first would flash the scheduler's own)
+            continue
         if cluster not in clusters:
             reconciler.forget_cluster(namespace, cluster)
             continue
         try:
             outcome = await reconciler.release(namespace, cluster, uid)
         except Exception as e:  # one cluster's failure is its own
-            if isinstance(e, (SchedulerRPCError, SchedulerAccessError)):
-                log.warning("Could not restore DaskCluster %s yet: %s", cluster, e)
-            else:
-                log.error("Unexpected error restoring DaskCluster %s", cluster, exc_info=e)
-            if cluster not in listed:
-                entries.append(cluster_entry(Outcome(cluster, "Degraded", f"restore pending: {e}"), name))
-                listed.add(cluster)
+            log_failed_restore(namespace, cluster, e)
+            entries.append(cluster_entry(Outcome(cluster, "Degraded", f"restore pending: {e}"), name))
             continue
         if outcome is not None:
             post_outcome(policy, clusters[cluster], outcome, previous)
@@ -246,8 +241,7 @@ async def _restore_all(
             try:
                 outcome = await reconciler.release(namespace, cluster["name"], uid)
             except Exception as e:  # one cluster's failure is its own
-                if not isinstance(e, (SchedulerRPCError, SchedulerAccessError)):
-                    log.error("Unexpected error restoring DaskCluster %s", cluster["name"], exc_info=e)
+                log_failed_restore(namespace, cluster["name"], e)
                 unreachable[cluster["name"]] = str(e)
                 return
         if outcome is not None:

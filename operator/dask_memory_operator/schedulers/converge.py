@@ -200,6 +200,16 @@ def error_outcome(cluster: str, error: Exception) -> Outcome:
 PASS_TIMEOUT_CALLS = 6
 
 
+def log_failed_restore(namespace: str, cluster: str, error: Exception, level: int = logging.WARNING) -> None:
+    """A restore that failed: the scheduler or the API could not be asked (one line,
+    at ``level``), or anything else (with its traceback). Either way it is that one
+    cluster's failure, retried later."""
+    if isinstance(error, (scheduler_rpc.SchedulerRPCError, SchedulerAccessError)):
+        logger.log(level, "Could not restore DaskCluster %s/%s yet: %s", namespace, cluster, error)
+    else:
+        logger.error("Unexpected error restoring DaskCluster %s/%s", namespace, cluster, exc_info=error)
+
+
 @dataclass(frozen=True)
 class PendingRestore:
     """A scheduler whose policy was deleted while it could not be reached: it still
@@ -379,9 +389,7 @@ class ClusterReconciler:
             try:
                 outcome = await self.release(owed.namespace, owed.cluster, owed.policy_uid)
             except Exception as e:  # one scheduler's failure is its own
-                if not isinstance(e, (scheduler_rpc.SchedulerRPCError, SchedulerAccessError)):
-                    logger.error("Unexpected error restoring %s/%s", *key, exc_info=e)
-                logger.info("Restore of DaskCluster %s/%s still pending: %s", *key, e)
+                log_failed_restore(*key, e, level=logging.INFO)
                 continue
             self.pending_restores.pop(key, None)
             if outcome is not None:
