@@ -291,7 +291,7 @@ class ClusterReconciler:
         self, namespace: str, cluster: str, wanted: AMMConfig, owner: dict[str, Any]
     ) -> Outcome:
         address = await self._address(namespace, cluster, "converge")
-        status, actions = await self._status_with_plugin(address)
+        status, actions = await install.ensure_plugin_status(address, timeout=self.rpc_timeout)
         tag = status.get("owner") or {}
         if tag.get("uid") == owner["uid"] and (tag.get("generation") or 0) > owner["generation"]:
             # a pass of an older generation, late: the newer one's pass owns the scheduler
@@ -400,25 +400,6 @@ class ClusterReconciler:
         """Where the scheduler is, counted: every contact with a scheduler starts here."""
         metrics.SCHEDULER_CONTACTS.labels(namespace, cluster, purpose).inc()
         return await self.locator.address(namespace, cluster)
-
-    async def _status_with_plugin(self, address: str) -> tuple[dict[str, Any], list[str]]:
-        """The plugin's status, after installing the plugin where it is missing and
-        replacing a live one that runs other amm_core code than the operator's (an
-        operator upgrade); with the actions taken, for Events."""
-        try:
-            status = await scheduler_rpc.get_status(address, timeout=self.rpc_timeout)
-        except scheduler_rpc.PluginMissing:
-            await install.ensure_plugin(address, timeout=self.rpc_timeout)
-            return await scheduler_rpc.get_status(address, timeout=self.rpc_timeout), [
-                "installed the amm_core plugin on the scheduler (live)"
-            ]
-        skew = install.skew(status)
-        if status.get("source") != "live" or skew is None:
-            return status, []
-        await install.ensure_plugin(address, timeout=self.rpc_timeout)
-        return await scheduler_rpc.get_status(address, timeout=self.rpc_timeout), [
-            f"replaced the live amm_core plugin: {skew}"
-        ]
 
     def forget_cluster(self, namespace: str, cluster: str) -> None:
         """The DaskCluster is gone: drop its backoff and its owed restore (its lock

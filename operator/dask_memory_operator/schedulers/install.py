@@ -179,12 +179,25 @@ async def ensure_plugin(address: str, *, timeout: float | None = None) -> str:
     "preload" when it came with the scheduler's image, "live" when it was (or had
     been) registered over RPC. A live plugin running other amm_core code than the
     operator's is replaced; a preloaded one never is (see :func:`skew`)."""
+    status, _ = await ensure_plugin_status(address, timeout=timeout)
+    return status["source"]
+
+
+async def ensure_plugin_status(
+    address: str, *, timeout: float | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """What :func:`ensure_plugin` does, returning the scheduler's status afterwards
+    and what was done to get there, each a sentence for an Event."""
+    actions = []
     try:
         status = await get_status(address, timeout=timeout)
     except PluginMissing:
         status = await _install(address, timeout)
-    if status.get("source") == "live" and skew(status):
+        actions.append("installed the amm_core plugin on the scheduler (live)")
+    other_code = skew(status)
+    if status.get("source") == "live" and other_code:
         status = await _replace(address, timeout)
+        actions.append(f"replaced the live amm_core plugin: {other_code}")
     source = status.get("source")
     if source not in ("preload", "live"):
         raise SchedulerCallFailed(
@@ -192,4 +205,4 @@ async def ensure_plugin(address: str, *, timeout: float | None = None) -> str:
             "",
             "",
         )
-    return source
+    return status, actions
