@@ -146,9 +146,10 @@ def assert_nothing_lost(client: Client) -> dict:
     return ledger
 
 
-def busy_job(client: Client, seconds_per_task: float = 0.4):
-    """Persisted data on every worker (~40 MB each) and a stream of tasks over it."""
-    x = da.random.random((4000, 4000), chunks=(500, 500)).persist()  # 64 chunks of 2 MB
+def busy_job(client: Client, seconds_per_task: float = 0.4, side: int = 4000):
+    """Persisted data on every worker (~40 MB each by default) and a stream of tasks
+    over it, one per 500x500 chunk (2 MB)."""
+    x = da.random.random((side, side), chunks=(500, 500)).persist()
     wait(x)
 
     def slow(block, delay=seconds_per_task):
@@ -233,10 +234,11 @@ def test_operator_killed_mid_retirement_finishes_it_after_restart(stack: LocalSt
     with client_of(stack, ns, cluster, 3) as client:
         stack.apply(policy("scale", cluster, adaptive={"minimum": 3, "maximum": 3},
                            retirement={"timeLimit": "120s", "maxConcurrent": 2}), namespace=ns)
-        wait_scaled(stack, ns, cluster, 4)
-        x, job = busy_job(client, seconds_per_task=1.5)  # long tasks: the drain takes a while
+        wait_scaled(stack, ns, cluster, 3)
+        # 36 long tasks: the drain takes a while
+        x, job = busy_job(client, seconds_per_task=1.5, side=3000)
         future = client.compute(job)
-        stack.wait_for(lambda: client.run_on_scheduler(task_ledger)["computed"] > 66, 60, "the job to run")
+        stack.wait_for(lambda: client.run_on_scheduler(task_ledger)["computed"] > 38, 60, "the job to run")
         set_adaptive(stack, ns, "scale", minimum=1, maximum=1)
         stack.wait_for(lambda: len(scaling_entry(stack, ns, "scale", cluster).get("retiring", [])) == 2,
                        60, "two retirements under way")
