@@ -21,6 +21,7 @@ import kopf
 from dask_memory_operator.api.memorypolicy import InvalidPolicy, parse_spec
 from dask_memory_operator.api.selection import Assignment, PolicyInfo, assign, selects
 from dask_memory_operator.controllers.config import OperatorConfig
+from dask_memory_operator.controllers.scaling import autoscalers_of
 from dask_memory_operator.controllers.status import cluster_entry, invalid_status, policy_status
 from dask_memory_operator.observability import metrics
 from dask_memory_operator.observability.events import post_outcome
@@ -112,6 +113,7 @@ async def _reconcile_policy(
     memo: kopf.Memo,
     daskclusters_by_namespace: kopf.Index,
     memorypolicies_by_namespace: kopf.Index,
+    daskautoscalers_by_cluster: kopf.Index | None = None,
     **_: Any,
 ) -> None:
     config: OperatorConfig = memo.config
@@ -158,6 +160,12 @@ async def _reconcile_policy(
             entry["conflictMessage"] = (
                 f"{cluster} is also selected by MemoryPolicy {', '.join(others)}; "
                 f"this policy governs it (created earlier)"
+            )
+        autoscalers = autoscalers_of(daskautoscalers_by_cluster, namespace, cluster)
+        if autoscalers and spec.get("adaptive") is not None:
+            entry["autoscalerConflict"] = (
+                f"{cluster} is also scaled by DaskAutoscaler {', '.join(autoscalers)}: "
+                f"spec.adaptive is not applied to it"
             )
         entries.append(entry)
 

@@ -459,6 +459,11 @@ def daskautoscalers_by_cluster(body: Any, namespace: str, **_: Any) -> dict[tupl
     return {(namespace, cluster): body.metadata["name"]} if isinstance(cluster, str) else {}
 
 
+def autoscalers_of(index: Any, namespace: str, cluster: str) -> list[str]:
+    """The DaskAutoscalers of a cluster, from the index (None: no index, none)."""
+    return sorted(index.get((namespace, cluster), [])) if index is not None else []
+
+
 async def scale_policy_clusters(
     body: Any, spec: Any, status: Any, namespace: str, uid: str, patch: Any, memo: Any,
     daskclusters_by_namespace: Any, memorypolicies_by_namespace: Any,
@@ -485,7 +490,7 @@ async def scale_policy_clusters(
         every = scaling.adaptive.interval if scaling.adaptive else 1.0
         if not (active or state.busy):
             every = memo.config.resync_interval  # only to settle what is left over
-        autoscalers = list(daskautoscalers_by_cluster.get((namespace, cluster), []))
+        autoscalers = autoscalers_of(daskautoscalers_by_cluster, namespace, cluster)
         controller.kick(namespace, cluster, clusters[cluster]["uid"], scaling, amm,
                         autoscalers if scaling.adaptive else [], every)
     entries = [controller.state(namespace, c).entry for c in governed]
