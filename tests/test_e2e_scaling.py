@@ -53,9 +53,10 @@ def memory_operator(stack: LocalStack, metrics_port: int) -> Iterator[None]:
 # --- helpers -------------------------------------------------------------------
 
 
-def make_cluster(stack: LocalStack, ns: str, name: str, workers: int, memory: str = "400MB") -> None:
+def make_cluster(stack: LocalStack, ns: str, name: str, workers: int, memory: str = "400MB",
+                 scheduler_env: dict | None = None) -> None:
     manifest = daskcluster_manifest(
-        name, workers=workers, scheduler_env=PRELOAD,
+        name, workers=workers, scheduler_env=PRELOAD | (scheduler_env or {}),
         worker_args=("--nthreads", "1", "--memory-limit", memory),
         worker_pod_extra={"terminationGracePeriodSeconds": 5},
     )
@@ -254,3 +255,76 @@ def test_operator_killed_mid_retirement_finishes_it_after_restart(stack: LocalSt
         assert_nothing_lost(client)
         deletes = [e for e in events(stack, ns, "WorkerRetired")]
         assert len(deletes) == 2 and len({e["message"].split()[1] for e in deletes}) == 2
+
+
+def test_target_scales_up_at_once_and_back_down_after_the_wait_count(stack: LocalStack, namespace: str,
+                                                                       memory_operator):
+    """minimum 1, maximum 3: a burst of tasks raises replicas at once (dask-kubernetes
+    creates the pods); once idle, the operator waits waitCount looks, then retires
+    the extra workers gracefully."""
+    ns, cluster = namespace, "elastic"
+    make_cluster(stack, ns, cluster, workers=1)
+    with client_of(stack, ns, cluster, 1) as client:
+        stack.apply(policy("scale", cluster, adaptive={"minimum": 1, "maximum": 3, "waitCount": 4}),
+                    namespace=ns)
+        wait_scaled(stack, ns, cluster, 1)
+        futures = client.map(lambda i: time.sleep(2) or i, range(30))
+        stack.wait_for(lambda: replicas(stack, ns, cluster) == 3, 60, "replicas raised to maximum")
+        assert events(stack, ns, "ScaledUp")
+        client.wait_for_workers(3, timeout=120)
+        assert client.gather(futures) == list(range(30))
+        del futures
+        assert_consistent(stack, ns, cluster, client, 1)
+        assert_nothing_lost(client)
+        assert len(events(stack, ns, "WorkerRetired")) + len(events(stack, ns, "PendingWorkersRemoved")) >= 1
+
+
+def test_memory_floor_holds_a_cluster_whose_data_needs_more_than_the_target(stack: LocalStack, namespace: str,
+                                                                            memory_operator):
+    """An idle cluster whose data needs 3 workers under their pause threshold stays
+    at 3 (HeldByMemoryFloor) although the scheduler's target asks for 2 and minimum
+    is 1; once the data is released it scales down to 1."""
+    ns, cluster = namespace, "floor"
+    # The floor reads the pause threshold from the scheduler's config (one image for
+    # both); set low there only, so that the workers themselves never pause here.
+    make_cluster(stack, ns, cluster, workers=3, memory="300MB",
+                 scheduler_env={"DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE": "0.3"})
+    with client_of(stack, ns, cluster, 3) as client:
+        # 210 MB: 3 workers under 30% of 300 MB; distributed's own target (which keeps
+        # twice the data in memory limits) asks for 2
+        x = da.random.random((3 * 8_750, 1000), chunks=(8_750, 1000)).persist()
+        wait(x)
+        stack.apply(policy("scale", cluster, adaptive={"minimum": 1, "maximum": 3, "waitCount": 2}),
+                    namespace=ns)
+        entry = stack.wait_for(
+            lambda: (e := scaling_entry(stack, ns, "scale", cluster)).get("reason") == "HeldByMemoryFloor" and e,
+            60, "the memory floor to hold the cluster")
+        assert entry["memoryFloor"] == 3 and entry["desired"] == 3 and entry["target"] < 3
+        time.sleep(3)  # several looks past waitCount: nothing may retire meanwhile
+        assert not events(stack, ns, "RetirementStarted")
+        assert replicas(stack, ns, cluster) == 3
+        del x
+        assert_consistent(stack, ns, cluster, client, 1)
+        assert_nothing_lost(client)
+
+
+def test_a_daskautoscaler_beside_adaptive_is_a_conflict_not_a_fight(stack: LocalStack, namespace: str,
+                                                                    memory_operator):
+    ns, cluster = namespace, "autoscaled"
+    make_cluster(stack, ns, cluster, workers=2)
+    stack.apply({"apiVersion": "kubernetes.dask.org/v1", "kind": "DaskAutoscaler",
+                 "metadata": {"name": "theirs"}, "spec": {"cluster": cluster, "minimum": 2, "maximum": 2}},
+                namespace=ns)
+    stack.apply(policy("scale", cluster, adaptive={"minimum": 1, "maximum": 1}), namespace=ns)
+
+    def conflict():
+        body = stack.get_json(f"/apis/amm.dask.org/v1alpha1/namespaces/{ns}/memorypolicies/scale") or {}
+        cond = {c["type"]: c for c in (body.get("status") or {}).get("conditions") or ()}.get("Conflict", {})
+        entry = scaling_entry(stack, ns, "scale", cluster)
+        return cond.get("status") == "True" and entry.get("reason") == "Conflict" and (cond, entry)
+    cond, entry = stack.wait_for(conflict, 60, "the Conflict to be reported")
+    assert cond["reason"] == "DaskAutoscaler" and "theirs" in cond["message"]
+    assert "theirs" in entry["message"]
+    time.sleep(2)  # the operator had many looks: maximum 1 was not acted on
+    assert replicas(stack, ns, cluster) == 2 and len(worker_deployments(stack, ns, cluster)) == 2
+    assert not events(stack, ns, "RetirementStarted")
