@@ -273,8 +273,8 @@ def test_cluster_created_after_policy_gets_exactly_its_config(stack: LocalStack,
     assert "cycles" not in entry["amm"]  # a live counter: metrics, not status
 
     table = stack.kubectl("get", "mempol", "-n", ns).stdout
-    assert table.split("\n")[0].split() == ["NAME", "MATCHED", "APPLIED", "READY", "REASON", "AGE"]
-    assert table.split("\n")[1].split()[:5] == ["analytics", "1", "1", "True", "Applied"]
+    assert table.split("\n")[0].split() == ["NAME", "MATCHED", "APPLIED", "READY", "REASON", "RETIRING", "AGE"]
+    assert table.split("\n")[1].split()[:6] == ["analytics", "1", "1", "True", "Applied", "0"]
 
     # the Events say what changed on the scheduler, from what to what
     [applied] = [e for e in events_about(stack, ns, "MemoryPolicy", "analytics") if e["reason"] == "Applied"]

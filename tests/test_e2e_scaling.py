@@ -328,3 +328,34 @@ def test_a_daskautoscaler_beside_adaptive_is_a_conflict_not_a_fight(stack: Local
     time.sleep(2)  # the operator had many looks: maximum 1 was not acted on
     assert replicas(stack, ns, cluster) == 2 and len(worker_deployments(stack, ns, cluster)) == 2
     assert not events(stack, ns, "RetirementStarted")
+
+
+def test_workers_that_never_connected_go_first_without_a_retirement(stack: LocalStack, namespace: str,
+                                                                    memory_operator):
+    """adaptive on a second worker group whose pods never connect (pending): lowering
+    maximum deletes those Deployments at once (nothing to retire) and takes their
+    replicas off; the default group is left alone."""
+    ns, cluster = namespace, "mixed"
+    make_cluster(stack, ns, cluster, workers=1)
+    stack.apply({"apiVersion": "kubernetes.dask.org/v1", "kind": "DaskWorkerGroup",
+                 "metadata": {"name": f"{cluster}-stuck"},
+                 "spec": {"cluster": cluster, "worker": {"replicas": 2, "spec": {"containers": [
+                     {"name": "worker", "image": "ghcr.io/dask/dask:latest", "args": ["sleep", "600"]}]}}}},
+                namespace=ns)
+    with client_of(stack, ns, cluster, 1) as client:
+        stack.wait_for(lambda: len(worker_deployments(stack, ns, cluster)) == 3, 60, "the stuck group's Deployments")
+        default = worker_deployments(stack, ns, cluster)
+        stack.apply(policy("scale", cluster, adaptive={"minimum": 0, "maximum": 0,
+                                                       "workerGroup": f"{cluster}-stuck"}), namespace=ns)
+        stuck = f"/apis/kubernetes.dask.org/v1/namespaces/{ns}/daskworkergroups/{cluster}-stuck"
+        stack.wait_for(lambda: stack.get_json(stuck)["spec"]["worker"]["replicas"] == 0, 60,
+                       "the stuck group scaled to 0")
+        left = worker_deployments(stack, ns, cluster)
+        assert len(left) == 1 and left[0] in default and left[0].startswith(f"{cluster}-default-")
+        [removed] = events(stack, ns, "PendingWorkersRemoved")
+        assert "2 worker(s)" in removed["message"]
+        assert not events(stack, ns, "RetirementStarted")
+        ledger = json.loads(stack.get_json(stuck)["metadata"]["annotations"]["amm.dask.org/scaling-ledger"])
+        assert ledger["deleting"] == [] and len(ledger["removed"]) == 2
+        assert replicas(stack, ns, cluster) == 1
+        assert set(client.run_on_scheduler(worker_statuses).values()) == {"running"}

@@ -221,6 +221,8 @@ class ScalingController:
             return {"cluster": cluster, "reason": "Waiting",
                     "message": "the scheduler has no amm_core plugin yet"}
         await self._finish_retirements(p, state, spec)
+        for group in p.groups.values():
+            await self._settle_deletions(p, group)
         await self._replace_paused(p, amm)
         if spec.adaptive is None:
             p.entry.setdefault("reason", "Retiring" if p.entry.get("retiring") else "Steady")
@@ -282,9 +284,10 @@ class ScalingController:
             if group is None:
                 continue
             ledger = Ledger([*group.ledger.removed, *names],
-                            [n for n in group.ledger.replacing if n not in names])
-            if await workergroup.set_replicas(group, max(0, group.replicas - len(names)), ledger):
+                            [n for n in group.ledger.replacing if n not in names], group.ledger.deleting)
+            if await workergroup.set_replicas(group, _without(p, group, names), ledger):
                 forget.extend(names)
+                retiring = [n for n in retiring if n not in names]  # no longer counted
         if forget:
             await rpc.forget_retirement(p.address, forget, timeout=self.reconciler.rpc_timeout)
         p.entry["retiring"] = sorted(retiring)
@@ -307,6 +310,7 @@ class ScalingController:
             for name in retired:
                 if await workergroup.delete_deployment(p.namespace, name, p.deployments[name][1]):
                     gone.append(name)
+                    del p.deployments[name]
                     await p.event("PausedWorkerReplaced", (
                         f"Worker {name} stayed paused; its replacement runs and its data "
                         f"moved: Deployment deleted"))
@@ -314,8 +318,10 @@ class ScalingController:
                 replacing += [n for n in group.ledger.replacing if n in mine]
                 continue
             keep = [n for n in group.ledger.replacing if n not in gone and n not in stale]
-            ledger = Ledger([*group.ledger.removed, *gone], keep + add)
-            if await workergroup.set_replicas(group, group.replicas + len(add) - len(gone), ledger):
+            # stale: deleted by an earlier pass whose replicas patch did not land
+            # (or by someone else: _without does not take that replica off twice)
+            ledger = Ledger([*group.ledger.removed, *gone, *stale], keep + add, group.ledger.deleting)
+            if await workergroup.set_replicas(group, _without(p, group, gone + stale) + len(add), ledger):
                 for name in add:
                     await p.event("ReplacingPausedWorker", (
                         f"Worker {name} stayed paused: a replacement worker is added to "
@@ -367,6 +373,16 @@ class ScalingController:
                 p.entry["message"] = (f"the data in memory needs {floor} workers under the pause "
                                       f"threshold; the target asks for {info.get('target', 0)}")
 
+    async def _settle_deletions(self, p: Pass, group: WorkerGroup) -> None:
+        """Take the replicas of the ledger's ``deleting`` Deployments that are gone off
+        the group (a restart finds them there if the last operator died between the
+        deletion and this patch); those still there were not deleted: dropped."""
+        if not group.ledger.deleting:
+            return
+        gone = [n for n in group.ledger.deleting if n not in p.deployments]
+        ledger = Ledger([*group.ledger.removed, *gone], group.ledger.replacing, [])
+        await workergroup.set_replicas(group, _without(p, group, gone), ledger)
+
     async def _scale_up(self, p: Pass, group: WorkerGroup, more: int, retiring: list[str]) -> None:
         """Cancel retirements under way first (their workers have their data), then
         raise replicas by what is still missing."""
@@ -403,16 +419,18 @@ class ScalingController:
             # asked of the scheduler once more: one that connected meanwhile retires
             answer = await rpc.retire(p.address, pending, retirement.time_limit,
                                       drain=retirement.drain, reason=reason, timeout=timeout)
-            for name in answer.get("unknown", []):
-                if name in p.deployments and await workergroup.delete_deployment(
-                        p.namespace, name, p.deployments[name][1]):
-                    gone.append(name)
-            if gone:
-                ledger = Ledger([*group.ledger.removed, *gone], group.ledger.replacing)
-                await workergroup.set_replicas(group, group.replicas - len(gone), ledger)
-                await p.event("PendingWorkersRemoved", (
-                    f"{group.name}: {len(gone)} worker(s) that had not connected yet removed "
-                    f"({', '.join(gone)}); replicas now {group.replicas}"))
+            unknown = [n for n in answer.get("unknown", []) if n in p.deployments]
+            intent = Ledger(group.ledger.removed, group.ledger.replacing, [*group.ledger.deleting, *unknown])
+            if unknown and await workergroup.set_replicas(group, group.replicas, intent):
+                for name in unknown:
+                    if await workergroup.delete_deployment(p.namespace, name, p.deployments[name][1]):
+                        gone.append(name)
+                        del p.deployments[name]
+                await self._settle_deletions(p, group)
+                if gone:
+                    await p.event("PendingWorkersRemoved", (
+                        f"{group.name}: {len(gone)} worker(s) that had not connected yet removed "
+                        f"({', '.join(gone)}); replicas now {group.replicas}"))
             n -= len(pending)
         started = [r["worker"] for r in answer["retirements"]] if pending else []
         if n > 0:
@@ -430,6 +448,14 @@ class ScalingController:
         p.entry["retiring"] = sorted({*p.entry.get("retiring", []), *started})
         p.entry.update(reason="ScalingDown", replicas=group.replicas,
                        message=f"retiring {len(p.entry['retiring'])}, removed {len(gone)} pending")
+
+
+def _without(p: Pass, group: WorkerGroup, names: list[str]) -> int:
+    """The group's replicas with the Deployments ``names`` taken off, never fewer
+    than the Deployments it still has: a replica someone else took off already (a
+    user's or dask-kubernetes' own scale-down of that worker) is not taken off twice."""
+    left = sum(1 for g, _ in p.deployments.values() if g == group.name)
+    return max(left, group.replicas - len(names))
 
 
 def _group_of_removed(p: Pass, name: str) -> str | None:

@@ -9,8 +9,9 @@ dask-kubernetes sees the new replicas it counts the Deployments left, finds noth
 do, and retires nothing of its own choosing.
 
 The **ledger** is an annotation on the group, written in the same JSON patch as the
-replicas: the Deployments whose removal the replicas already account for, and the
-paused workers whose replacement was already added. It is what makes the protocol
+replicas: the Deployments whose removal the replicas already account for, the
+paused workers whose replacement was already added, and the Deployments of workers
+that never connected, about to be deleted (written before the deletion). It is what makes the protocol
 safe to repeat after the operator is killed between two of its steps: a Deployment
 gone but not in the ledger still needs its replica taken off; one in the ledger does
 not. Everything else the controller needs is in the scheduler plugin's records.
@@ -51,6 +52,9 @@ class Ledger:
     removed: list[str] = field(default_factory=list)
     #: Paused workers whose replacement replica was added
     replacing: list[str] = field(default_factory=list)
+    #: Deployments about to be deleted without a retirement (their worker never
+    #: connected): written before the deletion, so that a restart finds them
+    deleting: list[str] = field(default_factory=list)
 
     @classmethod
     def parse(cls, annotations: Mapping[str, str]) -> Ledger:
@@ -63,7 +67,7 @@ class Ledger:
             if len(text) > MAX_LEDGER_TEXT:
                 raise ValueError("too long")
             data = json.loads(text)
-            lists = [data.get(k, []) for k in ("removed", "replacing")]
+            lists = [data.get(k, []) for k in ("removed", "replacing", "deleting")]
             if not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in lists):
                 raise ValueError("not lists of names")
         except (ValueError, AttributeError) as e:
@@ -75,6 +79,7 @@ class Ledger:
         return json.dumps({
             "removed": self.removed[-MAX_LEDGER_NAMES:],
             "replacing": self.replacing[-MAX_LEDGER_NAMES:],
+            "deleting": self.deleting[-MAX_LEDGER_NAMES:],
         })
 
 
