@@ -101,7 +101,9 @@ def _boolean(value: Any, where: str) -> bool:
 
 def parse_scaling(spec: Mapping[str, Any]) -> ScalingSpec:
     """``spec.retirement`` and ``spec.adaptive``, checked; raises InvalidPolicy."""
-    r = spec.get("retirement") or {}
+    r = spec.get("retirement")
+    if r is None:
+        r = {}
     if not isinstance(r, Mapping):
         raise InvalidPolicy("spec.retirement", "must be an object")
     defaults = RetirementSpec()
