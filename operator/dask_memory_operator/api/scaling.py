@@ -80,7 +80,7 @@ class ScalingSpec:
 def _duration(value: Any, where: str, low: float, high: float) -> float:
     try:
         seconds = parse_timedelta(value)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):  # AttributeError: a list, a map
         seconds = None
     if seconds is None or not low <= seconds <= high:
         raise InvalidPolicy(where, f"{value!r} is not a duration between {low:g}s and {high:g}s")
