@@ -66,7 +66,8 @@ class Ledger:
             lists = [data.get(k, []) for k in ("removed", "replacing")]
             if not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in lists):
                 raise ValueError("not lists of names")
-        except (ValueError, AttributeError) as e:
+        # RecursionError: deep nesting, which fits within MAX_LEDGER_TEXT
+        except (ValueError, AttributeError, RecursionError) as e:
             logger.warning("Ignoring a malformed %s annotation: %s", LEDGER_ANNOTATION, e)
             return cls()
         return cls(*[v[-MAX_LEDGER_NAMES:] for v in lists])
