@@ -88,6 +88,10 @@ class WorkerGroup:
     replicas: int
     ledger: Ledger
     has_annotations: bool
+    #: metadata.resourceVersion as read: a group read without annotations is written
+    #: only if nothing changed since (else adding the annotations map would replace
+    #: annotations written meanwhile, e.g. dask-kubernetes' kopf state)
+    resource_version: str = ""
 
 
 async def read_group(namespace: str, name: str) -> WorkerGroup | None:
@@ -104,6 +108,7 @@ async def read_group(namespace: str, name: str) -> WorkerGroup | None:
         replicas=int(replicas) if isinstance(replicas, int) else 0,
         ledger=Ledger.parse(meta.get("annotations") or {}),
         has_annotations=bool(meta.get("annotations")),
+        resource_version=str(meta.get("resourceVersion", "")),
     )
 
 
@@ -141,7 +146,8 @@ async def delete_deployment(namespace: str, name: str, uid: str) -> bool:
 async def set_replicas(group: WorkerGroup, replicas: int, ledger: Ledger) -> bool:
     """``spec.worker.replicas`` from the value read to ``replicas``, and the ledger,
     in one JSON patch that tests the old value. False when someone changed the
-    replicas meanwhile (the caller reads the group again next time)."""
+    replicas meanwhile, or changed anything when the group had no annotations (the
+    caller reads the group again next time)."""
     key = LEDGER_ANNOTATION.replace("~", "~0").replace("/", "~1")
     ops: list[dict[str, Any]] = [
         {"op": "test", "path": "/spec/worker/replicas", "value": group.replicas},
@@ -150,6 +156,8 @@ async def set_replicas(group: WorkerGroup, replicas: int, ledger: Ledger) -> boo
     if group.has_annotations:
         ops.append({"op": "add", "path": f"/metadata/annotations/{key}", "value": ledger.dump()})
     else:
+        if group.resource_version:
+            ops.insert(0, {"op": "test", "path": "/metadata/resourceVersion", "value": group.resource_version})
         ops.append({"op": "add", "path": "/metadata/annotations", "value": {LEDGER_ANNOTATION: ledger.dump()}})
     obj = await DaskWorkerGroup({"metadata": {"name": group.name, "namespace": group.namespace}})
     try:
@@ -159,6 +167,7 @@ async def set_replicas(group: WorkerGroup, replicas: int, ledger: Ledger) -> boo
             return False
         raise
     group.replicas, group.ledger, group.has_annotations = replicas, ledger, True
+    group.resource_version = str(obj.metadata.get("resourceVersion", ""))
     return True
 
 
