@@ -511,3 +511,27 @@ async def test_set_replicas_keeps_annotations_added_after_the_group_was_read(api
     raw = await _raw("c-default")
     assert raw["metadata"]["annotations"]["team"] == "analytics"
     assert Ledger.parse(raw["metadata"]["annotations"]) == Ledger(["x"], [])
+
+
+# --- the examples ---------------------------------------------------------------------
+
+
+def _example_policies() -> list[Path]:
+    examples = Path(str(manifests.EXAMPLES))
+    return sorted(p for p in examples.glob("*.yaml") if yaml.safe_load(p.read_text())["kind"] == "MemoryPolicy")
+
+
+@pytest.mark.parametrize("path", _example_policies(), ids=lambda p: p.name)
+async def test_example_policies_are_valid_for_the_crd_and_the_parser(path, api):
+    await api.apply(yaml.safe_load(Path(str(manifests.MEMORYPOLICY_CRD)).read_text()))
+    doc = yaml.safe_load(path.read_text())
+    created = await api.apply({**doc, "metadata": {**doc["metadata"], "namespace": NS}})
+    # The schema took it whole (it prunes unknown fields: nothing was)
+    assert set(created["spec"]) == set(doc["spec"])
+    for key in ("retirement", "adaptive"):
+        assert doc["spec"].get(key, {}).items() <= created["spec"].get(key, {}).items()
+    parse_spec(created["spec"])
+    scaled = parse_scaling(created["spec"])
+    if path.name == "adaptive.yaml":
+        assert scaled.adaptive == AdaptiveSpec(minimum=2, maximum=8)
+        assert scaled.retirement == RetirementSpec(max_concurrent=2)
