@@ -71,7 +71,7 @@ def test_a_wheel_install_finds_the_crd_and_examples_in_the_package(tmp_path: Pat
     found = json.loads(out.stdout)
     assert found["package"].startswith(purelib)
     assert "kind: CustomResourceDefinition" in found["crd"] and "memorypolicies.amm.dask.org" in found["crd"]
-    assert found["examples"] == ["daskcluster.yaml", "memorypolicy.yaml"]
+    assert found["examples"] == ["adaptive.yaml", "daskcluster.yaml", "memorypolicy.yaml"]
     assert found["stack_crds"] == ["memorypolicy.yaml"]
     assert found["sandbox_examples"].startswith(purelib)
     assert found["dns_shim"] is True

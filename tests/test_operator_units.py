@@ -50,6 +50,7 @@ def test_parse_spec_defaults_and_short_names():
     [
         ({"interval": "soon"}, "spec.activeMemoryManager.interval", "positive duration"),
         ({"interval": "0s"}, "spec.activeMemoryManager.interval", "positive duration"),
+        ({"interval": ["2s"]}, "spec.activeMemoryManager.interval", "positive duration"),
         ({"measure": "rss"}, "spec.activeMemoryManager.measure", "unsupported value"),
         ({"policies": [{"class": "NoSuchPolicy"}]}, "spec.activeMemoryManager.policies[0].class", "unknown policy"),
         ({"policies": [{"class": "os.system"}]}, "spec.activeMemoryManager.policies[0].class", "not allowed"),

@@ -137,7 +137,7 @@ def parse_spec(spec: Mapping[str, Any], allowed: Iterable[str] = ()) -> AMMConfi
     interval_text = amm.get("interval", "2s")
     try:
         interval = parse_timedelta(interval_text)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):  # AttributeError: a list, a map
         interval = None
     if interval is None or interval <= 0:
         raise InvalidPolicy(

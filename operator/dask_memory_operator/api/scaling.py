@@ -80,7 +80,7 @@ class ScalingSpec:
 def _duration(value: Any, where: str, low: float, high: float) -> float:
     try:
         seconds = parse_timedelta(value)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):  # AttributeError: a list, a map
         seconds = None
     if seconds is None or not low <= seconds <= high:
         raise InvalidPolicy(where, f"{value!r} is not a duration between {low:g}s and {high:g}s")
@@ -101,7 +101,9 @@ def _boolean(value: Any, where: str) -> bool:
 
 def parse_scaling(spec: Mapping[str, Any]) -> ScalingSpec:
     """``spec.retirement`` and ``spec.adaptive``, checked; raises InvalidPolicy."""
-    r = spec.get("retirement") or {}
+    r = spec.get("retirement")
+    if r is None:
+        r = {}
     if not isinstance(r, Mapping):
         raise InvalidPolicy("spec.retirement", "must be an object")
     defaults = RetirementSpec()

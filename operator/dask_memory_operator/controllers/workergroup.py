@@ -70,7 +70,8 @@ class Ledger:
             lists = [data.get(k, []) for k in ("removed", "replacing", "deleting")]
             if not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in lists):
                 raise ValueError("not lists of names")
-        except (ValueError, AttributeError) as e:
+        # RecursionError: deep nesting, which fits within MAX_LEDGER_TEXT
+        except (ValueError, AttributeError, RecursionError) as e:
             logger.warning("Ignoring a malformed %s annotation: %s", LEDGER_ANNOTATION, e)
             return cls()
         return cls(*[v[-MAX_LEDGER_NAMES:] for v in lists])
@@ -92,6 +93,10 @@ class WorkerGroup:
     replicas: int
     ledger: Ledger
     has_annotations: bool
+    #: metadata.resourceVersion as read: a group read without annotations is written
+    #: only if nothing changed since (else adding the annotations map would replace
+    #: annotations written meanwhile, e.g. dask-kubernetes' kopf state)
+    resource_version: str = ""
 
 
 async def read_group(namespace: str, name: str) -> WorkerGroup | None:
@@ -108,6 +113,7 @@ async def read_group(namespace: str, name: str) -> WorkerGroup | None:
         replicas=int(replicas) if isinstance(replicas, int) else 0,
         ledger=Ledger.parse(meta.get("annotations") or {}),
         has_annotations=bool(meta.get("annotations")),
+        resource_version=str(meta.get("resourceVersion", "")),
     )
 
 
@@ -145,7 +151,8 @@ async def delete_deployment(namespace: str, name: str, uid: str) -> bool:
 async def set_replicas(group: WorkerGroup, replicas: int, ledger: Ledger) -> bool:
     """``spec.worker.replicas`` from the value read to ``replicas``, and the ledger,
     in one JSON patch that tests the old value. False when someone changed the
-    replicas meanwhile (the caller reads the group again next time)."""
+    replicas meanwhile, or changed anything when the group had no annotations (the
+    caller reads the group again next time)."""
     key = LEDGER_ANNOTATION.replace("~", "~0").replace("/", "~1")
     ops: list[dict[str, Any]] = [
         {"op": "test", "path": "/spec/worker/replicas", "value": group.replicas},
@@ -154,6 +161,8 @@ async def set_replicas(group: WorkerGroup, replicas: int, ledger: Ledger) -> boo
     if group.has_annotations:
         ops.append({"op": "add", "path": f"/metadata/annotations/{key}", "value": ledger.dump()})
     else:
+        if group.resource_version:
+            ops.insert(0, {"op": "test", "path": "/metadata/resourceVersion", "value": group.resource_version})
         ops.append({"op": "add", "path": "/metadata/annotations", "value": {LEDGER_ANNOTATION: ledger.dump()}})
     obj = await DaskWorkerGroup({"metadata": {"name": group.name, "namespace": group.namespace}})
     try:
@@ -163,6 +172,7 @@ async def set_replicas(group: WorkerGroup, replicas: int, ledger: Ledger) -> boo
             return False
         raise
     group.replicas, group.ledger, group.has_annotations = replicas, ledger, True
+    group.resource_version = str(obj.metadata.get("resourceVersion", ""))
     return True
 
 

@@ -331,8 +331,10 @@ STATUS_SHAPE: dict[str, _Shape] = {
     "target": _Shape(lambda v: _number(v) and v >= 0, "a number of workers"),
     "data_bytes": _Shape(lambda v: _number(v) and v >= 0, "a number of bytes"),
     "pause_fraction": _Shape(_optional(lambda v: _number(v) and 0 < v <= 10), "null or a fraction"),
-    "worker_states": _Shape(_list_of(lambda v: _WORKER_STATE(v) and "name" in v and "status" in v),
-                            "a list of workers"),
+    # the scaling controller reads each worker's name, status and memory_limit
+    "worker_states": _Shape(_list_of(
+        lambda v: _WORKER_STATE(v) and {"name", "status", "memory_limit"} <= v.keys()),
+        "a list of workers"),
 }
 
 
