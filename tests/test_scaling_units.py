@@ -433,7 +433,7 @@ async def test_set_replicas_keeps_other_annotations(api):
     assert await workergroup.set_replicas(group, 1, Ledger(["x"], []))
     annotations = (await _raw("c-default"))["metadata"]["annotations"]
     assert annotations["team"] == "analytics"
-    assert json.loads(annotations[LEDGER_ANNOTATION]) == {"removed": ["x"], "replacing": []}
+    assert json.loads(annotations[LEDGER_ANNOTATION]) == {"removed": ["x"], "replacing": [], "deleting": []}
 
 
 async def test_set_replicas_refuses_when_the_replicas_changed_meanwhile(api):
@@ -485,13 +485,18 @@ async def _wait_gone(name: str) -> None:
     raise AssertionError(f"Deployment {name} still there")
 
 
-async def test_autoscalers_of_lists_only_the_clusters_own(api):
-    for name, cluster_name in (("a1", "c"), ("a2", "other"), ("a3", "c")):
-        await (await workergroup.DaskAutoscaler({
-            "metadata": {"name": name, "namespace": NS},
-            "spec": {"cluster": cluster_name, "minimum": 1, "maximum": 3},
-        })).create()
-    assert sorted(await workergroup.autoscalers_of(NS, "c")) == ["a1", "a3"]
+def test_the_autoscaler_index_keys_each_daskautoscaler_by_its_cluster():
+    import kopf
+
+    from dask_memory_operator.controllers.scaling import autoscalers_of, daskautoscalers_by_cluster
+
+    body = kopf.Body({"metadata": {"name": "a1"}, "spec": {"cluster": "c", "minimum": 1, "maximum": 3}})
+    assert daskautoscalers_by_cluster(body=body, namespace="ns") == {("ns", "c"): "a1"}
+    assert daskautoscalers_by_cluster(body=kopf.Body({"metadata": {"name": "x"}, "spec": {}}), namespace="ns") == {}
+    index = {("ns", "c"): ["a3", "a1"], ("ns", "other"): ["a2"]}
+    assert autoscalers_of(index, "ns", "c") == ["a1", "a3"]
+    assert autoscalers_of(index, "ns", "nothing") == []
+    assert autoscalers_of(None, "ns", "c") == []
 
 
 async def test_set_replicas_keeps_annotations_added_after_the_group_was_read(api):

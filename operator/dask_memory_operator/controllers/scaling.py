@@ -432,7 +432,7 @@ class ScalingController:
                         f"{group.name}: {len(gone)} worker(s) that had not connected yet removed "
                         f"({', '.join(gone)}); replicas now {group.replicas}"))
             n -= len(pending)
-        started = [r["worker"] for r in answer["retirements"]] if pending else []
+        started = [r["worker"] for r in answer.get("retirements", [])] if pending else []
         if n > 0:
             choice = await rpc.retirement_candidates(
                 p.address, [m for m in members if m in connected and m not in busy], n, timeout=timeout)

@@ -41,7 +41,6 @@ MAX_LEDGER_NAMES = 64
 MAX_LEDGER_TEXT = 32_768
 
 DaskWorkerGroup = new_class("DaskWorkerGroup", f"{DASK_GROUP}/{DASK_VERSION}", namespaced=True)
-DaskAutoscaler = new_class("DaskAutoscaler", f"{DASK_GROUP}/{DASK_VERSION}", namespaced=True)
 
 
 @dataclass
@@ -174,12 +173,3 @@ async def set_replicas(group: WorkerGroup, replicas: int, ledger: Ledger) -> boo
     group.replicas, group.ledger, group.has_annotations = replicas, ledger, True
     group.resource_version = str(obj.metadata.get("resourceVersion", ""))
     return True
-
-
-async def autoscalers_of(namespace: str, cluster: str) -> list[str]:
-    """Names of the DaskAutoscalers that scale ``cluster``."""
-    return [
-        a.name
-        async for a in kr8s.asyncio.get("daskautoscalers.kubernetes.dask.org", namespace=namespace)
-        if (a.raw.get("spec") or {}).get("cluster") == cluster
-    ]
