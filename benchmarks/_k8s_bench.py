@@ -25,20 +25,25 @@ Bytes moved and the transfer rate come from the surviving workers'
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
 import time
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import cloudpickle
 from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
+from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
 
@@ -246,7 +251,11 @@ def make_cluster(stack: LocalStack, ns: str, name: str, workers: int, memory_lim
     ), namespace=ns)
     address = stack.wait_for(lambda: _address(stack, ns, name), 120, f"{name}'s scheduler Service")
     client = Client(address, timeout="60s")
-    client.wait_for_workers(workers, timeout=180)
+    try:
+        client.wait_for_workers(workers, timeout=180)
+    except BaseException:
+        client.close()
+        raise
     return client
 
 
@@ -320,6 +329,95 @@ def wait_policy_scaling(stack: LocalStack, ns: str, name: str, cluster: str,
         return entry if entry is not None and predicate(entry) else None
 
     return stack.wait_for(check, timeout, f"MemoryPolicy {name}: {what}", interval=0.5)
+
+
+# --- runs, rounds and tables ----------------------------------------------------------
+
+
+@dataclass
+class BaseRun:
+    """One run of one mode; benchmarks add their measures."""
+
+    mode: str
+    rep: int
+    error: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def add_common_args(parser: argparse.ArgumentParser, modes: Sequence[str]) -> None:
+    parser.add_argument("--repeat", type=int, default=3, help="rounds (runs per mode)")
+    parser.add_argument("--modes", default=",".join(modes), help="comma-separated subset of " + ", ".join(modes))
+    parser.add_argument("--memory-limit", default="1.5GB", help="per worker")
+    parser.add_argument("--state-dir", help="the stack's state directory (logs); a temporary one by default")
+    parser.add_argument("--logs-on-error", action="store_true", help="print the logs of a failed run")
+
+
+def parse_modes(parser: argparse.ArgumentParser, args: argparse.Namespace, modes: Sequence[str]) -> list[str]:
+    chosen = args.modes.split(",")
+    unknown = set(chosen) - set(modes)
+    if unknown:
+        parser.error(f"unknown modes {sorted(unknown)}")
+    return chosen
+
+
+@contextmanager
+def isolated(stack: LocalStack, run: BaseRun, prefix: str, console: Console, logs_on_error: bool):
+    """A fresh namespace for one run, deleted (and its processes waited for) at the end;
+    an exception fails this run only, recorded in ``run.error`` with where the logs are."""
+    ns = new_namespace(stack, f"{prefix}-{run.mode}-{run.rep}")
+    try:
+        yield ns
+    except Exception as exc:
+        run.error = f"{type(exc).__name__}: {exc}"
+        console.print(f"[red]{run.mode} #{run.rep} failed[/]: {escape(run.error)}\n"
+                      f"{escape(traceback.format_exc())}")
+        console.print(escape(stack.dump_logs(ns, tail=40)) if logs_on_error else
+                      f"logs: {stack.log_dir} and {stack.pod_log_dir}/{ns}_*.log")
+    finally:
+        delete_namespace(stack, ns)
+
+
+R = TypeVar("R", bound=BaseRun)
+
+
+def run_rounds(modes: Sequence[str], args: argparse.Namespace, console: Console,
+               run_once: Callable[[LocalStack, str, int], R], describe: Callable[[R], str]) -> list[R]:
+    """Every mode ``args.repeat`` times, interleaved (:func:`rotations`), on one stack
+    (with this operator when the ``operator`` mode is in); prints a line per run."""
+    runs: list[R] = []
+    with bench_stack("operator" in modes, args.state_dir) as stack:
+        console.print(f"stack at {stack.state_dir} (logs: {stack.log_dir}, pods: {stack.pod_log_dir})")
+        for rep, mode in rotations(modes, args.repeat):
+            run = run_once(stack, mode, rep)
+            runs.append(run)
+            console.print(f"  #{rep} {mode:15s} {describe(run)}"
+                          + (f"  ERROR {escape(run.error)}" if run.error else ""))
+            for note in run.notes:
+                console.print(f"      {escape(note)}")
+    return runs
+
+
+def ok_runs(runs: Sequence[R], mode: str) -> list[R]:
+    return [r for r in runs if r.mode == mode and not r.error]
+
+
+def mode_table(title: str, columns: Sequence[str], runs: Sequence[R], modes: Sequence[str],
+               cells: Callable[[list[R]], list[str]]) -> Table:
+    """A row a mode: ``mode``, ``runs`` (and failed ones), then ``cells`` of its good runs."""
+    table = Table(title=escape(title))
+    for col in ("mode", "runs", *columns):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    for mode in modes:
+        ok = ok_runs(runs, mode)
+        failed = sum(1 for r in runs if r.mode == mode and r.error)
+        count = f"{len(ok)}" + (f" ({failed} failed)" if failed else "")
+        table.add_row(mode, count, *(cells(ok) if ok else ["-"] * len(columns)))
+    return table
+
+
+def total(runs: Sequence[BaseRun], attr: str) -> str:
+    """The sum of ``attr`` over ``runs``, ``nan`` when there are none."""
+    return str(sum(getattr(r, attr) for r in runs)) if runs else "nan"
 
 
 # --- sampling and summaries ------------------------------------------------------------

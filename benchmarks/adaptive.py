@@ -64,15 +64,12 @@ import argparse
 import math
 import sys
 import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from distributed import Client
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _k8s_bench as kb  # noqa: E402
@@ -108,9 +105,7 @@ def submit_job(client: Client, args: argparse.Namespace) -> Any:
 
 
 @dataclass
-class Run:
-    mode: str
-    rep: int
+class Run(kb.BaseRun):
     wall: float = float("nan")
     worker_s: float = float("nan")
     sched_worker_s: float = float("nan")
@@ -118,8 +113,6 @@ class Run:
     rerun: int = 0
     wasted: int = 0
     workers_end: int = 0
-    error: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 def start_scaler(stack: kb.LocalStack, ns: str, mode: str) -> None:
@@ -133,60 +126,42 @@ def start_scaler(stack: kb.LocalStack, ns: str, mode: str) -> None:
 
 def run_once(stack: kb.LocalStack, mode: str, rep: int, args: argparse.Namespace, console: Console) -> Run:
     run = Run(mode, rep)
-    ns = kb.new_namespace(stack, f"ad-{mode}-{rep}")
-    client = None
-    try:
+    with kb.isolated(stack, run, "ad", console, args.logs_on_error) as ns:
         workers = MAXIMUM if mode == "fixed" else args.start_workers
-        client = kb.make_cluster(stack, ns, CLUSTER, workers, args.memory_limit)
-        kb.install_ledger(client)
-        with kb.PodCounter(stack, ns, CLUSTER) as pods:
-            start_scaler(stack, ns, mode)
-            start = time.time()
-            result = submit_job(client, args)
-            value = result.result()
-            end = time.time()
-        run.wall = end - start
-        expected = sum(range(args.burst))
-        if value != expected:
-            run.notes.append(f"wrong result {value} != {expected}")
-        run.worker_s = kb.integral(pods.samples, start, end)
-        report = kb.ledger_report(client)
-        run.sched_worker_s = kb.integral(report["counts"], start, end)
-        run.lost, run.rerun, run.wasted = report["lost"], report["rerun"], report["wasted"]
-        run.workers_end = len(client.scheduler_info(n_workers=-1)["workers"])
-        steps, last = [], None
-        for t, n in pods.samples:
-            if n != last:
-                steps.append(f"{t - start:.1f}s:{n}")
-                last = n
-        run.notes.append("worker pods over time: " + " ".join(steps))
-        if mode == "operator":
-            run.notes.append(f"status.scaling: {kb.policy_scaling(stack, ns, POLICY)}")
-    except Exception as exc:  # one failed run must not hide the others
-        run.error = f"{type(exc).__name__}: {exc}"
-        console.print(f"[red]{mode} #{rep} failed[/]: {escape(run.error)}\n{escape(traceback.format_exc())}")
-        console.print(escape(stack.dump_logs(ns, tail=40)) if args.logs_on_error else
-                      f"logs: {stack.log_dir} and {stack.pod_log_dir}/{ns}_*.log")
-    finally:
-        if client is not None:
-            client.close()
-        kb.delete_namespace(stack, ns)
+        with kb.make_cluster(stack, ns, CLUSTER, workers, args.memory_limit) as client:
+            measure(stack, ns, mode, client, run, args)
     return run
 
 
+def measure(stack: kb.LocalStack, ns: str, mode: str, client: Client, run: Run, args: argparse.Namespace) -> None:
+    kb.install_ledger(client)
+    with kb.PodCounter(stack, ns, CLUSTER) as pods:
+        start_scaler(stack, ns, mode)
+        start = time.time()
+        value = submit_job(client, args).result()
+        end = time.time()
+    run.wall = end - start
+    expected = sum(range(args.burst))
+    if value != expected:
+        run.notes.append(f"wrong result {value} != {expected}")
+    run.worker_s = kb.integral(pods.samples, start, end)
+    report = kb.ledger_report(client)
+    run.sched_worker_s = kb.integral(report["counts"], start, end)
+    run.lost, run.rerun, run.wasted = report["lost"], report["rerun"], report["wasted"]
+    run.workers_end = len(client.scheduler_info(n_workers=-1)["workers"])
+    steps, last = [], None
+    for t, n in pods.samples:
+        if n != last:
+            steps.append(f"{t - start:.1f}s:{n}")
+            last = n
+    run.notes.append("worker pods over time: " + " ".join(steps))
+    if mode == "operator":
+        run.notes.append(f"status.scaling: {kb.policy_scaling(stack, ns, POLICY)}")
+
+
 def print_table(console: Console, runs: list[Run], modes: list[str]) -> None:
-    table = Table(title=escape("Burst then serial tail, bounds 1..6 workers: median [min, max] over rounds"))
-    for col in ("mode", "runs", "worker-s (pods)", "sched worker-s", "wall s", "lost keys", "re-run",
-                "wasted", "workers at end"):
-        table.add_column(col, justify="left" if col == "mode" else "right")
-    for mode in modes:
-        ok = [r for r in runs if r.mode == mode and not r.error]
-        failed = sum(1 for r in runs if r.mode == mode and r.error)
-        if not ok:
-            table.add_row(mode, f"0 ({failed} failed)", *["-"] * 7)
-            continue
-        table.add_row(
-            mode, f"{len(ok)}" + (f" ({failed} failed)" if failed else ""),
+    def cells(ok: list[Run]) -> list[str]:
+        return [
             kb.stat([r.worker_s for r in ok], ".0f"),
             kb.stat([r.sched_worker_s for r in ok], ".0f"),
             kb.stat([r.wall for r in ok], ".1f"),
@@ -194,63 +169,51 @@ def print_table(console: Console, runs: list[Run], modes: list[str]) -> None:
             kb.stat([r.rerun for r in ok], "d"),
             kb.stat([r.wasted for r in ok], "d"),
             kb.stat([r.workers_end for r in ok], "d"),
-        )
-    console.print(table)
+        ]
+
+    console.print(kb.mode_table(
+        f"Burst then serial tail, bounds {MINIMUM}..{MAXIMUM} workers: median [min, max] over rounds",
+        ("worker-s (pods)", "sched worker-s", "wall s", "lost keys", "re-run", "wasted", "workers at end"),
+        runs, modes, cells))
+
+
+def describe(run: Run) -> str:
+    return (f"wall {run.wall:5.1f} s  worker-s {run.worker_s:.0f} (pods) {run.sched_worker_s:.0f} (scheduler)  "
+            f"lost {run.lost}  re-run {run.rerun}  wasted {run.wasted}  workers at end {run.workers_end}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeat", type=int, default=3, help="rounds (runs per mode)")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
+    kb.add_common_args(parser, MODES)
     parser.add_argument("--burst", type=int, default=36, help="parallel tasks, and serial steps")
     parser.add_argument("--burst-seconds", type=float, default=1.0, help="sleep per burst task")
     parser.add_argument("--result-mb", type=int, default=8, help="MB per burst result")
     parser.add_argument("--tail-seconds", type=float, default=0.75, help="sleep per serial step")
     parser.add_argument("--start-workers", type=int, default=MAXIMUM,
                         help="workers of the adaptive modes when the job comes")
-    parser.add_argument("--memory-limit", default="1.5GB", help="per worker")
-    parser.add_argument("--state-dir", help="the stack's state directory (logs); a temporary one by default")
-    parser.add_argument("--logs-on-error", action="store_true", help="print the logs of a failed run")
     parser.add_argument("--quick", action="store_true", help="smoke run: 18 tasks, 0.5 s tail steps, 1 round")
     args = parser.parse_args(argv)
     if args.quick:
         args.burst, args.tail_seconds, args.repeat = 18, 0.5, 1
-    modes = args.modes.split(",")
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        parser.error(f"unknown modes {sorted(unknown)}")
+    modes = kb.parse_modes(parser, args, MODES)
 
     console = Console(soft_wrap=True, width=200)
     console.print(f"burst of {args.burst} x {args.burst_seconds:g} s tasks ({args.result_mb} MB results), then "
                   f"{args.burst} serial steps x {args.tail_seconds:g} s; workers x 1 thread {args.memory_limit}, "
                   f"bounds {MINIMUM}..{MAXIMUM}, adaptive modes start at {args.start_workers}; "
                   f"{args.repeat} rounds of {modes}")
-    runs: list[Run] = []
-    with kb.bench_stack("operator" in modes, args.state_dir) as stack:
-        console.print(f"stack at {stack.state_dir} (logs: {stack.log_dir}, pods: {stack.pod_log_dir})")
-        for rep, mode in kb.rotations(modes, args.repeat):
-            run = run_once(stack, mode, rep, args, console)
-            runs.append(run)
-            console.print(
-                f"  #{rep} {mode:15s} wall {run.wall:5.1f} s  worker-s {run.worker_s:.0f} (pods) "
-                f"{run.sched_worker_s:.0f} (scheduler)  lost {run.lost}  re-run {run.rerun}  wasted {run.wasted}  "
-                f"workers at end {run.workers_end}" + (f"  ERROR {escape(run.error)}" if run.error else ""))
-            for note in run.notes:
-                console.print(f"      {escape(note)}")
+    runs = kb.run_rounds(modes, args, console,
+                         lambda stack, mode, rep: run_once(stack, mode, rep, args, console), describe)
     print_table(console, runs, modes)
 
-    def medians(mode: str, attr: str) -> float:
-        return kb.median(getattr(r, attr) for r in runs if r.mode == mode and not r.error)
+    def median(mode: str, attr: str) -> float:
+        return kb.median(getattr(r, attr) for r in kb.ok_runs(runs, mode))
 
-    ours = [r for r in runs if r.mode == "operator" and not r.error]
-    cost = medians("operator", "worker_s") / medians("daskautoscaler", "worker_s") if ours else math.nan
-    wall = medians("operator", "wall") / medians("fixed", "wall") if ours else math.nan
-
-    def total(attr: str) -> str:
-        return str(sum(getattr(r, attr) for r in ours)) if ours else "nan"
-
+    ours = kb.ok_runs(runs, "operator")
+    cost = median("operator", "worker_s") / median("daskautoscaler", "worker_s") if ours else math.nan
+    wall = median("operator", "wall") / median("fixed", "wall") if ours else math.nan
     print(f"cost_ratio_vs_daskautoscaler={cost:.3f} wall_ratio_vs_fixed={wall:.3f} "
-          f"lost_keys={total('lost')} rerun_tasks={total('rerun')}")
+          f"lost_keys={kb.total(ours, 'lost')} rerun_tasks={kb.total(ours, 'rerun')}")
 
 
 if __name__ == "__main__":

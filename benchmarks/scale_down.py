@@ -74,16 +74,13 @@ import argparse
 import math
 import sys
 import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dask.array as da
 from distributed import Client, futures_of, wait
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _k8s_bench as kb  # noqa: E402
@@ -106,9 +103,7 @@ def work(chunk: Any, p: int, seconds: float) -> float:
 
 
 @dataclass
-class Run:
-    mode: str
-    rep: int
+class Run(kb.BaseRun):
     wall: float = float("nan")
     rerun: int = 0
     lost: int = 0
@@ -121,8 +116,6 @@ class Run:
     goal_met: int = 0
     goal_of: int = 0
     workers_after: int = 0
-    error: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 def scale_down(stack: kb.LocalStack, ns: str, mode: str, client: Client) -> None:
@@ -139,101 +132,83 @@ def scale_down(stack: kb.LocalStack, ns: str, mode: str, client: Client) -> None
 
 def run_once(stack: kb.LocalStack, mode: str, rep: int, args: argparse.Namespace, console: Console) -> Run:
     run = Run(mode, rep)
-    ns = kb.new_namespace(stack, f"sd-{mode}-{rep}")
-    client = None
-    try:
+    with kb.isolated(stack, run, "sd", console, args.logs_on_error) as ns:
         if mode == "operator":
             stack.apply(kb.memory_policy(POLICY, CLUSTER, {"minimum": FROM, "maximum": FROM}, RETIREMENT),
                         namespace=ns)
-        client = kb.make_cluster(stack, ns, CLUSTER, FROM, args.memory_limit)
-        if mode == "operator":
-            kb.wait_policy_scaling(stack, ns, POLICY, CLUSTER, lambda e: e.get("replicas") == FROM,
-                                   f"status.scaling[] for {CLUSTER} with replicas {FROM}", timeout=60)
-        x = da.random.random((args.rows, 8000), chunks=(1000, 1000)).persist()
-        wait(x)
-        chunks = futures_of(x)
-        kb.install_ledger(client)
-        time.sleep(2 * kb.AMM_INTERVAL)  # let the AMM settle after persist
-
-        start = time.time()
-        results = [client.submit(work, c, p, args.task_seconds, pure=False)
-                   for p in range(args.passes) for c in chunks]
-        acted = None
-        if mode != "none":
-            while time.time() - start < args.at:
-                time.sleep(0.05)
-            acted = time.time()
-            scale_down(stack, ns, mode, client)
-        client.gather(results)
-        run.wall = time.time() - start
-
-        if mode != "none":
-            def settled() -> bool:
-                n = len(client.scheduler_info(n_workers=-1)["workers"])
-                return n == TO and len(kb.worker_deployments(stack, ns, CLUSTER)) == TO
-
-            try:
-                stack.wait_for(settled, args.settle_timeout, f"{TO} workers and Deployments")
-            except TimeoutError as exc:
-                run.notes.append(str(exc))
-        run.workers_after = len(client.scheduler_info(n_workers=-1)["workers"])
-        report = kb.ledger_report(client)
-        missing = [c.key for c in chunks if c.status != "finished"]
-        if missing:
-            run.notes.append(f"{len(missing)} chunks of the persisted array not in memory at the end")
-        run.rerun, run.wasted, run.reassigned = report["rerun"], report["wasted"], report["reassigned"]
-        run.lost, run.lost_bytes = report["lost"], report["lost_bytes"]
-        moves = kb.transfers(client, since=acted or start)
-        run.rate = moves["rate"]
-        if acted is not None:
-            removals = [r for r in report["removals"] if r["time"] >= acted]
-            last = {}
-            for r in removals:  # a worker may leave, come back under its name, leave again
-                last[r["name"]] = r
-            if last:
-                run.retire_s = max(r["time"] for r in last.values()) - acted
-            run.moved = sum(moves["moved_from"].get(r["worker"], 0) for r in removals)
-            for address, c in report["closing"].items():
-                gone = [r["time"] for r in removals if r["worker"] == address]
-                if not gone:
-                    continue
-                took = gone[0] - c["closing_since"]
-                moved = moves["moved_from"].get(address, 0)
-                bound = 1.5 * moved / run.rate + 2 * kb.AMM_INTERVAL
-                run.goal_of += 1
-                run.goal_met += took <= bound
-                run.notes.append(f"{c['name']}: retired in {took:.1f} s, moved {moved / MB:.0f} MB "
-                                 f"(bound {bound:.1f} s), held {c['unique_bytes'] / MB:.0f} MB unique")
-            if mode == "operator":
-                run.notes.append(f"status.scaling: {kb.policy_scaling(stack, ns, POLICY)}")
-    except Exception as exc:  # one failed run must not hide the others
-        run.error = f"{type(exc).__name__}: {exc}"
-        console.print(f"[red]{mode} #{rep} failed[/]: {run.error}\n{traceback.format_exc()}")
-        console.print(stack.dump_logs(ns, tail=40) if args.logs_on_error else
-                      f"logs: {stack.log_dir} and {stack.pod_log_dir}/{ns}_*.log")
-    finally:
-        if client is not None:
-            client.close()
-        kb.delete_namespace(stack, ns)
+        with kb.make_cluster(stack, ns, CLUSTER, FROM, args.memory_limit) as client:
+            measure(stack, ns, mode, client, run, args)
     return run
 
 
+def measure(stack: kb.LocalStack, ns: str, mode: str, client: Client, run: Run, args: argparse.Namespace) -> None:
+    if mode == "operator":
+        kb.wait_policy_scaling(stack, ns, POLICY, CLUSTER, lambda e: e.get("replicas") == FROM,
+                               f"status.scaling[] for {CLUSTER} with replicas {FROM}", timeout=60)
+    kb.install_ledger(client)  # before persist: a chunk computed again counts as re-run
+    x = da.random.random((args.rows, 8000), chunks=(1000, 1000)).persist()
+    wait(x)
+    chunks = futures_of(x)
+    time.sleep(2 * kb.AMM_INTERVAL)  # let the AMM settle after persist
+
+    start = time.time()
+    results = [client.submit(work, c, p, args.task_seconds, pure=False)
+               for p in range(args.passes) for c in chunks]
+    acted = None
+    if mode != "none":
+        while time.time() - start < args.at:
+            time.sleep(0.05)
+        acted = time.time()
+        scale_down(stack, ns, mode, client)
+    client.gather(results)
+    run.wall = time.time() - start
+
+    if mode != "none":
+        def settled() -> bool:
+            n = len(client.scheduler_info(n_workers=-1)["workers"])
+            return n == TO and len(kb.worker_deployments(stack, ns, CLUSTER)) == TO
+
+        try:
+            stack.wait_for(settled, args.settle_timeout, f"{TO} workers and Deployments")
+        except TimeoutError as exc:
+            run.notes.append(str(exc))
+    run.workers_after = len(client.scheduler_info(n_workers=-1)["workers"])
+    report = kb.ledger_report(client)
+    missing = [c.key for c in chunks if c.status != "finished"]
+    if missing:
+        run.notes.append(f"{len(missing)} chunks of the persisted array not in memory at the end")
+    run.rerun, run.wasted, run.reassigned = report["rerun"], report["wasted"], report["reassigned"]
+    run.lost, run.lost_bytes = report["lost"], report["lost_bytes"]
+    moves = kb.transfers(client, since=acted or start)
+    run.rate = moves["rate"]
+    if acted is not None:
+        removals = [r for r in report["removals"] if r["time"] >= acted]
+        last = {}
+        for r in removals:  # a worker may leave, come back under its name, leave again
+            last[r["name"]] = r
+        if last:
+            run.retire_s = max(r["time"] for r in last.values()) - acted
+        run.moved = sum(moves["moved_from"].get(w, 0) for w in {r["worker"] for r in removals})
+        for address, c in report["closing"].items():
+            gone = [r["time"] for r in removals if r["worker"] == address]
+            if not gone:
+                continue
+            took = gone[0] - c["closing_since"]
+            moved = moves["moved_from"].get(address, 0)
+            bound = 1.5 * moved / run.rate + 2 * kb.AMM_INTERVAL
+            run.goal_of += 1
+            run.goal_met += took <= bound
+            run.notes.append(f"{c['name']}: retired in {took:.1f} s, moved {moved / MB:.0f} MB "
+                             f"(bound {bound:.1f} s), held {c['unique_bytes'] / MB:.0f} MB unique")
+        if mode == "operator":
+            run.notes.append(f"status.scaling: {kb.policy_scaling(stack, ns, POLICY)}")
+
 
 def print_table(console: Console, runs: list[Run], modes: list[str]) -> None:
-    table = Table(title=escape(f"Scale-down {FROM} -> {TO} workers mid-job: median [min, max] over rounds"))
-    for col in ("mode", "runs", "wall s", "re-run", "lost keys", "lost MB", "wasted", "reassigned",
-                "retire s", "moved MB", "rate MB/s", "goal"):
-        table.add_column(col, justify="left" if col == "mode" else "right")
-    for mode in modes:
-        ok = [r for r in runs if r.mode == mode and not r.error]
-        failed = sum(1 for r in runs if r.mode == mode and r.error)
-        if not ok:
-            table.add_row(mode, f"0 ({failed} failed)", *["-"] * 10)
-            continue
+    def cells(ok: list[Run]) -> list[str]:
         goal = (f"{sum(r.goal_met for r in ok)}/{sum(r.goal_of for r in ok)}"
                 if any(r.goal_of for r in ok) else "-")
-        table.add_row(
-            mode, f"{len(ok)}" + (f" ({failed} failed)" if failed else ""),
+        return [
             kb.stat([r.wall for r in ok], ".1f"),
             kb.stat([r.rerun for r in ok], "d"),
             kb.stat([r.lost for r in ok], "d"),
@@ -244,63 +219,47 @@ def print_table(console: Console, runs: list[Run], modes: list[str]) -> None:
             kb.stat([r.moved / MB for r in ok], ".0f"),
             kb.stat([r.rate / MB for r in ok if not math.isnan(r.rate)], ".0f"),
             goal,
-        )
-    console.print(table)
+        ]
+
+    console.print(kb.mode_table(
+        f"Scale-down {FROM} -> {TO} workers mid-job: median [min, max] over rounds",
+        ("wall s", "re-run", "lost keys", "lost MB", "wasted", "reassigned", "retire s", "moved MB",
+         "rate MB/s", "goal"), runs, modes, cells))
+
+
+def describe(run: Run) -> str:
+    return (f"wall {run.wall:5.1f} s  re-run {run.rerun}  lost {run.lost} ({run.lost_bytes / MB:.0f} MB)  "
+            f"wasted {run.wasted}  reassigned {run.reassigned}  retire {run.retire_s:.1f} s  "
+            f"moved {run.moved / MB:.0f} MB  rate {run.rate / MB:.0f} MB/s  workers after {run.workers_after}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeat", type=int, default=3, help="rounds (runs per mode)")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
+    kb.add_common_args(parser, MODES)
     parser.add_argument("--rows", type=int, default=16000, help="rows of the array (x 8000 float64)")
     parser.add_argument("--passes", type=int, default=3, help="passes of the job over the array")
     parser.add_argument("--task-seconds", type=float, default=0.5, help="sleep per task")
     parser.add_argument("--at", type=float, default=10.0, help="seconds into the job to scale down")
-    parser.add_argument("--memory-limit", default="1.5GB", help="per worker")
     parser.add_argument("--settle-timeout", type=float, default=180.0,
                         help="seconds to wait after the job for 3 workers and Deployments")
-    parser.add_argument("--state-dir", help="the stack's state directory (logs); a temporary one by default")
-    parser.add_argument("--logs-on-error", action="store_true", help="print the logs of a failed run")
     parser.add_argument("--quick", action="store_true", help="smoke run: 512 MB, 2 passes, scale down at 4 s, 1 round")
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.passes, args.at, args.repeat = 8000, 2, 4.0, 1
-    modes = args.modes.split(",")
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        parser.error(f"unknown modes {sorted(unknown)}")
+    modes = kb.parse_modes(parser, args, MODES)
 
     console = Console(soft_wrap=True, width=200)
     size = args.rows * 8000 * 8
     console.print(f"array {args.rows}x8000 float64 = {size / 1e9:.2f} GB in {args.rows // 1000 * 8} chunks; "
                   f"job {args.passes} passes x {args.task_seconds:g} s/task; {FROM} workers x 1 thread "
                   f"{args.memory_limit}; scale-down to {TO} at {args.at:g} s; {args.repeat} rounds of {modes}")
-    runs: list[Run] = []
-    with kb.bench_stack("operator" in modes, args.state_dir) as stack:
-        console.print(f"stack at {stack.state_dir} (logs: {stack.log_dir}, pods: {stack.pod_log_dir})")
-        for rep, mode in kb.rotations(modes, args.repeat):
-            run = run_once(stack, mode, rep, args, console)
-            runs.append(run)
-            console.print(
-                f"  #{rep} {mode:15s} wall {run.wall:5.1f} s  re-run {run.rerun}  lost {run.lost} "
-                f"({run.lost_bytes / MB:.0f} MB)  wasted {run.wasted}  reassigned {run.reassigned}  "
-                f"retire {run.retire_s:.1f} s  moved {run.moved / MB:.0f} MB  rate {run.rate / MB:.0f} MB/s  "
-                f"workers after {run.workers_after}" + (f"  ERROR {run.error}" if run.error else ""))
-            for note in run.notes:
-                console.print(f"      {escape(note)}")
+    runs = kb.run_rounds(modes, args, console,
+                         lambda stack, mode, rep: run_once(stack, mode, rep, args, console), describe)
     print_table(console, runs, modes)
-
-    def ok(mode: str) -> list[Run]:
-        return [r for r in runs if r.mode == mode and not r.error]
-
-    ours, theirs = ok("operator"), ok("dask-kubernetes")
+    ours, theirs = kb.ok_runs(runs, "operator"), kb.ok_runs(runs, "dask-kubernetes")
     ratio = kb.median(r.wall for r in ours) / kb.median(r.wall for r in theirs) if ours and theirs else math.nan
-
-    def total(attr: str) -> str:
-        return str(sum(getattr(r, attr) for r in ours)) if ours else "nan"
-
-    print(f"wall_ratio_vs_dask_kubernetes={ratio:.3f} lost_keys={total('lost')} "
-          f"rerun_tasks={total('rerun')} wasted_tasks={total('wasted')}")
+    print(f"wall_ratio_vs_dask_kubernetes={ratio:.3f} lost_keys={kb.total(ours, 'lost')} "
+          f"rerun_tasks={kb.total(ours, 'rerun')} wasted_tasks={kb.total(ours, 'wasted')}")
 
 
 if __name__ == "__main__":
