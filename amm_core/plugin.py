@@ -108,6 +108,13 @@ once, the operator polls)::
                             "tasks_running", "why"}, ...],   # best first, at most n
             "excluded": [{"worker", "reason"}, ...]}
 
+    amm_core_scaling()
+        -> {"target": int,               # Scheduler.adaptive_target()
+            "data_bytes": int,           # keys in memory, each counted once
+            "pause_fraction": float | None,   # distributed.worker.memory.pause
+            "worker_states": [{"name", "address", "status", "memory_limit",
+                               "nbytes", "processing"}, ...]}
+
     retirement = {
         "worker": name, "address": str,
         "state": "draining" | "moving" | "done" | "aborted",

@@ -46,6 +46,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
+import dask
 from distributed.active_memory_manager import (
     ActiveMemoryManagerExtension,
     ActiveMemoryManagerPolicy,
@@ -70,6 +71,8 @@ RETIREMENT_INTERVAL = 0.5
 #: Seconds after which a copy asked for and not landed is asked for again (its
 #: recipient may have been slow, or died without the scheduler knowing yet)
 COPY_TIMEOUT = 10.0
+#: Workers listed by ``amm_core_scaling`` (bounded: the caller refuses larger answers)
+MAX_SCALING_WORKERS = 1000
 
 State = Literal["draining", "moving", "done", "aborted"]
 #: States in which the engine still watches the worker
@@ -287,6 +290,7 @@ class RetirementEngine:
             "amm_core_cancel_retirement": self.cancel,
             "amm_core_forget_retirement": self.forget,
             "amm_core_retirement_candidates": self.candidates,
+            "amm_core_scaling": self.scaling,
         }
 
     def in_progress(self) -> Iterable[Retirement]:
@@ -436,6 +440,37 @@ class RetirementEngine:
             for nbytes, ntasks, name, nkeys, address in ranked[:n]
         ]
         return {"candidates": out, "excluded": excluded}
+
+    def scaling(self) -> dict[str, Any]:
+        """What a caller that scales the cluster needs, in one answer: the
+        scheduler's ``adaptive_target``, the bytes of every key in memory counted
+        once, the pause threshold (this scheduler's config: workers of one image
+        share it), and each worker (at most MAX_SCALING_WORKERS)."""
+        seen: set[Any] = set()
+        data_bytes = 0
+        for ws in self.scheduler.workers.values():
+            for ts in ws.has_what:
+                if ts.key not in seen:
+                    seen.add(ts.key)
+                    data_bytes += ts.nbytes
+        pause = dask.config.get("distributed.worker.memory.pause")
+        workers = sorted(self.scheduler.workers.values(), key=lambda ws: str(ws.name))
+        return {
+            "target": int(self.scheduler.adaptive_target()),
+            "data_bytes": data_bytes,
+            "pause_fraction": float(pause) if pause else None,
+            "worker_states": [
+                {
+                    "name": str(ws.name),
+                    "address": ws.address,
+                    "status": ws.status.name,
+                    "memory_limit": int(ws.memory_limit or 0),
+                    "nbytes": int(ws.nbytes),
+                    "processing": len(ws.processing),
+                }
+                for ws in workers[:MAX_SCALING_WORKERS]
+            ],
+        }
 
     # --- plugin hooks ---------------------------------------------------------
 

@@ -643,10 +643,12 @@ def test_deleted_daskcluster_leaves_no_trace(stack: LocalStack, namespace: str, 
                                   state="Applied") is None, 30, "the cluster's series to end")
 
 
-def test_paused_worker_is_retired_and_reported_for_replacement(stack: LocalStack, namespace: str,
-                                                               memory_operator):
+def test_paused_worker_is_replaced_by_a_fresh_pod_with_its_data_intact(stack: LocalStack, namespace: str,
+                                                                       memory_operator):
     """RetirePaused through the operator: a worker paused for longer than `after` is
-    retired by the AMM, and the policy's status names it for replacement."""
+    retired by the AMM; the operator adds a replacement worker first, and once the
+    paused one is retired deletes its Deployment and takes its replica off. Scattered
+    data (which nothing could recompute) is intact."""
     ns = namespace
     stack.apply(policy_manifest("retire", selector={}, interval="200ms",
                                 policies=[{"class": "RetirePaused", "args": {"after": "1s"}}]), namespace=ns)
@@ -658,10 +660,22 @@ def test_paused_worker_is_retired_and_reported_for_replacement(stack: LocalStack
         name = client.scheduler_info(n_workers=-1)["workers"][victim]["name"]
         client.run(set_pause_fraction, 0.01, workers=[victim])
 
-        policy = wait_status(stack, ns, "retire", lambda p: any(
-            w["retired"] for w in cluster_entry(p, "pausing").get("amm", {}).get("workersToReplace", [])
-        ), "a worker to replace")
-        [worker] = cluster_entry(policy, "pausing")["amm"]["workersToReplace"]
-        assert (worker["name"], worker["address"]) == (name, victim)
-        assert client.scheduler_info(n_workers=-1)["workers"][victim]["status"] == "closing_gracefully"
+        replaced = stack.wait_for(lambda: [e for e in events_in(stack, ns) if e["reason"] == "PausedWorkerReplaced"],
+                                  120, "the paused worker to be replaced")
+        assert name in replaced[0]["message"]
+        added = [e for e in events_in(stack, ns) if e["reason"] == "ReplacingPausedWorker"]
+        assert len(added) == 1 and name in added[0]["message"]
+
+        def settled():
+            workers = client.scheduler_info(n_workers=-1)["workers"].values()
+            deployments = [d["metadata"]["name"] for d in stack.deployments(ns, "dask.org/component=worker")]
+            group = stack.get_json(f"/apis/kubernetes.dask.org/v1/namespaces/{ns}/daskworkergroups/pausing-default")
+            return (name not in deployments and len(deployments) == 2
+                    and group["spec"]["worker"]["replicas"] == 2
+                    and sorted(w["status"] for w in workers) == ["running", "running"])
+        stack.wait_for(settled, 120, "two running workers, the paused one gone")
         assert client.gather(data) == list(range(100))  # scattered: nothing could be recomputed
+
+
+def events_in(stack: LocalStack, ns: str) -> list[dict]:
+    return (stack.get_json(f"/api/v1/namespaces/{ns}/events") or {}).get("items", [])

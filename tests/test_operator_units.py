@@ -463,7 +463,7 @@ def test_a_cluster_taken_over_and_not_restorable_yet_is_listed_once():
     previous = {"clusters": [{"name": "c", "state": "Applied"}, {"name": "d", "state": "Applied"}]}
     clusters = {"c": {"name": "c", "uid": "c1", "labels": {}}, "d": {"name": "d", "uid": "d1", "labels": {}}}
     reconciler = ClusterReconciler(FixedLocator("tcp://127.0.0.1:1"), rpc_timeout=0.5)  # refused
-    asyncio.run(_release_unselected(policy, "ns", "u2", previous, entries, clusters, reconciler))
+    asyncio.run(_release_unselected(policy, "ns", "u2", previous, entries, clusters, reconciler, kopf.Memo()))
     assert [(e["name"], e["state"]) for e in entries] == [("c", "Conflict"), ("d", "Degraded")]
     assert "restore pending" in entries[1]["message"]
     # `c`'s new governor applies its own config: no restore was even tried for it

@@ -1,7 +1,8 @@
 """The MemoryPolicy API: names, and turning a spec into what a scheduler should run.
 
 The CRD in ``crds/memorypolicy.yaml`` rejects what a schema can (enums, patterns,
-unknown fields). What it cannot check lives here: which policy classes this operator
+unknown fields). What it cannot check lives here (and, for ``retirement`` and
+``adaptive``, in :mod:`dask_memory_operator.api.scaling`): which policy classes this operator
 allows, and that the interval is a duration dask understands. A spec that fails here
 is reported as the ``Invalid`` condition and nothing is applied.
 """
@@ -17,6 +18,9 @@ from dask.utils import parse_timedelta
 
 from amm_core import BUILTIN_POLICIES
 from amm_core.plugin import MIN_INTERVAL, build_policy
+
+from dask_memory_operator.api.errors import InvalidPolicy
+from dask_memory_operator.api.scaling import parse_scaling
 
 GROUP = "amm.dask.org"
 VERSION = "v1alpha1"
@@ -39,14 +43,6 @@ MEASURES = (
 
 
 UPSTREAM_REDUCE_REPLICAS = "distributed.active_memory_manager.ReduceReplicas"
-
-
-class InvalidPolicy(ValueError):
-    """The spec cannot be applied; ``field`` says where, the message says why."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -200,6 +196,9 @@ def parse_spec(spec: Mapping[str, Any], allowed: Iterable[str] = ()) -> AMMConfi
             f"Replicate does not work with {UPSTREAM_REDUCE_REPLICAS}, which drops the "
             f"copies it makes: use ReduceReplicas or PressureReduceReplicas",
         )
+    # checked here too, so that one call says whether a spec is valid; the
+    # scaling controller reads it with parse_scaling
+    parse_scaling(spec)
     return AMMConfig(
         enabled=bool(amm.get("enabled", True)),
         interval=float(interval),

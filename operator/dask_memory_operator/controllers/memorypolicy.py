@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import copy
 from collections.abc import Mapping
 from typing import Any
@@ -18,8 +19,9 @@ from typing import Any
 import kopf
 
 from dask_memory_operator.api.memorypolicy import InvalidPolicy, parse_spec
-from dask_memory_operator.api.selection import PolicyInfo, assign, selects
+from dask_memory_operator.api.selection import Assignment, PolicyInfo, assign, selects
 from dask_memory_operator.controllers.config import OperatorConfig
+from dask_memory_operator.controllers.scaling import autoscalers_of
 from dask_memory_operator.controllers.status import cluster_entry, invalid_status, policy_status
 from dask_memory_operator.observability import metrics
 from dask_memory_operator.observability.events import post_outcome
@@ -31,6 +33,7 @@ from dask_memory_operator.schedulers.converge import (
     owner_tag,
 )
 
+logger = logging.getLogger(__name__)
 
 #: Schedulers one policy talks to at once
 CONCURRENT_CLUSTERS = 8
@@ -57,6 +60,21 @@ def _valid(spec: Mapping[str, Any], config: OperatorConfig) -> bool:
 
 def _clusters(index: kopf.Index, namespace: str) -> dict[str, dict[str, Any]]:
     return {c["name"]: c for c in index.get(namespace, [])}
+
+
+def policy_clusters(
+    body: kopf.Body, uid: str, namespace: str,
+    daskclusters_by_namespace: kopf.Index, memorypolicies_by_namespace: kopf.Index,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Assignment]]:
+    """The namespace's clusters, and the assignment of those this policy selects
+    (``a.governor.uid == uid``: it governs them)."""
+    clusters = _clusters(daskclusters_by_namespace, namespace)
+    # this policy as its body says now (the index may lag by an event)
+    policies = [p for p in memorypolicies_by_namespace.get(namespace, []) if p.uid != uid]
+    policies.append(PolicyInfo.from_body(body))
+    assignment = assign(policies, {n: c["labels"] for n, c in clusters.items()})
+    mine = {c: a for c, a in sorted(assignment.items()) if any(p.uid == uid for p in a.contenders)}
+    return clusters, mine
 
 
 # --- reconcile -----------------------------------------------------------------
@@ -95,6 +113,7 @@ async def _reconcile_policy(
     memo: kopf.Memo,
     daskclusters_by_namespace: kopf.Index,
     memorypolicies_by_namespace: kopf.Index,
+    daskautoscalers_by_cluster: kopf.Index | None = None,
     **_: Any,
 ) -> None:
     config: OperatorConfig = memo.config
@@ -112,13 +131,8 @@ async def _reconcile_policy(
         _patch_status(patch, previous, invalid_status(generation, message, previous))
         return
 
-    clusters = _clusters(daskclusters_by_namespace, namespace)
-    # this policy as its body says now (the index may lag by an event)
-    policies = [p for p in memorypolicies_by_namespace.get(namespace, []) if p.uid != uid]
-    policies.append(PolicyInfo.from_body(body))
-    assignment = assign(policies, {n: c["labels"] for n, c in clusters.items()})
-
-    mine = {c: a for c, a in sorted(assignment.items()) if any(p.uid == uid for p in a.contenders)}
+    clusters, mine = policy_clusters(body, uid, namespace, daskclusters_by_namespace,
+                                     memorypolicies_by_namespace)
     governed = [c for c, a in mine.items() if a.governor.uid == uid]
     limit = asyncio.Semaphore(CONCURRENT_CLUSTERS)
 
@@ -147,9 +161,15 @@ async def _reconcile_policy(
                 f"{cluster} is also selected by MemoryPolicy {', '.join(others)}; "
                 f"this policy governs it (created earlier)"
             )
+        autoscalers = autoscalers_of(daskautoscalers_by_cluster, namespace, cluster)
+        if autoscalers and spec.get("adaptive") is not None:
+            entry["autoscalerConflict"] = (
+                f"{cluster} is also scaled by DaskAutoscaler {', '.join(autoscalers)}: "
+                f"spec.adaptive is not applied to it"
+            )
         entries.append(entry)
 
-    await _release_unselected(body, namespace, uid, previous, entries, clusters, reconciler)
+    await _release_unselected(body, namespace, uid, previous, entries, clusters, reconciler, memo)
     _patch_status(patch, previous, policy_status(generation, entries, previous))
 
 
@@ -175,6 +195,7 @@ async def _release_unselected(
     entries: list[dict[str, Any]],
     clusters: Mapping[str, Mapping[str, Any]],
     reconciler: ClusterReconciler,
+    memo: kopf.Memo,
 ) -> None:
     """Clusters this policy configured before but no longer governs get their own
     configuration back (relabelled, renamed out, or taken over by an older policy).
@@ -193,6 +214,7 @@ async def _release_unselected(
         if cluster not in clusters:
             reconciler.forget_cluster(namespace, cluster)
             continue
+        await _wind_down_scaling(memo, namespace, clusters[cluster], previous)
         try:
             outcome = await reconciler.release(namespace, cluster, uid)
         except Exception as e:  # one cluster's failure is its own
@@ -201,6 +223,20 @@ async def _release_unselected(
             continue
         if outcome is not None:
             post_outcome(policy, clusters[cluster], outcome, previous)
+
+
+async def _wind_down_scaling(
+    memo: kopf.Memo, namespace: str, cluster: Mapping[str, Any], status: Mapping[str, Any]
+) -> None:
+    """Before a scheduler gets its own configuration back: if this policy scaled the
+    cluster (its status says so), the retirements the operator started there are
+    finished or cancelled (see ScalingController.wind_down)."""
+    if not any(e.get("cluster") == cluster["name"] for e in status.get("scaling") or ()):
+        return
+    try:
+        await memo.scaling.wind_down(namespace, cluster["name"], cluster["uid"])
+    except Exception as e:  # the next owner, or the user, finds the records
+        logger.warning("Could not wind down the retirements of %s/%s: %s", namespace, cluster["name"], e)
 
 
 # --- deletion ------------------------------------------------------------------
@@ -238,6 +274,7 @@ async def _restore_all(
 
     async def release(cluster: Mapping[str, Any]) -> None:
         async with limit:
+            await _wind_down_scaling(memo, namespace, cluster, status)
             try:
                 outcome = await reconciler.release(namespace, cluster["name"], uid)
             except Exception as e:  # one cluster's failure is its own

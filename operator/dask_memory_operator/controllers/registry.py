@@ -20,19 +20,41 @@ from dask_memory_operator.controllers.memorypolicy import (
     reconcile_policy,
     restore_on_delete,
 )
+from dask_memory_operator.controllers.scaling import (
+    ScalingController,
+    daskautoscalers_by_cluster,
+    scale_policy_clusters,
+)
+
+#: Seconds between runs of each policy's scaling timer (each cluster's passes are
+#: paced by its adaptive interval)
+SCALING_TICK = 0.5
 
 
 async def start_background_tasks(memo: kopf.Memo, **_: Any) -> None:
-    """Tasks of the whole operator, not of one object: the owed restores."""
+    """Tasks of the whole operator, not of one object: the owed restores; and the
+    scaling controller, whose passes run as tasks of their own."""
     config: OperatorConfig = memo.config
+    memo.scaling = ScalingController(memo.reconciler)
     memo.background = [asyncio.create_task(settle_owed_restores(memo, config.resync_interval))]
 
 
 async def stop_background_tasks(memo: kopf.Memo, **_: Any) -> None:
-    for task in getattr(memo, "background", ()):
+    scaling = getattr(memo, "scaling", None)
+    passes = [s.task for s in scaling.clusters.values() if s.task] if scaling else []
+    for task in [*getattr(memo, "background", ()), *passes]:
         task.cancel()
+    await asyncio.gather(*passes, return_exceptions=True)
     await asyncio.gather(*getattr(memo, "background", ()), return_exceptions=True)
     await memo.reconciler.locator.close()
+
+
+class _QuietScalingTimer(logging.Filter):
+    """kopf logs every run of every timer; the scaling timer runs twice a second per
+    policy, and what it does is logged (and posted as Events) by the controller."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Timer 'scale' ")
 
 
 def configure_operator(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -44,6 +66,7 @@ def configure_operator(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.INFO
+    logging.getLogger("kopf.objects").addFilter(_QuietScalingTimer())
     # A policy deleted while its resync timer runs waits for the timer to exit; kopf
     # looks again only after this many seconds (60 by default: a minute-long delete)
     settings.background.cancellation_polling = 0.5
@@ -70,10 +93,12 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     kopf.on.login(registry=registry)(login)
     kopf.index(*cluster, registry=registry)(daskclusters_by_namespace)
     kopf.index(*policy, registry=registry)(memorypolicies_by_namespace)
+    kopf.index(DASK_GROUP, DASK_VERSION, "daskautoscalers", registry=registry)(daskautoscalers_by_cluster)
     kopf.on.event(*cluster, registry=registry)(converge_changed_cluster)
 
     for decorate in (kopf.on.create, kopf.on.update, kopf.on.resume):
         decorate(*policy, registry=registry, id=f"reconcile_on_{decorate.__name__}")(reconcile_policy)
     kopf.timer(*policy, registry=registry, interval=config.resync_interval, id="resync")(reconcile_policy)
+    kopf.timer(*policy, registry=registry, interval=SCALING_TICK, id="scale")(scale_policy_clusters)
     kopf.on.delete(*policy, registry=registry)(restore_on_delete)
     return registry

@@ -5,8 +5,10 @@ Conditions:
 - ``Ready``: valid, and every cluster the policy governs runs its configuration.
 - ``Invalid``: the spec cannot be applied; the message names the field and why.
 - ``Degraded``: some governed clusters could not be configured; names them and why.
-- ``Conflict``: some selected clusters are also selected by another policy; says
-  which policy governs each.
+- ``Conflict``: some selected clusters are also selected by another policy (reason
+  OverlappingPolicies; says which policy governs each), or an ``adaptive`` policy's
+  cluster also has a DaskAutoscaler (reason DaskAutoscaler; the operator leaves its
+  size to the autoscaler).
 """
 
 from __future__ import annotations
@@ -108,14 +110,18 @@ def policy_status(
                             MAX_CONDITION_MESSAGE)
     causes = {e.get("reason") or "Unreachable" for e in degraded}
     degraded_reason = (causes.pop() if len(causes) == 1 else "SchedulersDegraded") if degraded else "AllReachable"
-    conflict_msgs = [e["message"] for e in contested] + [
+    overlaps = [e["message"] for e in contested] + [
         e["conflictMessage"] for e in governed if e.get("conflictMessage")
     ]
+    autoscaled = [e["autoscalerConflict"] for e in governed if e.get("autoscalerConflict")]
+    conflict_msgs = overlaps + autoscaled
+    conflict_reason = ("OverlappingPolicies" if overlaps else "DaskAutoscaler") if conflict_msgs else "NoOverlap"
     return {
         "observedGeneration": generation,
         "matchedClusters": len(entries),
         "appliedClusters": len(applied),
-        "clusters": [{k: v for k, v in e.items() if k != "conflictMessage"} for e in entries],
+        "clusters": [{k: v for k, v in e.items() if k not in ("conflictMessage", "autoscalerConflict")}
+                     for e in entries],
         "conditions": [
             ready,
             condition("Invalid", False, "Valid", "", generation, old),
@@ -124,7 +130,7 @@ def policy_status(
                 degraded_msg, generation, old,
             ),
             condition(
-                "Conflict", bool(conflict_msgs), "OverlappingPolicies" if conflict_msgs else "NoOverlap",
+                "Conflict", bool(conflict_msgs), conflict_reason,
                 _bounded("; ".join(conflict_msgs), MAX_CONDITION_MESSAGE), generation, old,
             ),
         ],

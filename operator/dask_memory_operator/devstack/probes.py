@@ -6,7 +6,10 @@ They live in an installed module, so the scheduler unpickles them by reference.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 
 def _class_path(obj: object) -> str:
@@ -54,3 +57,53 @@ def set_pause_fraction(fraction: float, dask_worker: Any = None) -> None:
     """Run on a worker (``client.run``): pause it once its memory passes ``fraction``
     of its limit, as if it had filled up."""
     dask_worker.memory_manager.memory_pause_fraction = fraction
+
+
+#: Stimuli of a worker leaving: a task processing there when one of them moves it
+#: back is wasted (its progress is lost)
+_WORKER_LOSS = ("handle-worker-cleanup", "remove-worker", "worker-send-comm-fail", "check-worker-ttl")
+
+
+class TaskLedger(SchedulerPlugin):
+    """What the scheduler saw happen to each task, to tell "nothing lost" from the
+    scheduler rather than from a result that recomputation would also give:
+
+    - ``computed[key]``: times it finished (processing -> memory); above 1 it ran again;
+    - ``lost[key]``: times it left memory because a worker holding it left;
+    - ``wasted[key]``: times it was running on a worker that left, and started over.
+
+    Install with ``client.register_plugin(TaskLedger())``; read with
+    ``client.run_on_scheduler(task_ledger)``.
+    """
+
+    name = "dmo-task-ledger"
+
+    def __init__(self) -> None:
+        self.computed: Counter[str] = Counter()
+        self.lost: Counter[str] = Counter()
+        self.wasted: Counter[str] = Counter()
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str = "", **kwargs: Any) -> None:
+        from_loss = str(stimulus_id).startswith(_WORKER_LOSS)
+        if start == "processing" and finish == "memory":
+            self.computed[str(key)] += 1
+        elif start == "memory" and finish != "memory" and from_loss:
+            self.lost[str(key)] += 1
+        elif start == "processing" and finish not in ("memory", "erred") and from_loss:
+            self.wasted[str(key)] += 1
+
+
+def task_ledger(dask_scheduler: Any) -> dict[str, Any]:
+    """Run on the scheduler: the :class:`TaskLedger`'s counts, as plain data."""
+    ledger = dask_scheduler.plugins[TaskLedger.name]
+    return {
+        "computed": sum(ledger.computed.values()),
+        "rerun": {k: n - 1 for k, n in ledger.computed.items() if n > 1},
+        "lost": dict(ledger.lost),
+        "wasted": dict(ledger.wasted),
+    }
+
+
+def worker_statuses(dask_scheduler: Any) -> dict[str, str]:
+    """Run on the scheduler: worker name -> status."""
+    return {str(ws.name): ws.status.name for ws in dask_scheduler.workers.values()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
     from dask_memory_operator.schedulers.converge import Outcome
@@ -39,12 +39,27 @@ SCHEDULER_CHANGES = Counter(
     "Changes the operator made to schedulers (apply, restore, plugin install)",
     _LABELS,
 )
-CONTACT_PURPOSES = ("converge", "release", "orphan-check")
+CONTACT_PURPOSES = ("converge", "release", "orphan-check", "scale")
 SCHEDULER_CONTACTS = Counter(
     "dask_memory_operator_scheduler_contacts",
     "Times the operator set out to ask a scheduler something, by purpose "
     f"({', '.join(CONTACT_PURPOSES)})",
     ("namespace", "cluster", "purpose"),
+)
+
+#: How a retirement the operator started ended: done (Deployment deleted), aborted
+#: (worker kept), cancelled (needed again), lost (its pod went from outside)
+RETIREMENT_OUTCOMES = ("done", "aborted", "cancelled", "lost")
+RETIREMENTS = Counter(
+    "dask_memory_operator_retirements",
+    "Worker retirements the operator started, by how they ended",
+    ("namespace", "cluster", "outcome"),
+)
+RETIREMENT_DURATION = Histogram(
+    "dask_memory_operator_retirement_duration_seconds",
+    "Seconds from the start of a worker's retirement to its end, by outcome",
+    ("outcome",),
+    buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600),
 )
 
 STATES = ("Applied", "Pending", "Degraded", "Conflict")
@@ -68,6 +83,12 @@ def observe(namespace: str, policy: str, outcome: Outcome) -> None:
         SCHEDULER_CHANGES.labels(*labels).inc(len(outcome.actions))
 
 
+def observe_retirement(namespace: str, cluster: str, outcome: str, seconds: float) -> None:
+    RETIREMENTS.labels(namespace, cluster, outcome).inc()
+    if outcome != "cancelled":
+        RETIREMENT_DURATION.labels(outcome).observe(seconds)
+
+
 def forget(namespace: str, policy: str | None = None, cluster: str | None = None) -> None:
     """End the series of a cluster (every policy's, when ``policy`` is None) or of a
     policy (every cluster's, when ``cluster`` is None)."""
@@ -80,6 +101,8 @@ def forget(namespace: str, policy: str | None = None, cluster: str | None = None
     if policy is None and cluster is not None:
         for purpose in CONTACT_PURPOSES:
             _remove(SCHEDULER_CONTACTS, namespace, cluster, purpose)
+        for outcome in RETIREMENT_OUTCOMES:
+            _remove(RETIREMENTS, namespace, cluster, outcome)
 
 
 def _remove(metric: Gauge | Counter, *labels: str) -> None:

@@ -290,7 +290,7 @@ class ClusterReconciler:
     async def _converge(
         self, namespace: str, cluster: str, wanted: AMMConfig, owner: dict[str, Any]
     ) -> Outcome:
-        address = await self._address(namespace, cluster, "converge")
+        address = await self.address(namespace, cluster, "converge")
         status, actions = await install.ensure_plugin_status(address, timeout=self.rpc_timeout)
         tag = status.get("owner") or {}
         if tag.get("uid") == owner["uid"] and (tag.get("generation") or 0) > owner["generation"]:
@@ -333,7 +333,7 @@ class ClusterReconciler:
         """
         async with self._lock((namespace, cluster)):
             try:
-                address = await self._address(namespace, cluster, "release")
+                address = await self.address(namespace, cluster, "release")
             except SchedulerServiceMissing:
                 return None
             try:
@@ -363,7 +363,7 @@ class ClusterReconciler:
         """Restore a scheduler still configured by a policy that no longer exists
         (deleted while its scheduler was unreachable, or force-deleted)."""
         try:
-            address = await self._address(namespace, cluster, "orphan-check")
+            address = await self.address(namespace, cluster, "orphan-check")
             status = await scheduler_rpc.get_status(address, timeout=self.rpc_timeout)
         except (SchedulerServiceMissing, SchedulerAccessError, scheduler_rpc.SchedulerRPCError):
             return None  # no plugin, or not reachable now: the next event tries again
@@ -396,7 +396,7 @@ class ClusterReconciler:
                 done.append((owed, outcome))
         return done
 
-    async def _address(self, namespace: str, cluster: str, purpose: str) -> str:
+    async def address(self, namespace: str, cluster: str, purpose: str) -> str:
         """Where the scheduler is, counted: every contact with a scheduler starts here."""
         metrics.SCHEDULER_CONTACTS.labels(namespace, cluster, purpose).inc()
         return await self.locator.address(namespace, cluster)

@@ -305,7 +305,14 @@ _RETIREMENT = _map_with({
     "drain": lambda v: isinstance(v, bool), "left": lambda v: isinstance(v, bool),
 })
 _RETIREMENTS = _list_of(lambda v: _RETIREMENT(v) and "worker" in v and "state" in v)
-#: The fields of the plugin's status the operator reads, and what each must be
+_WORKER_STATE = _map_with({
+    "name": _text, "address": _text, "status": _text,
+    "memory_limit": _number, "nbytes": _number, "processing": _number,
+})
+_CANDIDATE = _map_with({"worker": _text, "address": _text, "unique_bytes": _number,
+                        "unique_keys": _number, "tasks_running": _number})
+_WHY_NOT = _map_with({"worker": _text, "reason": lambda v: isinstance(v, str) and len(v) <= MAX_ERROR_TEXT})
+#: The fields of the plugin's answers the operator reads, and what each must be
 STATUS_SHAPE: dict[str, _Shape] = {
     "source": _Shape(lambda v: v in ("preload", "live"), '"preload" or "live"'),
     "owner": _Shape(_optional(_OWNER), "null or an owner {uid, namespace, name, generation}"),
@@ -317,6 +324,15 @@ STATUS_SHAPE: dict[str, _Shape] = {
     "amm_core_digest": _Shape(_optional(_text), "null or a digest"),
     "error": _Shape(_optional(lambda v: isinstance(v, str) and len(v) <= MAX_ERROR_TEXT), "null or a message"),
     "retirements": _Shape(_RETIREMENTS, "a list of retirements"),
+    # amm_core_retire, amm_core_retirement_candidates, amm_core_scaling
+    "unknown": _Shape(_list_of(_text), "a list of names"),
+    "candidates": _Shape(_list_of(lambda v: _CANDIDATE(v) and "worker" in v), "a list of candidates"),
+    "excluded": _Shape(_list_of(_WHY_NOT), "a list of workers and reasons"),
+    "target": _Shape(lambda v: _number(v) and v >= 0, "a number of workers"),
+    "data_bytes": _Shape(lambda v: _number(v) and v >= 0, "a number of bytes"),
+    "pause_fraction": _Shape(_optional(lambda v: _number(v) and 0 < v <= 10), "null or a fraction"),
+    "worker_states": _Shape(_list_of(lambda v: _WORKER_STATE(v) and "name" in v and "status" in v),
+                            "a list of workers"),
 }
 
 
@@ -401,3 +417,8 @@ async def retirement_candidates(
     {"candidates", "excluded"}."""
     return await _plugin_call(address, "amm_core_retirement_candidates", timeout=timeout,
                               workers=list(workers), n=n)
+
+
+async def scaling(address: str, *, timeout: float | None = None) -> dict[str, Any]:
+    """The adaptive target, the data in memory and each worker; see amm_core.plugin."""
+    return await _plugin_call(address, "amm_core_scaling", timeout=timeout)
