@@ -278,8 +278,10 @@ def delete_namespace(stack: LocalStack, ns: str) -> None:
 
 
 def worker_deployments(stack: LocalStack, ns: str, cluster: str) -> list[dict[str, Any]]:
+    """The cluster's worker Deployments, less those being deleted."""
     return [d for d in stack.deployments(ns)
-            if d["metadata"].get("labels", {}).get("dask.org/component") == "worker"
+            if not d["metadata"].get("deletionTimestamp")
+            and d["metadata"].get("labels", {}).get("dask.org/component") == "worker"
             and d["metadata"].get("labels", {}).get("dask.org/cluster-name") == cluster]
 
 
