@@ -476,7 +476,11 @@ def stat(values: Sequence[float], fmt: str) -> str:
     """``median [min, max]``, escaped for a rich table cell."""
     if not values:
         return "-"
-    return escape(f"{format(median(values), fmt)} [{format(min(values), fmt)}, {format(max(values), fmt)}]")
+    def show(v: float) -> str:
+        # the median of an even number of counts may fall between two
+        return format(v, ".1f") if fmt == "d" and not float(v).is_integer() else format(int(v) if fmt == "d" else v, fmt)
+
+    return escape(f"{show(median(values))} [{show(min(values))}, {show(max(values))}]")
 
 
 def rotations(modes: Sequence[str], repeat: int) -> Iterable[tuple[int, str]]:
