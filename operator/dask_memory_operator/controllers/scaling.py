@@ -63,6 +63,8 @@ TAG = "dask-memory-operator"
 #: while they keep aborting, up to ABORT_HOLD_CAP)
 ABORT_HOLD = 15.0
 ABORT_HOLD_CAP = 300.0
+#: Seconds between passes of a cluster while retirements or replacements are under way
+BUSY_INTERVAL = 0.5
 #: The policy class whose workers get replaced
 RETIREPAUSED = "amm_core.retire_paused.RetirePaused"
 
@@ -514,7 +516,9 @@ async def scale_policy_clusters(
     for cluster in governed:
         state = controller.state(namespace, cluster)
         every = scaling.adaptive.interval if scaling.adaptive else 1.0
-        if not (active or state.busy):
+        if state.busy:
+            every = min(every, BUSY_INTERVAL)  # a done retirement's pod is paid for until deleted
+        elif not active:
             every = memo.config.resync_interval  # only to settle what is left over
         autoscalers = autoscalers_of(daskautoscalers_by_cluster, namespace, cluster)
         controller.kick(namespace, cluster, clusters[cluster]["uid"], scaling, amm,
