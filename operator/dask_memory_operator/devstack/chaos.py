@@ -34,6 +34,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -69,23 +70,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_operator(stack: LocalStack, metrics_port: int) -> None:
+def start_operator(stack: LocalStack, metrics_port: int, liveness_port: int | None = None) -> None:
     """This project's operator as a process of the stack (log: ``<log_dir>/dask-memory-operator.log``)."""
+    liveness = ["--liveness", f"http://127.0.0.1:{liveness_port}/healthz"] if liveness_port else []
     stack.start_process(OPERATOR, [
         sys.executable, "-m", "dask_memory_operator.cli", "run", "--verbose",
-        "--metrics-port", str(metrics_port), *OPERATOR_ARGS,
+        "--metrics-port", str(metrics_port), *liveness, *OPERATOR_ARGS,
     ])
 
 
-def kill_operator(stack: LocalStack) -> None:
-    """SIGKILL the operator (no cleanup of any kind), then reap its process group."""
-    process = stack.processes_by_name[OPERATOR]
-    assert process.popen is not None and process.alive, "the operator is not running"
-    with open(process.log_path, "ab") as log:
-        log.write(b"=== chaos: SIGKILL\n")
-    process.popen.send_signal(signal.SIGKILL)
-    process.popen.wait(10)
-    stack.stop_process(OPERATOR)
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+@dataclass
+class Operator:
+    """The operator of a chaos run: started, SIGKILLed, started again."""
+
+    stack: LocalStack
+    metrics_port: int = field(default_factory=free_port)
+    liveness_port: int = field(default_factory=free_port)
+
+    def start(self, timeout: float = 60.0) -> float:
+        """Start it and wait until kopf answers its liveness probe; the seconds that took."""
+        t0 = time.monotonic()
+        start_operator(self.stack, self.metrics_port, self.liveness_port)
+        process = self.stack.processes_by_name[OPERATOR]
+        self.stack.wait_for(lambda: _healthy(self.liveness_port) or not process.alive, timeout,
+                            "the operator's liveness probe")
+        if not process.alive:
+            raise RuntimeError(f"the operator exited:\n{self.stack.logs(OPERATOR)[-4000:]}")
+        return time.monotonic() - t0
+
+    def kill(self) -> None:
+        """SIGKILL (no cleanup of any kind), then reap its process group."""
+        process = self.stack.processes_by_name[OPERATOR]
+        assert process.popen is not None and process.alive, "the operator is not running"
+        with open(process.log_path, "ab") as log:
+            log.write(f"=== chaos: SIGKILL at {time.strftime('%H:%M:%S')}\n".encode())
+        process.popen.send_signal(signal.SIGKILL)
+        process.popen.wait(10)
+        self.stack.stop_process(OPERATOR)
+
+    def stop(self) -> None:
+        self.stack.stop_process(OPERATOR)
 
 
 # --- the cluster and its policy ---------------------------------------------------
@@ -232,6 +264,10 @@ class ChaosResult:
     events: dict[str, int]
     #: Aborted retirements whose reason is "cancelled" (a scale-up cancelled them)
     aborted_cancelled: int
+    #: The scaling Events in order: "HH:MM:SS reason: message"
+    event_log: list[str]
+    #: Seconds each restart took until the operator answered its liveness probe
+    restart_seconds: list[float]
     wall: float
     job_seconds: float
     settle_seconds: float
@@ -252,15 +288,20 @@ class ChaosResult:
     def in_bounds(self) -> bool:
         return self.bounds[0] <= self.workers <= self.bounds[1]
 
+    @staticmethod
+    def rows(rounds: list[Round], header: bool = True) -> str:
+        """Rounds as a table (with its header line when ``header``)."""
+        lines = [f"{'round':>5} {'min':>3} {'max':>3} {'before':>6} {'kill':>4} {'wait':>5} "
+                 f"{'replicas':>8} {'deploys':>7} {'workers':>7} {'closing':>7} {'retiring':>8}  reason"
+                 ] if header else []
+        for r in rounds:
+            lines.append(f"{r.index:>5} {r.minimum:>3} {r.maximum:>3} {r.before:>6} "
+                         f"{'yes' if r.killed else '':>4} {r.wait:>5.1f} {r.replicas:>8} "
+                         f"{r.deployments:>7} {r.connected:>7} {r.closing:>7} {r.retiring:>8}  {r.reason}")
+        return "\n".join(lines)
+
     def table(self) -> str:
-        head = (f"{'round':>5} {'min':>3} {'max':>3} {'before':>6} {'kill':>4} {'wait':>5} "
-                f"{'replicas':>8} {'deploys':>7} {'workers':>7} {'closing':>7} {'retiring':>8}  reason")
-        rows = [head]
-        for r in self.rounds:
-            rows.append(f"{r.index:>5} {r.minimum:>3} {r.maximum:>3} {r.before:>6} "
-                        f"{'yes' if r.killed else '':>4} {r.wait:>5.1f} {r.replicas:>8} "
-                        f"{r.deployments:>7} {r.connected:>7} {r.closing:>7} {r.retiring:>8}  {r.reason}")
-        return "\n".join(rows)
+        return self.rows(self.rounds)
 
     def summary(self) -> str:
         e = self.events
@@ -269,7 +310,8 @@ class ChaosResult:
                 f"done {e['WorkerRetired']}, aborted {e['RetirementAborted']} "
                 f"(of which 'cancelled' {self.aborted_cancelled}), cancelled {e['RetirementCancelled']}, "
                 f"lost {e['RetiringWorkerLost']}; pending removed {e['PendingWorkersRemoved']}, "
-                f"scale-ups {e['ScaledUp']}; end: {self.workers} workers, desired {self.desired}, "
+                f"scale-ups {e['ScaledUp']}; operator restarts took "
+                f"{', '.join(f'{t:.1f}' for t in self.restart_seconds) or '-'}s; end: {self.workers} workers, desired {self.desired}, "
                 f"bounds {self.bounds}, settled {self.settled}, wrong results {len(self.wrong)}")
 
     def last_line(self) -> str:
@@ -308,6 +350,11 @@ def observe(stack: LocalStack, ns: str, cluster: str, client: Client, policy_nam
                     scaling_entry(stack, ns, policy_name, cluster))
 
 
+def _event_time(event: dict) -> str:
+    return str(event.get("eventTime") or event.get("lastTimestamp") or event.get("firstTimestamp")
+               or event["metadata"].get("creationTimestamp") or "")
+
+
 def new_bounds(rng: random.Random, current: int) -> tuple[int, int]:
     """1 <= minimum <= maximum <= MAX_WORKERS; half the time maximum is put under the
     current size (an immediate scale-down), when there is room for that."""
@@ -320,13 +367,12 @@ def new_bounds(rng: random.Random, current: int) -> tuple[int, int]:
 
 def run_chaos(
     stack: LocalStack, ns: str, rng: random.Random, rounds: int, *,
-    metrics_port: int, kill_probability: float = 0.35, wait: tuple[float, float] = (1.0, 3.0),
+    operator: Operator, kill_probability: float = 0.35, wait: tuple[float, float] = (1.0, 3.0),
     must_kill: bool = False, settle_timeout: float = 120.0, seed: int | None = None,
     on_round: Callable[[Round], None] | None = None, cluster: str = "chaos",
 ) -> ChaosResult:
-    """Run the chaos rounds on a new cluster in ``ns``; the operator must be running
-    (started with :func:`start_operator` and ``metrics_port``), and is running again
-    at the end. ``must_kill``: the first round kills the operator whatever the dice
+    """Run the chaos rounds on a new cluster in ``ns``; ``operator`` must be running,
+    and is running again at the end. ``must_kill``: the first round kills the operator whatever the dice
     say (so that a short run has at least one kill)."""
     name = "chaos"
     t0 = time.monotonic()
@@ -343,6 +389,7 @@ def run_chaos(
         t_job = time.monotonic()
         done: list[Round] = []
         kills = 0
+        restarts: list[float] = []
         bounds = (MAX_WORKERS, MAX_WORKERS)
         for index in range(1, rounds + 1):
             before = replicas(stack, ns, cluster)
@@ -353,10 +400,10 @@ def run_chaos(
             set_adaptive(stack, ns, name, minimum=bounds[0], maximum=bounds[1])
             if killed:
                 time.sleep(rng.uniform(0.2, 1.5))  # into whatever the new bounds started
-                kill_operator(stack)
+                operator.kill()
                 kills += 1
                 time.sleep(rng.uniform(0.0, 1.0))
-                start_operator(stack, metrics_port)
+                restarts.append(operator.start())
             time.sleep(pause)
             seen = observe(stack, ns, cluster, client, name)
             record = Round(index, *bounds, before, killed, pause, seen.replicas, seen.deployments,
@@ -377,12 +424,16 @@ def run_chaos(
             settled = False
         settle_seconds = time.monotonic() - t_settle
         end = observe(stack, ns, cluster, client, name)
-        found = Counter(e.get("reason") for e in events(stack, ns))
+        scaling_events = sorted((e for e in events(stack, ns) if e.get("reason") in EVENT_REASONS),
+                                key=_event_time)
+        found = Counter(e.get("reason") for e in scaling_events)
         aborted_cancelled = sum(e["message"].rstrip().endswith(": cancelled")
                                 for e in events(stack, ns, "RetirementAborted"))
         return ChaosResult(
             seed=seed, rounds=done, kills=kills, events={r: found.get(r, 0) for r in EVENT_REASONS},
-            aborted_cancelled=aborted_cancelled, wall=time.monotonic() - t0, job_seconds=job_seconds,
+            aborted_cancelled=aborted_cancelled,
+            event_log=[f"{_event_time(e)[11:19]} {e['reason']}: {e.get('message', '')}" for e in scaling_events],
+            restart_seconds=restarts, wall=time.monotonic() - t0, job_seconds=job_seconds,
             settle_seconds=settle_seconds, lost=ledger["lost"], rerun=ledger["rerun"],
             wasted=ledger["wasted"], wrong=wrong, computed=ledger["computed"],
             closing_gracefully_left=end.closing,
