@@ -181,6 +181,9 @@ class ChaosResult:
     aborted_cancelled: int
     #: The scaling Events in order: "HH:MM:SS reason: message"
     event_log: list[str]
+    #: Workers whose RetirementStarted has no outcome Event (retired, aborted,
+    #: cancelled, lost), counted per start
+    unreported: list[str]
     #: Seconds each restart took until the operator answered its liveness probe
     restart_seconds: list[float]
     wall: float
@@ -224,7 +227,8 @@ class ChaosResult:
                 f"{self.computed} tasks computed; retirements started {e['RetirementStarted']}, "
                 f"done {e['WorkerRetired']}, aborted {e['RetirementAborted']} "
                 f"(of which 'cancelled' {self.aborted_cancelled}), cancelled {e['RetirementCancelled']}, "
-                f"lost {e['RetiringWorkerLost']}; pending removed {e['PendingWorkersRemoved']}, "
+                f"lost {e['RetiringWorkerLost']}, started without an outcome Event {len(self.unreported)} "
+                f"{self.unreported or ''}; pending removed {e['PendingWorkersRemoved']}, "
                 f"scale-ups {e['ScaledUp']}; operator restarts took "
                 f"{', '.join(f'{t:.1f}' for t in self.restart_seconds) or '-'}s; end: {self.workers} workers, desired {self.desired}, "
                 f"bounds {self.bounds}, settled {self.settled}, wrong results {len(self.wrong)}")
@@ -342,13 +346,22 @@ def run_chaos(
         scaling_events = sorted((e for e in events(stack, ns) if e.get("reason") in EVENT_REASONS),
                                 key=_event_time)
         found = Counter(e.get("reason") for e in scaling_events)
+        starts, outcomes = Counter(), Counter()
+        for e in scaling_events:
+            # "Retiring worker W ...", "Retirement of worker W ...", "Worker W ..."
+            words = e.get("message", "").split(" ")
+            worker = words[{"RetirementStarted": 2, "RetirementAborted": 3}.get(e["reason"], 1)] if len(words) > 3 else ""
+            if e["reason"] == "RetirementStarted":
+                starts[worker] += 1
+            elif e["reason"] in ("WorkerRetired", "RetirementAborted", "RetirementCancelled", "RetiringWorkerLost"):
+                outcomes[worker] += 1
         aborted_cancelled = sum(e["message"].rstrip().endswith(": cancelled")
                                 for e in events(stack, ns, "RetirementAborted"))
         return ChaosResult(
             seed=seed, rounds=done, kills=kills, events={r: found.get(r, 0) for r in EVENT_REASONS},
             aborted_cancelled=aborted_cancelled,
             event_log=[f"{_event_time(e)[11:19]} {e['reason']}: {e.get('message', '')}" for e in scaling_events],
-            restart_seconds=restarts, wall=time.monotonic() - t0, job_seconds=job_seconds,
+            unreported=sorted((starts - outcomes).elements()), restart_seconds=restarts, wall=time.monotonic() - t0, job_seconds=job_seconds,
             settle_seconds=settle_seconds, lost=ledger["lost"], rerun=ledger["rerun"],
             wasted=ledger["wasted"], wrong=wrong, computed=ledger["computed"],
             closing_gracefully_left=end.closing,
