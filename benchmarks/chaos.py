@@ -15,7 +15,7 @@ Exits 1 when a promise is broken (a wrong result, a key lost or re-run, a runnin
 task wasted, the cluster not settled). The stack's logs stay in ``--state-dir`` (a
 temporary folder by default, printed).
 
-Run: python benchmarks/chaos.py --rounds 20 --seed 1   (about 3 to 5 minutes on 2 cores)
+Run: python benchmarks/chaos.py --rounds 20 --seed 1   (2 to 3 minutes on 2 cores)
 """
 
 from __future__ import annotations
