@@ -12,35 +12,32 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import dask.array as da
 import pytest
 from distributed import Client, wait
 
-from dask_memory_operator.devstack.probes import TaskLedger, task_ledger, worker_statuses
-from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
-
-PRELOAD = {"DASK_DISTRIBUTED__SCHEDULER__PRELOAD": "amm_core.plugin"}
-OPERATOR_ARGS = ["--scheduler-access", "cluster-ip", "--resync-interval", "2", "--rpc-timeout", "3"]
+from dask_memory_operator.devstack.probes import task_ledger, worker_statuses
+from dask_memory_operator.devstack.scaling_probes import (
+    client_of,
+    events,
+    free_port,
+    make_cluster,
+    policy,
+    replicas,
+    scaling_entry,
+    set_adaptive,
+    start_operator,
+    worker_deployments,
+)
+from dask_memory_operator.devstack.stack import LocalStack
 
 
 @pytest.fixture(scope="module")
 def metrics_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_operator(stack: LocalStack, metrics_port: int) -> None:
-    stack.start_process("dask-memory-operator", [
-        sys.executable, "-m", "dask_memory_operator.cli", "run", "--verbose",
-        "--metrics-port", str(metrics_port), *OPERATOR_ARGS,
-    ])
+    return free_port()
 
 
 @pytest.fixture(scope="module")
@@ -53,79 +50,12 @@ def memory_operator(stack: LocalStack, metrics_port: int) -> Iterator[None]:
 # --- helpers -------------------------------------------------------------------
 
 
-def make_cluster(stack: LocalStack, ns: str, name: str, workers: int, memory: str = "400MB",
-                 scheduler_env: dict | None = None) -> None:
-    manifest = daskcluster_manifest(
-        name, workers=workers, scheduler_env=PRELOAD | (scheduler_env or {}),
-        worker_args=("--nthreads", "1", "--memory-limit", memory),
-        worker_pod_extra={"terminationGracePeriodSeconds": 5},
-    )
-    stack.apply(manifest, namespace=ns)
-
-
-@contextmanager
-def client_of(stack: LocalStack, ns: str, cluster: str, workers: int) -> Iterator[Client]:
-    address = stack.wait_for(lambda: _address(stack, ns, cluster), 120, f"{cluster}'s Service")
-    with Client(address, timeout="60s") as client:
-        client.wait_for_workers(workers, timeout=120)
-        client.register_plugin(TaskLedger())
-        yield client
-
-
-def _address(stack: LocalStack, ns: str, cluster: str) -> str | None:
-    try:
-        return stack.scheduler_address(ns, cluster)
-    except Exception:
-        return None
-
-
-def policy(name: str, cluster: str, *, adaptive: dict | None = None, retirement: dict | None = None,
-           policies: list | None = None) -> dict:
-    spec: dict = {"clusterNames": [cluster],
-                  "activeMemoryManager": {"interval": "500ms", "policies": policies or []}}
-    if adaptive is not None:
-        spec["adaptive"] = adaptive
-    if retirement is not None:
-        spec["retirement"] = retirement
-    return {"apiVersion": "amm.dask.org/v1alpha1", "kind": "MemoryPolicy",
-            "metadata": {"name": name}, "spec": spec}
-
-
-def set_adaptive(stack: LocalStack, ns: str, name: str, **adaptive: int) -> None:
-    stack.kubectl("patch", "memorypolicy", name, "-n", ns, "--type", "merge",
-                  "-p", json.dumps({"spec": {"adaptive": adaptive}}))
-
-
-def group(stack: LocalStack, ns: str, cluster: str) -> dict:
-    return stack.get_json(f"/apis/kubernetes.dask.org/v1/namespaces/{ns}/daskworkergroups/{cluster}-default")
-
-
-def replicas(stack: LocalStack, ns: str, cluster: str) -> int:
-    return group(stack, ns, cluster)["spec"]["worker"]["replicas"]
-
-
-def worker_deployments(stack: LocalStack, ns: str, cluster: str) -> list[str]:
-    return sorted(d["metadata"]["name"] for d in stack.deployments(
-        ns, f"dask.org/cluster-name={cluster},dask.org/component=worker")
-        if not d["metadata"].get("deletionTimestamp"))
-
-
-def scaling_entry(stack: LocalStack, ns: str, name: str, cluster: str) -> dict:
-    body = stack.get_json(f"/apis/amm.dask.org/v1alpha1/namespaces/{ns}/memorypolicies/{name}") or {}
-    return next((e for e in (body.get("status") or {}).get("scaling") or () if e["cluster"] == cluster), {})
-
-
 def wait_scaled(stack: LocalStack, ns: str, cluster: str, workers: int, policy: str = "scale") -> dict:
     """Wait until the policy's status says it scales the cluster at ``workers``."""
     def check():
         entry = scaling_entry(stack, ns, policy, cluster)
         return entry.get("replicas") == entry.get("desired") == workers and entry
     return stack.wait_for(check, 60, f"{policy} to scale {cluster} at {workers}")
-
-
-def events(stack: LocalStack, ns: str, reason: str) -> list[dict]:
-    items = (stack.get_json(f"/api/v1/namespaces/{ns}/events") or {}).get("items", [])
-    return [e for e in items if e.get("reason") == reason]
 
 
 def assert_consistent(stack: LocalStack, ns: str, cluster: str, client: Client, workers: int) -> None:

@@ -67,6 +67,9 @@ ABORT_HOLD_CAP = 300.0
 BUSY_INTERVAL = 0.5
 #: The policy class whose workers get replaced
 RETIREPAUSED = "amm_core.retire_paused.RetirePaused"
+#: The reason of a record the engine aborted because it was asked to cancel it
+#: (amm_core.retirement.RetirementEngine.cancel): reported when cancelled, not an abort
+CANCELLED = "cancelled"
 
 
 def is_ours(record: Mapping[str, Any]) -> bool:
@@ -264,6 +267,8 @@ class ScalingController:
                         forget.append(name)  # its replica is accounted for
                     else:
                         removed.setdefault(group_name, []).append(name)
+            elif r["state"] == "aborted" and r.get("reason") == CANCELLED:
+                forget.append(name)  # the canceller reported it (RetirementCancelled)
             elif r["state"] == "aborted":
                 metrics.observe_retirement(p.namespace, p.cluster, "aborted", r.get("seconds", 0))
                 await p.event("RetirementAborted", (
@@ -293,7 +298,7 @@ class ScalingController:
         if forget:
             await rpc.forget_retirement(p.address, forget, timeout=self.reconciler.rpc_timeout)
         p.entry["retiring"] = sorted(retiring)
-        if not any(r["state"] == "aborted" for r in records) and not retiring:
+        if not any(r["state"] == "aborted" and r.get("reason") != CANCELLED for r in records) and not retiring:
             state.hold = 0.0 if time.monotonic() > state.hold_until else state.hold
 
     async def _replace_paused(self, p: Pass, amm: AMMConfig) -> None:
@@ -523,7 +528,9 @@ async def scale_policy_clusters(
         autoscalers = autoscalers_of(daskautoscalers_by_cluster, namespace, cluster)
         controller.kick(namespace, cluster, clusters[cluster]["uid"], scaling, amm,
                         autoscalers if scaling.adaptive else [], every)
-    entries = [controller.state(namespace, c).entry for c in governed]
+    # a cluster whose first pass since a restart has not finished keeps its entry
+    previous = {e.get("cluster"): e for e in status.get("scaling") or ()}
+    entries = [controller.state(namespace, c).entry or previous.get(c, {}) for c in governed]
     entries = [e for e in entries if e and (active or e.get("retiring") or e.get("replacing")
                                             or e.get("reason") not in ("Steady", "Waiting"))]
     new = {

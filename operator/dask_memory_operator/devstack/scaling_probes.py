@@ -1,0 +1,109 @@
+"""What the end-to-end scaling tests and the chaos driver share: this project's
+operator as a process of a :class:`~dask_memory_operator.devstack.stack.LocalStack`,
+a DaskCluster whose scheduler preloads the amm_core plugin, a MemoryPolicy with
+``adaptive`` and ``retirement``, and what the API and the scheduler say of the
+cluster (replicas, worker Deployments, the policy's status entry, Events).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from distributed import Client
+
+from dask_memory_operator.devstack.probes import TaskLedger
+from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
+
+PRELOAD = {"DASK_DISTRIBUTED__SCHEDULER__PRELOAD": "amm_core.plugin"}
+OPERATOR_ARGS = ["--scheduler-access", "cluster-ip", "--resync-interval", "2", "--rpc-timeout", "3"]
+OPERATOR = "dask-memory-operator"
+
+
+# --- the operator ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_operator(stack: LocalStack, metrics_port: int, liveness_port: int | None = None) -> None:
+    """This project's operator as a process of the stack (log: ``<log_dir>/dask-memory-operator.log``)."""
+    liveness = ["--liveness", f"http://127.0.0.1:{liveness_port}/healthz"] if liveness_port else []
+    stack.start_process(OPERATOR, [
+        sys.executable, "-m", "dask_memory_operator.cli", "run", "--verbose",
+        "--metrics-port", str(metrics_port), *liveness, *OPERATOR_ARGS,
+    ])
+
+
+# --- the cluster and its policy -------------------------------------------------
+
+
+def make_cluster(stack: LocalStack, ns: str, name: str, workers: int, memory: str = "400MB",
+                 scheduler_env: dict | None = None) -> None:
+    manifest = daskcluster_manifest(
+        name, workers=workers, scheduler_env=PRELOAD | (scheduler_env or {}),
+        worker_args=("--nthreads", "1", "--memory-limit", memory),
+        worker_pod_extra={"terminationGracePeriodSeconds": 5},
+    )
+    stack.apply(manifest, namespace=ns)
+
+
+@contextmanager
+def client_of(stack: LocalStack, ns: str, cluster: str, workers: int) -> Iterator[Client]:
+    """A Client of the cluster once ``workers`` workers joined, with a TaskLedger."""
+    address = stack.wait_for(lambda: _address(stack, ns, cluster), 120, f"{cluster}'s Service")
+    with Client(address, timeout="60s") as client:
+        client.wait_for_workers(workers, timeout=120)
+        client.register_plugin(TaskLedger())
+        yield client
+
+
+def _address(stack: LocalStack, ns: str, cluster: str) -> str | None:
+    try:
+        return stack.scheduler_address(ns, cluster)
+    except Exception:
+        return None
+
+
+def policy(name: str, cluster: str, *, adaptive: dict | None = None, retirement: dict | None = None,
+           policies: list | None = None) -> dict:
+    spec: dict = {"clusterNames": [cluster],
+                  "activeMemoryManager": {"interval": "500ms", "policies": policies or []}}
+    if adaptive is not None:
+        spec["adaptive"] = adaptive
+    if retirement is not None:
+        spec["retirement"] = retirement
+    return {"apiVersion": "amm.dask.org/v1alpha1", "kind": "MemoryPolicy",
+            "metadata": {"name": name}, "spec": spec}
+
+
+def set_adaptive(stack: LocalStack, ns: str, name: str, **adaptive: int) -> None:
+    stack.kubectl("patch", "memorypolicy", name, "-n", ns, "--type", "merge",
+                  "-p", json.dumps({"spec": {"adaptive": adaptive}}))
+
+
+def replicas(stack: LocalStack, ns: str, cluster: str) -> int:
+    group = stack.get_json(f"/apis/kubernetes.dask.org/v1/namespaces/{ns}/daskworkergroups/{cluster}-default")
+    return group["spec"]["worker"]["replicas"]
+
+
+def worker_deployments(stack: LocalStack, ns: str, cluster: str) -> list[str]:
+    return sorted(d["metadata"]["name"] for d in stack.deployments(
+        ns, f"dask.org/cluster-name={cluster},dask.org/component=worker")
+        if not d["metadata"].get("deletionTimestamp"))
+
+
+def scaling_entry(stack: LocalStack, ns: str, name: str, cluster: str) -> dict:
+    body = stack.get_json(f"/apis/amm.dask.org/v1alpha1/namespaces/{ns}/memorypolicies/{name}") or {}
+    return next((e for e in (body.get("status") or {}).get("scaling") or () if e["cluster"] == cluster), {})
+
+
+def events(stack: LocalStack, ns: str, reason: str | None = None) -> list[dict]:
+    items = (stack.get_json(f"/api/v1/namespaces/{ns}/events") or {}).get("items", [])
+    return [e for e in items if reason is None or e.get("reason") == reason]
