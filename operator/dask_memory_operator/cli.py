@@ -38,6 +38,17 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="serve Prometheus metrics on this port (0: off)")
     p.add_argument("--liveness", metavar="URL", default=None,
                    help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    hook = p.add_argument_group("admission webhook (pods of governed clusters born governed)")
+    hook.add_argument("--webhook-port", type=int, default=0,
+                      help="serve the mutating webhook over HTTPS on this port (0: off)")
+    hook.add_argument("--webhook-address", default="0.0.0.0", help="address to listen on")
+    hook.add_argument("--webhook-host", default=None,
+                      help="host name or IP the API server reaches the webhook at (in the "
+                           "certificate's names)")
+    hook.add_argument("--webhook-cert-dir", default=None, metavar="DIR",
+                      help="tls.crt and tls.key (and ca.crt) mounted from a Secret, reloaded "
+                           "when they change; without it a self-signed certificate is made "
+                           "(needs certbuilder, for local use)")
     p.add_argument("--verbose", "-v", action="store_true")
 
 
@@ -55,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from dask_memory_operator.schedulers.locator import SchedulerLocator
-    from dask_memory_operator.controllers.config import OperatorConfig
+    from dask_memory_operator.controllers.config import OperatorConfig, WebhookConfig
     from dask_memory_operator.controllers.registry import build_registry
     from dask_memory_operator.schedulers.converge import ClusterReconciler
 
@@ -66,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
     config = OperatorConfig(
         allowed_policy_classes=tuple(args.allow_policy_class),
         resync_interval=args.resync_interval,
+        webhook=WebhookConfig(
+            port=args.webhook_port, address=args.webhook_address, host=args.webhook_host,
+            cert_dir=args.webhook_cert_dir,
+        ) if args.webhook_port else None,
     )
     kopf.configure(verbose=args.verbose)
     if args.metrics_port:

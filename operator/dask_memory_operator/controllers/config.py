@@ -6,6 +6,18 @@ from dataclasses import dataclass
 
 
 @dataclass
+class WebhookConfig:
+    """Where the admission webhook listens and which certificate it serves."""
+
+    port: int
+    address: str = "0.0.0.0"
+    #: What the API server calls it by (a certificate name); default: the address
+    host: str | None = None
+    #: tls.crt, tls.key (ca.crt) from a Secret; None: self-signed (local use)
+    cert_dir: str | None = None
+
+
+@dataclass
 class OperatorConfig:
     """What `dask-memory-operator run` was told."""
 
@@ -15,3 +27,5 @@ class OperatorConfig:
     resync_interval: float = 10.0
     #: How deletion handles an unreachable scheduler: retries before giving up
     delete_retries: int = 3
+    #: The admission webhook, if served
+    webhook: WebhookConfig | None = None

@@ -21,6 +21,7 @@ import kopf
 
 from dask_memory_operator.api.memorypolicy import InvalidPolicy, parse_spec
 from dask_memory_operator.api.selection import assign
+from dask_memory_operator.webhook.mutation import PRELOAD_ANNOTATION
 from dask_memory_operator.observability import metrics
 from dask_memory_operator.observability.events import dask_cluster_ref, post_actions, post_from_background
 from dask_memory_operator.schedulers.converge import ClusterReconciler, owner_tag
@@ -29,9 +30,10 @@ log = logging.getLogger(__name__)
 
 
 def daskclusters_by_namespace(
-    name: str, namespace: str, labels: Mapping[str, str], uid: str, **_: Any
+    name: str, namespace: str, labels: Mapping[str, str], annotations: Mapping[str, str], uid: str, **_: Any
 ) -> dict[str, Any]:
-    return {namespace: {"name": name, "labels": dict(labels), "uid": uid}}
+    preload = annotations.get(PRELOAD_ANNOTATION) == "true"
+    return {namespace: {"name": name, "labels": dict(labels), "uid": uid, "preload": preload}}
 
 
 async def converge_changed_cluster(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import kopf
 
 from dask_memory_operator.api.memorypolicy import DASK_GROUP, DASK_VERSION, GROUP, PLURAL, VERSION
-from dask_memory_operator.controllers.config import OperatorConfig
+from dask_memory_operator.controllers.config import OperatorConfig, WebhookConfig
 from dask_memory_operator.controllers.daskcluster import (
     converge_changed_cluster,
     daskclusters_by_namespace,
@@ -20,6 +21,7 @@ from dask_memory_operator.controllers.memorypolicy import (
     reconcile_policy,
     restore_on_delete,
 )
+from dask_memory_operator.webhook.handlers import CLUSTER_LABEL, COMPONENT_LABEL, mutate_pod
 from dask_memory_operator.controllers.scaling import (
     ScalingController,
     daskautoscalers_by_cluster,
@@ -57,7 +59,7 @@ class _QuietScalingTimer(logging.Filter):
         return not str(record.msg).startswith("Timer 'scale' ")
 
 
-def configure_operator(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure_operator(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Our own annotation keys and finalizer: never collide with dask-kubernetes'
     # kopf.zalando.org/last-handled-configuration on shared objects.
     settings.persistence.finalizer = f"{GROUP}/restore-schedulers"
@@ -73,6 +75,21 @@ def configure_operator(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 90
     settings.networking.request_timeout = 30
+    hook = memo.config.webhook if memo.config else None
+    if hook is not None:
+        settings.admission.server = webhook_server(hook)
+
+
+def webhook_server(hook: WebhookConfig) -> kopf.WebhookServer:
+    """kopf's HTTPS server: the mounted certificate (kopf reloads changed files), or a
+    self-signed one for the host and address."""
+    files = {}
+    if hook.cert_dir:
+        files = {"certfile": os.path.join(hook.cert_dir, "tls.crt"),
+                 "pkeyfile": os.path.join(hook.cert_dir, "tls.key")}
+        if os.path.exists(os.path.join(hook.cert_dir, "ca.crt")):
+            files["cafile"] = os.path.join(hook.cert_dir, "ca.crt")
+    return kopf.WebhookServer(addr=hook.address, port=hook.port, host=hook.host, **files)
 
 
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -101,4 +118,8 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     kopf.timer(*policy, registry=registry, interval=config.resync_interval, id="resync")(reconcile_policy)
     kopf.timer(*policy, registry=registry, interval=SCALING_TICK, id="scale")(scale_policy_clusters)
     kopf.on.delete(*policy, registry=registry)(restore_on_delete)
+    if config.webhook is not None:
+        kopf.on.mutate("v1", "pods", registry=registry, id="govern-pods", operations=["CREATE"],
+                       ignore_failures=True, side_effects=False,
+                       labels={CLUSTER_LABEL: kopf.PRESENT, COMPONENT_LABEL: kopf.PRESENT})(mutate_pod)
     return registry

@@ -1,0 +1,1 @@
+"""The mutating admission webhook: every pod of a governed cluster is born governed."""

@@ -1,0 +1,111 @@
+"""The admission webhook's mutation, from a pod and the indexes to the patch: the AMM
+settings a scheduler pod is born with, and every pod that is not ours left alone."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import os
+import subprocess
+import sys
+
+import kopf
+import pytest
+
+from dask_memory_operator.api.memorypolicy import parse_spec
+from dask_memory_operator.controllers.config import OperatorConfig
+from dask_memory_operator.webhook.handlers import mutate_pod
+from dask_memory_operator.webhook.mutation import PRELOAD_ENV, amm_env, scheduler_containers
+
+SPEC = {"clusterNames": ["demo"],
+        "activeMemoryManager": {"interval": "500ms", "measure": "managed",
+                                "policies": [{"class": "ReduceReplicas"},
+                                             {"class": "RetirePaused", "args": {"after": "30s"}}]}}
+
+
+def pod(component="scheduler", cluster="demo", env=None):
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": f"{cluster}-{component}-", "namespace": "ns",
+                         "labels": {"dask.org/cluster-name": cluster, "dask.org/component": component}},
+            "spec": {"containers": [{"name": "sidecar", "image": "x"},
+                                    {"name": "scheduler", "image": "dask", "env": env or []}]}}
+
+
+def policy_body(spec=SPEC, name="p", created="2026-01-01T00:00:00Z"):
+    return {"apiVersion": "amm.dask.org/v1alpha1", "kind": "MemoryPolicy",
+            "metadata": {"name": name, "namespace": "ns", "uid": name, "creationTimestamp": created},
+            "spec": spec}
+
+
+def indexes(policies=(policy_body(),), preload=False):
+    from dask_memory_operator.api.selection import PolicyInfo
+
+    return ({"ns": [{"name": "demo", "labels": {}, "uid": "c1", "preload": preload}]},
+            {"ns": [PolicyInfo.from_body(p) for p in policies]} if policies else {})
+
+
+def admit(body, policies=(policy_body(),), preload=False):
+    clusters, policy_index = indexes(policies, preload)
+    patch = kopf.Patch()
+    mutate_pod(body=kopf.Body(copy.deepcopy(body)), patch=patch, namespace="ns",
+               memo=kopf.Memo(config=OperatorConfig()), daskclusters_by_namespace=clusters,
+               memorypolicies_by_namespace=policy_index)
+    return dict(patch)
+
+
+def test_the_env_is_what_dask_config_reads_back_as_the_policy():
+    """Set in a fresh Python's environment, the variables give exactly the policy's
+    AMM section as dask config (what the scheduler runs from its first cycle)."""
+    amm = parse_spec(SPEC)
+    code = ("import dask, distributed, json; "
+            "print(json.dumps(dask.config.get('distributed.scheduler.active-memory-manager')))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **amm_env(amm)},
+                         capture_output=True, text=True, check=True).stdout
+    import json
+    got = json.loads(out)
+    assert got["start"] is True and got["measure"] == "managed"
+    assert got["interval"] in ("0.5s", 0.5)
+    assert got["policies"] == amm.to_dask_config()["policies"]
+    for value in amm_env(amm).values():
+        ast.literal_eval(value)
+
+
+def test_a_governed_scheduler_pod_gets_the_settings_in_its_scheduler_container():
+    patch = admit(pod(env=[{"name": "DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START",
+                            "value": "False"}, {"name": "KEEP", "value": "1"}]))
+    sidecar, scheduler = patch["spec"]["containers"]
+    assert "env" not in sidecar
+    env = {e["name"]: e["value"] for e in scheduler["env"]}
+    assert env["KEEP"] == "1"
+    assert env["DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START"] == "True"  # the policy wins
+    assert [e["name"] for e in scheduler["env"]].count("DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START") == 1
+    assert PRELOAD_ENV not in env
+
+
+def test_the_plugin_is_preloaded_only_where_the_cluster_says_its_image_has_it():
+    env = {e["name"]: e["value"] for e in admit(pod(), preload=True)["spec"]["containers"][1]["env"]}
+    assert env[PRELOAD_ENV] == "amm_core.plugin"
+    theirs = pod(env=[{"name": PRELOAD_ENV, "value": "mycompany.preload"}])
+    env = {e["name"]: e["value"] for e in admit(theirs, preload=True)["spec"]["containers"][1]["env"]}
+    assert env[PRELOAD_ENV] == "mycompany.preload"  # their preload list is theirs
+
+
+@pytest.mark.parametrize("body, policies", [
+    (pod(cluster="other"), (policy_body(),)),                       # not selected
+    (pod(), ()),                                                   # no policy in the namespace
+    (pod(), (policy_body({**SPEC, "adaptive": {"minimum": 3, "maximum": 1}}),)),  # invalid
+    (pod(component="worker"), (policy_body(),)),                    # workers: nothing yet
+    ({"metadata": {"labels": {"dask.org/cluster-name": "demo", "dask.org/component": "scheduler"}},
+      "spec": {"containers": "nonsense"}}, (policy_body(),)),       # malformed: admitted as it is
+    ({"metadata": {"labels": {"dask.org/cluster-name": ["x"], "dask.org/component": "scheduler"}}},
+     (policy_body(),)),
+])
+def test_pods_that_are_not_ours_or_not_understood_are_admitted_unchanged(body, policies):
+    assert admit(body, policies) == {}
+
+
+def test_scheduler_containers_returns_none_when_nothing_changes():
+    amm = parse_spec(SPEC)
+    once = scheduler_containers(pod(), amm, preload=False)
+    again = {**pod(), "spec": {"containers": once}}
+    assert scheduler_containers(again, amm, preload=False) is None
