@@ -481,18 +481,18 @@ class Admission:
 
     # ------------------------------------------------------------- the call
 
-    def _webhook_endpoint(self, cc: Mapping[str, Any]) -> tuple[str, str, str, int, str]:
-        """(URL as reported, connect host, TLS server name, port, path and query) of a clientConfig."""
+    def _webhook_endpoint(self, cc: Mapping[str, Any], timeout: int) -> tuple[str, str, str, int, str]:
+        """(URL as reported, connect host, TLS server name, port, path) of a clientConfig."""
         if cc.get('url'):
             parts = urllib.parse.urlsplit(cc['url'])
             port = parts.port or 443
             target = parts.path or '/'
-            return cc['url'], parts.hostname or '', parts.hostname or '', port, target
+            return f'{cc["url"]}?timeout={timeout}s', parts.hostname or '', parts.hostname or '', port, target
         svc = cc['service']
         name, namespace, port = svc['name'], svc['namespace'], svc.get('port', 443)
         host = f'{name}.{namespace}.svc'
         path = svc.get('path') or '/'
-        url = f'https://{host}:{port}{path}'
+        url = f'https://{host}:{port}{path}?timeout={timeout}s'
         service = self._get_live(self._types['', 'v1', 'services'], namespace, name)
         if service is None:
             raise _CallFailed(f'failed to call webhook: Post "{url}": service "{name}" not found')
@@ -510,9 +510,8 @@ class Admission:
                             uid: str) -> dict[str, Any]:
         """POST the review; the verified response, or _CallFailed with ErrCallingWebhook's reason."""
         cc = hook.get('clientConfig') or {}
-        url, host, server_name, port, path = self._webhook_endpoint(cc)
         timeout = int(hook.get('timeoutSeconds') or 10)
-        url = f'{url}{"&" if "?" in url else "?"}timeout={timeout}s'
+        url, host, server_name, port, path = self._webhook_endpoint(cc, timeout)
         try:
             context = ssl.create_default_context()
             if cc.get('caBundle'):
@@ -528,7 +527,7 @@ class Admission:
                                              timeout=aiohttp.ClientTimeout(total=timeout)) as session:
                 async with session.post(post, data=data, ssl=context, server_hostname=server_name,
                                         headers={'Content-Type': 'application/json', 'Accept': 'application/json',
-                                                 'Host': f'{server_name}:{port}'}) as resp:
+                                                 'Host': urllib.parse.urlsplit(url).netloc}) as resp:
                     status, text = resp.status, await resp.text()
         except asyncio.TimeoutError:
             raise _CallFailed(f'failed to call webhook: Post "{url}": context deadline exceeded') from None
