@@ -26,7 +26,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from dask_memory_operator.devstack.apiserver import ApiServer, write_kubeconfig
-from test_emulator import KUBECTL, Http, kubectl_env
+from test_emulator import KUBECTL, Http, http, kubectl_env, server
+
+__all__ = ['http', 'server']  # fixtures used here
 
 MWC = '/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations'
 PODS = '/api/v1/namespaces/default/pods'
@@ -121,19 +123,6 @@ async def webhook(certs: dict[str, Any]) -> AsyncIterator[Webhook]:
     runner = await serve_webhook(hook, certs)
     yield hook
     await runner.cleanup()
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[ApiServer]:
-    async with ApiServer() as srv:
-        yield srv
-        assert srv.emulator.errors == []
-
-
-@pytest.fixture
-async def http(server: ApiServer) -> AsyncIterator[Http]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
-        yield Http(server.url, session)
 
 
 @pytest.fixture

@@ -94,7 +94,7 @@ import kmock
 from .builtin import builtin_defaults, write_defaults
 from .errors import ApiError, FieldError, go_repr
 from .meta import dns1123_subdomain_errors
-from .resources import NAMESPACES, SERVICES, ResourceType, Target
+from .resources import NAMESPACES, ResourceType, Target
 from .selectors import LabelRequirement
 
 logger = logging.getLogger(__name__)
