@@ -88,7 +88,14 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   disruption) and deletes the pod gracefully; a disruption controller keeps the
   budgets' status, as kube-controller-manager does.
 
-Not emulated: server-side apply, admission webhooks, RBAC and authentication (the
+- Mutating admission webhooks (``admission``): ``MutatingWebhookConfiguration`` validated
+  and defaulted as the API server does; on CREATE and UPDATE the matching webhooks
+  (rules, namespace and object selectors) get an AdmissionReview over HTTPS, verified
+  against ``caBundle``, within ``timeoutSeconds``; JSON patch responses are applied
+  before validation and storage; denials and call failures (``failurePolicy``) answer
+  with the API server's messages.
+
+Not emulated: server-side apply, validating admission webhooks, RBAC and authentication (the
 access and token review resources are not served), ``pods/binding``, CEL rules,
 most of the validation code of built-in kinds, periodic watch bookmarks (one is sent
 when a watch reaches its timeout), the controllers but the garbage collector and the
@@ -104,6 +111,7 @@ Where each part lives (modules named by concern):
 - ``writes``: create, replace, patch, ``/status`` and ``/scale``;
 - ``deletion``: finalizers, graceful deletion, garbage collection;
 - ``eviction``: ``pods/eviction`` and the PodDisruptionBudget status;
+- ``admission``: mutating admission webhooks and their configurations;
 - ``schema``: CRD schema pruning, defaulting and validation;
 - ``builtin``: defaults and validation rules of built-in kinds; ``builtin_schema``:
   their OpenAPI schemas;

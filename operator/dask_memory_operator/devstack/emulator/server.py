@@ -14,6 +14,7 @@ import attrs
 import kmock
 from kmock._internal import rendering  # internals: kmock is pinned
 
+from .admission import Admission
 from .deletion import Deletion
 from .discovery import Discovery
 from .errors import ApiError
@@ -32,7 +33,7 @@ _MAX_REQUESTS = 5_000  # requests kept in kmock's request log (the sandbox runs 
 
 
 @attrs.define(kw_only=True)
-class KubeEmulator(Storage, Writes, Deletion, Eviction, ServiceIPs, Discovery, kmock.KubernetesEmulator):
+class KubeEmulator(Admission, Storage, Writes, Deletion, Eviction, ServiceIPs, Discovery, kmock.KubernetesEmulator):
     """A kmock emulator with a real API server's semantics (see the package docstring).
 
     Each concern is a mixin in a module of its name; this class holds the state they
@@ -233,6 +234,15 @@ class KubeEmulator(Storage, Writes, Deletion, Eviction, ServiceIPs, Discovery, k
             return await self._watch(request, target)
         body = load_body(request) if method in ('POST', 'PUT', 'PATCH', 'DELETE') else None
         as_table = 'as=Table' in request.headers.get('Accept', '')
+        ctype = request.headers.get('Content-Type', '').split(';')[0].strip()
+        # Mutating admission webhooks: called outside the lock (they may take seconds).
+        hook_warnings: list[str] = []
+        if method == 'POST' and target.name is None:
+            body, hook_warnings = await self._admit_create_webhooks(target, body, params)
+        elif method in ('PUT', 'PATCH') and target.name is not None and target.subresource in (None, 'status') \
+                and self._has_update_webhooks(target):
+            return self._respond(await self._update_with_webhooks(target, body, method, ctype, params), 200,
+                                 target, params)
         async with self._lock:
             if method == 'GET' and target.name is None:
                 result = self._list(target, params)
@@ -243,11 +253,11 @@ class KubeEmulator(Storage, Writes, Deletion, Eviction, ServiceIPs, Discovery, k
             if method == 'POST' and target.rtype.resource == PODS and target.subresource == 'eviction':
                 return json_response(self._evict(target, body), 201)
             if method == 'POST' and target.name is None:
-                return self._respond(self._create(target, body, params), 201, target, params)
+                obj, warnings = self._create(target, body, params)
+                return self._respond((obj, hook_warnings + warnings), 201, target, params)
             if method == 'PUT' and target.name is not None:
                 return self._respond(self._replace(target, body, params), 200, target, params)
             if method == 'PATCH' and target.name is not None:
-                ctype = request.headers.get('Content-Type', '').split(';')[0].strip()
                 return self._respond(self._patch(target, body, ctype, params), 200, target, params)
             if method == 'DELETE' and target.name is not None:
                 code, result = self._delete(target, body, params)

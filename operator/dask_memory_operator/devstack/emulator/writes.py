@@ -14,6 +14,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
+from .admission import MUTATING_WEBHOOKS, configuration_defaults, configuration_errors
 from .builtin import builtin_defaults, check_builtin, check_pod_update, write_defaults
 from .builtin_schema import schema_for
 from .errors import ApiError, FieldError, go_repr
@@ -104,8 +105,12 @@ class Writes:
         schema = schema_for(rtype.group, rtype.version, rtype.kind) if builtin else None
         if builtin:
             write_defaults(rtype, obj)
+        if rtype.resource == MUTATING_WEBHOOKS:
+            configuration_defaults(obj)
         # Decoding comes first: a wrong JSON type is a 400 before any validation.
         errors: list[FieldError] = schema.check(obj, rtype.api_version) if schema else []
+        if rtype.resource == MUTATING_WEBHOOKS:
+            errors = configuration_errors(obj, errors)
         if not name:
             errors.append(FieldError('metadata.name', 'FieldValueRequired',
                                      'Required value: name or generateName is required'))
@@ -225,12 +230,19 @@ class Writes:
             raise rtype.not_found(target.name)
         if target.subresource == 'scale':
             return self._write_scale(target, old, body, params)
+        return self._finish_write(target, old, self._updated_object(target, old, body, 'PUT', ''), params)
+
+    def _updated_object(self, target: Target, old: dict[str, Any], body: Any, method: str, ctype: str) -> Any:
+        """The new state a PUT body or a PATCH asks for (before admission)."""
+        rtype = target.rtype
+        if method == 'PATCH':
+            return apply_patch(old, body, ctype, custom=rtype.crd is not None)
         # Custom resources and CRDs do not allow unconditional updates (their strategies say so).
         if (rtype.crd is not None or rtype.resource == CRD_RESOURCE) and isinstance(body, Mapping) \
                 and not (body.get('metadata') or {}).get('resourceVersion'):
-            raise rtype.invalid(target.name, [FieldError('metadata.resourceVersion', 'FieldValueInvalid',
-                                                         'Invalid value: 0x0: must be specified for an update')])
-        return self._finish_write(target, old, copy.deepcopy(body), params)
+            raise rtype.invalid(old['metadata']['name'], [FieldError(
+                'metadata.resourceVersion', 'FieldValueInvalid', 'Invalid value: 0x0: must be specified for an update')])
+        return copy.deepcopy(body)
 
     def _patch(self, target: Target, body: Any, ctype: str,
                params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
