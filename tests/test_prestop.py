@@ -185,6 +185,12 @@ async def test_retires_through_the_plugin(tmp_path):
         assert now["w0"]["status"] == "closing_gracefully"
         assert now["w1"]["status"] == now["w2"]["status"] == "running"
 
+        # Run again (a retried hook, or a worker the operator retired first): the
+        # done record is kept as it is, and the hook exits at once
+        code, err, _ = await hook(addr, "w0", "--limit", "20")
+        assert code == 0 and last_line(err).startswith("done: worker w0 retired, 8 key(s)")
+        assert (await records(addr))["w0"]["started"] == rec["started"]
+
 
 async def test_without_the_plugin_falls_back_to_retire_workers(tmp_path):
     async with cluster(tmp_path, ["1GB"] * 2, plugin=False) as (addr, c, ws):
