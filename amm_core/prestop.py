@@ -235,9 +235,9 @@ async def retire(
                 )
             except TimeoutError:
                 return _timed_out(record, name, time.monotonic() - start)
-            except OSError as e:
+            except Exception as e:  # the connection lost, or the handler failed
                 return (
-                    f"lost the scheduler while retiring {name} ({record.get('state')}): "
+                    f"lost track of the retirement of {name} ({record.get('state')}): "
                     f"{type(e).__name__}: {e}"
                 )
             record = _record(records, name)
