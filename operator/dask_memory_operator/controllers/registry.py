@@ -21,7 +21,7 @@ from dask_memory_operator.controllers.memorypolicy import (
     reconcile_policy,
     restore_on_delete,
 )
-from dask_memory_operator.webhook.handlers import CLUSTER_LABEL, COMPONENT_LABEL, mutate_pod
+from dask_memory_operator.webhook.handlers import CLUSTER_LABEL, COMPONENT_LABEL, HANDLER_ID, mutate_pod
 from dask_memory_operator.controllers.scaling import (
     ScalingController,
     daskautoscalers_by_cluster,
@@ -119,7 +119,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     kopf.timer(*policy, registry=registry, interval=SCALING_TICK, id="scale")(scale_policy_clusters)
     kopf.on.delete(*policy, registry=registry)(restore_on_delete)
     if config.webhook is not None:
-        kopf.on.mutate("v1", "pods", registry=registry, id="govern-pods", operations=["CREATE"],
+        kopf.on.mutate("v1", "pods", registry=registry, id=HANDLER_ID, operations=["CREATE"],
                        ignore_failures=True, side_effects=False,
                        labels={CLUSTER_LABEL: kopf.PRESENT, COMPONENT_LABEL: kopf.PRESENT})(mutate_pod)
     return registry

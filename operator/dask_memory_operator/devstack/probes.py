@@ -107,3 +107,11 @@ def task_ledger(dask_scheduler: Any) -> dict[str, Any]:
 def worker_statuses(dask_scheduler: Any) -> dict[str, str]:
     """Run on the scheduler: worker name -> status."""
     return {str(ws.name): ws.status.name for ws in dask_scheduler.workers.values()}
+
+
+def amm_config(dask_scheduler: Any) -> dict[str, Any]:
+    """Run on the scheduler: its dask config's AMM section, which only the process's
+    environment and files set (a live apply changes the extension, not this)."""
+    import dask
+
+    return dict(dask.config.get("distributed.scheduler.active-memory-manager"))

@@ -20,6 +20,8 @@ from dask_memory_operator.webhook.mutation import scheduler_containers
 
 logger = logging.getLogger(__name__)
 
+#: kopf serves the handler at this path (its id)
+HANDLER_ID = "govern-pods"
 CLUSTER_LABEL = "dask.org/cluster-name"
 COMPONENT_LABEL = "dask.org/component"
 

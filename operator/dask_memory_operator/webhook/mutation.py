@@ -34,7 +34,7 @@ def amm_env(amm: AMMConfig) -> dict[str, str]:
     config = amm.to_dask_config()
     return {
         f"{_PREFIX}START": repr(bool(config["start"])),
-        f"{_PREFIX}INTERVAL": repr(f"{config['interval']}s"),
+        f"{_PREFIX}INTERVAL": repr(f"{round(config['interval'], 6)!r}s"),  # 700ms: 0.7s, not 0.7000000000000001s
         f"{_PREFIX}MEASURE": repr(config["measure"]),
         f"{_PREFIX}POLICIES": repr(config["policies"]),
     }

@@ -1,0 +1,137 @@
+"""End to end: the admission webhook, served by the operator over HTTPS and called by
+the emulated API server as kube-apiserver calls it (a MutatingWebhookConfiguration
+with caBundle, failurePolicy Ignore, a 5 s timeout).
+
+"Born configured" is asked of the scheduler process itself: its dask config's AMM
+section, which only its environment sets (the operator's live apply changes the AMM
+extension, not the config), so what is checked cannot come from a resync.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from distributed import Client
+
+from dask_memory_operator.devstack.certs import write_webhook_certs
+from dask_memory_operator.devstack.probes import amm_config
+from dask_memory_operator.devstack.scaling_probes import OPERATOR, free_port
+from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
+from dask_memory_operator.webhook.configuration import mutating_webhook_configuration
+
+AMM_OFF = {"DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False"}
+POLICY_AMM = {"start": True, "interval": "0.7s", "measure": "managed",
+              "policies": [{"class": "amm_core.replicate.ReduceReplicas"}]}
+
+
+@pytest.fixture(scope="module")
+def webhook_operator(stack: LocalStack, tmp_path_factory) -> Iterator[dict]:
+    port = free_port()
+    certs = tmp_path_factory.mktemp("webhook-certs")
+    ca = write_webhook_certs(certs, ["localhost"], ["127.0.0.1"])
+    argv = ["--scheduler-access", "cluster-ip", "--resync-interval", "600", "--rpc-timeout", "3",
+            "--metrics-port", str(free_port()), "--webhook-port", str(port),
+            "--webhook-address", "127.0.0.1", "--webhook-cert-dir", str(certs)]
+    start = lambda: stack.start_process(OPERATOR, [  # noqa: E731
+        sys.executable, "-m", "dask_memory_operator.cli", "run", "--verbose", *argv])
+    start()
+    stack.apply(mutating_webhook_configuration(ca, url=f"https://127.0.0.1:{port}"))
+    yield {"start": start, "port": port}
+    stack.kubectl("delete", "mutatingwebhookconfiguration", "dask-memory-operator", check=False)
+    stack.stop_process(OPERATOR)
+
+
+def policy(ns: str) -> dict:
+    return {"apiVersion": "amm.dask.org/v1alpha1", "kind": "MemoryPolicy",
+            "metadata": {"name": "born", "namespace": ns},
+            "spec": {"clusterSelector": {},
+                     "activeMemoryManager": {"interval": "700ms", "measure": "managed",
+                                             "policies": [{"class": "ReduceReplicas"}]}}}
+
+
+def scheduler_pod(stack: LocalStack, ns: str, cluster: str) -> dict | None:
+    pods = [p for p in stack.pods(ns, f"dask.org/cluster-name={cluster},dask.org/component=scheduler")
+            if not p["metadata"].get("deletionTimestamp")]
+    return pods[0] if pods else None
+
+
+def env_of(pod: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for c in pod["spec"]["containers"] for e in c.get("env") or ()}
+
+
+def born_config(stack: LocalStack, ns: str, cluster: str) -> dict:
+    address = stack.wait_for(lambda: _address(stack, ns, cluster), 120, f"{cluster}'s Service")
+    with Client(address, timeout="60s") as client:
+        return client.run_on_scheduler(amm_config)
+
+
+def _address(stack, ns, cluster):
+    try:
+        return stack.scheduler_address(ns, cluster)
+    except Exception:
+        return None
+
+
+def wait_operator_ready(stack: LocalStack, ns: str) -> None:
+    """The operator's indexes know the namespace's policy: its status was written."""
+    stack.wait_for(lambda: (stack.get_json(f"/apis/amm.dask.org/v1alpha1/namespaces/{ns}/memorypolicies/born")
+                            or {}).get("status", {}).get("observedGeneration"), 60, "the policy's status")
+
+
+def test_a_scheduler_created_under_a_policy_runs_its_amm_from_the_start(stack: LocalStack, namespace: str,
+                                                                        webhook_operator):
+    ns = namespace
+    stack.apply(policy(ns), namespace=ns)
+    wait_operator_ready(stack, ns)
+    stack.apply(daskcluster_manifest("born", workers=1, scheduler_env=AMM_OFF), namespace=ns)
+    config = born_config(stack, ns, "born")
+    assert {k: config[k] for k in POLICY_AMM} == POLICY_AMM
+    env = env_of(scheduler_pod(stack, ns, "born"))
+    assert env["DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START"] == "True"
+
+    # a scheduler pod deleted and recreated is configured from its start, too
+    old = scheduler_pod(stack, ns, "born")["metadata"]["name"]
+    stack.kubectl("delete", "pod", old, "-n", ns, "--wait=false")
+    stack.wait_for(lambda: (p := scheduler_pod(stack, ns, "born")) and p["metadata"]["name"] != old, 60,
+                   "a new scheduler pod")
+    new = scheduler_pod(stack, ns, "born")
+    assert env_of(new)["DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__INTERVAL"] == "'0.7s'"
+
+
+def test_pods_of_ungoverned_clusters_and_foreign_pods_are_left_alone(stack: LocalStack, namespace: str,
+                                                                      webhook_operator):
+    ns = namespace
+    policy_ = policy(ns)
+    policy_["spec"] = {**policy_["spec"], "clusterSelector": {"matchLabels": {"team": "x"}}}
+    stack.apply(policy_, namespace=ns)
+    wait_operator_ready(stack, ns)
+    stack.apply(daskcluster_manifest("free", workers=1, scheduler_env=AMM_OFF), namespace=ns)
+    pod = stack.wait_for(lambda: scheduler_pod(stack, ns, "free"), 60, "the scheduler pod")
+    assert "DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__INTERVAL" not in env_of(pod)
+    assert born_config(stack, ns, "free")["start"] is False
+    # a pod that only looks like a dask-kubernetes pod: no DaskCluster of that name
+    stack.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "lookalike", "labels": {
+        "dask.org/cluster-name": "nothing", "dask.org/component": "scheduler"}},
+        "spec": {"containers": [{"name": "scheduler", "image": "x", "args": ["sleep", "60"]}]}}, namespace=ns)
+    pod = stack.get_json(f"/api/v1/namespaces/{ns}/pods/lookalike")
+    assert "env" not in pod["spec"]["containers"][0]
+
+
+def test_with_the_operator_down_pods_are_created_at_once_unpatched(stack: LocalStack, namespace: str,
+                                                                   webhook_operator):
+    ns = namespace
+    stack.apply(policy(ns), namespace=ns)
+    wait_operator_ready(stack, ns)
+    stack.stop_process(OPERATOR)
+    try:
+        started = time.monotonic()
+        stack.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ungoverned", "labels": {
+            "dask.org/cluster-name": "x", "dask.org/component": "scheduler"}},
+            "spec": {"containers": [{"name": "scheduler", "image": "x", "args": ["sleep", "60"]}]}}, namespace=ns)
+        assert time.monotonic() - started < 4  # a refused connection, not the 5 s timeout
+        assert stack.get_json(f"/api/v1/namespaces/{ns}/pods/ungoverned")
+    finally:
+        webhook_operator["start"]()
