@@ -540,3 +540,36 @@ async def test_example_policies_are_valid_for_the_crd_and_the_parser(path, api):
     if path.name == "adaptive.yaml":
         assert scaled.adaptive == AdaptiveSpec(minimum=2, maximum=8)
         assert scaled.retirement == RetirementSpec(max_concurrent=2)
+
+
+def _pass(deployments, groups):
+    from dask_memory_operator.controllers.scaling import Pass
+    from dask_memory_operator.controllers.workergroup import Ledger, WorkerGroup
+
+    return Pass("ns", "c", "uid", "tcp://x:1", {}, dict(deployments),
+                {g: WorkerGroup("ns", g, r, Ledger(), False) for g, r in groups.items()}, {})
+
+
+def test_replicas_taken_off_never_below_the_deployments_left_nor_above_now():
+    from dask_memory_operator.controllers.scaling import _without
+
+    # two deleted of four: 2
+    p = _pass({"c-default-worker-a": ("c-default", "1"), "c-default-worker-b": ("c-default", "2")}, {"c-default": 4})
+    assert _without(p, p.groups["c-default"], ["x", "y"]) == 2
+    # someone took a replica off already (replicas == Deployments): not taken off twice
+    p = _pass({"c-default-worker-a": ("c-default", "1")}, {"c-default": 1})
+    assert _without(p, p.groups["c-default"], ["x"]) == 1
+    # their scale-down still under way (more Deployments than replicas): not undone
+    p = _pass({f"c-default-worker-{i}": ("c-default", str(i)) for i in range(5)}, {"c-default": 4})
+    assert _without(p, p.groups["c-default"], ["x"]) == 4
+
+
+def test_a_worker_is_known_by_its_deployment_name_or_its_groups_naming():
+    from dask_memory_operator.controllers.scaling import _deployment_named
+
+    p = _pass({"c-default-worker-a": ("c-default", "1")}, {"c-default": 1, "c-big": 0})
+    assert _deployment_named(p, "c-default-worker-a")
+    assert _deployment_named(p, "c-default-worker-gone")  # deleted a moment ago
+    assert _deployment_named(p, "c-big-worker-0123456789")
+    assert not _deployment_named(p, "tcp://127.0.0.1:4000")  # dask worker without --name
+    assert not _deployment_named(p, "0")

@@ -21,7 +21,7 @@ import kopf
 from dask_memory_operator.api.memorypolicy import InvalidPolicy, parse_spec
 from dask_memory_operator.api.selection import Assignment, PolicyInfo, assign, selects
 from dask_memory_operator.controllers.config import OperatorConfig
-from dask_memory_operator.controllers.scaling import autoscalers_of
+from dask_memory_operator.controllers.scaling import RETIREPAUSED, autoscalers_of
 from dask_memory_operator.controllers.status import cluster_entry, invalid_status, policy_status
 from dask_memory_operator.observability import metrics
 from dask_memory_operator.observability.events import post_outcome
@@ -214,7 +214,10 @@ async def _release_unselected(
         if cluster not in clusters:
             reconciler.forget_cluster(namespace, cluster)
             continue
-        await _wind_down_scaling(memo, namespace, clusters[cluster], previous)
+        why = await _wind_down_scaling(memo, namespace, clusters[cluster], policy)
+        if why is not None:  # listed, so that the next pass tries again
+            entries.append(cluster_entry(Outcome(cluster, "Degraded", f"restore pending: {why}"), name))
+            continue
         try:
             outcome = await reconciler.release(namespace, cluster, uid)
         except Exception as e:  # one cluster's failure is its own
@@ -226,17 +229,26 @@ async def _release_unselected(
 
 
 async def _wind_down_scaling(
-    memo: kopf.Memo, namespace: str, cluster: Mapping[str, Any], status: Mapping[str, Any]
-) -> None:
-    """Before a scheduler gets its own configuration back: if this policy scaled the
-    cluster (its status says so), the retirements the operator started there are
-    finished or cancelled (see ScalingController.wind_down)."""
-    if not any(e.get("cluster") == cluster["name"] for e in status.get("scaling") or ()):
-        return
+    memo: kopf.Memo, namespace: str, cluster: Mapping[str, Any], policy: Mapping[str, Any]
+) -> str | None:
+    """Before a scheduler gets its own configuration back: if this policy may have
+    scaled the cluster (its spec scales or replaces workers, or the controller has
+    passes of it), the retirements the operator started there are finished or
+    cancelled (see ScalingController.wind_down). Returns why it could not be done (the
+    caller retries, as for a restore), or None."""
+    spec = policy.get("spec") or {}
+    scaled = spec.get("adaptive") is not None or any(
+        isinstance(p, Mapping) and p.get("class") in ("RetirePaused", RETIREPAUSED)
+        for p in (spec.get("activeMemoryManager") or {}).get("policies") or ())
+    controller = getattr(memo, "scaling", None)
+    if controller is None or not (scaled or controller.knows(namespace, cluster["name"])):
+        return None
     try:
-        await memo.scaling.wind_down(namespace, cluster["name"], cluster["uid"])
-    except Exception as e:  # the next owner, or the user, finds the records
+        await controller.wind_down(namespace, cluster["name"], cluster["uid"])
+    except Exception as e:
         logger.warning("Could not wind down the retirements of %s/%s: %s", namespace, cluster["name"], e)
+        return f"retirements not wound down: {e}"
+    return None
 
 
 # --- deletion ------------------------------------------------------------------
@@ -274,7 +286,10 @@ async def _restore_all(
 
     async def release(cluster: Mapping[str, Any]) -> None:
         async with limit:
-            await _wind_down_scaling(memo, namespace, cluster, status)
+            why = await _wind_down_scaling(memo, namespace, cluster, body)
+            if why is not None:
+                unreachable[cluster["name"]] = why
+                return
             try:
                 outcome = await reconciler.release(namespace, cluster["name"], uid)
             except Exception as e:  # one cluster's failure is its own

@@ -125,13 +125,20 @@ class ScalingController:
 
     reconciler: ClusterReconciler
     clusters: dict[tuple[str, str], ClusterScaling]
+    #: Monotonic time of each policy's latest status.scaling write, by uid
+    status_written: dict[str, float]
 
     def __init__(self, reconciler: ClusterReconciler):
         self.reconciler = reconciler
         self.clusters = {}
+        self.status_written = {}
 
     def state(self, namespace: str, cluster: str) -> ClusterScaling:
         return self.clusters.setdefault((namespace, cluster), ClusterScaling())
+
+    def knows(self, namespace: str, cluster: str) -> bool:
+        """Whether passes of this cluster ran since the operator started."""
+        return (namespace, cluster) in self.clusters
 
     def forget(self, namespace: str, cluster: str) -> None:
         state = self.clusters.pop((namespace, cluster), None)
@@ -267,6 +274,14 @@ class ScalingController:
                         forget.append(name)  # its replica is accounted for
                     else:
                         removed.setdefault(group_name, []).append(name)
+            elif r.get("left") and r["state"] != "done":
+                # (the engine marks a worker that left mid-retirement aborted)
+                metrics.observe_retirement(p.namespace, p.cluster, "lost", r.get("seconds", 0))
+                await p.event("RetiringWorkerLost", (
+                    f"Worker {name} left the cluster while it was {r['state']} (its pod went "
+                    f"from outside the operator): {r.get('keys_left', 0)} keys may be lost"),
+                    warning=True)
+                forget.append(name)
             elif r["state"] == "aborted" and r.get("reason") == CANCELLED:
                 forget.append(name)  # the canceller reported it (RetirementCancelled)
             elif r["state"] == "aborted":
@@ -278,13 +293,6 @@ class ScalingController:
                                message=f"retiring {name} aborted: {r.get('reason', '')}")
                 state.hold = min(ABORT_HOLD_CAP, state.hold * 2 or ABORT_HOLD)
                 state.hold_until = time.monotonic() + state.hold
-                forget.append(name)
-            elif r.get("left"):
-                metrics.observe_retirement(p.namespace, p.cluster, "lost", r.get("seconds", 0))
-                await p.event("RetiringWorkerLost", (
-                    f"Worker {name} left the cluster while it was {r['state']} (its pod went "
-                    f"from outside the operator): {r.get('keys_left', 0)} keys may be lost"),
-                    warning=True)
                 forget.append(name)
         for group_name, names in removed.items():
             group = p.groups.get(group_name)
@@ -313,6 +321,9 @@ class ScalingController:
             add = [n for n in mine if n in listed and n not in group.ledger.replacing]
             retired = [n for n in mine if listed.get(n, {}).get("retired") and n in group.ledger.replacing]
             stale = [n for n in group.ledger.replacing if n not in mine]
+            # no longer listed (unpaused, or its retirement aborted): its replacement
+            # stays as any worker (adaptive may scale it away), the name is dropped
+            dropped = [n for n in group.ledger.replacing if n in mine and n not in listed]
             gone = []
             for name in retired:
                 if await workergroup.delete_deployment(p.namespace, name, p.deployments[name][1]):
@@ -321,10 +332,10 @@ class ScalingController:
                     await p.event("PausedWorkerReplaced", (
                         f"Worker {name} stayed paused; its replacement runs and its data "
                         f"moved: Deployment deleted"))
-            if not (add or gone or stale):
+            if not (add or gone or stale or dropped):
                 replacing += [n for n in group.ledger.replacing if n in mine]
                 continue
-            keep = [n for n in group.ledger.replacing if n not in gone and n not in stale]
+            keep = [n for n in group.ledger.replacing if n not in gone + stale + dropped]
             # stale: deleted by an earlier pass whose replicas patch did not land
             # (or by someone else: _without does not take that replica off twice)
             ledger = Ledger([*group.ledger.removed, *gone, *stale], keep + add, group.ledger.deleting)
@@ -333,7 +344,7 @@ class ScalingController:
                     await p.event("ReplacingPausedWorker", (
                         f"Worker {name} stayed paused: a replacement worker is added to "
                         f"{group.name}, then {name} retires"))
-            replacing += [n for n in group.ledger.replacing if n in mine and n not in gone]
+            replacing += [n for n in group.ledger.replacing if n in mine and n not in gone + dropped]
         p.entry["replacing"] = sorted(replacing)
 
     async def _adapt(self, p: Pass, state: ClusterScaling, spec: ScalingSpec, adaptive: AdaptiveSpec) -> None:
@@ -346,25 +357,40 @@ class ScalingController:
         info = await rpc.scaling(p.address, timeout=timeout)
         connected = {w["name"]: w for w in info.get("worker_states") or ()}
         members = [n for n, (g, _) in p.deployments.items() if g == group.name]
+        unnamed = sorted(n for n in connected if not _deployment_named(p, n))
         limits = [connected[n]["memory_limit"] for n in members if n in connected]
         floor = memory_floor(info.get("data_bytes", 0), int(statistics.median(limits)) if limits else 0,
                              info.get("pause_fraction"))
+        # the target and the floor are of the whole cluster: the other groups' workers
+        # count towards them
+        others = sum(1 for g, _ in p.deployments.values() if g != group.name)
+        target = max(0, int(info.get("target", 0)) - others)
+        floor = max(0, floor - others)
         retiring = [n for n in p.entry.get("retiring", []) if n in members]
         replacing = [n for n in p.entry.get("replacing", []) if n in members]
         effective = group.replicas - len(retiring) - len(replacing)
-        want = wanted_workers(adaptive, int(info.get("target", 0)), floor, group.replicas)
-        p.entry.update(replicas=group.replicas, target=int(info.get("target", 0)),
-                       desired=want.workers, memoryFloor=floor)
+        want = wanted_workers(adaptive, target, floor, group.replicas)
+        p.entry.update(replicas=group.replicas, target=target, desired=want.workers, memoryFloor=floor)
         now = time.monotonic()
+        # passes run faster while retirements go on; the wait count counts looks
+        look = now >= state.next_look
+        if look:
+            state.next_look = now + adaptive.interval
         if want.workers > effective:
             state.down_looks = 0
             await self._scale_up(p, group, want.workers - effective, retiring)
         elif want.workers < effective:
-            state.down_looks += 1
-            if not want.urgent and state.down_looks < adaptive.wait_count:
+            state.down_looks += look
+            if unnamed:
+                # a worker named after no Deployment cannot be told from a pod that never
+                # connected: deleting "pending" Deployments could delete busy workers
+                p.entry.update(reason="Degraded", message=(
+                    f"workers not named after their Deployment ({', '.join(unnamed[:5])}): start "
+                    f"them with --name $(DASK_WORKER_NAME); not scaled down"))
+            elif not want.urgent and state.down_looks < adaptive.wait_count:
                 p.entry.setdefault("reason", "Waiting")
-                p.entry.setdefault("message", f"target {want.workers} asked {state.down_looks} of "
-                                   f"{adaptive.wait_count} looks in a row")
+                p.entry.setdefault("message", f"the target asks for {want.workers} workers; "
+                                   f"waiting for {adaptive.wait_count} looks in a row")
             elif now < state.hold_until:
                 p.entry.setdefault("reason", "RetirementAborted")
             else:
@@ -439,7 +465,7 @@ class ScalingController:
                         f"{group.name}: {len(gone)} worker(s) that had not connected yet removed "
                         f"({', '.join(gone)}); replicas now {group.replicas}"))
             n -= len(pending)
-        started = [r["worker"] for r in answer.get("retirements", [])] if pending else []
+        started = [r["worker"] for r in answer.get("retirements", []) if r["state"] != "aborted"] if pending else []
         if n > 0:
             choice = await rpc.retirement_candidates(
                 p.address, [m for m in members if m in connected and m not in busy], n, timeout=timeout)
@@ -459,10 +485,19 @@ class ScalingController:
 
 def _without(p: Pass, group: WorkerGroup, names: list[str]) -> int:
     """The group's replicas with the Deployments ``names`` taken off, never fewer
-    than the Deployments it still has: a replica someone else took off already (a
-    user's or dask-kubernetes' own scale-down of that worker) is not taken off twice."""
+    than the Deployments it still has (a replica someone else took off already, by a
+    user's or dask-kubernetes' own scale-down, is not taken off twice), and never more
+    than now (a scale-down of theirs still under way is not undone)."""
     left = sum(1 for g, _ in p.deployments.values() if g == group.name)
-    return max(left, group.replicas - len(names))
+    return min(group.replicas, max(left, group.replicas - len(names)))
+
+
+def _deployment_named(p: Pass, worker: str) -> bool:
+    """Whether a worker's name is a Deployment name of one of the cluster's groups
+    (``<group>-worker-<hex>``, dask-kubernetes' naming), as ``--name
+    $(DASK_WORKER_NAME)`` makes it."""
+    groups = set(p.groups) | {g for g, _ in p.deployments.values()}
+    return worker in p.deployments or any(worker.startswith(f"{g}-worker-") for g in groups)
 
 
 def _group_of_removed(p: Pass, name: str) -> str | None:
@@ -512,7 +547,10 @@ async def scale_policy_clusters(
         amm = parse_spec(spec, memo.config.allowed_policy_classes)
         scaling = parse_scaling(spec)
     except InvalidPolicy:
-        return  # the policy's reconcile reports it; clusters keep what they run
+        # the policy's reconcile reports it; what is under way is still finished (done
+        # retirements' Deployments go), nothing new is started
+        amm = AMMConfig(enabled=False, interval=1.0, measure="optimistic", policies=())
+        scaling = ScalingSpec(RetirementSpec(), None)
     controller: ScalingController = memo.scaling
     clusters, mine = policy_clusters(body, uid, namespace, daskclusters_by_namespace,
                                      memorypolicies_by_namespace)
@@ -537,5 +575,20 @@ async def scale_policy_clusters(
         "scaling": entries,
         "retiringWorkers": sum(len(e.get("retiring", [])) for e in entries),
     }
-    if any(status.get(k) != v for k, v in new.items()):
+    if _worth_writing(status, new, controller.status_written.get(uid, 0.0), memo.config.resync_interval):
+        controller.status_written[uid] = time.monotonic()
         patch.status.update(new)
+
+
+#: Fields of a status.scaling entry that follow the load from moment to moment:
+#: written at most every resync interval, unless something else changed too
+VOLATILE = ("target", "memoryFloor", "message")
+
+
+def _worth_writing(status: Mapping[str, Any], new: Mapping[str, Any], last: float, every: float) -> bool:
+    def stable(entries: Any) -> list[dict[str, Any]]:
+        return [{k: v for k, v in e.items() if k not in VOLATILE} for e in entries or ()]
+
+    if status.get("retiringWorkers") != new["retiringWorkers"] or stable(status.get("scaling")) != stable(new["scaling"]):
+        return True
+    return status.get("scaling") != new["scaling"] and time.monotonic() - last >= every
