@@ -93,7 +93,7 @@ Graceful retirement (amm_core.retirement; non-blocking: each handler returns at
 once, the operator polls)::
 
     amm_core_retire(workers: [name | address, ...], limit: seconds,
-                    drain: bool = True, reason: str = "")
+                    drain: bool = True, reason: str = "", keep_out: bool = True)
         -> {"retirements": [retirement, ...], "unknown": [name, ...]}
         # idempotent: a worker already retiring or retired keeps its record;
         # a refused one (actors, long-running tasks, a plugin's veto) comes back
@@ -127,6 +127,7 @@ once, the operator polls)::
         "drain": bool,
         "left": bool,                    # the worker left the cluster
         "rejoined": int,                 # re-registrations kept closing_gracefully
+        "keep_out": bool,                # False: a new process of the name is let in
     }
 
 ``status()`` also has ``"retirements": [retirement, ...]``.

@@ -205,7 +205,8 @@ async def retire(
     async with rpc(address, timeout=max(0.1, min(connect_timeout, left()))) as r:
         try:
             reply = await asyncio.wait_for(
-                r.amm_core_retire(workers=[name], limit=limit, drain=drain, reason=REASON),
+                r.amm_core_retire(workers=[name], limit=limit, drain=drain, reason=REASON,
+                                  keep_out=False),  # the Deployment's next pod is welcome
                 timeout=max(0.1, left()),
             )
         except (TimeoutError, OSError) as e:

@@ -160,6 +160,10 @@ class Retirement:
     left: bool
     #: Times a process of this name registered again and was kept out
     rejoined: int
+    #: Keep a new process of the same name out while the record lives (the pod goes:
+    #: the operator's retirements); False when the pod alone is deleted and its
+    #: Deployment starts a new one (a preStop hook's), which is welcome
+    keep_out: bool
     #: Copies asked for and not landed yet: key -> (recipient address, when asked)
     copies: dict[Any, tuple[str, float]]
     #: Keys of tasks already offered to other workers (each is offered once: a task
@@ -167,9 +171,10 @@ class Retirement:
     offered: set[Any]
 
     def __init__(
-        self, ws: WorkerState, limit: float, drain: bool, requested: str
+        self, ws: WorkerState, limit: float, drain: bool, requested: str, keep_out: bool = True
     ) -> None:
         self.ws = ws
+        self.keep_out = keep_out
         self.name = str(ws.name)
         self.state = "draining" if drain else "moving"
         self.requested = requested
@@ -210,6 +215,7 @@ class Retirement:
             "drain": self.drain,
             "left": self.left,
             "rejoined": self.rejoined,
+            "keep_out": self.keep_out,
         }
 
 
@@ -308,8 +314,11 @@ class RetirementEngine:
         limit: float,
         drain: bool = True,
         reason: str = "",
+        keep_out: bool = True,
     ) -> dict[str, Any]:
-        """Start retiring ``workers`` (names or addresses); return at once."""
+        """Start retiring ``workers`` (names or addresses); return at once. With
+        ``keep_out=False`` a new process of the same name is let in once the old one
+        left (its record is dropped then)."""
         names = self._names(workers)
         if (
             isinstance(limit, bool)
@@ -322,13 +331,15 @@ class RetirementEngine:
             raise ValueError(f"drain must be true or false, got {drain!r}")
         if not isinstance(reason, str):
             raise ValueError(f"reason must be a string, got {reason!r}")
+        if not isinstance(keep_out, bool):
+            raise ValueError(f"keep_out must be true or false, got {keep_out!r}")
         self.amm.measure = self.measure()
         found, unknown = self._lookup(names)
         for ws in found:
             rt = self.records.get(str(ws.name))
             if rt is not None and rt.state in ACTIVE:
                 continue  # idempotent: already retiring or retired
-            rt = Retirement(ws, float(limit), drain, reason)
+            rt = Retirement(ws, float(limit), drain, reason, keep_out)
             self.records[rt.name] = rt
             veto = self.veto(ws)
             if veto:
@@ -481,7 +492,12 @@ class RetirementEngine:
         if ws is None:
             return
         rt = self.records.get(str(ws.name))
-        if rt is None or rt.state not in ACTIVE or rt.ws is ws:
+        if rt is None or rt.ws is ws:
+            return
+        if not rt.keep_out and rt.left:
+            del self.records[rt.name]  # a fresh pod of the same Deployment: welcome
+            return
+        if rt.state not in ACTIVE:
             return
         rt.ws = ws
         rt.left = False

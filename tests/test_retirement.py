@@ -440,3 +440,20 @@ async def test_invalid_arguments_are_refused() -> None:
                 raise AssertionError(f"{kwargs} accepted")
         assert await call(s, "amm_core_retirements") == []
         assert s.workers[ws[0].address].status == Status.running
+
+
+async def test_a_worker_retired_without_keep_out_lets_its_next_process_in() -> None:
+    """A preStop hook's retirement (the pod deleted, its Deployment starts another):
+    once the old process left, a new one of the same name is a running worker."""
+    async with cluster(2) as (s, ws, c):
+        await scatter_to(c, ws[0], 1, 2 * MB, 0)
+        await call(s, "amm_core_retire", workers=["w0"], limit=30, keep_out=False)
+        await until(lambda: records(s)["w0"]["state"] == "done", "done")
+        assert records(s)["w0"]["keep_out"] is False
+        await ws[0].close()
+        await until(lambda: records(s)["w0"]["left"], "old process gone")
+        async with Worker(s.address, name="w0", nthreads=1, memory_limit="4GB") as again:
+            await until(lambda: again.address in s.workers
+                        and s.workers[again.address].status != Status.init, "registered")
+            assert s.workers[again.address].status == Status.running
+            assert "w0" not in records(s)

@@ -94,7 +94,6 @@ def test_the_plugin_is_preloaded_only_where_the_cluster_says_its_image_has_it():
     (pod(cluster="other"), (policy_body(),)),                       # not selected
     (pod(), ()),                                                   # no policy in the namespace
     (pod(), (policy_body({**SPEC, "adaptive": {"minimum": 3, "maximum": 1}}),)),  # invalid
-    (pod(component="worker"), (policy_body(),)),                    # workers: nothing yet
     ({"metadata": {"labels": {"dask.org/cluster-name": "demo", "dask.org/component": "scheduler"}},
       "spec": {"containers": "nonsense"}}, (policy_body(),)),       # malformed: admitted as it is
     ({"metadata": {"labels": {"dask.org/cluster-name": ["x"], "dask.org/component": "scheduler"}}},
@@ -109,3 +108,34 @@ def test_scheduler_containers_returns_none_when_nothing_changes():
     once = scheduler_containers(pod(), amm, preload=False)
     again = {**pod(), "spec": {"containers": once}}
     assert scheduler_containers(again, amm, preload=False) is None
+
+
+def test_a_governed_worker_pod_gets_the_retirement_hook_and_a_grace_period_that_covers_it():
+    spec = {**SPEC, "retirement": {"timeLimit": "2m", "drain": False}}
+    body = pod(component="worker")
+    body["spec"]["containers"][1]["name"] = "worker"
+    patch = admit(body, (policy_body(spec),))
+    assert patch["spec"]["terminationGracePeriodSeconds"] == 120 + 15
+    worker = patch["spec"]["containers"][1]
+    command = worker["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["python", "-c"]
+    assert command[3:] == ["--limit", "120", "--grace", "135", "--no-drain"]
+    compile(command[2], "prestop", "exec")  # the module's own source, runnable as -c
+    assert "lifecycle" not in patch["spec"]["containers"][0]
+
+
+def test_the_inlined_hook_runs_and_exits_at_once_without_a_scheduler():
+    """python -c with the inlined source, as the pod runs it: no scheduler listening,
+    it exits 0 within its connect timeout."""
+    from dask_memory_operator.webhook.mutation import prestop_source
+
+    env = {**os.environ, "DASK_SCHEDULER_ADDRESS": "tcp://127.0.0.1:9", "DASK_WORKER_NAME": "w"}
+    done = subprocess.run([sys.executable, "-c", prestop_source(), "--limit", "5", "--grace", "20"],
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "not retired" in done.stderr.splitlines()[-1]
+
+
+def test_a_worker_pod_with_a_prestop_hook_of_its_own_keeps_it():
+    body = pod(component="worker")
+    body["spec"]["containers"][1].update(name="worker", lifecycle={"preStop": {"exec": {"command": ["true"]}}})
+    assert admit(body) == {}

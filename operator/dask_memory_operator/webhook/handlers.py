@@ -16,7 +16,8 @@ import kopf
 
 from dask_memory_operator.api.memorypolicy import InvalidPolicy, parse_spec
 from dask_memory_operator.api.selection import assign
-from dask_memory_operator.webhook.mutation import scheduler_containers
+from dask_memory_operator.api.scaling import parse_scaling
+from dask_memory_operator.webhook.mutation import scheduler_containers, worker_pod
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def _mutate(
 ) -> None:
     labels = body.metadata.labels or {}
     cluster, component = labels.get(CLUSTER_LABEL), labels.get(COMPONENT_LABEL)
-    if not isinstance(cluster, str) or component != "scheduler":
+    if not isinstance(cluster, str) or component not in ("scheduler", "worker"):
         return
     policies = list(policies_index.get(namespace, []))
     if not policies:
@@ -60,7 +61,13 @@ def _mutate(
         return
     try:
         amm = parse_spec(governor.governor.body["spec"], memo.config.allowed_policy_classes)
+        retirement = parse_scaling(governor.governor.body["spec"]).retirement
     except InvalidPolicy:
+        return
+    if component == "worker":
+        changes = worker_pod(body, retirement)
+        if changes is not None:
+            patch.spec.update(changes)
         return
     containers = scheduler_containers(body, amm, preload=bool(info.get("preload")))
     if containers is not None:

@@ -7,8 +7,11 @@ from the pod and its governing policy to the pod's new containers.
   config parses with ``ast.literal_eval``), and, when the cluster says its image can
   import amm_core (the annotation :data:`PRELOAD_ANNOTATION`), the plugin preloaded.
   The live install stays the fallback for images without it.
-- A **worker** pod gets nothing here yet (the preStop retirement hook comes with
-  amm_core.prestop).
+- A **worker** pod gets a ``preStop`` exec hook that retires the worker through its
+  scheduler (:mod:`amm_core.prestop`) within the policy's retirement time limit, and a
+  ``terminationGracePeriodSeconds`` that covers the limit. The hook's source is put
+  in the pod as ``python -c`` (the module needs only the standard library and
+  distributed), so the worker image needs nothing of this project.
 
 The policy's AMM variables replace the pod's own (the policy governs the scheduler: a
 live apply would override them anyway, a second later). A pod that already preloads
@@ -17,10 +20,15 @@ something else keeps its preload list; the plugin is then installed live.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
+import amm_core.prestop
+
 from dask_memory_operator.api.memorypolicy import GROUP, AMMConfig
+from dask_memory_operator.api.scaling import RetirementSpec
 
 #: On a DaskCluster (or the pod): "true" when the scheduler image can import amm_core
 PRELOAD_ANNOTATION = f"{GROUP}/preload-plugin"
@@ -59,3 +67,49 @@ def scheduler_containers(
         return None
     target["env"] = new
     return containers
+
+
+#: Seconds of the grace period past the time limit: Python's start-up, and the
+#: worker's own close after its SIGTERM
+GRACE_MARGIN = 15
+#: Marks a preStop hook as this operator's (status counts workers without it)
+HOOK_MARKER = "amm_core.prestop (dask-memory-operator)"
+
+
+@functools.cache
+def prestop_source() -> str:
+    """amm_core.prestop's source for ``python -c``, its long docstring left out."""
+    with open(amm_core.prestop.__file__, encoding="utf-8") as f:
+        text = f.read()
+    head, _, rest = text.partition('"""')
+    _, _, body = rest.partition('"""')
+    return f'"""{HOOK_MARKER}"""' + body
+
+
+def has_retirement_hook(container: Mapping[str, Any]) -> bool:
+    command = ((((container.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {})
+               .get("command") or [])
+    return any(isinstance(c, str) and HOOK_MARKER in c for c in command)
+
+
+def worker_pod(pod: Mapping[str, Any], retirement: RetirementSpec) -> dict[str, Any] | None:
+    """``{"containers", "terminationGracePeriodSeconds"}`` for a worker pod: the hook
+    on the worker container (named ``worker``, else the first), unless it has a
+    preStop hook of its own (theirs is kept, and the pod counts as without ours)."""
+    spec = pod.get("spec") or {}
+    containers = [dict(c) for c in spec.get("containers") or ()]
+    if not containers:
+        return None
+    target = next((c for c in containers if c.get("name") == "worker"), containers[0])
+    lifecycle = dict(target.get("lifecycle") or {})
+    if "preStop" in lifecycle and not has_retirement_hook(target):
+        return None
+    grace = max(int(spec.get("terminationGracePeriodSeconds") or 30),
+                math.ceil(retirement.time_limit) + GRACE_MARGIN)
+    lifecycle["preStop"] = {"exec": {"command": [
+        "python", "-c", prestop_source(),
+        "--limit", f"{retirement.time_limit:g}", "--grace", str(grace),
+        "--drain" if retirement.drain else "--no-drain",
+    ]}}
+    target["lifecycle"] = lifecycle
+    return {"containers": containers, "terminationGracePeriodSeconds": grace}
