@@ -135,3 +135,39 @@ def test_with_the_operator_down_pods_are_created_at_once_unpatched(stack: LocalS
         assert stack.get_json(f"/api/v1/namespaces/{ns}/pods/ungoverned")
     finally:
         webhook_operator["start"]()
+
+
+def test_a_worker_pod_deleted_from_outside_retires_first_and_loses_nothing(stack: LocalStack, namespace: str,
+                                                                          webhook_operator):
+    """kubectl delete pod of a busy worker holding scattered data (which nothing
+    could recompute): the injected preStop hook retires it through the scheduler's
+    plugin before its SIGTERM; no key lost, no task computed twice, its running task
+    finished; the Deployment's next pod joins as a running worker."""
+    from dask_memory_operator.devstack.probes import task_ledger, worker_statuses
+    from dask_memory_operator.devstack.scaling_probes import client_of, make_cluster
+
+    ns, cluster = namespace, "hooked"
+    stack.apply({**policy(ns), "spec": {**policy(ns)["spec"], "retirement": {"timeLimit": "60s"}}}, namespace=ns)
+    wait_operator_ready(stack, ns)
+    make_cluster(stack, ns, cluster, workers=3)
+    with client_of(stack, ns, cluster, 3) as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        victim, info = sorted(workers.items())[0]
+        [pod] = [p for p in stack.pods(ns, "dask.org/component=worker")
+                 if p["metadata"]["labels"].get("dask.org/workergroup-name") and
+                 p["metadata"]["name"].startswith(info["name"])]
+        hook = pod["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        assert hook[:2] == ["python", "-c"] and pod["spec"]["terminationGracePeriodSeconds"] == 75
+        data = client.scatter([bytes(1_000_000) + bytes([i]) for i in range(20)], workers=[victim])
+        futures = client.map(lambda i: time.sleep(0.5) or i, range(40), pure=False)
+        stack.wait_for(lambda: client.run_on_scheduler(task_ledger)["computed"] > 3, 60, "the job to run")
+        stack.kubectl("delete", "pod", pod["metadata"]["name"], "-n", ns, "--wait=false")
+        stack.wait_for(lambda: victim not in client.scheduler_info(n_workers=-1)["workers"], 90,
+                       "the deleted pod's worker to leave")
+        assert client.gather(data) == [bytes(1_000_000) + bytes([i]) for i in range(20)]
+        assert client.gather(futures) == list(range(40))
+        ledger = client.run_on_scheduler(task_ledger)
+        assert ledger["lost"] == {} and ledger["rerun"] == {} and ledger["wasted"] == {}, ledger
+        stack.wait_for(lambda: len(client.run_on_scheduler(worker_statuses)) == 3
+                       and set(client.run_on_scheduler(worker_statuses).values()) == {"running"},
+                       90, "the Deployment's next pod to join as a running worker")
