@@ -191,3 +191,26 @@ def test_a_worker_pod_deleted_from_outside_retires_first_and_loses_nothing(stack
         stack.wait_for(lambda: len(client.run_on_scheduler(worker_statuses)) == final
                        and set(client.run_on_scheduler(worker_statuses).values()) == {"running"},
                        90, f"{final} running workers")
+
+
+def test_worker_pods_created_while_the_operator_was_down_are_reported_once_it_is_back(
+        stack: LocalStack, namespace: str, webhook_operator):
+    ns = namespace
+    stack.apply(policy(ns), namespace=ns)
+    wait_operator_ready(stack, ns)
+    stack.stop_process(OPERATOR)
+    try:
+        stack.apply(daskcluster_manifest("late", workers=2, scheduler_env=AMM_OFF), namespace=ns)
+        stack.wait_for(lambda: len(stack.pods(ns, "dask.org/cluster-name=late,dask.org/component=worker")) == 2,
+                       60, "two worker pods")
+    finally:
+        webhook_operator["start"]()
+
+    def reported():
+        body = stack.get_json(f"/apis/amm.dask.org/v1alpha1/namespaces/{ns}/memorypolicies/born") or {}
+        entry = next((e for e in (body.get("status") or {}).get("scaling") or () if e["cluster"] == "late"), {})
+        return entry.get("workersWithoutRetirementHook") == 2
+    stack.wait_for(reported, 90, "the status to count the workers without the hook")
+    items = (stack.get_json(f"/api/v1/namespaces/{ns}/events") or {}).get("items", [])
+    [event] = [e for e in items if e.get("reason") == "WorkersWithoutRetirementHook"]
+    assert event["type"] == "Warning" and "2 worker pod(s)" in event["message"]

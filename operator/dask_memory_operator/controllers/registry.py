@@ -37,7 +37,7 @@ async def start_background_tasks(memo: kopf.Memo, **_: Any) -> None:
     """Tasks of the whole operator, not of one object: the owed restores; and the
     scaling controller, whose passes run as tasks of their own."""
     config: OperatorConfig = memo.config
-    memo.scaling = ScalingController(memo.reconciler)
+    memo.scaling = ScalingController(memo.reconciler, check_hooks=config.webhook is not None)
     memo.background = [asyncio.create_task(settle_owed_restores(memo, config.resync_interval))]
 
 

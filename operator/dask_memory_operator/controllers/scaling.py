@@ -65,6 +65,9 @@ ABORT_HOLD = 15.0
 ABORT_HOLD_CAP = 300.0
 #: Seconds between passes of a cluster while retirements or replacements are under way
 BUSY_INTERVAL = 0.5
+#: Seconds between passes of a cluster whose last pass could not see it all (no
+#: plugin yet, a scheduler or API error)
+RETRY_INTERVAL = 5.0
 #: The policy class whose workers get replaced
 RETIREPAUSED = "amm_core.retire_paused.RetirePaused"
 #: The reason of a record the engine aborted because it was asked to cancel it
@@ -128,8 +131,10 @@ class ScalingController:
     #: Monotonic time of each policy's latest status.scaling write, by uid
     status_written: dict[str, float]
 
-    def __init__(self, reconciler: ClusterReconciler):
+    def __init__(self, reconciler: ClusterReconciler, check_hooks: bool = False):
         self.reconciler = reconciler
+        #: The webhook is served: report worker pods without its hook
+        self.check_hooks = check_hooks
         self.clusters = {}
         self.status_written = {}
 
@@ -228,10 +233,12 @@ class ScalingController:
         amm: AMMConfig, autoscalers: list[str], state: ClusterScaling,
     ) -> dict[str, Any]:
         """One level-triggered pass; returns the cluster's status entry."""
+        hooks = await self._hooks(namespace, cluster, cluster_uid, state) if self.check_hooks else {}
         p = await self._read(namespace, cluster, cluster_uid, spec)
         if p is None:
             return {"cluster": cluster, "reason": "Waiting",
-                    "message": "the scheduler has no amm_core plugin yet"}
+                    "message": "the scheduler has no amm_core plugin yet", **hooks}
+        p.entry.update(hooks)
         await self._finish_retirements(p, state, spec)
         for group in p.groups.values():
             await self._settle_deletions(p, group)
@@ -245,6 +252,19 @@ class ScalingController:
         else:
             await self._adapt(p, state, spec, spec.adaptive)
         return {k: v for k, v in p.entry.items() if v not in (None, [])}
+
+    async def _hooks(self, namespace: str, cluster: str, cluster_uid: str,
+                     state: ClusterScaling) -> dict[str, Any]:
+        """With the webhook served: how many worker pods lack the retirement hook (an
+        Event when more do than before); an API question only."""
+        missing = await workergroup.workers_without_hook(namespace, cluster)
+        if len(missing) > state.entry.get("workersWithoutRetirementHook", 0):
+            await post_from_background(dask_cluster_ref(namespace, cluster, cluster_uid),
+                "WorkersWithoutRetirementHook", (
+                f"{len(missing)} worker pod(s) have no preStop retirement hook (created while the "
+                f"operator's webhook was down, or before a policy governed the cluster): deleted "
+                f"from outside, they lose what only they hold. {', '.join(missing[:10])}"), "Warning")
+        return {"workersWithoutRetirementHook": len(missing)} if missing else {}
 
     async def _finish_retirements(self, p: Pass, state: ClusterScaling, spec: ScalingSpec | None) -> None:
         records = [r for r in p.status.get("retirements") or () if is_ours(r)]
@@ -561,6 +581,8 @@ async def scale_policy_clusters(
         every = scaling.adaptive.interval if scaling.adaptive else 1.0
         if state.busy:
             every = min(every, BUSY_INTERVAL)  # a done retirement's pod is paid for until deleted
+        elif state.entry.get("reason") in ("Waiting", "Degraded"):
+            every = min(every, RETRY_INTERVAL)
         elif not active:
             every = memo.config.resync_interval  # only to settle what is left over
         autoscalers = autoscalers_of(daskautoscalers_by_cluster, namespace, cluster)
@@ -570,6 +592,7 @@ async def scale_policy_clusters(
     previous = {e.get("cluster"): e for e in status.get("scaling") or ()}
     entries = [controller.state(namespace, c).entry or previous.get(c, {}) for c in governed]
     entries = [e for e in entries if e and (active or e.get("retiring") or e.get("replacing")
+                                            or e.get("workersWithoutRetirementHook")
                                             or e.get("reason") not in ("Steady", "Waiting"))]
     new = {
         "scaling": entries,

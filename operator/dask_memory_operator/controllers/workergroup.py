@@ -173,3 +173,20 @@ async def set_replicas(group: WorkerGroup, replicas: int, ledger: Ledger) -> boo
     group.replicas, group.ledger, group.has_annotations = replicas, ledger, True
     group.resource_version = str(obj.metadata.get("resourceVersion", ""))
     return True
+
+
+async def workers_without_hook(namespace: str, cluster: str) -> list[str]:
+    """Worker pods of the cluster (not being deleted) without the retirement hook:
+    created while the webhook was down, or before a policy governed the cluster."""
+    from dask_memory_operator.webhook.mutation import has_retirement_hook
+
+    found = [
+        pod.name
+        async for pod in kr8s.asyncio.get(
+            "pods", namespace=namespace,
+            label_selector={"dask.org/cluster-name": cluster, "dask.org/component": "worker"},
+        )
+        if not pod.metadata.get("deletionTimestamp")
+        and not any(has_retirement_hook(c) for c in pod.raw.get("spec", {}).get("containers") or ())
+    ]
+    return sorted(found)
