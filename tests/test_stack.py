@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import psutil
 import pytest
@@ -385,3 +386,26 @@ def test_stop_leaves_no_process(tmp_path):
     port = int(local.api_url.rsplit(":", 1)[1])
     with socket.socket() as s:  # the API server's port is free again
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_kubelet_honours_the_grace_period_with_a_slow_prestop_hook(stack, namespace):
+    """As a kubelet does: the preStop hook has the grace period; when it uses it all,
+    SIGTERM comes with 2 s more, then SIGKILL; a hook that ends early is followed by
+    SIGTERM at once. The container here ignores SIGTERM and the hook never ends."""
+    stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "print('UP', flush=True); time.sleep(600)")
+    template = {"terminationGracePeriodSeconds": 3, "containers": [{
+        "name": "main", "image": "python:3.11", "command": ["python3", "-c", stubborn],
+        "lifecycle": {"preStop": {"exec": {"command": ["python", "-c", "import time; time.sleep(600)"]}}}}]}
+    stack.apply({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "stubborn"},
+                 "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "stubborn"}},
+                          "template": {"metadata": {"labels": {"app": "stubborn"}}, "spec": template}}}, namespace)
+    pod = stack.wait_for(lambda: stack.pods(namespace, "app=stubborn"), 30, "the pod")[0]["metadata"]["name"]
+    stack.wait_for(lambda: "UP" in (stack.pod_logs(namespace, pod) or ""), 30, "the pod to start")
+    [process] = stack.pod_processes(namespace, pod)
+    started = time.monotonic()
+    stack.kubectl("scale", "deployment", "stubborn", "--replicas", "0", "-n", namespace)
+    stack.wait_for(lambda: not process.is_running() or process.status() == psutil.STATUS_ZOMBIE, 30,
+                   "the process to be killed")
+    took = time.monotonic() - started
+    assert 4 <= took < 9, took  # 3 s of hook, 2 s after SIGTERM, then SIGKILL
