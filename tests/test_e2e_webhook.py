@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 from distributed import Client
 
-from dask_memory_operator.devstack.certs import write_webhook_certs
+from dask_memory_operator.webhook.certs import write_webhook_certs
 from dask_memory_operator.devstack.probes import amm_config
 from dask_memory_operator.devstack.scaling_probes import OPERATOR, free_port
 from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest

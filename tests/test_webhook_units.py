@@ -139,3 +139,21 @@ def test_a_worker_pod_with_a_prestop_hook_of_its_own_keeps_it():
     body = pod(component="worker")
     body["spec"]["containers"][1].update(name="worker", lifecycle={"preStop": {"exec": {"command": ["true"]}}})
     assert admit(body) == {}
+
+
+def test_without_a_cert_dir_the_server_gets_a_certificate_for_its_host(tmp_path):
+    """Local use: a CA (the caBundle) and a certificate it signed for the host."""
+    import ssl
+
+    from dask_memory_operator.controllers.config import WebhookConfig
+    from dask_memory_operator.controllers.registry import webhook_server
+
+    server = webhook_server(WebhookConfig(port=0, address="127.0.0.1", host="127.0.0.1"))
+    context = ssl.create_default_context(cafile=server.cafile)
+    context.load_cert_chain(server.certfile, server.pkeyfile)  # the pair matches
+    import cryptography.x509 as x509
+    cert = x509.load_pem_x509_certificate(open(server.certfile, "rb").read())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "127.0.0.1" in [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(open(server.cafile, "rb").read()))
+    assert context.verify_mode == ssl.CERT_REQUIRED

@@ -47,8 +47,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                            "certificate's names)")
     hook.add_argument("--webhook-cert-dir", default=None, metavar="DIR",
                       help="tls.crt and tls.key (and ca.crt) mounted from a Secret, reloaded "
-                           "when they change; without it a self-signed certificate is made "
-                           "(needs certbuilder, for local use)")
+                           "when they change; without it a certificate is made for local "
+                           "use (its CA's path is logged)")
     p.add_argument("--verbose", "-v", action="store_true")
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -21,6 +24,7 @@ from dask_memory_operator.controllers.memorypolicy import (
     reconcile_policy,
     restore_on_delete,
 )
+from dask_memory_operator.webhook.certs import write_webhook_certs
 from dask_memory_operator.webhook.handlers import CLUSTER_LABEL, COMPONENT_LABEL, HANDLER_ID, mutate_pod
 from dask_memory_operator.controllers.scaling import (
     ScalingController,
@@ -81,15 +85,29 @@ def configure_operator(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: An
 
 
 def webhook_server(hook: WebhookConfig) -> kopf.WebhookServer:
-    """kopf's HTTPS server: the mounted certificate (kopf reloads changed files), or a
-    self-signed one for the host and address."""
-    files = {}
-    if hook.cert_dir:
-        files = {"certfile": os.path.join(hook.cert_dir, "tls.crt"),
-                 "pkeyfile": os.path.join(hook.cert_dir, "tls.key")}
-        if os.path.exists(os.path.join(hook.cert_dir, "ca.crt")):
-            files["cafile"] = os.path.join(hook.cert_dir, "ca.crt")
+    """kopf's HTTPS server with the mounted certificate (kopf reloads changed files),
+    or, for local use, one made now for the host and address (its CA is logged as
+    where to find the caBundle)."""
+    cert_dir = hook.cert_dir
+    if not cert_dir:
+        cert_dir = tempfile.mkdtemp(prefix="dask-memory-operator-webhook-")
+        names = [n for n in (hook.host, "localhost") if n and not _is_ip(n)]
+        ips = [n for n in (hook.host, hook.address, "127.0.0.1") if n and _is_ip(n) and n != "0.0.0.0"]
+        write_webhook_certs(Path(cert_dir), names, ips)
+        logging.getLogger(__name__).info("Webhook certificate made for %s; its CA: %s/ca.crt",
+                                         ", ".join(names + ips), cert_dir)
+    files = {"certfile": os.path.join(cert_dir, "tls.crt"), "pkeyfile": os.path.join(cert_dir, "tls.key")}
+    if os.path.exists(os.path.join(cert_dir, "ca.crt")):
+        files["cafile"] = os.path.join(cert_dir, "ca.crt")
     return kopf.WebhookServer(addr=hook.address, port=hook.port, host=hook.host, **files)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:

@@ -1,6 +1,7 @@
-"""A CA and a webhook server certificate for local use (the stack, the tests), made
-with ``cryptography``. In a cluster the certificate comes from a Secret (the chart, or
-cert-manager), mounted where ``--webhook-cert-dir`` points."""
+"""A CA and a webhook server certificate for local use (the operator without
+``--webhook-cert-dir``, the stack, the tests), made with ``cryptography``. In a
+cluster the certificate comes from a Secret (the chart, or cert-manager), mounted
+where ``--webhook-cert-dir`` points."""
 
 from __future__ import annotations
 
