@@ -210,14 +210,42 @@ def operator_argv() -> list[str]:
             "--scheduler-access", "cluster-ip", "--resync-interval", "1"]
 
 
+#: Namespaces labelled so are the only ones the benchmark's webhook configuration
+#: sends pods of (its namespaceSelector): the other modes' pods are created as before,
+#: the operator mode's included.
+HOOK_LABEL = "bench.amm.dask.org/webhook"
+
+
 @contextmanager
-def bench_stack(with_operator: bool, state_dir: str | None = None):
-    """The local stack for all runs of a benchmark; this operator too when asked."""
+def bench_stack(with_operator: bool, state_dir: str | None = None, webhook: bool = False):
+    """The local stack for all runs of a benchmark; this operator too when asked.
+
+    With ``webhook``, the operator also serves its admission webhook over HTTPS on
+    127.0.0.1 (certificates of ``devstack.certs``, in the stack's state directory),
+    and the cluster-wide MutatingWebhookConfiguration is created once, limited to the
+    namespaces labelled :data:`HOOK_LABEL` (see :func:`new_namespace`)."""
     stack = LocalStack(state_dir)
     try:
         stack.start()
-        if with_operator:
-            stack.start_process("dask-memory-operator", operator_argv())
+        if with_operator or webhook:
+            argv = operator_argv()
+            if webhook:
+                from pathlib import Path
+
+                from dask_memory_operator.devstack.certs import write_webhook_certs
+                from dask_memory_operator.devstack.scaling_probes import free_port
+                from dask_memory_operator.webhook.configuration import mutating_webhook_configuration
+
+                port, certs = free_port(), Path(stack.state_dir) / "webhook-certs"
+                ca = write_webhook_certs(certs, ["localhost"], ["127.0.0.1"])
+                argv += ["--webhook-port", str(port), "--webhook-address", "127.0.0.1",
+                         "--webhook-cert-dir", str(certs)]
+            stack.start_process("dask-memory-operator", argv)
+            if webhook:
+                config = mutating_webhook_configuration(ca, url=f"https://127.0.0.1:{port}")
+                for hook in config["webhooks"]:
+                    hook["namespaceSelector"] = {"matchLabels": {HOOK_LABEL: "true"}}
+                stack.apply(config)
         yield stack
     finally:
         stack.stop()
@@ -237,9 +265,13 @@ def scheduler_env() -> dict[str, str]:
 WORKER_ENV = {"DASK_DISTRIBUTED__ADMIN__LOW_LEVEL_LOG_LENGTH": "1000000"}
 
 
-def new_namespace(stack: LocalStack, prefix: str) -> str:
+def new_namespace(stack: LocalStack, prefix: str, hooked: bool = False) -> str:
+    """A fresh namespace; ``hooked``: labelled for the webhook (:data:`HOOK_LABEL`)."""
     ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    stack.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    metadata: dict[str, Any] = {"name": ns}
+    if hooked:
+        metadata["labels"] = {HOOK_LABEL: "true"}
+    stack.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": metadata})
     return ns
 
 
@@ -296,16 +328,18 @@ def scale_worker_group(stack: LocalStack, ns: str, cluster: str, replicas: int) 
     stack.kubectl("scale", "daskworkergroup", f"{cluster}-default", "-n", ns, f"--replicas={replicas}")
 
 
-def memory_policy(name: str, cluster: str, adaptive: dict[str, Any],
+def memory_policy(name: str, cluster: str, adaptive: dict[str, Any] | None,
                   retirement: dict[str, Any] | None = None) -> dict[str, Any]:
     """A MemoryPolicy governing one cluster: the AMM as every mode has it (amm_core's
-    ReduceReplicas at AMM_INTERVAL), and the scaling fields of issue 7."""
+    ReduceReplicas at AMM_INTERVAL), and the scaling fields of issue 7 (no
+    ``adaptive`` when None: the operator does not scale the cluster)."""
     spec: dict[str, Any] = {
         "clusterNames": [cluster],
         "activeMemoryManager": {"enabled": True, "interval": f"{AMM_INTERVAL:g}s",
                                 "policies": [{"class": "ReduceReplicas"}]},
-        "adaptive": adaptive,
     }
+    if adaptive is not None:
+        spec["adaptive"] = adaptive
     if retirement is not None:
         spec["retirement"] = retirement
     return {"apiVersion": "amm.dask.org/v1alpha1", "kind": "MemoryPolicy",
@@ -321,6 +355,14 @@ def policy_scaling(stack: LocalStack, ns: str, name: str) -> list[dict[str, Any]
     if out.returncode:
         return []
     return (json.loads(out.stdout).get("status") or {}).get("scaling") or []
+
+
+def wait_policy_observed(stack: LocalStack, ns: str, name: str, timeout: float = 60) -> None:
+    """The operator has seen the policy (its status was written): its indexes know
+    which clusters the policy governs, so the webhook patches their pods from now on."""
+    path = f"/apis/amm.dask.org/v1alpha1/namespaces/{ns}/memorypolicies/{name}"
+    stack.wait_for(lambda: ((stack.get_json(path) or {}).get("status") or {}).get("observedGeneration"),
+                   timeout, f"MemoryPolicy {name}'s status", interval=0.5)
 
 
 def wait_policy_scaling(stack: LocalStack, ns: str, name: str, cluster: str,
@@ -365,8 +407,9 @@ def parse_modes(parser: argparse.ArgumentParser, args: argparse.Namespace, modes
 @contextmanager
 def isolated(stack: LocalStack, run: BaseRun, prefix: str, console: Console, logs_on_error: bool):
     """A fresh namespace for one run, deleted (and its processes waited for) at the end;
-    an exception fails this run only, recorded in ``run.error`` with where the logs are."""
-    ns = new_namespace(stack, f"{prefix}-{run.mode}-{run.rep}")
+    an exception fails this run only, recorded in ``run.error`` with where the logs are.
+    A ``...+hook`` mode's namespace is labelled for the webhook."""
+    ns = new_namespace(stack, f"{prefix}-{run.mode.replace('+', '-')}-{run.rep}", hooked=is_hook_mode(run.mode))
     try:
         yield ns
     except Exception as exc:
@@ -382,17 +425,23 @@ def isolated(stack: LocalStack, run: BaseRun, prefix: str, console: Console, log
 R = TypeVar("R", bound=BaseRun)
 
 
+def is_hook_mode(mode: str) -> bool:
+    """``<mode>+hook``: that mode with the operator's webhook injecting the preStop hook."""
+    return mode.endswith("+hook")
+
+
 def run_rounds(modes: Sequence[str], args: argparse.Namespace, console: Console,
                run_once: Callable[[LocalStack, str, int], R], describe: Callable[[R], str]) -> list[R]:
     """Every mode ``args.repeat`` times, interleaved (:func:`rotations`), on one stack
-    (with this operator when the ``operator`` mode is in); prints a line per run."""
+    (with this operator when the ``operator`` mode is in, and its webhook when a
+    ``+hook`` mode is); prints a line per run."""
     runs: list[R] = []
-    with bench_stack("operator" in modes, args.state_dir) as stack:
+    with bench_stack("operator" in modes, args.state_dir, webhook=any(map(is_hook_mode, modes))) as stack:
         console.print(f"stack at {stack.state_dir} (logs: {stack.log_dir}, pods: {stack.pod_log_dir})")
         for rep, mode in rotations(modes, args.repeat):
             run = run_once(stack, mode, rep)
             runs.append(run)
-            console.print(f"  #{rep} {mode:15s} {describe(run)}"
+            console.print(f"  #{rep} {mode:20s} {describe(run)}"
                           + (f"  ERROR {escape(run.error)}" if run.error else ""))
             for note in run.notes:
                 console.print(f"      {escape(note)}")

@@ -15,7 +15,7 @@ by default) and then runs the job: ``--passes`` passes over every chunk, one tas
 chunk and pass that reads the chunk and sleeps ``--task-seconds`` (sleep, not CPU:
 the machine has 2 cores for 6 workers), each task on the worker that holds its chunk.
 About 32 s on 6 workers with the defaults. ``--at`` seconds (10) after the job is
-submitted, the cluster goes from 6 to 3 workers, one of four ways:
+submitted, the cluster goes from 6 to 3 workers, one of these ways:
 
 - ``none``: no scale-down;
 - ``dask-kubernetes``: dask-kubernetes' own path: ``kubectl scale daskworkergroup
@@ -27,7 +27,19 @@ submitted, the cluster goes from 6 to 3 workers, one of four ways:
 - ``operator``: this project's operator: a MemoryPolicy governing the cluster with
   ``adaptive: {minimum: 6, maximum: 6}`` and ``retirement: {timeLimit: 2m,
   maxConcurrent: 3, drain: true}``, patched at ``--at`` to ``adaptive: {minimum: 3,
-  maximum: 3}`` (lowering ``maximum`` is the immediate graceful scale-down).
+  maximum: 3}`` (lowering ``maximum`` is the immediate graceful scale-down);
+- ``deleted+hook``: Deployments deleted from outside, with the hook: ``deleted``, but
+  the operator's admission webhook gave the worker pods its ``preStop`` retirement
+  hook when they were created (a MemoryPolicy governing the cluster with
+  ``retirement: {timeLimit: 2m, drain: true}`` and no ``adaptive``, applied and seen
+  by the operator before the DaskCluster is created);
+- ``dask-kubernetes+hook``: dask-kubernetes' own scale-down, with the hook: the
+  ``dask-kubernetes`` mode under the same policy and webhook.
+
+The webhook is served by the same operator process as the ``operator`` mode's, and
+its (cluster-wide) MutatingWebhookConfiguration is created once, limited to the hook
+modes' namespaces (a namespace label): the other modes' pods are created unpatched.
+A hook mode checks that every worker pod carries the hook before the job starts.
 
 Runs are interleaved round-robin over the modes, the starting mode rotating every
 round (``--repeat`` rounds, 3 by default), so that the machine's drifting load hits
@@ -59,13 +71,16 @@ The table shows median [min, max] over the rounds. The last line is::
     wall_ratio_vs_dask_kubernetes=<x> lost_keys=<n> rerun_tasks=<n> wasted_tasks=<n>
 
 with the ratio of the medians of wall time (operator / dask-kubernetes), and the
-counts of the operator mode summed over all its runs (``nan`` when a mode is missing).
+counts of the operator mode summed over all its runs (``nan`` when a mode is missing),
+followed by ``hook_lost_keys=<n> hook_rerun_tasks=<n> hook_wasted_tasks=<n>``: the same
+counts summed over the runs of both hook modes.
 
 Usage::
 
     python benchmarks/scale_down.py --repeat 3
     python benchmarks/scale_down.py --quick        # smoke run: smaller, 1 round
     python benchmarks/scale_down.py --modes none,dask-kubernetes,deleted
+    python benchmarks/scale_down.py --modes deleted+hook,dask-kubernetes+hook,deleted
 """
 
 from __future__ import annotations
@@ -85,11 +100,14 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).parent))
 import _k8s_bench as kb  # noqa: E402
 
-MODES = ["none", "dask-kubernetes", "deleted", "operator"]
+MODES = ["none", "dask-kubernetes", "deleted", "operator", "deleted+hook", "dask-kubernetes+hook"]
+HOOK_MODES = [m for m in MODES if kb.is_hook_mode(m)]
 CLUSTER = "sd"
 POLICY = "scale-down"
 MB = kb.MB
 RETIREMENT = {"timeLimit": "2m", "maxConcurrent": 3, "drain": True}
+#: The hook modes' policy: the preStop hook's limit; no adaptive (nothing scaled by the operator)
+HOOK_RETIREMENT = {"timeLimit": "2m", "drain": True}
 FROM, TO = 6, 3
 
 
@@ -119,6 +137,7 @@ class Run(kb.BaseRun):
 
 
 def scale_down(stack: kb.LocalStack, ns: str, mode: str, client: Client) -> None:
+    mode = mode.removesuffix("+hook")  # the hook is in the pods already
     if mode == "dask-kubernetes":
         kb.scale_worker_group(stack, ns, CLUSTER, TO)
     elif mode == "deleted":
@@ -136,9 +155,23 @@ def run_once(stack: kb.LocalStack, mode: str, rep: int, args: argparse.Namespace
         if mode == "operator":
             stack.apply(kb.memory_policy(POLICY, CLUSTER, {"minimum": FROM, "maximum": FROM}, RETIREMENT),
                         namespace=ns)
+        elif kb.is_hook_mode(mode):
+            stack.apply(kb.memory_policy(POLICY, CLUSTER, None, HOOK_RETIREMENT), namespace=ns)
+            kb.wait_policy_observed(stack, ns, POLICY)  # before the pods exist: born with the hook
         with kb.make_cluster(stack, ns, CLUSTER, FROM, args.memory_limit) as client:
+            if kb.is_hook_mode(mode):
+                check_hooks(stack, ns)
             measure(stack, ns, mode, client, run, args)
     return run
+
+
+def check_hooks(stack: kb.LocalStack, ns: str) -> None:
+    """Every worker pod of the cluster was born with the preStop hook."""
+    pods = [p for p in kb.worker_pods(stack, ns, CLUSTER) if not p["metadata"].get("deletionTimestamp")]
+    bare = [p["metadata"]["name"] for p in pods
+            if "preStop" not in (p["spec"]["containers"][0].get("lifecycle") or {})]
+    if len(pods) != FROM or bare:
+        raise RuntimeError(f"{len(pods)} worker pods, without the preStop hook: {bare}")
 
 
 def measure(stack: kb.LocalStack, ns: str, mode: str, client: Client, run: Run, args: argparse.Namespace) -> None:
@@ -258,8 +291,11 @@ def main(argv: list[str] | None = None) -> None:
     print_table(console, runs, modes)
     ours, theirs = kb.ok_runs(runs, "operator"), kb.ok_runs(runs, "dask-kubernetes")
     ratio = kb.median(r.wall for r in ours) / kb.median(r.wall for r in theirs) if ours and theirs else math.nan
+    hooked = [r for m in HOOK_MODES if m in modes for r in kb.ok_runs(runs, m)]
     print(f"wall_ratio_vs_dask_kubernetes={ratio:.3f} lost_keys={kb.total(ours, 'lost')} "
-          f"rerun_tasks={kb.total(ours, 'rerun')} wasted_tasks={kb.total(ours, 'wasted')}")
+          f"rerun_tasks={kb.total(ours, 'rerun')} wasted_tasks={kb.total(ours, 'wasted')} "
+          f"hook_lost_keys={kb.total(hooked, 'lost')} hook_rerun_tasks={kb.total(hooked, 'rerun')} "
+          f"hook_wasted_tasks={kb.total(hooked, 'wasted')}")
 
 
 if __name__ == "__main__":
