@@ -45,6 +45,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from dask_memory_operator.devstack import scaling_probes
 from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
 
 MB = 10**6
@@ -281,7 +282,7 @@ def make_cluster(stack: LocalStack, ns: str, name: str, workers: int, memory_lim
         name, workers=workers, worker_args=("--nthreads", "1", "--memory-limit", memory_limit),
         worker_env=WORKER_ENV, scheduler_env=scheduler_env(),
     ), namespace=ns)
-    address = stack.wait_for(lambda: _address(stack, ns, name), 120, f"{name}'s scheduler Service")
+    address = stack.wait_scheduler_address(ns, name)
     client = Client(address, timeout="60s")
     try:
         client.wait_for_workers(workers, timeout=180)
@@ -290,12 +291,6 @@ def make_cluster(stack: LocalStack, ns: str, name: str, workers: int, memory_lim
         raise
     return client
 
-
-def _address(stack: LocalStack, ns: str, name: str) -> str | None:
-    try:
-        return stack.scheduler_address(ns, name)
-    except LookupError:
-        return None
 
 
 def delete_namespace(stack: LocalStack, ns: str) -> None:
@@ -333,17 +328,8 @@ def memory_policy(name: str, cluster: str, adaptive: dict[str, Any] | None,
     """A MemoryPolicy governing one cluster: the AMM as every mode has it (amm_core's
     ReduceReplicas at AMM_INTERVAL), and the scaling fields of issue 7 (no
     ``adaptive`` when None: the operator does not scale the cluster)."""
-    spec: dict[str, Any] = {
-        "clusterNames": [cluster],
-        "activeMemoryManager": {"enabled": True, "interval": f"{AMM_INTERVAL:g}s",
-                                "policies": [{"class": "ReduceReplicas"}]},
-    }
-    if adaptive is not None:
-        spec["adaptive"] = adaptive
-    if retirement is not None:
-        spec["retirement"] = retirement
-    return {"apiVersion": "amm.dask.org/v1alpha1", "kind": "MemoryPolicy",
-            "metadata": {"name": name}, "spec": spec}
+    return scaling_probes.policy(name, cluster, adaptive=adaptive, retirement=retirement,
+                                 policies=[{"class": "ReduceReplicas"}], interval=f"{AMM_INTERVAL:g}s")
 
 
 def patch_policy(stack: LocalStack, ns: str, name: str, spec: dict[str, Any]) -> None:

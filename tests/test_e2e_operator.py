@@ -136,16 +136,10 @@ def logs_on_failure(request, stack: LocalStack):
 
 @contextmanager
 def scheduler(stack: LocalStack, ns: str, cluster: str) -> Iterator[Client]:
-    address = stack.wait_for(lambda: _address(stack, ns, cluster), 120, f"{cluster}'s Service")
+    address = stack.wait_scheduler_address(ns, cluster)
     with Client(address, timeout="60s") as client:
         yield client
 
-
-def _address(stack: LocalStack, ns: str, cluster: str) -> str | None:
-    try:
-        return stack.scheduler_address(ns, cluster)
-    except LookupError:
-        return None
 
 
 def scheduler_amm(stack: LocalStack, ns: str, cluster: str) -> dict:

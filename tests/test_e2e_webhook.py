@@ -64,16 +64,10 @@ def env_of(pod: dict) -> dict[str, str]:
 
 
 def born_config(stack: LocalStack, ns: str, cluster: str) -> dict:
-    address = stack.wait_for(lambda: _address(stack, ns, cluster), 120, f"{cluster}'s Service")
+    address = stack.wait_scheduler_address(ns, cluster)
     with Client(address, timeout="60s") as client:
         return client.run_on_scheduler(amm_config)
 
-
-def _address(stack, ns, cluster):
-    try:
-        return stack.scheduler_address(ns, cluster)
-    except Exception:
-        return None
 
 
 def wait_operator_ready(stack: LocalStack, ns: str) -> None:

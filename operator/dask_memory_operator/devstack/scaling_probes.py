@@ -57,24 +57,19 @@ def make_cluster(stack: LocalStack, ns: str, name: str, workers: int, memory: st
 @contextmanager
 def client_of(stack: LocalStack, ns: str, cluster: str, workers: int) -> Iterator[Client]:
     """A Client of the cluster once ``workers`` workers joined, with a TaskLedger."""
-    address = stack.wait_for(lambda: _address(stack, ns, cluster), 120, f"{cluster}'s Service")
+    address = stack.wait_scheduler_address(ns, cluster)
     with Client(address, timeout="60s") as client:
         client.wait_for_workers(workers, timeout=120)
         client.register_plugin(TaskLedger())
         yield client
 
 
-def _address(stack: LocalStack, ns: str, cluster: str) -> str | None:
-    try:
-        return stack.scheduler_address(ns, cluster)
-    except Exception:
-        return None
-
 
 def policy(name: str, cluster: str, *, adaptive: dict | None = None, retirement: dict | None = None,
-           policies: list | None = None) -> dict:
+           policies: list | None = None, interval: str = "500ms") -> dict:
+    """A MemoryPolicy governing one cluster, with the scaling fields given."""
     spec: dict = {"clusterNames": [cluster],
-                  "activeMemoryManager": {"interval": "500ms", "policies": policies or []}}
+                  "activeMemoryManager": {"interval": interval, "policies": policies or []}}
     if adaptive is not None:
         spec["adaptive"] = adaptive
     if retirement is not None:

@@ -456,6 +456,15 @@ class LocalStack:
         [port] = [p["port"] for p in svc["spec"]["ports"] if p.get("name") in ("tcp-comm", svc["metadata"]["name"])]
         return f"tcp://{svc['spec']['clusterIP']}:{port}"
 
+    def wait_scheduler_address(self, namespace: str, cluster: str, timeout: float = 120) -> str:
+        """:meth:`scheduler_address`, once the Service exists."""
+        def found() -> str | None:
+            try:
+                return self.scheduler_address(namespace, cluster)
+            except LookupError:
+                return None
+        return self.wait_for(found, timeout, f"{cluster}'s scheduler Service")
+
     def dashboard_address(self, namespace: str, cluster: str) -> str:
         """``http://<clusterIP>:<port>`` of a DaskCluster's dashboard (port ``http-dashboard``)."""
         svc = self.get_json(f"/api/v1/namespaces/{namespace}/services/{cluster}-scheduler")
