@@ -233,7 +233,7 @@ def bench_stack(with_operator: bool, state_dir: str | None = None, webhook: bool
             if webhook:
                 from pathlib import Path
 
-                from dask_memory_operator.devstack.certs import write_webhook_certs
+                from dask_memory_operator.webhook.certs import write_webhook_certs
                 from dask_memory_operator.devstack.scaling_probes import free_port
                 from dask_memory_operator.webhook.configuration import mutating_webhook_configuration
 
