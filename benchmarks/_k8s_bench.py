@@ -222,7 +222,7 @@ def bench_stack(with_operator: bool, state_dir: str | None = None, webhook: bool
     """The local stack for all runs of a benchmark; this operator too when asked.
 
     With ``webhook``, the operator also serves its admission webhook over HTTPS on
-    127.0.0.1 (certificates of ``devstack.certs``, in the stack's state directory),
+    127.0.0.1 (certificates of ``webhook.certs``, in the stack's state directory),
     and the cluster-wide MutatingWebhookConfiguration is created once, limited to the
     namespaces labelled :data:`HOOK_LABEL` (see :func:`new_namespace`)."""
     stack = LocalStack(state_dir)
