@@ -49,7 +49,7 @@ def a_pass(*records: dict) -> Pass:
 async def test_a_cancelled_retirement_is_forgotten_without_an_abort_or_a_hold(calls):
     state = ClusterScaling()
     p = a_pass(record("aborted", "cancelled"))
-    await ScalingController(FakeReconciler())._finish_retirements(p, state, None)
+    await ScalingController(FakeReconciler())._finish_retirements(p, state)
     assert calls["forgotten"] == ["g-worker-a"]
     assert calls["events"] == [] and calls["observed"] == []
     assert state.hold_until == 0.0 and state.hold == 0.0
@@ -59,7 +59,7 @@ async def test_a_cancelled_retirement_is_forgotten_without_an_abort_or_a_hold(ca
 async def test_a_real_abort_still_warns_and_holds(calls):
     state = ClusterScaling()
     p = a_pass(record("aborted", "no running worker that is not retiring has room for key 'x'"))
-    await ScalingController(FakeReconciler())._finish_retirements(p, state, None)
+    await ScalingController(FakeReconciler())._finish_retirements(p, state)
     assert calls["events"] == [("RetirementAborted", "Warning")]
     assert calls["observed"] == ["aborted"]
     assert state.hold == scaling.ABORT_HOLD and state.hold_until > 0

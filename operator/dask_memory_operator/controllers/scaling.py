@@ -200,7 +200,7 @@ class ScalingController:
         p = await self._read(namespace, cluster, cluster_uid, ScalingSpec(RetirementSpec(), None))
         if p is None:
             return
-        await self._finish_retirements(p, ClusterScaling(), None)
+        await self._finish_retirements(p, ClusterScaling())
         left = [r["worker"] for r in p.status.get("retirements") or ()
                 if is_ours(r) and r["state"] in ("draining", "moving") and not r.get("left")]
         if left:
@@ -239,7 +239,7 @@ class ScalingController:
             return {"cluster": cluster, "reason": "Waiting",
                     "message": "the scheduler has no amm_core plugin yet", **hooks}
         p.entry.update(hooks)
-        await self._finish_retirements(p, state, spec)
+        await self._finish_retirements(p, state)
         for group in p.groups.values():
             await self._settle_deletions(p, group)
         await self._replace_paused(p, amm)
@@ -266,7 +266,7 @@ class ScalingController:
                 f"from outside, they lose what only they hold. {', '.join(missing[:10])}"), "Warning")
         return {"workersWithoutRetirementHook": len(missing)} if missing else {}
 
-    async def _finish_retirements(self, p: Pass, state: ClusterScaling, spec: ScalingSpec | None) -> None:
+    async def _finish_retirements(self, p: Pass, state: ClusterScaling) -> None:
         records = [r for r in p.status.get("retirements") or () if is_ours(r)]
         removed: dict[str, list[str]] = {}   # group -> Deployments to take off its replicas
         forget: list[str] = []
