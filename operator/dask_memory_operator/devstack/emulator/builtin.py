@@ -11,6 +11,7 @@ written out; the rest of kube-apiserver's validation is not emulated.
 """
 from __future__ import annotations
 
+import base64
 import copy
 import re
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from typing import Any
 
 from .errors import FieldError, go_repr
 from .meta import dns1123_label_errors, invalid
-from .resources import BUILTIN_SCALE, EVENTS, NAMESPACES, PODS, SERVICES, ResourceType
+from .resources import BUILTIN_SCALE, EVENTS, NAMESPACES, PODS, SECRETS, SERVICES, ResourceType
 from .selectors import LabelRequirement
 
 # What a pod update may change in spec (the API server forbids the rest).
@@ -59,14 +60,32 @@ def builtin_defaults(rtype: ResourceType, obj: dict[str, Any]) -> None:
 
 def write_defaults(rtype: ResourceType, obj: dict[str, Any]) -> None:
     """Defaults the API server applies on every write that its validation relies on:
-    container port protocols, and ``restartPolicy`` of workload pod templates."""
-    if rtype.resource == PODS:
+    container port protocols, ``restartPolicy`` of workload pod templates, and a
+    Secret's ``type`` (``Opaque``) and ``stringData`` (merged into ``data``, never stored:
+    the conversion to the internal type does it)."""
+    if rtype.resource == SECRETS:
+        _secret_defaults(obj)
+    elif rtype.resource == PODS:
         _default_pod_spec(obj.get('spec'))
     elif (rtype.group, rtype.plural) in _WORKLOADS:
         template = (obj.get('spec') or {}).get('template')
         if isinstance(template, dict) and isinstance(template.get('spec'), dict):
             template['spec'].setdefault('restartPolicy', 'Always')
             _default_pod_spec(template['spec'])
+
+
+def _secret_defaults(obj: dict[str, Any]) -> None:
+    if not obj.get('type'):
+        obj['type'] = 'Opaque'
+    string_data = obj.get('stringData')
+    if string_data is None or not isinstance(string_data, dict) or not isinstance(obj.get('data', {}), dict) \
+            or not all(isinstance(v, str) for v in string_data.values()):
+        return  # absent, or a wrong type: the schema check answers the decoder's 400
+    del obj['stringData']
+    if string_data:
+        data = obj.setdefault('data', {})
+        for key, value in string_data.items():
+            data[key] = base64.b64encode(value.encode()).decode()
 
 
 def _default_pod_spec(spec: Any) -> None:

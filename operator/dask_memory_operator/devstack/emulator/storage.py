@@ -24,7 +24,7 @@ import attrs
 import kmock
 from kmock._internal import rendering  # internals: kmock is pinned
 
-from .errors import ApiError
+from .errors import ApiError, FieldError, go_repr
 from .meta import now
 from .resources import CRD_RESOURCE, SERVICES, ResourceType, Target
 from .selectors import FIELD_LABELS, field_value, parse_field_selector, parse_label_selector
@@ -156,6 +156,9 @@ class Storage:
         return matches
 
     def _list(self, target: Target, params: Mapping[str, str]) -> dict[str, Any]:
+        errors = list_option_errors(params)
+        if errors:
+            raise list_options_invalid(errors)
         matches = self._selectors(target.rtype, params)
         items = [obj for _, obj in self._live_items(target.rtype, target.namespace)
                  if matches(obj)]
@@ -203,11 +206,16 @@ class Storage:
     async def _watch(self, request: rendering.Request, target: Target) -> aiohttp.web.StreamResponse:
         params = request.params
         rtype = target.rtype
+        errors = watch_option_errors(params)
+        if errors:
+            raise list_options_invalid(errors)
         matches = self._selectors(rtype, params, target.name)
         # timeoutSeconds=0 or none: the server's own (long) timeout, here until shutdown.
         timeout = float(params['timeoutSeconds']) if params.get('timeoutSeconds') else None
         timeout = timeout or None
         since = params.get('resourceVersion') or ''
+        send_initial = _send_initial_events(params)
+        bookmarks = params.get('allowWatchBookmarks') in ('true', '1')
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout is not None else None
         as_table = 'as=Table' in request.headers.get('Accept', '')
@@ -230,10 +238,18 @@ class Storage:
         assert request._raw_request is not None
         await response.prepare(request._raw_request)
         async with self._lock:
-            if since in ('', '0'):
+            if send_initial:
+                # The state now (at least as new as any resourceVersion asked for), then,
+                # for a client that takes bookmarks, the bookmark ending the initial events.
                 initial = [{'type': 'ADDED', 'object': obj}
                            for _, obj in self._live_items(rtype, target.namespace) if matches(obj)]
                 cursor = self._rv
+                if bookmarks:
+                    initial.append({'type': 'BOOKMARK', 'object': {
+                        'kind': rtype.kind, 'apiVersion': rtype.api_version, 'metadata': {
+                            'resourceVersion': str(cursor), 'annotations': {INITIAL_EVENTS_END: 'true'}}}})
+            elif since in ('', '0'):
+                initial, cursor = [], self._rv  # sendInitialEvents=false: from now on
             else:
                 initial = []
                 cursor = int(since) if since.isdigit() else 0
@@ -277,3 +293,73 @@ class Storage:
         except ConnectionError:
             pass  # the client went away
         return response
+
+
+#: The annotation of the bookmark that ends a watch's initial events (KEP-3157, "watch-list").
+INITIAL_EVENTS_END = 'k8s.io/initial-events-end'
+
+
+def _flag(value: str | None) -> bool | None:
+    return None if value is None else value.lower() in ('true', '1', 't')
+
+
+def _send_initial_events(params: Mapping[str, str]) -> bool:
+    """Whether a watch starts with the current state (SetListOptionsDefaults, WatchList on):
+    asked for explicitly, or a legacy watch from resourceVersion "" or "0"."""
+    asked = _flag(params.get('sendInitialEvents'))
+    if asked is not None:
+        return asked
+    return not params.get('resourceVersionMatch') and (params.get('resourceVersion') or '0') == '0'
+
+
+def watch_option_errors(params: Mapping[str, str]) -> list[FieldError]:
+    """validateWatchOptions of apimachinery's ListOptions validation (WatchList enabled)."""
+    match = params.get('resourceVersionMatch') or ''
+    send_initial = params.get('sendInitialEvents')
+    errors = []
+    if send_initial is not None and match != 'NotOlderThan':
+        errors.append(FieldError('resourceVersionMatch', 'FieldValueForbidden',
+                                 'Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan'))
+    if match:
+        if send_initial is None:
+            errors.append(FieldError('resourceVersionMatch', 'FieldValueForbidden', 'Forbidden: resourceVersionMatch '
+                                     'is forbidden for watch unless sendInitialEvents is provided'))
+        if match != 'NotOlderThan':
+            errors.append(FieldError('resourceVersionMatch', 'FieldValueNotSupported',
+                                     f'Unsupported value: {go_repr(match)}: supported values: "NotOlderThan"'))
+        if params.get('continue'):
+            errors.append(FieldError('resourceVersionMatch', 'FieldValueForbidden',
+                                     'Forbidden: resourceVersionMatch is forbidden when continue is provided'))
+    return errors
+
+
+def list_option_errors(params: Mapping[str, str]) -> list[FieldError]:
+    """ValidateListOptions for a list (not a watch)."""
+    match = params.get('resourceVersionMatch') or ''
+    rv = params.get('resourceVersion') or ''
+    errors = []
+    if match:
+        if not rv:
+            errors.append(FieldError('resourceVersionMatch', 'FieldValueForbidden', 'Forbidden: resourceVersionMatch '
+                                     'is forbidden unless resourceVersion is provided'))
+        if params.get('continue'):
+            errors.append(FieldError('resourceVersionMatch', 'FieldValueForbidden',
+                                     'Forbidden: resourceVersionMatch is forbidden when continue is provided'))
+        if match not in ('Exact', 'NotOlderThan'):
+            errors.append(FieldError('resourceVersionMatch', 'FieldValueNotSupported', f'Unsupported value: '
+                                     f'{go_repr(match)}: supported values: "Exact", "NotOlderThan", ""'))
+        if match == 'Exact' and rv == '0':
+            errors.append(FieldError('resourceVersionMatch', 'FieldValueForbidden',
+                                     'Forbidden: resourceVersionMatch "exact" is forbidden for resourceVersion "0"'))
+    if params.get('sendInitialEvents') is not None:
+        errors.append(FieldError('sendInitialEvents', 'FieldValueForbidden',
+                                 'Forbidden: sendInitialEvents is forbidden for list'))
+    return errors
+
+
+def list_options_invalid(errors: list[FieldError]) -> ApiError:
+    """The 422 of invalid list or watch options (errors.NewInvalid of kind ListOptions)."""
+    text = str(errors[0]) if len(errors) == 1 else '[' + ', '.join(map(str, errors)) + ']'
+    return ApiError(422, 'Invalid', f'ListOptions.meta.k8s.io "" is invalid: {text}', {
+        'group': 'meta.k8s.io', 'kind': 'ListOptions',
+        'causes': [{'reason': e.type, 'message': e.detail, 'field': e.path} for e in errors]})
