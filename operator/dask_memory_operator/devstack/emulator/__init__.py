@@ -30,7 +30,13 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   (RFC 7386), strategic merge patch for built-in kinds (lists merged by their
   Kubernetes merge keys, ``$patch``/``$setElementOrder``/``$retainKeys``/
   ``$deleteFromPrimitiveList`` directives); custom resources refuse it with 415 as a
-  real server does. Server-side apply is not emulated (415).
+  real server does; ``$setElementOrder`` orders lists as apimachinery does (Helm's and
+  kubectl's three-way patches rely on it). Server-side apply is not emulated (415,
+  answered before the object is looked up, as the API server does).
+- Protobuf request bodies (``protobuf``) of Secret, ConfigMap, Namespace and
+  DeleteOptions: what client-go's typed clientsets send (Helm's release storage,
+  ``kubectl create namespace/secret/configmap``); answers are JSON. Secrets get their
+  ``type`` default (``Opaque``) and ``stringData`` merged into ``data``.
 - ``/status`` and ``/scale`` subresources: with a status subresource the main
   endpoint keeps the stored ``.status`` and ``/status`` changes only ``.status``;
   scale maps ``autoscaling/v1`` Scale onto the CRD's ``specReplicasPath`` etc.
@@ -48,6 +54,10 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   ``!=``, ``in``, ``notin``, exists, ``!``) and field selectors (``metadata.name``,
   ``metadata.namespace``, plus the few per-kind fields a real server supports) on
   list and watch, ADDED/DELETED when a change moves an object into/out of a selector.
+  Watch-list watches (``sendInitialEvents=true``, ``resourceVersionMatch=NotOlderThan``,
+  as client-go 0.35's reflectors, hence Helm 4's waiters, send them): the current
+  objects, then a BOOKMARK annotated ``k8s.io/initial-events-end``; invalid combinations
+  are the 422 of ``ListOptions`` validation.
   Lists carry ``kind: <Kind>List``, ``apiVersion`` and ``metadata.resourceVersion``,
   and are paged with ``limit``/``continue`` (the pages show the current objects, at
   the resourceVersion of the first page, not an exact snapshot).
@@ -99,10 +109,12 @@ Not emulated: server-side apply, validating admission webhooks, RBAC and authent
 access and token review resources are not served), ``pods/binding``, CEL rules,
 most of the validation code of built-in kinds, periodic watch bookmarks (one is sent
 when a watch reaches its timeout), the controllers but the garbage collector and the
-disruption controller (no Deployment makes a pod: a kubelet's job), and protobuf or
-CBOR request bodies (answered 415): kubectl's imperative commands for built-in kinds (``create
-deployment``, ``expose``, ``run``, ``auth can-i``, ``drain``) send protobuf, so use
-``kubectl apply -f`` (JSON) instead.
+disruption controller (no Deployment makes a pod: a kubelet's job), CBOR request bodies,
+and protobuf bodies of kinds other than the four above (answered 415): kubectl's imperative
+commands for other built-in kinds (``create deployment``, ``expose``, ``run``, ``auth
+can-i``, ``drain``) send protobuf, so use ``kubectl apply -f`` (JSON) instead. Helm 4
+works with ``--server-side=false`` on install (its default is server-side apply);
+upgrade and rollback follow the release's own method.
 
 Where each part lives (modules named by concern):
 
@@ -119,7 +131,8 @@ Where each part lives (modules named by concern):
 - ``meta``: ObjectMeta fields and syntax; ``selectors``: label and field selectors;
 - ``services``: cluster IP allocation; ``discovery``: discovery and OpenAPI documents;
 - ``tables``: kubectl's table output; ``resources``: what is served;
-- ``errors``: ``Status`` objects and field errors; ``wire``: request and response bodies.
+- ``errors``: ``Status`` objects and field errors; ``wire``: request and response bodies;
+  ``protobuf``: the protobuf decoder of the kinds above.
 """
 from __future__ import annotations
 

@@ -68,17 +68,56 @@ def strategic_merge_patch(target: Any, patch: Any, field: str = '') -> Any:
                 result.pop(key, None)
             else:
                 result[key] = merged
+    for key, order in patch.items():
+        if key.startswith('$setElementOrder/') and isinstance(order, list):
+            name = key.split('/', 1)[1]
+            if isinstance(result.get(name), list):
+                original = target.get(name) if isinstance(target, Mapping) else None
+                result[name] = _set_element_order(result[name], order, original or [], name)
     if retain is not None:
         result = {k: v for k, v in result.items() if k in retain}
     return result
 
 
+def _set_element_order(merged: list[Any], order: list[Any], original: list[Any], field: str) -> list[Any]:
+    """The ``$setElementOrder`` directive (apimachinery's normalizeElementOrder): the items
+    it names come in its order, the items only the server has keep their place relative
+    to them as in the live list."""
+    key = _merge_key(field, merged + order)
+
+    def ident(item: Any) -> Any:
+        return item.get(key) if key and isinstance(item, Mapping) else item
+
+    wanted = [ident(o) for o in order]
+    live = [ident(o) for o in original]
+    in_patch = sorted((m for m in merged if ident(m) in wanted), key=lambda m: wanted.index(ident(m)))
+    server_only = [m for m in merged if ident(m) not in wanted]
+    server_only.sort(key=lambda m: live.index(ident(m)) if ident(m) in live else len(live))
+    # mergeSortedSlice: a server-only item goes before the next patch item it preceded live.
+    out: list[Any] = []
+    i = j = 0
+    while i < len(server_only) or j < len(in_patch):
+        if j >= len(in_patch) or (i < len(server_only) and ident(server_only[i]) in live
+                                  and ident(in_patch[j]) in live
+                                  and live.index(ident(server_only[i])) < live.index(ident(in_patch[j]))):
+            out.append(server_only[i])
+            i += 1
+        else:
+            out.append(in_patch[j])
+            j += 1
+    return out
+
+
+def _merge_key(field: str, items: list[Any]) -> str | None:
+    if field == 'ports':  # container ports merge on containerPort, service ports on port
+        return 'containerPort' if any(isinstance(p, Mapping) and 'containerPort' in p for p in items) else 'port'
+    return MERGE_KEYS.get(field) or None
+
+
 def _merge_list(current: list[Any], patch: list[Any], field: str) -> list[Any]:
     if field in MERGE_PRIMITIVE_LISTS:
         return current + [v for v in patch if v not in current]
-    key = MERGE_KEYS.get(field)
-    if field == 'ports':  # container ports merge on containerPort, service ports on port
-        key = 'containerPort' if any('containerPort' in p for p in patch if isinstance(p, Mapping)) else 'port'
+    key = _merge_key(field, patch)
     if not key or not all(isinstance(p, Mapping) for p in patch):
         return [p for p in copy.deepcopy(patch) if not (isinstance(p, Mapping) and p.get('$patch'))]
     if any(isinstance(p, Mapping) and p.get('$patch') == 'replace' for p in patch):
@@ -97,8 +136,20 @@ def _merge_list(current: list[Any], patch: list[Any], field: str) -> list[Any]:
     return result
 
 
+def check_patch_type(ctype: str, custom: bool) -> None:
+    """The 415 for a patch type not served, which the API server answers before it looks
+    the object up (server-side apply, ``application/apply-patch+yaml``, is not emulated)."""
+    served = ['application/json-patch+json', 'application/merge-patch+json']
+    if not custom:
+        served.append('application/strategic-merge-patch+json')
+    if ctype not in served:
+        raise ApiError(415, 'UnsupportedMediaType', 'the body of the request was in an unknown format - accepted '
+                       'media types include: ' + ', '.join(served))
+
+
 def apply_patch(base: dict[str, Any], body: Any, ctype: str, custom: bool) -> Any:
     """Apply a PATCH body of the given Content-Type; custom resources have no strategic merge."""
+    check_patch_type(ctype, custom)
     if ctype == 'application/json-patch+json':
         try:
             return jsonpatch.JsonPatch(body).apply(copy.deepcopy(base))
@@ -108,8 +159,4 @@ def apply_patch(base: dict[str, Any], body: Any, ctype: str, custom: bool) -> An
                            {'causes': [{'reason': 'UnexpectedServerResponse', 'message': str(e)}]})
     if ctype == 'application/merge-patch+json':
         return merge_patch(base, body)
-    if ctype == 'application/strategic-merge-patch+json' and not custom:
-        return strategic_merge_patch(base, body)
-    raise ApiError(415, 'UnsupportedMediaType', 'the body of the request was in an unknown format - accepted '
-                   'media types include: application/json-patch+json, application/merge-patch+json'
-                   + ('' if custom else ', application/strategic-merge-patch+json'))
+    return strategic_merge_patch(base, body)

@@ -21,7 +21,7 @@ from .errors import ApiError, FieldError, go_repr
 from .jsonpath import eval_jsonpath, set_dotted
 from .meta import (GENERATE_ALPHABET, check_labels, check_owner_references, dns1035_label_errors,
                    dns1123_label_errors, dns1123_subdomain_errors, invalid)
-from .patches import apply_patch
+from .patches import apply_patch, check_patch_type
 from .resources import CRD_RESOURCE, NAMESPACES, SERVICES, PODS, ResourceType, Target, crd_status
 from .schema import check_schema
 
@@ -248,6 +248,7 @@ class Writes:
                params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
         assert target.name is not None
         rtype = target.rtype
+        check_patch_type(ctype, custom=rtype.crd is not None)  # before the lookup, as the API server does
         old = self._get_live(rtype, target.namespace, target.name)
         if old is None:
             raise rtype.not_found(target.name)
