@@ -550,3 +550,21 @@ def test_strategic_merge_set_element_order() -> None:
     assert [e['name'] for e in reordered['env']] == ['S', 'C', 'A']
     assert strategic_merge_patch({'finalizers': ['a', 'b']}, {'$setElementOrder/finalizers': ['c', 'a', 'b'],
                                                               'finalizers': ['c']}) == {'finalizers': ['c', 'a', 'b']}
+
+
+async def test_secret_and_configmap_update_rules(http: Http) -> None:
+    """A Secret's type never changes; ``immutable: true`` fixes data and the flag."""
+    secrets = '/api/v1/namespaces/default/secrets'
+    assert (await http.post(secrets, {'metadata': {'name': 's'}, 'stringData': {'a': 'x'}}))[0] == 201
+    status, error = await http.put(f'{secrets}/s', {'metadata': {'name': 's'}, 'type': 'example.com/other'})
+    assert status == 422 and error['message'] == (
+        'Secret "s" is invalid: type: Invalid value: "example.com/other": field is immutable')
+    cm = {'metadata': {'name': 'frozen'}, 'data': {'a': '1'}, 'immutable': True}
+    assert (await http.post(CONFIGMAPS, cm))[0] == 201
+    status, error = await http.patch(f'{CONFIGMAPS}/frozen', {'data': {'a': '2'}})
+    assert status == 422 and error['message'] == (
+        'ConfigMap "frozen" is invalid: data: Forbidden: field is immutable when `immutable` is set')
+    status, error = await http.patch(f'{CONFIGMAPS}/frozen', {'immutable': False})
+    assert status == 422 and 'immutable: Forbidden: field is immutable when `immutable` is set' in error['message']
+    status, _ = await http.patch(f'{CONFIGMAPS}/frozen', {'metadata': {'labels': {'ok': 'yes'}}})
+    assert status == 200  # metadata still changes

@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import FieldError, go_repr
 from .meta import dns1123_label_errors, invalid
-from .resources import BUILTIN_SCALE, EVENTS, NAMESPACES, PODS, SECRETS, SERVICES, ResourceType
+from .resources import BUILTIN_SCALE, CONFIGMAPS, EVENTS, NAMESPACES, PODS, SECRETS, SERVICES, ResourceType
 from .selectors import LabelRequirement
 
 # What a pod update may change in spec (the API server forbids the rest).
@@ -96,6 +96,28 @@ def _default_pod_spec(spec: Any) -> None:
             for port in (container.get('ports') or []) if isinstance(container, dict) else []:
                 if isinstance(port, dict):
                     port.setdefault('protocol', 'TCP')
+
+
+_IMMUTABLE = 'Forbidden: field is immutable when `immutable` is set'
+
+
+def check_builtin_update(rtype: ResourceType, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[FieldError]:
+    """ValidateSecretUpdate and ValidateConfigMapUpdate: a Secret's ``type`` never
+    changes; with ``immutable: true`` the data and the flag itself are fixed."""
+    if rtype.resource not in (SECRETS, CONFIGMAPS):
+        return []
+    errors = []
+    if rtype.resource == SECRETS and new.get('type') != old.get('type'):
+        errors.append(FieldError('type', 'FieldValueInvalid',
+                                 f'Invalid value: {go_repr(new.get("type"))}: field is immutable'))
+    if old.get('immutable') is True:
+        if new.get('immutable') is not True:
+            errors.append(FieldError('immutable', 'FieldValueForbidden', _IMMUTABLE))
+        # reflect.DeepEqual: an absent map (nil) differs from an empty one
+        for key in ('data',) if rtype.resource == SECRETS else ('data', 'binaryData'):
+            if new.get(key) != old.get(key) or (key in new) != (key in old):
+                errors.append(FieldError(key, 'FieldValueForbidden', _IMMUTABLE))
+    return errors
 
 
 def check_builtin(rtype: ResourceType, obj: dict[str, Any]) -> list[FieldError]:

@@ -36,6 +36,7 @@ NAMESPACES = kmock.resource('', 'v1', 'namespaces')
 SERVICES = kmock.resource('', 'v1', 'services')
 PODS = kmock.resource('', 'v1', 'pods')
 SECRETS = kmock.resource('', 'v1', 'secrets')
+CONFIGMAPS = kmock.resource('', 'v1', 'configmaps')
 EVENTS = kmock.resource('', 'v1', 'events')
 CRD_FINALIZER = 'customresourcecleanup.apiextensions.k8s.io'
 VERBS = ['create', 'delete', 'deletecollection', 'get', 'list', 'patch', 'update', 'watch']

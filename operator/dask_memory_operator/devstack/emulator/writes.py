@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .admission import MUTATING_WEBHOOKS, configuration_defaults, configuration_errors
-from .builtin import builtin_defaults, check_builtin, check_pod_update, write_defaults
+from .builtin import builtin_defaults, check_builtin, check_builtin_update, check_pod_update, write_defaults
 from .builtin_schema import schema_for
 from .errors import ApiError, FieldError, go_repr
 from .jsonpath import eval_jsonpath, set_dotted
@@ -142,6 +142,8 @@ class Writes:
             errors.extend(self._admit_crd(old, obj))
         if builtin:
             errors.extend(check_builtin(rtype, obj))  # after the service defaults above
+            if old is not None:
+                errors.extend(check_builtin_update(rtype, old, obj))
         if errors:
             raise rtype.invalid(name, errors)
         return warnings
