@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from dask_memory_operator.devstack.apiserver import ApiServer, write_kubeconfig
-from dask_memory_operator.devstack.emulator.patches import strategic_merge_patch
+from dask_memory_operator.devstack.emulator.patches import apply_patch, strategic_merge_patch
 from dask_memory_operator.devstack.emulator.protobuf import decode_body
 from dask_memory_operator.devstack.helm import helm_binary
 from test_emulator import CONFIGMAPS, Http, holds, wait_for
@@ -568,3 +568,20 @@ async def test_secret_and_configmap_update_rules(http: Http) -> None:
     assert status == 422 and 'immutable: Forbidden: field is immutable when `immutable` is set' in error['message']
     status, _ = await http.patch(f'{CONFIGMAPS}/frozen', {'metadata': {'labels': {'ok': 'yes'}}})
     assert status == 200  # metadata still changes
+
+
+def test_strategic_merge_keys_come_from_the_schema() -> None:
+    """List strategies as the kind's schema (its Go struct tags) says: webhooks merge by
+    name (a patch of one field keeps the others), finalizers are a set, rules replace."""
+    webhooks = {'apiVersion': 'admissionregistration.k8s.io/v1', 'kind': 'MutatingWebhookConfiguration',
+                'metadata': {'name': 'm', 'finalizers': ['a']}, 'webhooks': [
+                    {'name': 'w1', 'sideEffects': 'None', 'clientConfig': {'url': 'https://old'},
+                     'rules': [{'operations': ['CREATE'], 'resources': ['pods']}]},
+                    {'name': 'w2', 'sideEffects': 'None'}]}
+    patched = apply_patch(webhooks, {'metadata': {'finalizers': ['b']}, 'webhooks': [
+        {'name': 'w1', 'clientConfig': {'url': 'https://new'}, 'rules': [{'operations': ['UPDATE']}]}]},
+        'application/strategic-merge-patch+json', custom=False)
+    assert patched['metadata']['finalizers'] == ['a', 'b']
+    assert patched['webhooks'] == [
+        {'name': 'w1', 'sideEffects': 'None', 'clientConfig': {'url': 'https://new'}, 'rules': [{'operations': ['UPDATE']}]},
+        {'name': 'w2', 'sideEffects': 'None'}]

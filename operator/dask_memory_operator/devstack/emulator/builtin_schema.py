@@ -50,6 +50,12 @@ def schema_for(group: str, version: str, kind: str) -> BuiltinSchema | None:
     return None if name is None else BuiltinSchema(name)
 
 
+def patch_meta_root(group: str, version: str, kind: str) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
+    """A kind's definition and all definitions (for strategic merge patches' list strategies)."""
+    name = _kinds().get((group, version, kind))
+    return None if name is None else (_definitions()[name], _definitions())
+
+
 class BuiltinSchema:
     """One built-in kind's schema and its compiled validator."""
 
