@@ -67,51 +67,47 @@ class Field:
     values: str = 'string'
 
 
-def _fields(**by_number: Field) -> dict[int, Field]:
-    return {int(k.lstrip('_')): v for k, v in by_number.items()}
-
-
 # k8s.io/apimachinery/pkg/apis/meta/v1/generated.proto
-OWNER_REFERENCE = _fields(
-    _5=Field('apiVersion', 'string', keep=True), _1=Field('kind', 'string', keep=True),
-    _3=Field('name', 'string', keep=True), _4=Field('uid', 'string', keep=True),
-    _6=Field('controller', 'bool', keep=True), _7=Field('blockOwnerDeletion', 'bool', keep=True))
-FIELDS_V1 = _fields(_1=Field('Raw', 'json'))
-MANAGED_FIELDS_ENTRY = _fields(
-    _1=Field('manager', 'string'), _2=Field('operation', 'string'), _3=Field('apiVersion', 'string'),
-    _4=Field('time', 'time'), _6=Field('fieldsType', 'string'), _7=Field('fieldsV1', 'message', FIELDS_V1),
-    _8=Field('subresource', 'string'))
-OBJECT_META = _fields(
-    _1=Field('name', 'string'), _2=Field('generateName', 'string'), _3=Field('namespace', 'string'),
-    _4=Field('selfLink', 'string'), _5=Field('uid', 'string'), _6=Field('resourceVersion', 'string'),
-    _7=Field('generation', 'int'), _8=Field('creationTimestamp', 'time'), _9=Field('deletionTimestamp', 'time'),
-    _10=Field('deletionGracePeriodSeconds', 'int', keep=True),
-    _11=Field('labels', 'map'), _12=Field('annotations', 'map'),
-    _13=Field('ownerReferences', 'message', OWNER_REFERENCE, repeated=True),
-    _14=Field('finalizers', 'string', repeated=True),
-    _17=Field('managedFields', 'message', MANAGED_FIELDS_ENTRY, repeated=True))
-PRECONDITIONS = _fields(_1=Field('uid', 'string', keep=True), _2=Field('resourceVersion', 'string', keep=True))
-DELETE_OPTIONS = _fields(
-    _1=Field('gracePeriodSeconds', 'int', keep=True), _2=Field('preconditions', 'message', PRECONDITIONS),
-    _3=Field('orphanDependents', 'bool', keep=True), _4=Field('propagationPolicy', 'string', keep=True),
-    _5=Field('dryRun', 'string', repeated=True),
-    _6=Field('ignoreStoreReadErrorWithClusterBreakingPotential', 'bool', keep=True))
+OWNER_REFERENCE = {
+    5: Field('apiVersion', 'string', keep=True), 1: Field('kind', 'string', keep=True),
+    3: Field('name', 'string', keep=True), 4: Field('uid', 'string', keep=True),
+    6: Field('controller', 'bool', keep=True), 7: Field('blockOwnerDeletion', 'bool', keep=True)}
+FIELDS_V1 = {1: Field('Raw', 'json')}
+MANAGED_FIELDS_ENTRY = {
+    1: Field('manager', 'string'), 2: Field('operation', 'string'), 3: Field('apiVersion', 'string'),
+    4: Field('time', 'time'), 6: Field('fieldsType', 'string'), 7: Field('fieldsV1', 'message', FIELDS_V1),
+    8: Field('subresource', 'string')}
+OBJECT_META = {
+    1: Field('name', 'string'), 2: Field('generateName', 'string'), 3: Field('namespace', 'string'),
+    4: Field('selfLink', 'string'), 5: Field('uid', 'string'), 6: Field('resourceVersion', 'string'),
+    7: Field('generation', 'int'), 8: Field('creationTimestamp', 'time'), 9: Field('deletionTimestamp', 'time'),
+    10: Field('deletionGracePeriodSeconds', 'int', keep=True),
+    11: Field('labels', 'map'), 12: Field('annotations', 'map'),
+    13: Field('ownerReferences', 'message', OWNER_REFERENCE, repeated=True),
+    14: Field('finalizers', 'string', repeated=True),
+    17: Field('managedFields', 'message', MANAGED_FIELDS_ENTRY, repeated=True)}
+PRECONDITIONS = {1: Field('uid', 'string', keep=True), 2: Field('resourceVersion', 'string', keep=True)}
+DELETE_OPTIONS = {
+    1: Field('gracePeriodSeconds', 'int', keep=True), 2: Field('preconditions', 'message', PRECONDITIONS),
+    3: Field('orphanDependents', 'bool', keep=True), 4: Field('propagationPolicy', 'string', keep=True),
+    5: Field('dryRun', 'string', repeated=True),
+    6: Field('ignoreStoreReadErrorWithClusterBreakingPotential', 'bool', keep=True)}
 
 # k8s.io/api/core/v1/generated.proto
-SECRET = _fields(
-    _1=Field('metadata', 'message', OBJECT_META), _2=Field('data', 'map', values='bytes'),
-    _3=Field('type', 'string'), _4=Field('stringData', 'map'), _5=Field('immutable', 'bool', keep=True))
-CONFIG_MAP = _fields(
-    _1=Field('metadata', 'message', OBJECT_META), _2=Field('data', 'map'),
-    _3=Field('binaryData', 'map', values='bytes'), _4=Field('immutable', 'bool', keep=True))
-NAMESPACE_CONDITION = _fields(
-    _1=Field('type', 'string', keep=True), _2=Field('status', 'string', keep=True),
-    _4=Field('lastTransitionTime', 'time'), _5=Field('reason', 'string'), _6=Field('message', 'string'))
-NAMESPACE = _fields(
-    _1=Field('metadata', 'message', OBJECT_META),
-    _2=Field('spec', 'message', _fields(_1=Field('finalizers', 'string', repeated=True))),
-    _3=Field('status', 'message', _fields(
-        _1=Field('phase', 'string'), _2=Field('conditions', 'message', NAMESPACE_CONDITION, repeated=True))))
+SECRET = {
+    1: Field('metadata', 'message', OBJECT_META), 2: Field('data', 'map', values='bytes'),
+    3: Field('type', 'string'), 4: Field('stringData', 'map'), 5: Field('immutable', 'bool', keep=True)}
+CONFIG_MAP = {
+    1: Field('metadata', 'message', OBJECT_META), 2: Field('data', 'map'),
+    3: Field('binaryData', 'map', values='bytes'), 4: Field('immutable', 'bool', keep=True)}
+NAMESPACE_CONDITION = {
+    1: Field('type', 'string', keep=True), 2: Field('status', 'string', keep=True),
+    4: Field('lastTransitionTime', 'time'), 5: Field('reason', 'string'), 6: Field('message', 'string')}
+NAMESPACE = {
+    1: Field('metadata', 'message', OBJECT_META),
+    2: Field('spec', 'message', {1: Field('finalizers', 'string', repeated=True)}),
+    3: Field('status', 'message', {
+        1: Field('phase', 'string'), 2: Field('conditions', 'message', NAMESPACE_CONDITION, repeated=True)})}
 
 #: The kinds decoded here, by (apiVersion, kind) of the envelope. ``DeleteOptions`` is
 #: registered in every group version (``metav1.AddToGroupVersion``).
@@ -120,9 +116,9 @@ KINDS: dict[tuple[str, str], dict[int, Field]] = {
     ('v1', 'ConfigMap'): CONFIG_MAP,
     ('v1', 'Namespace'): NAMESPACE,
 }
-_ENVELOPE = _fields(
-    _1=Field('typeMeta', 'message', _fields(_1=Field('apiVersion', 'string'), _2=Field('kind', 'string'))),
-    _2=Field('raw', 'raw', keep=True), _3=Field('contentEncoding', 'string'), _4=Field('contentType', 'string'))
+_ENVELOPE = {
+    1: Field('typeMeta', 'message', {1: Field('apiVersion', 'string'), 2: Field('kind', 'string')}),
+    2: Field('raw', 'raw', keep=True), 3: Field('contentEncoding', 'string'), 4: Field('contentType', 'string')}
 
 # ------------------------------------------------------------------ the wire format
 
