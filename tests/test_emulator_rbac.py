@@ -21,6 +21,9 @@ import yaml
 
 from test_emulator import KUBECTL, Http, http, server, wait_for
 from dask_memory_operator.devstack.apiserver import ApiServer, write_kubeconfig
+from dask_memory_operator.devstack.emulator.authn import UserInfo
+from dask_memory_operator.devstack.emulator.rbac import (
+    RequestAttributes, attributes_of_audit_event, request_attributes, rule_allows)
 from dask_memory_operator.webhook.certs import write_webhook_certs
 
 __all__ = ['http', 'server']  # fixtures used here
@@ -477,3 +480,76 @@ async def test_kubectl_with_a_service_account_token(server: ApiServer, http: Htt
         forged = token_kubeconfig(tmp_path / 'forged', url, tmp_path / 'tls' / 'ca.crt', token[:-4] + 'AAAA')
         code, _, err = await kubectl_async(forged, 'get', 'pods')
         assert code == 1 and 'error: You must be logged in to the server (Unauthorized)' in err
+
+
+# ---------------------------------------------------------------- the pure parts other code uses
+
+
+def test_request_attributes_as_kube_derives_them() -> None:
+    sa = UserInfo('system:serviceaccount:ns:sa', groups=('system:authenticated',))
+
+    def derived(method: str, path: str, **query: str) -> tuple[Any, ...]:
+        a = request_attributes(method, path, query, sa)
+        if not a.resource_request:
+            return (a.verb, a.path)
+        return (a.verb, a.api_group, a.resource, a.subresource, a.namespace, a.name)
+
+    assert derived('GET', '/api/v1/namespaces/ns/pods') == ('list', '', 'pods', '', 'ns', '')
+    assert derived('GET', '/api/v1/namespaces/ns/pods', watch='true') == ('watch', '', 'pods', '', 'ns', '')
+    assert derived('GET', '/api/v1/watch/namespaces/ns/pods/p') == ('watch', '', 'pods', '', 'ns', 'p')
+    assert derived('GET', '/api/v1/pods', fieldSelector='metadata.name=p') == ('list', '', 'pods', '', '', 'p')
+    assert derived('GET', '/apis/apps/v1/namespaces/ns/deployments/d') == ('get', 'apps', 'deployments', '', 'ns', 'd')
+    assert derived('PUT', '/apis/apps/v1/namespaces/ns/deployments/d/scale') == \
+        ('update', 'apps', 'deployments', 'scale', 'ns', 'd')
+    assert derived('PATCH', '/api/v1/namespaces/ns/pods/p/status') == ('patch', '', 'pods', 'status', 'ns', 'p')
+    assert derived('POST', '/api/v1/namespaces/ns/pods') == ('create', '', 'pods', '', 'ns', '')
+    assert derived('POST', '/api/v1/namespaces/ns/pods/p/eviction') == ('create', '', 'pods', 'eviction', 'ns', 'p')
+    assert derived('GET', '/api/v1/namespaces/ns/pods/p/exec') == ('get', '', 'pods', 'exec', 'ns', 'p')
+    assert derived('DELETE', '/api/v1/namespaces/ns/pods/p') == ('delete', '', 'pods', '', 'ns', 'p')
+    assert derived('DELETE', '/api/v1/namespaces/ns/pods') == ('deletecollection', '', 'pods', '', 'ns', '')
+    assert derived('GET', '/api/v1/namespaces/ns') == ('get', '', 'namespaces', '', 'ns', 'ns')
+    assert derived('PUT', '/api/v1/namespaces/ns/finalize') == ('update', '', 'namespaces', 'finalize', 'ns', 'ns')
+    assert derived('GET', '/api/v1/namespaces') == ('list', '', 'namespaces', '', '', '')
+    assert derived('GET', '/apis/apps/v1') == ('get', '/apis/apps/v1')
+    assert derived('GET', '/api/v1') == ('get', '/api/v1')
+    assert derived('GET', '/healthz') == ('get', '/healthz')
+    assert derived('POST', '/logs') == ('post', '/logs')
+
+
+def test_rule_allows() -> None:
+    def attrs(verb: str, resource: str = '', sub: str = '', name: str = '', group: str = '',
+              path: str = '') -> RequestAttributes:
+        return RequestAttributes(user='u', groups=(), verb=verb, resource_request=not path, path=path,
+                                 api_group=group, resource=resource, subresource=sub, name=name)
+
+    rule = {'apiGroups': ['apps'], 'resources': ['deployments', 'deployments/status'], 'verbs': ['get', 'patch']}
+    assert rule_allows(rule, attrs('get', 'deployments', group='apps'))
+    assert rule_allows(rule, attrs('patch', 'deployments', 'status', 'd', group='apps'))
+    assert not rule_allows(rule, attrs('patch', 'deployments', 'scale', 'd', group='apps'))
+    assert not rule_allows(rule, attrs('get', 'deployments', group=''))
+    assert not rule_allows(rule, attrs('list', 'deployments', group='apps'))
+    assert rule_allows({'apiGroups': ['*'], 'resources': ['*'], 'verbs': ['*']}, attrs('get', 'pods', 'log', 'p'))
+    assert rule_allows({'apiGroups': ['apps'], 'resources': ['*/scale'], 'verbs': ['update']},
+                       attrs('update', 'statefulsets', 'scale', 's', group='apps'))
+    named = {'apiGroups': [''], 'resources': ['configmaps'], 'resourceNames': ['c'], 'verbs': ['*']}
+    assert rule_allows(named, attrs('update', 'configmaps', name='c'))
+    assert not rule_allows(named, attrs('update', 'configmaps', name='d'))
+    for verb in ('list', 'watch', 'create', 'deletecollection'):
+        assert not rule_allows(named, attrs(verb, 'configmaps'))  # no name: not matched by resourceNames
+    urls = {'nonResourceURLs': ['/healthz', '/apis/*'], 'verbs': ['get']}
+    assert rule_allows(urls, attrs('get', path='/healthz')) and rule_allows(urls, attrs('get', path='/apis/apps'))
+    assert not rule_allows(urls, attrs('get', path='/healthz/etcd')) and not rule_allows(urls, attrs('post', path='/healthz'))
+    assert not rule_allows(urls, attrs('get', 'pods'))  # a resource request is not matched by URLs
+    assert not rule_allows(rule, attrs('get', path='/apis/apps'))
+
+
+def test_attributes_of_audit_events() -> None:
+    event = {'verb': 'get', 'requestURI': '/api/v1/namespaces/ns/pods/p/portforward?ports=8786',
+             'user': {'username': 'u', 'groups': ['g']},
+             'objectRef': {'resource': 'pods', 'namespace': 'ns', 'name': 'p', 'apiVersion': 'v1',
+                           'subresource': 'portforward'}}
+    checks = attributes_of_audit_event(event)
+    assert [(a.verb, a.resource, a.subresource, a.namespace, a.name) for a in checks] == [
+        ('get', 'pods', 'portforward', 'ns', 'p'), ('create', 'pods', 'portforward', 'ns', 'p')]
+    assert attributes_of_audit_event({'verb': 'get', 'requestURI': '/version?timeout=5s', 'user': {}}) == [
+        RequestAttributes(user='', groups=(), verb='get', resource_request=False, path='/version')]

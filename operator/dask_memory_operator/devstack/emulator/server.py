@@ -15,6 +15,7 @@ import attrs
 import kmock
 from kmock._internal import rendering  # internals: kmock is pinned
 
+from . import auth_protobuf
 from .admission import Admission
 from .audit import Auditing
 from .authn import Authentication
@@ -33,8 +34,10 @@ from .tokens import ISSUER, TokenSigner
 from .tables import to_table
 from .writes import Writes
 
-#: Groups of kmock's bundled resources that are not served: no authentication or RBAC here.
+#: Groups of kmock's bundled resources not served as stored kinds (the reviews are not objects;
+#: SelfSubjectAccessReview is answered by ``rbac``, TokenRequest is ``serviceaccounts/token``).
 _NOT_SERVED_GROUPS = {'authentication.k8s.io', 'authorization.k8s.io'}
+auth_protobuf.register()  # kubectl's protobuf TokenRequest and SelfSubjectAccessReview bodies
 _MAX_REQUESTS = 5_000  # requests kept in kmock's request log (the sandbox runs for hours)
 
 
