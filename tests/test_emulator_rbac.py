@@ -553,3 +553,16 @@ def test_attributes_of_audit_events() -> None:
         ('get', 'pods', 'portforward', 'ns', 'p'), ('create', 'pods', 'portforward', 'ns', 'p')]
     assert attributes_of_audit_event({'verb': 'get', 'requestURI': '/version?timeout=5s', 'user': {}}) == [
         RequestAttributes(user='', groups=(), verb='get', resource_request=False, path='/version')]
+
+
+def test_local_stack_writes_the_audit_log(tmp_path: pathlib.Path) -> None:
+    from dask_memory_operator.devstack.stack import LocalStack
+
+    with LocalStack(tmp_path, crd_dirs=[], dask_operator=False, kubelet=False) as stack:
+        assert stack.audit_log_path == tmp_path.resolve() / 'audit.log'
+        stack.kubectl('get', 'serviceaccounts', '-n', 'kube-system')
+        events = stack.audit_events()
+    listed = [e for e in events if e['verb'] == 'list' and e.get('objectRef', {}).get('resource') == 'serviceaccounts']
+    assert listed and listed[-1]['objectRef']['namespace'] == 'kube-system'
+    assert listed[-1]['user']['username'] == 'system:admin' and listed[-1]['userAgent'].startswith('kubectl/')
+    assert listed[-1]['responseStatus']['code'] == 200 and listed[-1]['stage'] == 'ResponseComplete'

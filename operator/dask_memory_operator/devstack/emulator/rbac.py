@@ -69,9 +69,10 @@ on by default since 1.35; 1.32 checked ``get`` only); SPDY's POST is ``create``.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import urlsplit, parse_qs
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -308,7 +309,7 @@ class Authorization:
     def _create_bootstrap_policy(self) -> None:
         for doc in BOOTSTRAP_POLICY:
             plural = 'clusterroles' if doc['kind'] == 'ClusterRole' else 'clusterrolebindings'
-            self._store_new(self._types[RBAC_GROUP, 'v1', plural], None, _deep_copy(doc))
+            self._store_new(self._types[RBAC_GROUP, 'v1', plural], None, copy.deepcopy(doc))
 
     def authorize(self, attrs: RequestAttributes) -> Decision:
         """The union of the privileged-group and RBAC authorizers, as kube-apiserver's chain."""
@@ -411,13 +412,3 @@ def _describe_binding(binding: Mapping[str, Any], namespace: str, subject: Mappi
         return f'RoleBinding "{name}/{namespace}" of {ref.get("kind")} "{ref.get("name")}" to ' \
                f'{_describe_subject(subject, namespace)}'
     return f'ClusterRoleBinding "{name}" of {ref.get("kind")} "{ref.get("name")}" to {_describe_subject(subject, "")}'
-
-
-def _deep_copy(doc: dict[str, Any]) -> dict[str, Any]:
-    import copy
-    return copy.deepcopy(doc)
-
-
-def query_of(uri: str) -> dict[str, str]:
-    """The first value of each query parameter of a request URI."""
-    return {k: v[0] for k, v in parse_qs(urlsplit(uri).query, keep_blank_values=True).items()}
