@@ -359,7 +359,9 @@ async def test_audit_events(tmp_path: pathlib.Path) -> None:
         op = await service_account(http, 'op')
         await grant(http, 'RoleBinding', 'reader', [
             {'apiGroups': [''], 'resources': ['pods'], 'verbs': ['list', 'watch']}], [sa_subject('op')], ns='default')
-        assert (await op.get(PODS))[0] == 200
+        status, _, resp = await op.request('GET', PODS)
+        assert status == 200
+        audit_id = resp.headers['Audit-Id']  # as kube-apiserver answers
         assert (await op.get(f'{DEPLOYMENTS}/x'))[0] == 403
         assert (await AsToken(http, 'forged.token.here').get(PODS))[0] == 401
         await op.watch(PODS, [], timeoutSeconds=1)
@@ -378,6 +380,7 @@ async def test_audit_events(tmp_path: pathlib.Path) -> None:
 
     mine = [e for e in events if e['user'].get('username') == user('op')]
     listed = next(e for e in mine if e['requestURI'] == PODS)
+    assert listed['auditID'] == audit_id
     assert listed['stage'] == 'ResponseComplete' and listed['verb'] == 'list'
     assert listed['user']['groups'] == ['system:serviceaccounts', 'system:serviceaccounts:default',
                                         'system:authenticated']

@@ -11,7 +11,9 @@ process polling for the file sees either nothing or a complete file of a server 
 answers. It serves until SIGTERM or SIGINT and then exits cleanly (watch streams are
 ended first, so no client is left hanging on them). ``--audit-log-path`` appends the
 audit log, as kube-apiserver's flag of that name (JSON lines, level Metadata; see
-emulator/audit.py).
+emulator/audit.py). The kubeconfig carries no credentials: such requests are the
+unrestricted admin; a service account's bearer token (TokenRequest) is authorized by
+RBAC (emulator/authn.py, emulator/rbac.py).
 """
 from __future__ import annotations
 
