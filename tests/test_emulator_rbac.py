@@ -569,3 +569,19 @@ def test_local_stack_writes_the_audit_log(tmp_path: pathlib.Path) -> None:
     assert listed and listed[-1]['objectRef']['namespace'] == 'kube-system'
     assert listed[-1]['user']['username'] == 'system:admin' and listed[-1]['userAgent'].startswith('kubectl/')
     assert listed[-1]['responseStatus']['code'] == 200 and listed[-1]['stage'] == 'ResponseComplete'
+
+
+async def test_websocket_connect_also_needs_create(http: Http) -> None:
+    op = await service_account(http, 'op')
+    me = user('op')
+    await grant(http, 'RoleBinding', 'exec-get', [
+        {'apiGroups': [''], 'resources': ['pods/exec', 'pods/log'], 'verbs': ['get']}], [sa_subject('op')],
+        ns='default')
+    # The websocket upgrade is a GET (get), and since Kubernetes 1.35 must also be allowed create.
+    status, err = await op.get('/api/v1/namespaces/default/pods/p/exec', command='sh')
+    assert status == 403 and err['message'] == f'pods "p" is forbidden: User "{me}" cannot create resource ' \
+                                               f'"pods/exec" in API group "" in the namespace "default"'
+    assert (await op.get('/api/v1/namespaces/default/pods/p/log'))[0] == 404  # not a connect: get is enough
+    await grant(http, 'RoleBinding', 'exec-create', [
+        {'apiGroups': [''], 'resources': ['pods/exec'], 'verbs': ['create']}], [sa_subject('op')], ns='default')
+    assert (await op.get('/api/v1/namespaces/default/pods/p/exec', command='sh'))[0] == 404  # allowed (not served)
