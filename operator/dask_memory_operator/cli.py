@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the Helm chart's test parses its rendered arguments with it)."""
     parser = argparse.ArgumentParser(
         prog="dask-memory-operator",
         description="Active Memory Manager policies for dask-kubernetes clusters.",
@@ -131,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_run(sub)
     _add_check(sub)
     _add_sandbox(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "run":
         return run(args)
     if args.command == "check":
