@@ -41,6 +41,7 @@ import dask_kubernetes
 import httpx
 import jsonschema
 import kubernetes_validate
+import kubernetes_validate.utils
 import pytest
 import yaml
 from cryptography import x509
@@ -155,8 +156,17 @@ def _crd_schemas() -> dict[str, dict[str, Any]]:
     return schemas
 
 
+@pytest.fixture(scope="module")
+def cached_schemas():
+    """kubernetes_validate reads its 1.6 MB of definitions on every call: once here."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kubernetes_validate.utils, "schema_contents",
+                   functools.cache(kubernetes_validate.utils.schema_contents))
+        yield
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_every_rendered_object_validates(variant):
+def test_every_rendered_object_validates(variant, cached_schemas):
     docs = render(variant)
     unvalidated = set()
     for doc in docs:
@@ -539,7 +549,7 @@ def test_notes_say_how_to_check_and_warn_without_webhook():
         out = helm("install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client", *values)
         return out.stdout.split("NOTES:", 1)[1]
     default = notes()
-    assert "kubectl get memorypolicies -A" in default and f"helm test {RELEASE}" in default
+    assert "kubectl get mempol -A" in default and f"helm test {RELEASE}" in default
     assert f"http://{FULLNAME}.{NAMESPACE}.svc:8080/metrics" in default and "WARNING" not in default
     assert "WARNING: the admission webhook is off" in notes("--set", "webhook.enabled=false")
 
