@@ -12,9 +12,12 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # --- runtime: the wheel and its runtime dependencies only (no sandbox/test extras) --
 FROM python:3.11-slim
+# HOME in /tmp: the chart mounts an emptyDir there on a read-only root filesystem
+# (dask writes its default config under ~/.config/dask when it can).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOME=/tmp
 COPY --from=builder /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 # A numeric non-root user, so that `runAsNonRoot` can be verified by the kubelet.
