@@ -9,6 +9,8 @@ import weakref
 COMMANDS_HELP = """\
 commands:
   run       run the operator against the current kubeconfig or in-cluster config
+  check     exit 0 when the MemoryPolicy CRD is established and the operator is live
+            (the Helm chart's test)
   sandbox   run an emulated Kubernetes API, dask-kubernetes, this operator and real
             Dask processes on this machine, and the AMM dot-product demo on them
 """
@@ -36,6 +38,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                         "(never the peering of dask-kubernetes' operator)")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="serve Prometheus metrics on this port (0: off)")
+    p.add_argument("--metrics-address", default="0.0.0.0",
+                   help="address the metrics server listens on")
     p.add_argument("--liveness", metavar="URL", default=None,
                    help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     hook = p.add_argument_group("admission webhook (pods of governed clusters born governed)")
@@ -50,6 +54,17 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                            "when they change; without it a certificate is made for local "
                            "use (its CA's path is logged)")
     p.add_argument("--verbose", "-v", action="store_true")
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    from dask_memory_operator.check import DEFAULT_CRD
+
+    p = sub.add_parser("check", help="check that the operator is installed and live")
+    p.add_argument("--crd", default=DEFAULT_CRD, help="the CRD that must be Established")
+    p.add_argument("--healthz", metavar="URL", default=None,
+                   help="the operator's liveness endpoint, which must answer 200")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="keep asking for this long before failing")
 
 
 def _add_sandbox(sub: argparse._SubParsersAction) -> None:
@@ -84,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     )
     kopf.configure(verbose=args.verbose)
     if args.metrics_port:
-        start_http_server(args.metrics_port)
+        start_http_server(args.metrics_port, addr=args.metrics_address)
     memo = kopf.Memo(
         config=config,
         reconciler=ClusterReconciler(
@@ -105,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the Helm chart's test parses its rendered arguments with it)."""
     parser = argparse.ArgumentParser(
         prog="dask-memory-operator",
         description="Active Memory Manager policies for dask-kubernetes clusters.",
@@ -114,10 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
+    _add_check(sub)
     _add_sandbox(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "run":
         return run(args)
+    if args.command == "check":
+        from dask_memory_operator.check import main as check
+
+        return check(args.crd, args.healthz, args.timeout)
     from dask_memory_operator.devstack.sandbox import sandbox
 
     return sandbox(args)

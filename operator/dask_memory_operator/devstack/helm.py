@@ -76,5 +76,18 @@ def helm_binary() -> Path:
     return target
 
 
+def helm(*args: str, kubeconfig: str | os.PathLike[str] | None = None, check: bool = True,
+         timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``helm *args`` (against ``kubeconfig`` when given); raises with helm's
+    output when it fails and ``check`` is set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HELM_")}
+    if kubeconfig is not None:
+        env["KUBECONFIG"] = str(kubeconfig)
+    done = subprocess.run([str(helm_binary()), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"helm {' '.join(args)} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    return done
+
+
 if __name__ == "__main__":
     print(helm_binary())

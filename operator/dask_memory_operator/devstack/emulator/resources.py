@@ -37,6 +37,7 @@ SERVICES = kmock.resource('', 'v1', 'services')
 PODS = kmock.resource('', 'v1', 'pods')
 SECRETS = kmock.resource('', 'v1', 'secrets')
 CONFIGMAPS = kmock.resource('', 'v1', 'configmaps')
+SERVICEACCOUNTS = kmock.resource('', 'v1', 'serviceaccounts')
 EVENTS = kmock.resource('', 'v1', 'events')
 CRD_FINALIZER = 'customresourcecleanup.apiextensions.k8s.io'
 VERBS = ['create', 'delete', 'deletecollection', 'get', 'list', 'patch', 'update', 'watch']

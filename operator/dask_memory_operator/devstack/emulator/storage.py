@@ -237,6 +237,7 @@ class Storage:
         response = aiohttp.web.StreamResponse(headers={'Content-Type': 'application/json'})
         assert request._raw_request is not None
         await response.prepare(request._raw_request)
+        self._audit_response_started()
         async with self._lock:
             if send_initial:
                 # The state now (at least as new as any resourceVersion asked for), then,

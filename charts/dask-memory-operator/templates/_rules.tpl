@@ -1,0 +1,100 @@
+{{/*
+The ONE list of what the operator calls on the Kubernetes API, by who calls it
+(module/function of operator/dask_memory_operator/, or kopf itself). rbac.yaml renders
+it as a ClusterRole (cluster-wide), or as a Role in each of watchNamespaces plus a
+ClusterRole of the cluster-scoped part. No wildcard verb, resource or group.
+
+Reading by name with kr8s (`Service.get(name)`, `DaskWorkerGroup.get(name)`) is a
+LIST with the field selector metadata.name=NAME, hence `list` where one might expect
+`get`. Discovery (/api, /apis) is granted to every authenticated user by Kubernetes'
+own system:discovery role and is not repeated here.
+*/}}
+
+{{/* Rules on objects in the watched namespaces. */}}
+{{- define "dmo.rules.namespaced" -}}
+# kopf: the MemoryPolicy handlers and index (controllers/registry.py: on.create/update/
+# resume/delete, the resync and scale timers, memorypolicies_by_namespace) list and
+# watch them; kopf patches its finalizer amm.dask.org/restore-schedulers and its
+# progress/diffbase annotations (controllers/registry.py configure_operator).
+- apiGroups: ["amm.dask.org"]
+  resources: ["memorypolicies"]
+  verbs: ["list", "watch", "patch"]
+# kopf, for the handlers' patch.status: controllers/memorypolicy.py _patch_status,
+# controllers/scaling.py scale_policy_clusters (the CRD has a status subresource).
+- apiGroups: ["amm.dask.org"]
+  resources: ["memorypolicies/status"]
+  verbs: ["patch"]
+# kopf: index daskclusters_by_namespace and on.event converge_changed_cluster
+# (controllers/daskcluster.py). Nothing ever writes a DaskCluster.
+- apiGroups: ["kubernetes.dask.org"]
+  resources: ["daskclusters"]
+  verbs: ["list", "watch"]
+# kopf: index daskautoscalers_by_cluster (controllers/scaling.py).
+- apiGroups: ["kubernetes.dask.org"]
+  resources: ["daskautoscalers"]
+  verbs: ["list", "watch"]
+# controllers/workergroup.py: read_group (kr8s get by name: a list) and set_replicas
+# (JSON patch of spec.worker.replicas and the scaling-ledger annotation).
+- apiGroups: ["kubernetes.dask.org"]
+  resources: ["daskworkergroups"]
+  verbs: ["list", "patch"]
+# controllers/workergroup.py: cluster_deployments (list by labels) and
+# delete_deployment (the retired worker's Deployment, with a uid precondition).
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["list", "delete"]
+# schedulers/locator.py SchedulerLocator._get_service: the scheduler Service (kr8s
+# get by name: a list), its port and selector.
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["list"]
+# kopf.info/kopf.warn (observability/events.py, controllers/*) and
+# observability/events.py post_from_background (kr8s Event.create): core v1 Events.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- if .Values.webhook.enabled }}
+# webhook on: controllers/workergroup.py workers_without_hook (called by
+# controllers/scaling.py _hooks) counts worker pods created without the preStop hook.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+{{- end }}
+{{- if and (include "dmo.peering" .) .Values.watchNamespaces }}
+# kopf peering (replicaCount > 1, watchNamespaces): kopf watches the KopfPeering of each
+# served namespace and patches its own heartbeat into the release's one.
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["list", "watch"]
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  resourceNames: [{{ include "dmo.peeringName" . | quote }}]
+  verbs: ["patch"]
+{{- end }}
+{{- end }}
+
+{{/* Rules only kopf needs, at cluster scope. */}}
+{{- define "dmo.rules.cluster" -}}
+# kopf (reactor/observation.py resource_observer): watches CRDs to notice the served
+# resources appearing or going.
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+{{- if .Values.watchNamespaces }}
+# kopf (reactor/observation.py namespace_observer), only when not cluster-wide: lists
+# and watches namespaces to serve the listed ones when they exist.
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- else if include "dmo.peering" . }}
+# kopf peering (replicaCount > 1, cluster-wide): kopf watches ClusterKopfPeerings and
+# patches its own heartbeat into the release's one.
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings"]
+  verbs: ["list", "watch"]
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings"]
+  resourceNames: [{{ include "dmo.peeringName" . | quote }}]
+  verbs: ["patch"]
+{{- end }}
+{{- end }}
