@@ -87,6 +87,10 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   PodDisruptionBudget selecting the pod (429 TooManyRequests when it allows no
   disruption) and deletes the pod gracefully; a disruption controller keeps the
   budgets' status, as kube-controller-manager does.
+- ServiceAccounts (``serviceaccounts``): every namespace gets a ``default`` one (the
+  serviceaccount controller's job); ``serviceaccounts/token`` (TokenRequest) issues
+  JWTs signed by the emulator with kube's claims, optionally bound to a Pod, and
+  ``validate_service_account_token`` checks them as kube's validator does.
 
 - Mutating admission webhooks (``admission``): ``MutatingWebhookConfiguration`` validated
   and defaulted as the API server does; on CREATE and UPDATE the matching webhooks
@@ -99,7 +103,8 @@ Not emulated: server-side apply, validating admission webhooks, RBAC and authent
 access and token review resources are not served), ``pods/binding``, CEL rules,
 most of the validation code of built-in kinds, periodic watch bookmarks (one is sent
 when a watch reaches its timeout), the controllers but the garbage collector and the
-disruption controller (no Deployment makes a pod: a kubelet's job), and protobuf or
+disruption controller and the serviceaccount controller (no Deployment makes a pod: a kubelet's job),
+and protobuf or
 CBOR request bodies (answered 415): kubectl's imperative commands for built-in kinds (``create
 deployment``, ``expose``, ``run``, ``auth can-i``, ``drain``) send protobuf, so use
 ``kubectl apply -f`` (JSON) instead.
@@ -117,6 +122,8 @@ Where each part lives (modules named by concern):
   their OpenAPI schemas;
 - ``patches``: JSON, merge and strategic merge patches;
 - ``meta``: ObjectMeta fields and syntax; ``selectors``: label and field selectors;
+- ``serviceaccounts``: default ServiceAccounts, TokenRequest and token validation;
+  ``tokens``: the JWTs they are;
 - ``services``: cluster IP allocation; ``discovery``: discovery and OpenAPI documents;
 - ``tables``: kubectl's table output; ``resources``: what is served;
 - ``errors``: ``Status`` objects and field errors; ``wire``: request and response bodies.

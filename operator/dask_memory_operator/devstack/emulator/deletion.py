@@ -130,6 +130,7 @@ class Deletion:
                 try:
                     self._gc_pass()
                     self.update_disruption_budgets()
+                    self.update_default_service_accounts()
                 except Exception as e:  # an emulator bug: keep collecting, and let tests see it
                     logger.exception('The garbage collector failed.')
                     if self._errors:

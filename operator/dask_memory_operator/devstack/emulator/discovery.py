@@ -69,6 +69,8 @@ class Discovery:
                          'kind': kind, 'verbs': ['get', 'patch', 'update']}
                 if sub == 'scale':
                     entry.update(group='autoscaling', version='v1')
+                if sub == 'token':  # serviceaccounts/token takes a TokenRequest
+                    entry.update(kind='TokenRequest', group='authentication.k8s.io', version='v1', verbs=['create'])
                 resources.append(entry)
         return {'kind': 'APIResourceList', 'apiVersion': 'v1',
                 'groupVersion': f'{group}/{version}' if group else version, 'resources': resources}

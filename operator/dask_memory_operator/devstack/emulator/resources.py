@@ -35,6 +35,7 @@ CRD_RESOURCE = kmock.resource('apiextensions.k8s.io', 'v1', 'customresourcedefin
 NAMESPACES = kmock.resource('', 'v1', 'namespaces')
 SERVICES = kmock.resource('', 'v1', 'services')
 PODS = kmock.resource('', 'v1', 'pods')
+SERVICEACCOUNTS = kmock.resource('', 'v1', 'serviceaccounts')
 EVENTS = kmock.resource('', 'v1', 'events')
 CRD_FINALIZER = 'customresourcecleanup.apiextensions.k8s.io'
 VERBS = ['create', 'delete', 'deletecollection', 'get', 'list', 'patch', 'update', 'watch']

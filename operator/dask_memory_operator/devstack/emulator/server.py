@@ -20,10 +20,12 @@ from .discovery import Discovery
 from .errors import ApiError
 from .wire import json_response, load_body
 from .eviction import Eviction
-from .resources import BUILTIN_SCALE, PODS, VERBS, ResourceType, Target
+from .resources import BUILTIN_SCALE, PODS, SERVICEACCOUNTS, VERBS, ResourceType, Target
 from .schema import StructuralSchema
+from .serviceaccounts import ServiceAccounts
 from .services import ServiceIPs
 from .storage import Storage, WatchEvent
+from .tokens import ISSUER, TokenSigner
 from .tables import to_table
 from .writes import Writes
 
@@ -33,7 +35,7 @@ _MAX_REQUESTS = 5_000  # requests kept in kmock's request log (the sandbox runs 
 
 
 @attrs.define(kw_only=True)
-class KubeEmulator(Admission, Storage, Writes, Deletion, Eviction, ServiceIPs, Discovery, kmock.KubernetesEmulator):
+class KubeEmulator(Admission, ServiceAccounts, Storage, Writes, Deletion, Eviction, ServiceIPs, Discovery, kmock.KubernetesEmulator):
     """A kmock emulator with a real API server's semantics (see the package docstring).
 
     Each concern is a mixin in a module of its name; this class holds the state they
@@ -45,6 +47,8 @@ class KubeEmulator(Admission, Storage, Writes, Deletion, Eviction, ServiceIPs, D
     #: How many watch events are kept: a watch (or a list's continue token) from an older
     #: resourceVersion gets 410 Expired, and clients relist (the watch cache's window).
     watch_window: int = 10_000
+    #: The audiences a service-account token must name to be accepted (``--api-audiences``).
+    api_audiences: list[str] = attrs.field(factory=lambda: [ISSUER])
 
     _types: dict[tuple[str, str, str], ResourceType] = attrs.field(factory=dict, init=False)
     _rv: int = attrs.field(default=0, init=False)
@@ -54,6 +58,7 @@ class KubeEmulator(Admission, Storage, Writes, Deletion, Eviction, ServiceIPs, D
     _gc_wakeup: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _gc_task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
     _allocated_ips: set[str] = attrs.field(factory=set, init=False)
+    _token_signer: TokenSigner = attrs.field(factory=TokenSigner, init=False)
     #: Keys of deleted objects, oldest first: their histories are dropped after a while.
     _deleted_keys: collections.deque[tuple[Any, ...]] = attrs.field(factory=collections.deque, init=False)
 
@@ -227,7 +232,7 @@ class KubeEmulator(Admission, Storage, Writes, Deletion, Eviction, ServiceIPs, D
             group, version = ('', parts[1]) if parts[0] == 'api' else (parts[1], parts[2])
             return json_response(self._api_resource_list(group, version))
         target = self._parse_target(parts)
-        if target.subresource not in (None, 'status', 'scale', 'eviction'):
+        if target.subresource not in (None, 'status', 'scale', 'eviction', 'token'):
             raise ApiError(404, 'NotFound', 'the server could not find the requested resource')  # exec, log...
         params = request.params
         if method == 'GET' and params.get('watch') in ('true', '1'):
@@ -252,6 +257,8 @@ class KubeEmulator(Admission, Storage, Writes, Deletion, Eviction, ServiceIPs, D
                 return json_response(to_table(target.rtype, [obj], None) if as_table and not target.subresource else obj)
             if method == 'POST' and target.rtype.resource == PODS and target.subresource == 'eviction':
                 return json_response(self._evict(target, body), 201)
+            if method == 'POST' and target.rtype.resource == SERVICEACCOUNTS and target.subresource == 'token':
+                return json_response(self._request_token(target, body), 201)
             if method == 'POST' and target.name is None:
                 obj, warnings = self._create(target, body, params)
                 return self._respond((obj, hook_warnings + warnings), 201, target, params)
