@@ -222,7 +222,7 @@ def _program(argv0: str) -> list[str]:
     if re.fullmatch(r"python(3(\.\d+)?)?", base):
         return [sys.executable]
     raise UnsupportedContainer(
-        f"{argv0!r} is neither a dask, dask-memory-operator nor a python command; only those run as local processes"
+        f"{argv0!r} is neither a dask nor a python command (nor dask-memory-operator); only those run as local processes"
     )
 
 
@@ -988,23 +988,27 @@ class Kubelet:
     # -- reconciling -----------------------------------------------------------
 
     def _service_ip_for(self, labels: Mapping[str, str], namespace: str) -> tuple[str | None, bool]:
-        """The clusterIP of a Service selecting pods with these labels, when free (of
-        several, see _holding_preference); and whether it is held by a pod that is ending
-        (then the new pod waits for it, as a restarted scheduler must come back on its
-        Service's address)."""
-        ending = False
+        """The clusterIP a new pod with these labels takes, if any; and whether it must
+        wait for it (held by a pod that is ending: a restarted scheduler must come back
+        on its Service's address).
+
+        Of the Services selecting the pod (in the order of _holding_preference), the
+        first whose clusterIP no pod holds and that selects no other live pod: the
+        second replica of a Deployment gets a pod IP behind the proxy, rather than take
+        a second Service's address and with it all of that Service's connections."""
+        live = [r for r in self.all_runners()
+                if r.namespace == namespace and not r.stopping.is_set() and r.finished is None and r.failure is None]
         for svc in sorted(self.services.values(), key=_holding_preference):
             ip = svc.get("spec", {}).get("clusterIP")
-            if (
-                svc["metadata"]["namespace"] == namespace
-                and ip and ip != "None"
-                and selects(svc["spec"].get("selector"), labels)
-            ):
-                holder = self.ips_in_use.get(ip)
-                if holder is None:
-                    return ip, False
-                ending = ending or holder.stopping.is_set()
-        return None, ending
+            selector = svc["spec"].get("selector")
+            if svc["metadata"]["namespace"] != namespace or not ip or ip == "None" or not selects(selector, labels):
+                continue
+            holder = self.ips_in_use.get(ip)
+            if holder is not None and holder.stopping.is_set():
+                return None, True  # reconciled again when that pod is done
+            if holder is None and not any(selects(selector, r.labels) for r in live):
+                return ip, False
+        return None, False
 
     def _allocate_ip(self) -> str:
         for host in self.pod_cidr.hosts():

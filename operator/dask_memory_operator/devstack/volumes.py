@@ -113,11 +113,15 @@ class PodVolumes:
         return env
 
     def rewrite(self, text: str) -> str:
-        """``text`` with every mountPath (as a whole path prefix) replaced by its directory here."""
-        for mount_path, local in self.mounts:
-            prefix = mount_path.rstrip("/") or "/"
-            text = re.sub(re.escape(prefix) + r"(?=$|[/\s'\":;,=)\]}])", lambda _m, d=local: d, text)
-        return text
+        """``text`` with every mountPath (as a whole path prefix) replaced by its
+        directory here, in one pass (a replacement is not rewritten again), the longest
+        mountPath first."""
+        if not self.mounts:
+            return text
+        local = {m.rstrip("/") or "/": d for m, d in self.mounts}
+        alternatives = "|".join(re.escape(m) for m in sorted(local, key=len, reverse=True))
+        pattern = rf"(?<![\w.~-])({alternatives})(?=$|[/\s'\":;,=)\]}}])"
+        return re.sub(pattern, lambda m: local[m.group(1)], text)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -178,7 +182,10 @@ def projected_files(
 def object_data(kind: str, obj: Mapping[str, Any]) -> dict[str, bytes]:
     """The keys of a Secret (base64 ``data``, ``stringData`` is the API's) or ConfigMap."""
     if kind == "secret":
-        return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+        out = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+        # A real API server moves stringData into data on write; the emulator keeps it.
+        out.update({k: v.encode() for k, v in (obj.get("stringData") or {}).items()})
+        return out
     out = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
     out.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
     return out
