@@ -762,8 +762,9 @@ class PodRunner:
 
     async def _run_pre_stop(self, command: list[str], deadline: float) -> None:
         env = container_env(self.container, self.pod, self.ip)
+        rewrite = self.volumes.rewrite if self.volumes is not None else (lambda text: text)
         try:
-            argv = _program(command[0]) + [expand(a, env) for a in command[1:]] if command else []
+            argv = _program(command[0]) + [rewrite(expand(a, env)) for a in command[1:]] if command else []
         except UnsupportedContainer as exc:
             logger.warning("pod %s/%s: preStop hook not run: %s", self.namespace, self.name, exc)
             return
@@ -772,7 +773,7 @@ class PodRunner:
             log.write(f"=== process kubelet: preStop at {_now()}: {argv}\n".encode())
             log.flush()
             hook = await asyncio.create_subprocess_exec(
-                *argv, env=self.kubelet.process_env(self, env), stdin=asyncio.subprocess.DEVNULL,
+                *argv, env=self.kubelet.process_env(self, self._hook_env(env)), stdin=asyncio.subprocess.DEVNULL,
                 stdout=log, stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent,
                 cwd=self.kubelet.state_dir,
             )
@@ -783,6 +784,12 @@ class PodRunner:
             logger.warning("pod %s/%s: preStop hook still running after the grace period", self.namespace, self.name)
             os.killpg(hook.pid, signal.SIGKILL)
             await hook.wait()
+
+    def _hook_env(self, env: Mapping[str, str]) -> dict[str, str]:
+        """A hook runs in the container: its env with the volumes' paths and variables."""
+        if self.volumes is None:
+            return dict(env)
+        return {**self.volumes.env(), **{k: self.volumes.rewrite(v) for k, v in env.items()}}
 
     def _signal(self, sig: int) -> None:
         assert self.process is not None
@@ -1026,6 +1033,9 @@ class Kubelet:
     def _start_bare_pods(self) -> None:
         """Run the Pods others made (no Deployment of ours controls them) that are not
         bound elsewhere, not finished and not being deleted."""
+        for uid, runner in self.bare.items():
+            if uid not in self.pods and not runner.stopping.is_set():
+                runner.stop()  # deleted while the watch was down: gone from the new list
         for uid, pod in list(self.pods.items()):
             meta, spec = pod["metadata"], pod.get("spec") or {}
             if (
