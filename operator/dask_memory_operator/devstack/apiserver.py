@@ -2,14 +2,18 @@
 Run the Kubernetes API emulator over HTTP: in-process (``ApiServer``) or as a command.
 
     python -m dask_memory_operator.devstack.apiserver --port 0 --kubeconfig PATH [--crds DIR ...]
-        [--service-cidr CIDR] [--watch-window EVENTS]
+        [--service-cidr CIDR] [--watch-window EVENTS] [--audit-log-path PATH]
 
 The command serves on 127.0.0.1, applies the CRD yaml files found in the given
 folders, and only then writes a kubeconfig (server ``http://127.0.0.1:<port>``, one
 context, namespace ``default``) to PATH through a temporary file and a rename: a
 process polling for the file sees either nothing or a complete file of a server that
 answers. It serves until SIGTERM or SIGINT and then exits cleanly (watch streams are
-ended first, so no client is left hanging on them).
+ended first, so no client is left hanging on them). ``--audit-log-path`` appends the
+audit log, as kube-apiserver's flag of that name (JSON lines, level Metadata; see
+emulator/audit.py). The kubeconfig carries no credentials: such requests are the
+unrestricted admin; a service account's bearer token (TokenRequest) is authorized by
+RBAC (emulator/authn.py, emulator/rbac.py).
 """
 from __future__ import annotations
 
@@ -39,9 +43,11 @@ class ApiServer:
     """An emulated Kubernetes API server on 127.0.0.1, as an async context manager."""
 
     def __init__(self, port: int = 0, *, host: str = '127.0.0.1', service_cidr: str = '127.1.0.0/16',
-                 crd_dirs: Iterable[str | os.PathLike[str]] = (), watch_window: int = 10_000) -> None:
+                 crd_dirs: Iterable[str | os.PathLike[str]] = (), watch_window: int = 10_000,
+                 audit_log_path: str | os.PathLike[str] | None = None) -> None:
         #: The emulator: its ``objects`` and ``resources`` are there for assertions.
-        self.emulator: KubeEmulator = KubeEmulator(service_cidr=service_cidr, watch_window=watch_window)
+        self.emulator: KubeEmulator = KubeEmulator(service_cidr=service_cidr, watch_window=watch_window,
+                                                   audit_log_path=audit_log_path)
         self._host: str = host
         self._port: int = port
         self._crd_dirs: list[pathlib.Path] = [pathlib.Path(d) for d in crd_dirs]
@@ -106,12 +112,13 @@ def write_kubeconfig(path: pathlib.Path, url: str, namespace: str = 'default') -
 
 
 async def serve(port: int, kubeconfig: pathlib.Path, crd_dirs: list[str], service_cidr: str,
-                watch_window: int) -> None:
+                watch_window: int, audit_log_path: pathlib.Path | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with ApiServer(port, service_cidr=service_cidr, crd_dirs=crd_dirs, watch_window=watch_window) as server:
+    async with ApiServer(port, service_cidr=service_cidr, crd_dirs=crd_dirs, watch_window=watch_window,
+                         audit_log_path=audit_log_path) as server:
         write_kubeconfig(kubeconfig, server.url)
         print(f'Kubernetes API emulator serving at {server.url}', flush=True)
         await stop.wait()
@@ -129,8 +136,11 @@ def main(argv: list[str] | None = None) -> None:
                         help='where Service cluster IPs are allocated from')
     parser.add_argument('--watch-window', type=int, default=10_000, metavar='EVENTS',
                         help='watch events kept for resumption; older resourceVersions get 410 Expired')
+    parser.add_argument('--audit-log-path', type=pathlib.Path, metavar='PATH',
+                        help='append the audit log here (JSON lines of audit.k8s.io/v1 Events)')
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.port, args.kubeconfig, args.crds, args.service_cidr, args.watch_window))
+    asyncio.run(serve(args.port, args.kubeconfig, args.crds, args.service_cidr, args.watch_window,
+                      args.audit_log_path))
 
 
 if __name__ == '__main__':

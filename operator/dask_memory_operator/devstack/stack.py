@@ -26,7 +26,9 @@ sessions) and all bind on the one loopback: each reserves an address slot ``s``
 and pod IPs from ``127.2.s.0/24``, so that no worker joins another stack's scheduler.
 
 Logs: ``<state dir>/logs/<name>.log`` per stack process, ``<state dir>/pods/<ns>_<pod>.log``
-per pod.
+per pod; the API server's audit log (``--audit-log-path``, JSON lines of
+``audit.k8s.io/v1`` Events) is ``<state dir>/audit.log`` (:attr:`LocalStack.audit_log_path`,
+parsed by :meth:`LocalStack.audit_events`).
 """
 
 from __future__ import annotations
@@ -204,6 +206,23 @@ class LocalStack:
         return self.state_dir / "pods"
 
     @property
+    def audit_log_path(self) -> Path:
+        """The API server's audit log: one ``audit.k8s.io/v1`` Event per line (see emulator/audit.py)."""
+        return self.state_dir / "audit.log"
+
+    def audit_events(self) -> list[dict[str, Any]]:
+        """The audit log's events so far, oldest first (a line still being written is skipped)."""
+        if not self.audit_log_path.exists():
+            return []
+        events = []
+        for line in self.audit_log_path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue  # the last line, half written
+        return events
+
+    @property
     def hosts_file(self) -> Path:
         """The cluster DNS hosts file, kept by the kubelet."""
         return self.state_dir / "kubelet" / "cluster-hosts"
@@ -258,7 +277,8 @@ class LocalStack:
         if self.slot is None:
             self.slot = self._reserve_slot()
         argv = [sys.executable, "-m", "dask_memory_operator.devstack.apiserver", "--port", "0",
-                "--kubeconfig", str(self.kubeconfig), "--service-cidr", self.service_cidr]
+                "--kubeconfig", str(self.kubeconfig), "--service-cidr", self.service_cidr,
+                "--audit-log-path", str(self.audit_log_path)]
         for d in self.crd_dirs:
             argv += ["--crds", str(d)]
         apiserver = self.start_process("apiserver", argv, kubeconfig=False)

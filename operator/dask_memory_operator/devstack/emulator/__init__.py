@@ -91,6 +91,14 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   serviceaccount controller's job); ``serviceaccounts/token`` (TokenRequest) issues
   JWTs signed by the emulator with kube's claims, optionally bound to a Pod, and
   ``validate_service_account_token`` checks them as kube's validator does.
+- Authentication (``authn``): a bearer token of the emulator is its service account
+  (``system:serviceaccount:NS:NAME``), a refused one is 401 Unauthorized.
+- Authorization (``rbac``): kube's RBAC authorizer for those users, at the start of
+  every request (watches included): request attributes as kube's RequestInfoFactory,
+  ``rule_allows`` (kube's RuleAllows), (Cluster)RoleBindings, kube's 403 messages, the
+  bootstrap ClusterRoles of authenticated users as real objects, SelfSubjectAccessReview.
+- Audit (``audit``): one ``audit.k8s.io/v1`` Event per request at level Metadata, with
+  the authorization decision and reason, in memory and in ``audit_log_path``.
 
 - Mutating admission webhooks (``admission``): ``MutatingWebhookConfiguration`` validated
   and defaulted as the API server does; on CREATE and UPDATE the matching webhooks
@@ -99,12 +107,14 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   before validation and storage; denials and call failures (``failurePolicy``) answer
   with the API server's messages.
 
-Not emulated: server-side apply, validating admission webhooks, RBAC and authentication (the
-access and token review resources are not served), ``pods/binding``, CEL rules,
-most of the validation code of built-in kinds, periodic watch bookmarks (one is sent
-when a watch reaches its timeout), the controllers but the garbage collector and the
-disruption controller and the serviceaccount controller (no Deployment makes a pod: a kubelet's job),
-and protobuf or
+Not emulated: server-side apply, validating admission webhooks, authentication but
+service-account tokens (a request without credentials is the unrestricted admin), TLS
+(client-go sends a bearer token only over HTTPS: put a TLS listener in front, as
+tests/test_emulator_rbac.py does), TokenReview and SubjectAccessReview, ``pods/binding``,
+CEL rules, most of the validation code of built-in kinds, periodic watch bookmarks (one
+is sent when a watch reaches its timeout), the controllers but the garbage collector,
+the serviceaccount controller and the
+disruption controller (no Deployment makes a pod: a kubelet's job), and protobuf or
 CBOR request bodies (answered 415): kubectl's imperative commands for built-in kinds (``create
 deployment``, ``expose``, ``run``, ``auth can-i``, ``drain``) send protobuf, so use
 ``kubectl apply -f`` (JSON) instead.
@@ -123,7 +133,9 @@ Where each part lives (modules named by concern):
 - ``patches``: JSON, merge and strategic merge patches;
 - ``meta``: ObjectMeta fields and syntax; ``selectors``: label and field selectors;
 - ``serviceaccounts``: default ServiceAccounts, TokenRequest and token validation;
-  ``tokens``: the JWTs they are;
+  ``tokens``: the JWTs they are; ``authn``: who a request is; ``rbac``: what it may do;
+  ``audit``: the request front (authentication, authorization) and the audit log;
+  ``auth_protobuf``: the protobuf bodies of TokenRequest and SelfSubjectAccessReview;
 - ``services``: cluster IP allocation; ``discovery``: discovery and OpenAPI documents;
 - ``tables``: kubectl's table output; ``resources``: what is served;
 - ``errors``: ``Status`` objects and field errors; ``wire``: request and response bodies.
@@ -133,6 +145,7 @@ from __future__ import annotations
 from .errors import ApiError, FieldError
 from .jsonpath import eval_jsonpath
 from .patches import merge_patch, strategic_merge_patch
+from .rbac import RequestAttributes, attributes_of_audit_event, request_attributes, rule_allows
 from .resources import ResourceType
 from .schema import StructuralSchema
 from .selectors import LabelRequirement, parse_field_selector, parse_label_selector
@@ -140,7 +153,7 @@ from .server import KubeEmulator
 from .tables import human_duration
 
 __all__ = [
-    'ApiError', 'FieldError', 'KubeEmulator', 'LabelRequirement', 'ResourceType', 'StructuralSchema',
-    'eval_jsonpath', 'human_duration', 'merge_patch', 'parse_field_selector', 'parse_label_selector',
-    'strategic_merge_patch',
+    'ApiError', 'FieldError', 'KubeEmulator', 'LabelRequirement', 'RequestAttributes', 'ResourceType',
+    'StructuralSchema', 'attributes_of_audit_event', 'eval_jsonpath', 'human_duration', 'merge_patch',
+    'parse_field_selector', 'parse_label_selector', 'request_attributes', 'rule_allows', 'strategic_merge_patch',
 ]

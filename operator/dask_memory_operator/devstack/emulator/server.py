@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,13 +15,17 @@ import attrs
 import kmock
 from kmock._internal import rendering  # internals: kmock is pinned
 
+from . import auth_protobuf
 from .admission import Admission
+from .audit import Auditing
+from .authn import Authentication
 from .deletion import Deletion
 from .discovery import Discovery
 from .errors import ApiError
 from .wire import json_response, load_body
 from .eviction import Eviction
 from .resources import BUILTIN_SCALE, PODS, SERVICEACCOUNTS, VERBS, ResourceType, Target
+from .rbac import Authorization
 from .schema import StructuralSchema
 from .serviceaccounts import ServiceAccounts
 from .services import ServiceIPs
@@ -29,13 +34,16 @@ from .tokens import ISSUER, TokenSigner
 from .tables import to_table
 from .writes import Writes
 
-#: Groups of kmock's bundled resources that are not served: no authentication or RBAC here.
+#: Groups of kmock's bundled resources not served as stored kinds (the reviews are not objects;
+#: SelfSubjectAccessReview is answered by ``rbac``, TokenRequest is ``serviceaccounts/token``).
 _NOT_SERVED_GROUPS = {'authentication.k8s.io', 'authorization.k8s.io'}
+auth_protobuf.register()  # kubectl's protobuf TokenRequest and SelfSubjectAccessReview bodies
 _MAX_REQUESTS = 5_000  # requests kept in kmock's request log (the sandbox runs for hours)
 
 
 @attrs.define(kw_only=True)
-class KubeEmulator(Admission, ServiceAccounts, Storage, Writes, Deletion, Eviction, ServiceIPs, Discovery, kmock.KubernetesEmulator):
+class KubeEmulator(Auditing, Authentication, Authorization, Admission, ServiceAccounts, Storage, Writes, Deletion,
+                   Eviction, ServiceIPs, Discovery, kmock.KubernetesEmulator):
     """A kmock emulator with a real API server's semantics (see the package docstring).
 
     Each concern is a mixin in a module of its name; this class holds the state they
@@ -49,6 +57,10 @@ class KubeEmulator(Admission, ServiceAccounts, Storage, Writes, Deletion, Evicti
     watch_window: int = 10_000
     #: The audiences a service-account token must name to be accepted (``--api-audiences``).
     api_audiences: list[str] = attrs.field(factory=lambda: [ISSUER])
+    #: Where the audit log's JSON lines go (``--audit-log-path``); None: in memory only.
+    audit_log_path: str | os.PathLike[str] | None = None
+    #: How many audit events are kept in memory (``audit_events()``).
+    audit_memory: int = 10_000
 
     _types: dict[tuple[str, str, str], ResourceType] = attrs.field(factory=dict, init=False)
     _rv: int = attrs.field(default=0, init=False)
@@ -59,8 +71,14 @@ class KubeEmulator(Admission, ServiceAccounts, Storage, Writes, Deletion, Evicti
     _gc_task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
     _allocated_ips: set[str] = attrs.field(factory=set, init=False)
     _token_signer: TokenSigner = attrs.field(factory=TokenSigner, init=False)
+    _audit_file: Any = attrs.field(default=None, init=False)
+    _audit_memory: collections.deque[dict[str, Any]] = attrs.field(init=False)
     #: Keys of deleted objects, oldest first: their histories are dropped after a while.
     _deleted_keys: collections.deque[tuple[Any, ...]] = attrs.field(factory=collections.deque, init=False)
+
+    @_audit_memory.default
+    def _audit_memory_default(self) -> collections.deque[dict[str, Any]]:
+        return collections.deque(maxlen=self.audit_memory)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -71,6 +89,7 @@ class KubeEmulator(Admission, ServiceAccounts, Storage, Writes, Deletion, Evicti
             self._store_new(self._types['', 'v1', 'namespaces'], None, {
                 'apiVersion': 'v1', 'kind': 'Namespace', 'metadata': {'name': ns},
                 'spec': {'finalizers': ['kubernetes']}, 'status': {'phase': 'Active'}})
+        self._create_bootstrap_policy()
 
     # ------------------------------------------------------------- lifecycle
 
@@ -88,6 +107,7 @@ class KubeEmulator(Admission, ServiceAccounts, Storage, Writes, Deletion, Evicti
                 self._gc_task.cancel()
                 await asyncio.gather(self._gc_task, return_exceptions=True)
                 self._gc_task = None
+            self._close_audit_log()
         await super().__aexit__(*exc)
 
     async def stop_watches(self) -> None:
@@ -189,7 +209,7 @@ class KubeEmulator(Admission, ServiceAccounts, Storage, Writes, Deletion, Evicti
             del self._requests[:len(self._requests) - _MAX_REQUESTS // 2]
         self._requests.append(request)
         try:
-            return await self._handle(request)
+            return await self._serve(request)  # authentication, authorization and audit, then _handle
         except Exception as e:
             if not self._errors:
                 raise

@@ -229,6 +229,7 @@ class Storage:
         response = aiohttp.web.StreamResponse(headers={'Content-Type': 'application/json'})
         assert request._raw_request is not None
         await response.prepare(request._raw_request)
+        self._audit_response_started()
         async with self._lock:
             if since in ('', '0'):
                 initial = [{'type': 'ADDED', 'object': obj}

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 #: kube-apiserver's default issuer and API audience (``--service-account-issuer``,
@@ -74,7 +74,6 @@ class TokenSigner:
 
     def _key_id(self) -> str:
         """kube's key id: the base64url SHA-256 of the DER public key."""
-        from cryptography.hazmat.primitives import serialization
         der = self.key.public_key().public_bytes(serialization.Encoding.DER,
                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
         digest = hashes.Hash(hashes.SHA256())
