@@ -195,18 +195,30 @@ def test_a_deployment_behind_two_services_through_the_proxy(stack, ns):
 
 
 def test_a_pod_gets_its_service_accounts_credentials(stack, ns):
-    """A token from TokenRequest, bound to the pod, in a kubeconfig kr8s finds; the
-    token and namespace files at the standard path (rewritten); KUBERNETES_SERVICE_HOST.
+    """A token from TokenRequest, bound to the pod, in a kubeconfig kr8s finds, with
+    which the API authorizes the pod as its ServiceAccount (a RoleBinding grants get and list of ServiceAccounts, as kr8s gets by a list,
+    a list of Secrets is denied); the token and namespace files at the standard path
+    (rewritten); KUBERNETES_SERVICE_HOST.
     A pod of a ServiceAccount that does not exist stays ContainerCreating with a
     FailedMount Event until the account is created."""
     namespace = ns
     stack.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "reader"}}, namespace)
+    stack.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "sa-reader"},
+                 "rules": [{"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "list"]}]}, namespace)
+    stack.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "reader"},
+                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sa-reader"},
+                 "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}]}, namespace)
     script = (
         "import json, os, kr8s\n"
         "from kr8s.objects import ServiceAccount\n"
         "d = '/var/run/secrets/kubernetes.io/serviceaccount'\n"
-        "sa = ServiceAccount.get('reader', namespace=open(d + '/namespace').read())\n"
-        "print('RESULT', json.dumps({'sa': sa.name, 'token': open(d + '/token').read(),\n"
+        "ns = open(d + '/namespace').read()\n"
+        "sa = ServiceAccount.get('reader', namespace=ns)\n"
+        "try:\n"
+        "    list(kr8s.get('secrets', namespace=ns)); denied = None\n"
+        "except kr8s.ServerError as e:\n"
+        "    denied = e.response.json()['message']\n"
+        "print('RESULT', json.dumps({'sa': sa.name, 'token': open(d + '/token').read(), 'denied': denied,\n"
         "      'host': os.environ['KUBERNETES_SERVICE_HOST'], 'port': os.environ['KUBERNETES_SERVICE_PORT'],\n"
         "      'ca': os.path.exists(d + '/ca.crt')}), flush=True)\n"
     )
@@ -220,6 +232,9 @@ def test_a_pod_gets_its_service_accounts_credentials(stack, ns):
     assert pod["status"]["phase"] == "Succeeded", logs
     result = json.loads(logs.split("RESULT ", 1)[1].splitlines()[0])
     assert result["sa"] == "reader" and not result["ca"]
+    # The API sees the pod as its ServiceAccount: RBAC lets it get the account, not list secrets.
+    assert result["denied"] == (f'secrets is forbidden: User "system:serviceaccount:{namespace}:reader" cannot '
+                                f'list resource "secrets" in API group "" in the namespace "{namespace}"')
     assert f"{result['host']}:{result['port']}" == stack.api_url.removeprefix("http://")
     claims = json.loads(base64.urlsafe_b64decode(result["token"].split(".")[1] + "=="))
     assert claims["sub"] == f"system:serviceaccount:{namespace}:reader"
