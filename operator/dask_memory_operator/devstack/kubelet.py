@@ -1,54 +1,89 @@
-"""A process kubelet: runs the pods of Deployments as local processes.
+"""A process kubelet: runs the pods of Deployments, and bare Pods, as local processes.
 
 The local stack has an emulated Kubernetes API but no nodes. This module stands in
-for what a node and the Deployment controller do, just enough for dask-kubernetes'
-clusters to become real Dask processes on this machine:
+for what a node (kubelet, kube-proxy) and the Deployment controller do, just enough
+for dask-kubernetes' clusters and this project's operator (from its Helm chart) to
+become real processes on this machine:
 
-- It list-watches ``apps/v1`` Deployments, Services and Pods in all namespaces
-  through kr8s (the client dask-kubernetes uses) and reconciles: a Deployment with
-  ``spec.replicas = n`` gets ``n`` pods, each a Pod object (labels of the template,
-  ownerReference to the Deployment, ``status.phase``, ``podIP``, a ``Ready``
-  condition, ``containerStatuses[].restartCount``) and a local process for its
-  container. ``.status`` of the Deployment (replicas, readyReplicas,
+- It list-watches ``apps/v1`` Deployments, Services, Pods, Secrets and ConfigMaps in
+  all namespaces through kr8s (the client dask-kubernetes uses) and reconciles: a
+  Deployment with ``spec.replicas = n`` gets ``n`` pods, each a Pod object (labels of
+  the template, ownerReference to the Deployment, ``spec.nodeName``) and a local
+  process for its container. ``.status`` of the Deployment (replicas, readyReplicas,
   availableReplicas, updatedReplicas, observedGeneration) is kept up to date. A
   change of the pod template replaces the pods (the ``Recreate`` strategy: the
   old pods are gone before the new ones start, as they would bind the same address).
+- Pods made by others (no Deployment controls them: a bare Pod, a ``helm test`` hook,
+  a DaskJob's runner) are run too, when not bound to another node and not finished.
+  There is no scheduler and the API has no ``pods/binding``, so they stay unbound:
+  their deletion is immediate in the API, and the kubelet then stops the process
+  with the pod's grace period. Their Pod object stays when the container ends.
+- Every Pod's ``status``: ``phase`` Pending (volumes, ContainerCreating) → Running →
+  Succeeded/Failed, ``startTime``, ``podIP``, ``Ready``/``ContainersReady``
+  conditions (reason PodCompleted once ended), ``containerStatuses[]`` with
+  ``restartCount``, ``state`` (waiting ContainerCreating/CrashLoopBackOff, running,
+  terminated ``{exitCode, reason: Completed|Error, startedAt, finishedAt}``) and
+  ``lastState``. ``restartPolicy`` Always restarts the container with a back-off
+  (restarts are counted), OnFailure only after a non-zero exit, Never not at all; a
+  process killed by signal N exits with 128+N, as a runtime reports it.
 - A container is started like a kubelet starts it: its env (``value`` and
-  ``valueFrom.fieldRef``), ``$(VAR)`` expansion in command and args, restart
-  policy Always with a back-off (restarts are counted), and on deletion or scale
-  down the ``preStop`` exec hook, SIGTERM, and SIGKILL of the whole process group
-  once ``terminationGracePeriodSeconds`` (default 30) have passed. Deleting a Pod
-  object stops its process and the Deployment gets a new pod.
+  ``valueFrom.fieldRef``), ``$(VAR)`` expansion in command and args, and on deletion
+  or scale down the ``preStop`` exec hook, SIGTERM, and SIGKILL of the whole process
+  group once ``terminationGracePeriodSeconds`` (default 30) have passed. Deleting a
+  Pod object stops its process and the Deployment gets a new pod.
+- Volumes (Secret, ConfigMap, emptyDir, hostPath) and service-account credentials
+  (a bound token through the TokenRequest API, when the API serves it and
+  ``automountServiceAccountToken`` of the pod, else of its ServiceAccount, is not
+  false) are set up before the container starts, in ``<state-dir>/pods/<uid>/``; a
+  missing Secret or ServiceAccount keeps the pod ContainerCreating with a
+  ``FailedMount`` Event, retried. Processes share one filesystem, so mountPaths are
+  rewritten in the container's command, args and env to the pod's directories, and
+  the credentials come as ``KUBECONFIG``: see :mod:`.volumes` for what that means.
 - Only what can run here runs: ``dask scheduler``/``dask-scheduler``/``dask worker``/
-  ``dask-worker`` and ``python`` commands, started with the ``dask`` script and the
-  Python of this venv. Any other container makes the pod ``Failed`` with the
-  reason ``UnsupportedContainer``; the image is ignored.
+  ``dask-worker``, ``dask-memory-operator`` (this project's console script, which
+  its image runs) and ``python`` commands, started with the scripts and the Python of
+  this venv. Any other container makes the pod ``Failed`` with the reason
+  ``UnsupportedContainer``; the image is ignored. Pods of more than one container,
+  init containers and ephemeral containers are not run.
 
 Networking without network namespaces: every pod gets a pod IP on loopback from
-127.2.0.0/16 (a /24 of it per stack, see stack.py) and Dask is told to listen there (``--host`` is replaced or added,
-``--dashboard-address`` is moved to the pod IP keeping its port). There is no
-kube-proxy; instead a pod selected by a Service gets the Service's clusterIP
+127.2.0.0/16 (a /24 of it per stack, see stack.py) and Dask is told to listen there
+(``--host`` is replaced or added, ``--dashboard-address`` is moved to the pod IP
+keeping its port). A pod selected by a Service gets the Service's clusterIP
 (allocated by the API server from 127.1.0.0/16) as its pod IP, so a scheduler binds
 ``<clusterIP>:8786`` and its dashboard ``<clusterIP>:8787`` and the Service's
-address reaches it directly. Only one pod per Service can hold its clusterIP; a
+address reaches it directly. Only one pod can hold a clusterIP; when several
+Services select a pod, it holds the one :func:`_holding_preference` picks. A
 scheduler pod (label ``dask.org/component=scheduler``) waits a few seconds for its
 Service, which dask-kubernetes creates right after the Deployment, and a pod that
-replaces one holding a clusterIP waits until the old one is gone. Names resolve
-through :mod:`dask_memory_operator.devstack.dns`: the kubelet writes the hosts file
-of all Services and starts every process with that resolver installed.
+replaces one holding a clusterIP waits until the old one is gone. Every other
+Service port (another Service of the same pod, ``port`` != ``targetPort``, the
+second replica) is served by a userspace kube-proxy (:mod:`.proxy`) that forwards
+``clusterIP:port`` to a ready pod's ``podIP:targetPort`` (numeric or a named
+container port), the endpoints being this kubelet's ready pods that the Service
+selects. Names resolve through :mod:`dask_memory_operator.devstack.dns`: the
+kubelet writes the hosts file of all Services and starts every process with that
+resolver installed.
 
 A worker in a pod sees its cgroup memory limit; here ``resources.limits.memory``
 becomes ``--memory-limit`` unless the args give one.
 
-Readiness: a pod is Ready once its ``readinessProbe`` (httpGet or tcpSocket) passes
-for the first time, polled every 0.5 s; without a probe, or with an exec probe, once
-its process runs. It stays Ready until the process exits (no liveness probes).
-Only Deployments are run: bare Pods created by others (a DaskJob's runner) are not.
+Probes: a pod is Ready once its ``readinessProbe`` (httpGet or tcpSocket) passes for
+the first time, polled every 0.5 s; without a probe, or with an exec probe, once its
+process runs; it stays Ready until the process exits (readiness is not probed again).
+A ``livenessProbe`` (httpGet or tcpSocket) is probed every ``periodSeconds`` after
+``initialDelaySeconds``; after ``failureThreshold`` failures in a row the container
+is stopped (preStop, SIGTERM, grace period) and restarted as its restartPolicy says,
+with ``Unhealthy`` and ``Killing`` Events. Startup and exec probes are not run.
 
-Each process gets the kubelet's environment without ``DASK_*`` and ``KUBECONFIG``,
-plus ``HOSTNAME=<pod>``, ``DMO_POD=<namespace>/<pod>`` (how the stack finds a pod's
-processes), the cluster DNS, and the container's own env. Each pod's stdout and
-stderr go to ``<log-dir>/<namespace>_<pod>.log``.
+Each process gets the kubelet's environment without ``DASK_*``, ``KUBERNETES_*``
+and ``KUBECONFIG``, plus ``HOSTNAME=<pod>``, ``DMO_POD=<namespace>/<pod>`` (how the
+stack finds a pod's processes), the cluster DNS, the ``kubernetes`` Service's
+variables a kubelet injects (``KUBERNETES_SERVICE_HOST``/``KUBERNETES_SERVICE_PORT``
+/``KUBERNETES_PORT*``: the emulated API's address, plain HTTP; the per-Service
+variables of ``enableServiceLinks`` are not set), ``KUBECONFIG`` when the pod has
+credentials, ``TMPDIR`` when a volume is mounted at ``/tmp``, and the container's own
+env. Each pod's stdout and stderr go to ``<log-dir>/<namespace>_<pod>.log``.
 """
 
 from __future__ import annotations
@@ -64,8 +99,10 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -73,10 +110,12 @@ from typing import Any
 import httpx
 import kr8s
 import kr8s.asyncio
-from kr8s.asyncio.objects import Deployment, Pod, Service
+from kr8s.asyncio.objects import ConfigMap, Deployment, Pod, Secret, Service
 from kubernetes.utils.quantity import parse_quantity
 
 from dask_memory_operator.devstack import dns
+from dask_memory_operator.devstack import volumes as pod_volumes
+from dask_memory_operator.devstack.proxy import Address, Endpoints, UserspaceProxy
 
 logger = logging.getLogger("dask_memory_operator.kubelet")
 
@@ -88,6 +127,8 @@ NODE_NAME = "process-kubelet"
 #: Scripts next to the interpreter of this venv.
 BIN_DIR = Path(sys.executable).parent
 DASK_SCRIPT = str(BIN_DIR / "dask")
+#: This project's console script: the operator's image runs it.
+OPERATOR_SCRIPT = str(BIN_DIR / "dask-memory-operator")
 #: Restart back-off: first delay, cap, and how long a container must run to reset it.
 BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 0.5, 10.0, 10.0
 #: Seconds before a deleted pod is replaced (see Kubelet._on_pod_event).
@@ -176,10 +217,12 @@ def _program(argv0: str) -> list[str]:
         return [DASK_SCRIPT]
     if base in ("dask-scheduler", "dask-worker"):
         return [DASK_SCRIPT, base.split("-", 1)[1]]
+    if base == "dask-memory-operator":
+        return [OPERATOR_SCRIPT]
     if re.fullmatch(r"python(3(\.\d+)?)?", base):
         return [sys.executable]
     raise UnsupportedContainer(
-        f"{argv0!r} is neither a dask nor a python command; only those run as local processes"
+        f"{argv0!r} is neither a dask nor a python command (nor dask-memory-operator); only those run as local processes"
     )
 
 
@@ -235,6 +278,18 @@ def template_hash(template: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def _holding_preference(svc: Mapping[str, Any]) -> tuple[bool, str, str]:
+    """Which of several Services selecting a pod gives it its clusterIP: one with a port
+    whose numeric targetPort differs from it first, then the oldest. A client that dials
+    ``clusterIP:targetPort`` without the proxy (the emulated API server calling a
+    webhook Service) reaches the pod only when it holds that clusterIP; every other
+    port is proxied either way."""
+    remapped = any(isinstance(p.get("targetPort"), int) and p["targetPort"] != p.get("port")
+                   for p in (svc.get("spec") or {}).get("ports") or [])
+    meta = svc["metadata"]
+    return not remapped, meta.get("creationTimestamp") or "", meta["name"]
+
+
 def selects(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bool:
     """Whether a Service's selector selects a pod with these labels."""
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
@@ -244,14 +299,56 @@ def selects(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bo
 # One pod
 
 
+def pod_from_deployment(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    """A new Pod of a Deployment's template, as its ReplicaSet would make it (bound here)."""
+    template = deployment["spec"]["template"]
+    thash = template_hash(template)
+    meta = deployment["metadata"]
+    spec = json.loads(json.dumps(template.get("spec") or {}))
+    spec["nodeName"] = NODE_NAME
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{meta['name']}-{thash}-{secrets.token_hex(3)[:5]}",
+            "namespace": meta["namespace"],
+            "labels": {**(template.get("metadata") or {}).get("labels", {}), "pod-template-hash": thash},
+            "annotations": dict((template.get("metadata") or {}).get("annotations") or {}),
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": spec,
+    }
+
+
+def made_by_deployment(pod: Mapping[str, Any]) -> bool:
+    """Whether a Pod is one this kubelet's Deployment controller made (its controller is a Deployment)."""
+    return any(ref.get("controller") and ref.get("kind") == "Deployment"
+               for ref in pod["metadata"].get("ownerReferences") or [])
+
+
+def exit_code(returncode: int) -> int:
+    """A container's exit code as Kubernetes reports it: 128 + signal when killed."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 class PodRunner:
-    """One pod: its Pod object, its IP and its container's process, restarted until stopped."""
+    """One pod: its Pod object, its IP, volumes and container process, restarted as its
+    restartPolicy says until stopped."""
 
     #: The kubelet that runs it.
     kubelet: Kubelet
-    #: The owning Deployment (as seen when the pod was created).
-    deployment: dict[str, Any]
-    #: Hash of the pod template this pod runs.
+    #: The owning Deployment (as seen when the pod was created); None for a Pod made by others.
+    deployment: dict[str, Any] | None
+    #: Hash of the pod template this pod runs (of a Deployment's pods).
     template_hash: str
     #: The Pod object as last written.
     pod: dict[str, Any]
@@ -269,39 +366,18 @@ class PodRunner:
     ready: bool
     #: Failed: the container cannot run here (reason, message).
     failure: tuple[str, str] | None
+    #: The container ended for good (restartPolicy Never/OnFailure): its terminated state.
+    finished: dict[str, Any] | None
+    #: The pod's volumes, once set up.
+    volumes: pod_volumes.PodVolumes | None
     #: The task of run().
     task: asyncio.Task | None
 
-    def __init__(self, kubelet: Kubelet, deployment: dict[str, Any], ip: str):
+    def __init__(self, kubelet: Kubelet, pod: dict[str, Any], ip: str, deployment: dict[str, Any] | None = None):
         self.kubelet = kubelet
         self.deployment = deployment
-        template = deployment["spec"]["template"]
-        self.template_hash = template_hash(template)
-        meta = deployment["metadata"]
-        name = f"{meta['name']}-{self.template_hash}-{secrets.token_hex(3)[:5]}"
-        spec = json.loads(json.dumps(template.get("spec") or {}))
-        spec["nodeName"] = NODE_NAME
-        self.pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": name,
-                "namespace": meta["namespace"],
-                "labels": {**(template.get("metadata") or {}).get("labels", {}), "pod-template-hash": self.template_hash},
-                "annotations": dict((template.get("metadata") or {}).get("annotations") or {}),
-                "ownerReferences": [
-                    {
-                        "apiVersion": "apps/v1",
-                        "kind": "Deployment",
-                        "name": meta["name"],
-                        "uid": meta["uid"],
-                        "controller": True,
-                        "blockOwnerDeletion": True,
-                    }
-                ],
-            },
-            "spec": spec,
-        }
+        self.template_hash = template_hash(deployment["spec"]["template"]) if deployment else ""
+        self.pod = pod
         self.ip = ip
         self.stopping = asyncio.Event()
         self.done = asyncio.Event()
@@ -309,12 +385,15 @@ class PodRunner:
         self.restart_count = 0
         self.ready = False
         self.failure = None
+        self.finished = None
+        self.volumes = None
         self.task = None
-        self._grace: float = float(spec.get("terminationGracePeriodSeconds", 30))
+        self._grace: float = float(pod["spec"].get("terminationGracePeriodSeconds", 30))
         self._skip_hooks = False
         self._started_at = _now()
         self._process_started_at = ""
         self._last_state: dict[str, Any] = {}
+        self._events: dict[tuple[str, str], tuple[str, int]] = {}
 
     @property
     def name(self) -> str:
@@ -329,12 +408,29 @@ class PodRunner:
         return self.pod["metadata"].get("uid")
 
     @property
+    def labels(self) -> dict[str, str]:
+        return self.pod["metadata"].get("labels") or {}
+
+    @property
     def container(self) -> dict[str, Any]:
         return self.pod["spec"]["containers"][0]
 
     @property
+    def restart_policy(self) -> str:
+        return self.pod["spec"].get("restartPolicy", "Always")
+
+    @property
     def log_path(self) -> Path:
         return self.kubelet.log_dir / f"{self.namespace}_{self.name}.log"
+
+    def port_number(self, port: int | str) -> int | None:
+        """A numeric port, or the containerPort of that name (None: no such port)."""
+        if isinstance(port, int) or str(port).isdigit():
+            return int(port)
+        for p in self.container.get("ports") or []:
+            if p.get("name") == port:
+                return int(p["containerPort"])
+        return None
 
     # -- the Pod object --------------------------------------------------------
 
@@ -349,24 +445,23 @@ class PodRunner:
             "started": self.process is not None,
             "lastState": self._last_state,
         }
-        conditions = [
-            {"type": "PodScheduled", "status": "True"},
-            {"type": "Initialized", "status": "True"},
-        ]
         ready = "True" if self.ready else "False"
-        conditions += [{"type": "ContainersReady", "status": ready}, {"type": "Ready", "status": ready}]
         status: dict[str, Any] = {
             "hostIP": "127.0.0.1",
             "hostIPs": [{"ip": "127.0.0.1"}],
             "podIP": self.ip,
             "podIPs": [{"ip": self.ip}],
             "startTime": self._started_at,
-            "conditions": conditions,
         }
+        ready_condition: dict[str, Any] = {"status": ready}
         if self.failure is not None:
             reason, message = self.failure
             status.update(phase="Failed", reason=reason, message=message)
             cstatus["state"] = {"waiting": {"reason": reason, "message": message}}
+        elif self.finished is not None:
+            status["phase"] = "Succeeded" if self.finished["exitCode"] == 0 else "Failed"
+            cstatus["state"] = {"terminated": self.finished}
+            ready_condition["reason"] = "PodCompleted"
         elif self.process is not None:
             status["phase"] = "Running"
             cstatus["containerID"] = f"process://{self.process.pid}"
@@ -375,6 +470,14 @@ class PodRunner:
             status["phase"] = "Running" if self.restart_count else "Pending"
             reason = "CrashLoopBackOff" if self.restart_count else "ContainerCreating"
             cstatus["state"] = {"waiting": {"reason": reason}}
+            if not self.restart_count:
+                ready_condition["reason"] = "ContainersNotReady"
+        status["conditions"] = [
+            {"type": "PodScheduled", "status": "True"},
+            {"type": "Initialized", "status": "True"},
+            {"type": "ContainersReady", **ready_condition},
+            {"type": "Ready", **ready_condition},
+        ]
         status["containerStatuses"] = [cstatus]
         return status
 
@@ -389,41 +492,129 @@ class PodRunner:
             return
         self.kubelet.changed()
 
+    async def event(self, reason: str, message: str, type_: str = "Warning") -> None:
+        """Report an Event about the pod, as the kubelet does (a repeated one counts up)."""
+        key = (reason, message)
+        now = _now()
+        try:
+            if key in self._events:
+                name, count = self._events[key]
+                self._events[key] = (name, count + 1)
+                async with self.kubelet.api.call_api(
+                    "PATCH", version="v1", namespace=self.namespace, url=f"events/{name}",
+                    json={"count": count + 1, "lastTimestamp": now},
+                    headers={"Content-Type": "application/merge-patch+json"}, raise_for_status=False,
+                ):
+                    return
+            name = f"{self.name}.{secrets.token_hex(8)}"
+            self._events[key] = (name, 1)
+            body = {
+                "apiVersion": "v1", "kind": "Event",
+                "metadata": {"name": name, "namespace": self.namespace},
+                "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": self.namespace,
+                                   "name": self.name, "uid": self.uid},
+                "reason": reason, "message": message, "type": type_, "count": 1,
+                "firstTimestamp": now, "lastTimestamp": now,
+                "source": {"component": "kubelet", "host": NODE_NAME},
+                "reportingComponent": "kubelet", "reportingInstance": NODE_NAME,
+            }
+            async with self.kubelet.api.call_api("POST", version="v1", namespace=self.namespace, url="events",
+                                                 json=body, raise_for_status=False):
+                pass
+        except Exception:
+            logger.exception("pod %s/%s: could not report event %s", self.namespace, self.name, reason)
+
     # -- lifecycle -------------------------------------------------------------
 
     async def run(self) -> None:
-        try:
-            obj = Pod(json.loads(json.dumps(self.pod)), api=self.kubelet.api)
-            await obj.create()
-            self.pod = obj.raw
-        except Exception:
-            # Left to the next reconcile, which makes a new pod.
-            logger.exception("could not create pod %s/%s", self.namespace, self.name)
-            await asyncio.sleep(1.0)
-            self.done.set()
-            self.kubelet.changed()
-            return
+        if self.deployment is not None:
+            try:
+                obj = Pod(json.loads(json.dumps(self.pod)), api=self.kubelet.api)
+                await obj.create()
+                self.pod = obj.raw
+            except Exception:
+                # Left to the next reconcile, which makes a new pod.
+                logger.exception("could not create pod %s/%s", self.namespace, self.name)
+                await asyncio.sleep(1.0)
+                self.done.set()
+                self.kubelet.changed()
+                return
+        refresh: asyncio.Task | None = None
         try:
             await self._publish()
             if len(self.pod["spec"].get("containers", [])) != 1:
                 self.failure = ("UnsupportedContainer", "the process kubelet runs pods of exactly one container")
-            else:
+            elif await self._mount_volumes():
+                refresh = asyncio.create_task(self._refresh_token())
                 await self._run_container()
             if self.failure is not None:
                 logger.warning("pod %s/%s failed: %s", self.namespace, self.name, self.failure[1])
-                await self._publish()
-                await self.stopping.wait()
+            await self._publish()
+            await self.stopping.wait()
         except Exception:
             logger.exception("pod %s/%s crashed in the kubelet", self.namespace, self.name)
             await self.stopping.wait()
         finally:
+            if refresh is not None:
+                refresh.cancel()
             await self._delete()
 
-    async def _run_container(self) -> None:
+    async def _mount_volumes(self) -> bool:
+        """Set the volumes up, retrying as the kubelet's volume manager does while one
+        cannot be had (FailedMount); False when the pod is to stop or cannot run."""
+        delay = 0.5
+        while not self.stopping.is_set():
+            try:
+                self.volumes = await pod_volumes.mount_volumes(
+                    self.kubelet.api, self.pod, self.kubelet.pod_dir(self.uid or self.name),
+                    self.kubelet.server, credentials=self.kubelet.token_requests,
+                )
+                return True
+            except pod_volumes.UnsupportedVolume as exc:
+                self.failure = ("UnsupportedContainer", str(exc))
+                return False
+            except pod_volumes.MountError as exc:
+                logger.warning("pod %s/%s: %s", self.namespace, self.name, exc)
+                await self.event("FailedMount", str(exc))
+                await self._publish()
+            try:
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            except TimeoutError:
+                pass
+            delay = min(2 * delay, 8.0)
+        return False
+
+    async def _refresh_token(self) -> None:
+        """Request the service-account token again at 80% of its lifetime."""
+        while self.volumes is not None and self.volumes.token_refresh_at is not None:
+            await asyncio.sleep(max(self.volumes.token_refresh_at - time.monotonic(), 1.0))
+            try:
+                await pod_volumes.refresh_token(self.kubelet.api, self.pod, self.volumes, self.kubelet.server)
+            except Exception as exc:
+                logger.warning("pod %s/%s: token refresh failed: %s", self.namespace, self.name, exc)
+                self.volumes.token_refresh_at = time.monotonic() + 10.0
+
+    def _command(self) -> tuple[list[str], dict[str, str], Path]:
+        """argv, env and working directory of the container, its mountPaths rewritten."""
+        assert self.volumes is not None
         container = self.container
+        rewrite = self.volumes.rewrite
+        env = {k: rewrite(v) for k, v in container_env(container, self.pod, self.ip).items()}
+        argv = container_argv(container, env, self.ip)
+        argv = argv[:1] + [rewrite(a) for a in argv[1:]]
+        cwd = self.kubelet.state_dir
+        if container.get("workingDir") and Path(rewrite(container["workingDir"])).is_dir():
+            cwd = Path(rewrite(container["workingDir"]))
+        return argv, {**self.volumes.env(), **env}, cwd
+
+    def _restarts(self, code: int) -> bool:
+        """Whether the container is started again after exiting with ``code``."""
+        policy = self.restart_policy
+        return policy == "Always" or (policy == "OnFailure" and code != 0)
+
+    async def _run_container(self) -> None:
         try:
-            env = container_env(container, self.pod, self.ip)
-            argv = container_argv(container, env, self.ip)
+            argv, env, cwd = self._command()
         except UnsupportedContainer as exc:
             self.failure = ("UnsupportedContainer", str(exc))
             return
@@ -437,31 +628,44 @@ class PodRunner:
                 log.flush()
                 self.process = await asyncio.create_subprocess_exec(
                     *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log,
-                    stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent,
-                    cwd=self.kubelet.state_dir,
+                    stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent, cwd=cwd,
                 )
             self._process_started_at = _now()
             logger.info("pod %s/%s: started pid %d: %s", self.namespace, self.name, self.process.pid, argv)
             await self._publish()
             probe = asyncio.create_task(self._probe_readiness())
+            liveness = asyncio.create_task(self._probe_liveness())
             exited = asyncio.create_task(self.process.wait())
             stop = asyncio.create_task(self.stopping.wait())
-            await asyncio.wait([exited, stop], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([exited, stop, liveness], return_when=asyncio.FIRST_COMPLETED)
             probe.cancel()
-            if not exited.done():
-                stop.cancel()
+            if not exited.done() and stop.done():
+                liveness.cancel()
                 await self._terminate()
                 await exited
                 self._kill_group()
                 return
+            if not exited.done():
+                # The liveness probe failed: the container is killed and restarted as its policy says.
+                stop.cancel()
+                await self.event("Killing", f"Container {self.container.get('name', 'main')} failed liveness "
+                                 "probe, will be restarted", "Normal")
+                await self._terminate()
+                await exited
             stop.cancel()
+            liveness.cancel()
             self._kill_group()
-            code = self.process.returncode
+            code = exit_code(self.process.returncode)
             logger.info("pod %s/%s: process exited with %s", self.namespace, self.name, code)
-            self._last_state = {"terminated": {"exitCode": code, "finishedAt": _now(),
-                                               "reason": "Completed" if code == 0 else "Error"}}
+            terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                          "startedAt": self._process_started_at, "finishedAt": _now(),
+                          "containerID": f"process://{self.process.pid}"}
             self.process = None
             self.ready = False
+            if not self._restarts(code):
+                self.finished = terminated
+                return
+            self._last_state = {"terminated": terminated}
             self.restart_count += 1
             await self._publish()
             if loop.time() - began > BACKOFF_RESET:
@@ -488,27 +692,51 @@ class PodRunner:
                 return
             await asyncio.sleep(period)
 
+    async def _probe_liveness(self) -> None:
+        """Returns once the livenessProbe (httpGet, tcpSocket) failed failureThreshold
+        times in a row, probing every periodSeconds after initialDelaySeconds; never
+        without such a probe."""
+        probe = self.container.get("livenessProbe") or {}
+        if "httpGet" not in probe and "tcpSocket" not in probe:
+            await asyncio.Event().wait()
+        await asyncio.sleep(float(probe.get("initialDelaySeconds", 0)))
+        period = float(probe.get("periodSeconds", 10))
+        threshold = int(probe.get("failureThreshold", 3))
+        failures = 0
+        while True:
+            try:
+                passed = await self._probe_once(probe)
+            except UnsupportedContainer as exc:
+                logger.warning("pod %s/%s: liveness probe not run: %s", self.namespace, self.name, exc)
+                await asyncio.Event().wait()
+            failures = 0 if passed else failures + 1
+            if failures:
+                await self.event("Unhealthy", f"Liveness probe failed ({failures}/{threshold})")
+            if failures >= threshold:
+                return
+            await asyncio.sleep(period)
+
     def _port(self, port: int | str) -> int:
-        if isinstance(port, int) or str(port).isdigit():
-            return int(port)
-        for p in self.container.get("ports") or []:
-            if p.get("name") == port:
-                return int(p["containerPort"])
-        raise UnsupportedContainer(f"probe port {port!r} is not a port of the container")
+        number = self.port_number(port)
+        if number is None:
+            raise UnsupportedContainer(f"probe port {port!r} is not a port of the container")
+        return number
 
     async def _probe_once(self, probe: Mapping[str, Any]) -> bool:
+        timeout = float(probe.get("timeoutSeconds", 1))
         if "httpGet" in probe:
             get = probe["httpGet"]
             url = f"http://{self.ip}:{self._port(get['port'])}{get.get('path', '/')}"
             try:
-                async with httpx.AsyncClient(timeout=1.0) as client:
+                async with httpx.AsyncClient(timeout=timeout) as client:
                     return (await client.get(url)).status_code < 400
             except httpx.HTTPError:
                 return False
         if "tcpSocket" in probe:
             try:
-                _, writer = await asyncio.open_connection(self.ip, self._port(probe["tcpSocket"]["port"]))
-            except OSError:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.ip, self._port(probe["tcpSocket"]["port"])), timeout)
+            except (OSError, TimeoutError):
                 return False
             writer.close()
             return True
@@ -534,8 +762,9 @@ class PodRunner:
 
     async def _run_pre_stop(self, command: list[str], deadline: float) -> None:
         env = container_env(self.container, self.pod, self.ip)
+        rewrite = self.volumes.rewrite if self.volumes is not None else (lambda text: text)
         try:
-            argv = _program(command[0]) + [expand(a, env) for a in command[1:]] if command else []
+            argv = _program(command[0]) + [rewrite(expand(a, env)) for a in command[1:]] if command else []
         except UnsupportedContainer as exc:
             logger.warning("pod %s/%s: preStop hook not run: %s", self.namespace, self.name, exc)
             return
@@ -544,7 +773,7 @@ class PodRunner:
             log.write(f"=== process kubelet: preStop at {_now()}: {argv}\n".encode())
             log.flush()
             hook = await asyncio.create_subprocess_exec(
-                *argv, env=self.kubelet.process_env(self, env), stdin=asyncio.subprocess.DEVNULL,
+                *argv, env=self.kubelet.process_env(self, self._hook_env(env)), stdin=asyncio.subprocess.DEVNULL,
                 stdout=log, stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent,
                 cwd=self.kubelet.state_dir,
             )
@@ -555,6 +784,12 @@ class PodRunner:
             logger.warning("pod %s/%s: preStop hook still running after the grace period", self.namespace, self.name)
             os.killpg(hook.pid, signal.SIGKILL)
             await hook.wait()
+
+    def _hook_env(self, env: Mapping[str, str]) -> dict[str, str]:
+        """A hook runs in the container: its env with the volumes' paths and variables."""
+        if self.volumes is None:
+            return dict(env)
+        return {**self.volumes.env(), **{k: self.volumes.rewrite(v) for k, v in env.items()}}
 
     def _signal(self, sig: int) -> None:
         assert self.process is not None
@@ -589,6 +824,8 @@ class PodRunner:
                 pass
             except Exception:
                 logger.exception("pod %s/%s: could not delete the Pod object", self.namespace, self.name)
+        if not self.kubelet.shutting_down:
+            shutil.rmtree(self.kubelet.pod_dir(self.uid or self.name), ignore_errors=True)
         self.done.set()
         self.kubelet.changed()
 
@@ -613,6 +850,16 @@ class Kubelet:
     services: dict[str, dict[str, Any]]
     #: Pods by Deployment uid; stopped pods leave once done.
     runners: dict[str, list[PodRunner]]
+    #: Pods made by others (bare Pods, a DaskJob's runner), by Pod uid.
+    bare: dict[str, PodRunner]
+    #: Cached Pods by uid (all of them, not only this kubelet's).
+    pods: dict[str, dict[str, Any]]
+    #: The API server's URL, as pods are told it (KUBERNETES_SERVICE_HOST, their kubeconfig).
+    server: str
+    #: Whether the API serves TokenRequest (serviceaccounts/token): pods get credentials.
+    token_requests: bool
+    #: Service ports no pod serves on the clusterIP itself.
+    proxy: UserspaceProxy
     #: Pod IPs in use, and the pod that holds each.
     ips_in_use: dict[str, PodRunner]
     #: How long a scheduler pod waits for its Service before taking a pod IP.
@@ -631,6 +878,11 @@ class Kubelet:
         self.deployments = {}
         self.services = {}
         self.runners = {}
+        self.bare = {}
+        self.pods = {}
+        self.server = str(getattr(getattr(api, "auth", None), "server", "") or "")
+        self.token_requests = False
+        self.proxy = UserspaceProxy()
         self.ips_in_use = {}
         self.service_wait = service_wait
         self.pod_cidr = ipaddress.ip_network(pod_cidr)
@@ -645,16 +897,27 @@ class Kubelet:
         """Something changed: reconcile soon."""
         self._wake.set()
 
+    def pod_dir(self, uid: str) -> Path:
+        """A pod's directory: its volumes and kubeconfig (see volumes.py)."""
+        return self.state_dir / "pods" / uid
+
+    def all_runners(self) -> list[PodRunner]:
+        return [r for rs in self.runners.values() for r in rs] + list(self.bare.values())
+
     def process_env(self, runner: PodRunner, env: Mapping[str, str]) -> dict[str, str]:
         """The environment of a container process: the kubelet's own minus Dask and
-        Kubernetes settings, the pod's identity, the cluster DNS, then the container's env."""
-        base = {k: v for k, v in os.environ.items() if not k.startswith("DASK_") and k != "KUBECONFIG"}
+        Kubernetes settings, the pod's identity, the cluster DNS, the ``kubernetes``
+        Service's variables, then the container's env (with the volumes' KUBECONFIG)."""
+        base = {k: v for k, v in os.environ.items()
+                if not k.startswith(("DASK_", "KUBERNETES_")) and k != "KUBECONFIG"}
         base.update(
             HOSTNAME=runner.name,
             PYTHONUNBUFFERED="1",
             DMO_POD=f"{runner.namespace}/{runner.name}",
         )
         base = dns.process_env(self.hosts_file, base)
+        if self.server:
+            base.update(pod_volumes.service_env(self.server))
         base.update(env)
         return base
 
@@ -698,41 +961,61 @@ class Kubelet:
         if event != "DELETED" and not pod["metadata"].get("deletionTimestamp"):
             return
         uid = pod["metadata"]["uid"]
-        for runners in self.runners.values():
-            for runner in runners:
-                if runner.uid == uid and not runner.stopping.is_set():
-                    grace = pod["metadata"].get("deletionGracePeriodSeconds")
-                    logger.info("pod %s/%s deleted: stopping it", runner.namespace, runner.name)
-                    runner.stop(grace=None if grace is None else float(grace))
-                    # The garbage collector deletes the pods of a deleted Deployment, and
-                    # the Deployments watch may tell it later: wait a moment before
-                    # replacing, rather than start a pod only to stop it.
-                    owner = runner.deployment["metadata"]["uid"]
-                    loop = asyncio.get_running_loop()
-                    self._replace_not_before[owner] = loop.time() + REPLACE_DELAY
-                    loop.call_later(REPLACE_DELAY, self.changed)
+        for runner in self.all_runners():
+            if runner.uid == uid and not runner.stopping.is_set():
+                grace = pod["metadata"].get("deletionGracePeriodSeconds")
+                logger.info("pod %s/%s deleted: stopping it", runner.namespace, runner.name)
+                runner.stop(grace=None if grace is None else float(grace))
+                if runner.deployment is None:
+                    continue
+                # The garbage collector deletes the pods of a deleted Deployment, and
+                # the Deployments watch may tell it later: wait a moment before
+                # replacing, rather than start a pod only to stop it.
+                owner = runner.deployment["metadata"]["uid"]
+                loop = asyncio.get_running_loop()
+                self._replace_not_before[owner] = loop.time() + REPLACE_DELAY
+                loop.call_later(REPLACE_DELAY, self.changed)
+
+    def _on_volume_source_event(self, kind: str, event: str, obj: dict[str, Any]) -> None:
+        """A Secret or ConfigMap changed: rewrite the volumes made from it (the kubelet
+        propagates updates to mounted volumes)."""
+        if event != "MODIFIED":
+            return
+        key = (kind, obj["metadata"]["name"])
+        for runner in self.all_runners():
+            if runner.volumes is None or runner.namespace != obj["metadata"]["namespace"]:
+                continue
+            for path, source in runner.volumes.sources.get(key, []):
+                try:
+                    pod_volumes.write_volume(kind, obj, source, path)
+                except Exception as exc:
+                    logger.warning("pod %s/%s: %s %s not updated: %s", runner.namespace, runner.name,
+                                   kind, key[1], exc)
 
     # -- reconciling -----------------------------------------------------------
 
-    def _service_ip_for(self, deployment: dict[str, Any]) -> tuple[str | None, bool]:
-        """The clusterIP of a Service selecting this Deployment's pods, when free; and
-        whether it is held by a pod that is ending (then the new pod waits for it, as a
-        restarted scheduler must come back on its Service's address)."""
-        labels = (deployment["spec"]["template"].get("metadata") or {}).get("labels") or {}
-        namespace = deployment["metadata"]["namespace"]
-        ending = False
-        for svc in self.services.values():
+    def _service_ip_for(self, labels: Mapping[str, str], namespace: str) -> tuple[str | None, bool]:
+        """The clusterIP a new pod with these labels takes, if any; and whether it must
+        wait for it (held by a pod that is ending: a restarted scheduler must come back
+        on its Service's address).
+
+        Of the Services selecting the pod (in the order of _holding_preference), the
+        first whose clusterIP no pod holds and that selects no other live pod: the
+        second replica of a Deployment gets a pod IP behind the proxy, rather than take
+        a second Service's address and with it all of that Service's connections."""
+        live = [r for r in self.all_runners()
+                if r.namespace == namespace and not r.stopping.is_set() and r.finished is None and r.failure is None]
+        for svc in sorted(self.services.values(), key=_holding_preference):
             ip = svc.get("spec", {}).get("clusterIP")
-            if (
-                svc["metadata"]["namespace"] == namespace
-                and ip and ip != "None"
-                and selects(svc["spec"].get("selector"), labels)
-            ):
-                holder = self.ips_in_use.get(ip)
-                if holder is None:
-                    return ip, False
-                ending = ending or holder.stopping.is_set()
-        return None, ending
+            selector = svc["spec"].get("selector")
+            if svc["metadata"]["namespace"] != namespace or not ip or ip == "None" or not selects(selector, labels):
+                continue
+            holder = self.ips_in_use.get(ip)
+            if holder is not None and holder.stopping.is_set():
+                return None, True  # reconciled again when that pod is done
+            if holder is None and not any(selects(selector, r.labels) for r in live):
+                return ip, False
+        return None, False
 
     def _allocate_ip(self) -> str:
         for host in self.pod_cidr.hosts():
@@ -742,21 +1025,86 @@ class Kubelet:
         raise RuntimeError(f"no pod IP left in {self.pod_cidr}")
 
     def _start_pod(self, deployment: dict[str, Any], ip: str) -> None:
-        runner = PodRunner(self, deployment, ip)
+        runner = PodRunner(self, pod_from_deployment(deployment), ip, deployment)
         self.ips_in_use[ip] = runner
         self.runners.setdefault(deployment["metadata"]["uid"], []).append(runner)
         runner.task = asyncio.create_task(runner.run(), name=f"pod {runner.namespace}/{runner.name}")
 
-    async def reconcile(self) -> None:
-        loop = asyncio.get_running_loop()
-        # Pods whose process and object are gone leave the books.
+    def _start_bare_pods(self) -> None:
+        """Run the Pods others made (no Deployment of ours controls them) that are not
+        bound elsewhere, not finished and not being deleted."""
+        for uid, runner in self.bare.items():
+            if uid not in self.pods and not runner.stopping.is_set():
+                runner.stop()  # deleted while the watch was down: gone from the new list
+        for uid, pod in list(self.pods.items()):
+            meta, spec = pod["metadata"], pod.get("spec") or {}
+            if (
+                uid in self.bare or made_by_deployment(pod) or meta.get("deletionTimestamp")
+                or spec.get("nodeName") not in (None, "", NODE_NAME)
+                or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+            ):
+                continue
+            ip, ending = self._service_ip_for(meta.get("labels") or {}, meta["namespace"])
+            if ending:
+                continue  # reconciled again when that pod is done
+            runner = PodRunner(self, json.loads(json.dumps(pod)), ip or self._allocate_ip())
+            self.ips_in_use[runner.ip] = runner
+            self.bare[uid] = runner
+            logger.info("running pod %s/%s (made by others)", runner.namespace, runner.name)
+            runner.task = asyncio.create_task(runner.run(), name=f"pod {runner.namespace}/{runner.name}")
+
+    def _release_finished(self) -> None:
+        """Pods done (gone) or whose container ended for good give their IP back."""
         for uid, runners in list(self.runners.items()):
             for runner in [r for r in runners if r.done.is_set()]:
                 runners.remove(runner)
-                if self.ips_in_use.get(runner.ip) is runner:
-                    del self.ips_in_use[runner.ip]
             if not runners:
                 del self.runners[uid]
+        for uid in [u for u, r in self.bare.items() if r.done.is_set()]:
+            del self.bare[uid]
+        for ip, runner in list(self.ips_in_use.items()):
+            if runner.done.is_set() or runner.finished is not None or runner.failure is not None:
+                del self.ips_in_use[ip]
+
+    # -- the proxy -------------------------------------------------------------
+
+    def endpoints(self, svc: Mapping[str, Any], target: int | str) -> list[Address]:
+        """Ready, not terminating pods of this kubelet selected by the Service, at the
+        target port (a named one resolved per pod, as the endpoints controller does)."""
+        selector = svc["spec"].get("selector")
+        found = []
+        for runner in self.all_runners():
+            if (runner.namespace == svc["metadata"]["namespace"] and runner.ready
+                    and not runner.stopping.is_set() and selects(selector, runner.labels)):
+                port = runner.port_number(target)
+                if port is not None:
+                    found.append((runner.ip, port))
+        return sorted(found)
+
+    def _proxied_ports(self) -> dict[Address, tuple[str, Endpoints]]:
+        """Every TCP port of every Service with a selector and a clusterIP, but those
+        the pod holding the clusterIP serves itself (targetPort equal to port)."""
+        wanted: dict[Address, tuple[str, Endpoints]] = {}
+        for svc in self.services.values():
+            spec = svc.get("spec") or {}
+            ip = spec.get("clusterIP")
+            if not ip or ip == "None" or not spec.get("selector"):
+                continue
+            holder = self.ips_in_use.get(ip)
+            name = f"{svc['metadata']['namespace']}/{svc['metadata']['name']}"
+            for entry in spec.get("ports") or []:
+                if entry.get("protocol", "TCP") != "TCP":
+                    continue
+                port, target = int(entry["port"]), entry.get("targetPort", entry["port"])
+                if holder is not None and holder.port_number(target) == port:
+                    continue
+                wanted[(ip, port)] = (name, lambda svc=svc, target=target: self.endpoints(svc, target))
+        return wanted
+
+    async def reconcile(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Pods whose process and object are gone leave the books.
+        self._release_finished()
         # Pods of deleted Deployments end.
         for uid in [u for u in self._replace_not_before if u not in self.deployments]:
             del self._replace_not_before[uid]
@@ -781,8 +1129,9 @@ class Kubelet:
             if loop.time() < self._replace_not_before.get(uid, 0):
                 pass
             elif len(active) < wanted and not any(r.template_hash != current for r in runners):
+                labels = (deployment["spec"]["template"].get("metadata") or {}).get("labels") or {}
                 for _ in range(wanted - len(active)):
-                    ip, ending = self._service_ip_for(deployment)
+                    ip, ending = self._service_ip_for(labels, deployment["metadata"]["namespace"])
                     if ending:
                         break  # reconciled again when that pod is done
                     if ip is None and self._waits_for_service(deployment):
@@ -794,6 +1143,10 @@ class Kubelet:
                     self._pending_scheduler_since.pop(uid, None)
                     self._start_pod(deployment, ip or self._allocate_ip())
             await self._update_deployment_status(deployment)
+        self._start_bare_pods()
+        # After the pods: a pod that now holds a clusterIP binds its ports itself.
+        if not await self.proxy.sync(self._proxied_ports()):
+            loop.call_later(1.0, self.changed)
 
     def _waits_for_service(self, deployment: dict[str, Any]) -> bool:
         labels = (deployment["spec"]["template"].get("metadata") or {}).get("labels") or {}
@@ -855,14 +1208,40 @@ class Kubelet:
             except kr8s.NotFoundError:
                 pass
 
+    def _clean_pod_dirs(self) -> None:
+        """Pod directories of an earlier run: their pods are gone or will be set up again."""
+        root = self.state_dir / "pods"
+        if root.is_dir():
+            for entry in root.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+
+    async def _serves_token_requests(self) -> bool:
+        """Whether the API serves ``serviceaccounts/token``; without it pods get no credentials."""
+        try:
+            async with self.api.call_api("GET", version="v1", url="") as resp:
+                names = {r["name"] for r in resp.json().get("resources") or []}
+        except Exception as exc:
+            logger.warning("could not read the API's discovery: %s", exc)
+            return False
+        if "serviceaccounts/token" not in names:
+            logger.warning("the API does not serve TokenRequest: pods get no service-account credentials")
+        return "serviceaccounts/token" in names
+
     async def run(self, ready_file: Path | None = None) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._write_hosts()
         await self._delete_stale_pods()
+        self._clean_pod_dirs()
+        self.token_requests = await self._serves_token_requests()
         services_listed = asyncio.Event()
         tasks = [
             asyncio.create_task(self._list_watch(Service, self.services, listed=services_listed)),
-            asyncio.create_task(self._list_watch(Pod, None, self._on_pod_event)),
+            asyncio.create_task(self._list_watch(Pod, self.pods, self._on_pod_event)),
+            asyncio.create_task(self._list_watch(
+                Secret, None, lambda event, obj: self._on_volume_source_event("secret", event, obj))),
+            asyncio.create_task(self._list_watch(
+                ConfigMap, None, lambda event, obj: self._on_volume_source_event("configmap", event, obj))),
         ]
         # Services first, so that a scheduler finds its clusterIP at the first reconcile.
         await services_listed.wait()
@@ -879,7 +1258,7 @@ class Kubelet:
     async def shutdown(self, grace: float) -> None:
         """Stop every pod: SIGTERM, SIGKILL after ``grace``; no hooks, Pod objects stay."""
         self.shutting_down = True
-        runners = [r for rs in self.runners.values() for r in rs]
+        runners = self.all_runners()
         for runner in runners:
             runner.stop(grace=grace, hooks=False)
         tasks = [r.task for r in runners if r.task is not None]
@@ -887,6 +1266,7 @@ class Kubelet:
             await asyncio.wait(tasks, timeout=grace + 5)
         for runner in runners:
             runner._kill_group()
+        self.proxy.close()
 
 
 async def amain(args: argparse.Namespace) -> None:

@@ -1,0 +1,302 @@
+"""The process kubelet as a node runs what a Helm chart installs: bare Pods (a
+``helm test`` hook), a Deployment behind two Services (one held on its clusterIP,
+one through the userspace proxy), service-account credentials from TokenRequest,
+Secret and emptyDir volumes, liveness probes. Each test starts a few small Python
+processes on the session's LocalStack; they wait on conditions, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.request
+
+import pytest
+
+from dask_memory_operator.devstack.volumes import PodVolumes, write_atomic
+
+
+@pytest.fixture
+def ns(stack, namespace):
+    """The test's namespace; bare Pods are deleted at the end, whatever happened (the
+    ``namespace`` fixture waits for the processes of its pods to end)."""
+    yield namespace
+    stack.kubectl("delete", "pods", "--all", "-n", namespace, "--wait=false", check=False)
+
+
+def _pod(name: str, script: str, *, restart: str = "Never", **spec) -> dict:
+    container = {"name": "main", "image": "python:3.11", "command": ["python", "-c", script]}
+    container.update(spec.pop("container", {}))
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}},
+            "spec": {"restartPolicy": restart, "terminationGracePeriodSeconds": 2, "containers": [container], **spec}}
+
+
+def _get_pod(stack, namespace: str, name: str) -> dict:
+    return stack.get_json(f"/api/v1/namespaces/{namespace}/pods/{name}") or {}
+
+
+def _phase(stack, namespace: str, name: str, phases: tuple[str, ...]) -> dict | None:
+    pod = _get_pod(stack, namespace, name)
+    return pod if (pod.get("status") or {}).get("phase") in phases else None
+
+
+def _terminated(pod: dict) -> dict:
+    return pod["status"]["containerStatuses"][0]["state"]["terminated"]
+
+
+def _events(stack, namespace: str, pod: str) -> list[dict]:
+    items = stack.get_json(f"/api/v1/namespaces/{namespace}/events")["items"]
+    return [e for e in items if e["involvedObject"].get("name") == pod]
+
+
+# ---------------------------------------------------------------------------------
+# Units
+
+
+def test_mount_paths_are_rewritten_as_whole_path_prefixes(tmp_path):
+    volumes = PodVolumes(tmp_path, mounts=[("/etc/app/certs", "/x/certs"), ("/tmp", "/x/tmp")])
+    assert volumes.rewrite("--cert-dir=/etc/app/certs") == "--cert-dir=/x/certs"
+    assert volumes.rewrite("open('/etc/app/certs/tls.crt')") == "open('/x/certs/tls.crt')"
+    assert volumes.rewrite("/etc/app/certsfoo /tmpfile /x/tmp2/tmp") == "/etc/app/certsfoo /tmpfile /x/tmp2/tmp"
+    assert volumes.rewrite("/etc/app/certs:/tmp") == "/x/certs:/x/tmp"  # a replacement is not rewritten again
+    assert volumes.env() == {"TMPDIR": "/x/tmp"}
+
+
+def test_volumes_are_switched_atomically_like_the_kubelets_writer(tmp_path):
+    target = tmp_path / "vol"
+    write_atomic(target, {"a": (b"1", 0o644), "b": (b"2", 0o600)})
+    assert (target / "a").read_text() == "1" and (target / "a").is_symlink()
+    first = (target / "..data").readlink()
+    write_atomic(target, {"a": (b"3", 0o644)})
+    assert (target / "a").read_text() == "3" and not (target / "b").exists()
+    assert not (target / first).exists()  # the old generation is gone
+
+
+# ---------------------------------------------------------------------------------
+# On the stack
+
+
+def test_bare_pods_run_to_completion_as_their_restart_policy_says(stack, ns, tmp_path):
+    """Never: Succeeded (exit 0) or Failed (exit 3); OnFailure: restarted after a
+    failure, then Succeeded; the operator's console script runs; a deleted running pod
+    stops; a failing liveness probe restarts the container."""
+    namespace = ns
+    flag = tmp_path / "second-try"
+    retry = f"import os, sys; p = {str(flag)!r}; os.path.exists(p) or (open(p, 'w').close(), sys.exit(1))"
+    stack.apply(_pod("ok", "print('hello from a bare pod')"), namespace)
+    stack.apply(_pod("bad", "import sys; sys.exit(3)"), namespace)
+    stack.apply(_pod("retry", retry, restart="OnFailure"), namespace)
+    help_pod = _pod("help", "")
+    help_pod["spec"]["containers"][0].update(command=["dask-memory-operator"], args=["--help"])
+    stack.apply(help_pod, namespace)
+    stack.apply(_pod("sleeper", "import time; print('UP', flush=True); time.sleep(600)"), namespace)
+    stack.apply(_pod("unwell", "import time; time.sleep(600)", restart="Always", container={
+        "livenessProbe": {"tcpSocket": {"port": 1}, "periodSeconds": 1, "failureThreshold": 2}}), namespace)
+
+    ok = stack.wait_for(lambda: _phase(stack, namespace, "ok", ("Succeeded", "Failed")), 30, "ok to end")
+    assert ok["status"]["phase"] == "Succeeded" and ok["status"]["startTime"]
+    assert _terminated(ok)["exitCode"] == 0 and _terminated(ok)["reason"] == "Completed"
+    assert "hello from a bare pod" in stack.pod_logs(namespace, "ok")
+    assert "ownerReferences" not in ok["metadata"]
+
+    bad = stack.wait_for(lambda: _phase(stack, namespace, "bad", ("Succeeded", "Failed")), 30, "bad to end")
+    assert bad["status"]["phase"] == "Failed"
+    assert _terminated(bad)["exitCode"] == 3 and _terminated(bad)["reason"] == "Error"
+    assert bad["status"]["containerStatuses"][0]["restartCount"] == 0
+
+    retried = stack.wait_for(lambda: _phase(stack, namespace, "retry", ("Succeeded", "Failed")), 30, "retry")
+    assert retried["status"]["phase"] == "Succeeded"
+    status = retried["status"]["containerStatuses"][0]
+    assert status["restartCount"] == 1 and status["lastState"]["terminated"]["exitCode"] == 1
+
+    helped = stack.wait_for(lambda: _phase(stack, namespace, "help", ("Succeeded", "Failed")), 30, "help")
+    assert helped["status"]["phase"] == "Succeeded", stack.pod_logs(namespace, "help")
+    assert "usage: dask-memory-operator" in stack.pod_logs(namespace, "help")
+
+    stack.wait_for(lambda: "UP" in stack.pod_logs(namespace, "sleeper"), 30, "the sleeper to start")
+    assert _get_pod(stack, namespace, "sleeper")["status"]["phase"] == "Running"
+    [process] = stack.pod_processes(namespace, "sleeper")
+    stack.kubectl("delete", "pod", "sleeper", "-n", namespace, "--wait=false")
+    stack.wait_for(lambda: not stack.pod_processes(namespace, "sleeper"), 30, "the deleted pod's process to end")
+
+    def restarted():
+        statuses = _get_pod(stack, namespace, "unwell")["status"].get("containerStatuses") or [{}]
+        return statuses[0].get("restartCount", 0) >= 1 and statuses[0]
+    unwell = stack.wait_for(restarted, 30, "the liveness probe to restart the container")
+    assert unwell["lastState"]["terminated"]["exitCode"] == 143  # SIGTERM
+    assert any(e["reason"] == "Killing" for e in _events(stack, namespace, "unwell"))
+
+
+SERVER = """
+import http.server, os, sys, threading
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"{os.environ['HOSTNAME']} {self.server.server_address[1]}".encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+ip = os.environ["POD_IP"]
+servers = [http.server.ThreadingHTTPServer((ip, port), Handler) for port in (8443, 8080)]
+for s in servers[1:]:
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+servers[0].serve_forever()
+"""
+
+
+def _http(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.read().decode()
+    except OSError:
+        return None
+
+
+def test_a_deployment_behind_two_services_through_the_proxy(stack, ns):
+    """A Service 443 -> 8443 whose clusterIP the pod holds (the proxy maps the port), a
+    second Service 8080 -> named port "metrics" (proxied to the pod IP); two replicas
+    share the second Service's connections, a deleted pod leaves the endpoints."""
+    namespace = ns
+    for name, port, target in (("web", 443, 8443), ("metrics", 8080, "metrics")):
+        stack.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+                     "spec": {"selector": {"app": "two"}, "ports": [{"port": port, "targetPort": target}]}},
+                    namespace)
+    container = {"name": "main", "image": "python:3.11", "command": ["python", "-c", SERVER],
+                 "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                 "ports": [{"name": "https", "containerPort": 8443}, {"name": "metrics", "containerPort": 8080}],
+                 "readinessProbe": {"httpGet": {"path": "/", "port": "metrics"}}}
+    stack.apply({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "two"},
+                 "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "two"}},
+                          "template": {"metadata": {"labels": {"app": "two"}},
+                                       "spec": {"terminationGracePeriodSeconds": 2, "containers": [container]}}}},
+                namespace)
+    ips = {n: stack.get_json(f"/api/v1/namespaces/{namespace}/services/{n}")["spec"]["clusterIP"]
+           for n in ("web", "metrics")}
+    first = stack.wait_for(lambda: _http(f"http://{ips['web']}:443/"), 30, "web through the proxy")
+    pod, port = first.split()
+    assert port == "8443"
+    assert _get_pod(stack, namespace, pod)["status"]["podIP"] == ips["web"]  # held: 443 is the proxy's
+    assert stack.wait_for(lambda: _http(f"http://{ips['metrics']}:8080/"), 30, "metrics") == f"{pod} 8080"
+
+    stack.kubectl("scale", "deployment", "two", "--replicas", "2", "-n", namespace)
+    seen: set[str] = set()
+
+    def both_served():
+        answer = _http(f"http://{ips['metrics']}:8080/")
+        seen.add(answer.split()[0] if answer else "")
+        return len(seen - {""}) == 2
+    stack.wait_for(both_served, 30, "both replicas behind the metrics Service")
+
+    stack.kubectl("delete", "pod", pod, "-n", namespace, "--wait=false")
+    stack.wait_for(lambda: not stack.pod_processes(namespace, pod), 30, "the deleted pod's process to end")
+    others = [p["metadata"]["name"] for p in stack.pods(namespace, "app=two") if p["metadata"]["name"] != pod]
+    answers = {(_http(f"http://{ips['metrics']}:8080/") or " ").split()[0] for _ in range(6)}
+    assert pod not in answers and answers & set(others)
+
+
+def test_a_pod_gets_its_service_accounts_credentials(stack, ns):
+    """A token from TokenRequest, bound to the pod, in a kubeconfig kr8s finds, with
+    which the API authorizes the pod as its ServiceAccount (a RoleBinding grants get and list of ServiceAccounts, as kr8s gets by a list,
+    a list of Secrets is denied); the token and namespace files at the standard path
+    (rewritten); KUBERNETES_SERVICE_HOST.
+    A pod of a ServiceAccount that does not exist stays ContainerCreating with a
+    FailedMount Event until the account is created."""
+    namespace = ns
+    stack.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "reader"}}, namespace)
+    stack.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "sa-reader"},
+                 "rules": [{"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "list"]}]}, namespace)
+    stack.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "reader"},
+                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sa-reader"},
+                 "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}]}, namespace)
+    script = (
+        "import json, os, kr8s\n"
+        "from kr8s.objects import ServiceAccount\n"
+        "d = '/var/run/secrets/kubernetes.io/serviceaccount'\n"
+        "ns = open(d + '/namespace').read()\n"
+        "sa = ServiceAccount.get('reader', namespace=ns)\n"
+        "try:\n"
+        "    list(kr8s.get('secrets', namespace=ns)); denied = None\n"
+        "except kr8s.ServerError as e:\n"
+        "    denied = e.response.json()['message']\n"
+        "print('RESULT', json.dumps({'sa': sa.name, 'token': open(d + '/token').read(), 'denied': denied,\n"
+        "      'host': os.environ['KUBERNETES_SERVICE_HOST'], 'port': os.environ['KUBERNETES_SERVICE_PORT'],\n"
+        "      'ca': os.path.exists(d + '/ca.crt')}), flush=True)\n"
+    )
+    stack.apply(_pod("reader", script, serviceAccountName="reader"), namespace)
+    stack.apply(_pod("nobody", "print('started')", serviceAccountName="nobody"), namespace)
+    stack.apply(_pod("opted-out", "import os; print('KUBECONFIG' in os.environ)",
+                     serviceAccountName="nobody", automountServiceAccountToken=False), namespace)
+
+    pod = stack.wait_for(lambda: _phase(stack, namespace, "reader", ("Succeeded", "Failed")), 60, "reader")
+    logs = stack.pod_logs(namespace, "reader")
+    assert pod["status"]["phase"] == "Succeeded", logs
+    result = json.loads(logs.split("RESULT ", 1)[1].splitlines()[0])
+    assert result["sa"] == "reader" and not result["ca"]
+    # The API sees the pod as its ServiceAccount: RBAC lets it get the account, not list secrets.
+    assert result["denied"] == (f'secrets is forbidden: User "system:serviceaccount:{namespace}:reader" cannot '
+                                f'list resource "secrets" in API group "" in the namespace "{namespace}"')
+    assert f"{result['host']}:{result['port']}" == stack.api_url.removeprefix("http://")
+    claims = json.loads(base64.urlsafe_b64decode(result["token"].split(".")[1] + "=="))
+    assert claims["sub"] == f"system:serviceaccount:{namespace}:reader"
+    assert claims["kubernetes.io"]["pod"] == {"name": "reader", "uid": pod["metadata"]["uid"]}
+    assert claims["exp"] - claims["iat"] == 3607
+
+    opted = stack.wait_for(lambda: _phase(stack, namespace, "opted-out", ("Succeeded", "Failed")), 30, "opted-out")
+    assert opted["status"]["phase"] == "Succeeded" and "False" in stack.pod_logs(namespace, "opted-out")
+
+    def failed_mount():
+        return [e for e in _events(stack, namespace, "nobody") if e["reason"] == "FailedMount"]
+    [event] = stack.wait_for(failed_mount, 30, "a FailedMount event")
+    assert event["type"] == "Warning" and event["source"]["component"] == "kubelet"
+    assert 'MountVolume.SetUp failed for volume "kube-api-access" : failed to fetch token: ' \
+           'serviceaccounts "nobody" not found' == event["message"]
+    waiting = _get_pod(stack, namespace, "nobody")
+    assert waiting["status"]["phase"] == "Pending"
+    assert waiting["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "ContainerCreating"
+    stack.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "nobody"}}, namespace)
+    stack.wait_for(lambda: _phase(stack, namespace, "nobody", ("Succeeded",)), 30, "nobody to run once its SA exists")
+
+
+def test_secret_and_emptydir_volumes_are_seen_at_their_mount_paths(stack, ns):
+    """The process reads the Secret's keys at the mountPath (rewritten in its args),
+    sees an update of the Secret, and writes to its emptyDir through TMPDIR."""
+    namespace = ns
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"},
+              "data": {"password": base64.b64encode(b"s3cret").decode(), "user": base64.b64encode(b"ann").decode()}}
+    stack.apply(secret, namespace)
+    script = (
+        "import os, tempfile, time\n"
+        "print('TMP', tempfile.gettempdir(), flush=True)\n"
+        "seen = None\n"
+        "while True:\n"
+        "    now = open('/etc/demo/creds/password').read() + ' ' + open('/etc/demo/creds/user').read()\n"
+        "    if now != seen:\n"
+        "        print('SECRET', now, flush=True); seen = now\n"
+        "    time.sleep(0.2)\n"
+    )
+    pod = _pod("mounted", script, restart="Always",
+               volumes=[{"name": "creds", "secret": {"secretName": "creds"}}, {"name": "tmp", "emptyDir": {}}],
+               container={"volumeMounts": [{"name": "creds", "mountPath": "/etc/demo/creds", "readOnly": True},
+                                           {"name": "tmp", "mountPath": "/tmp"}]})
+    stack.apply(pod, namespace)
+    stack.wait_for(lambda: "SECRET s3cret ann" in stack.pod_logs(namespace, "mounted"), 30, "the secret's files")
+    logs = stack.pod_logs(namespace, "mounted")
+    tmp = logs.split("TMP ", 1)[1].split()[0]
+    uid = _get_pod(stack, namespace, "mounted")["metadata"]["uid"]
+    assert tmp.endswith(f"/pods/{uid}/volumes/kubernetes.io~empty-dir/tmp")
+
+    secret["data"]["password"] = base64.b64encode(b"rotated").decode()
+    stack.apply(secret, namespace)
+    stack.wait_for(lambda: "SECRET rotated ann" in stack.pod_logs(namespace, "mounted"), 30, "the updated secret")
+
+    # A pod whose Secret is missing waits (ContainerCreating, FailedMount) until it exists.
+    stack.apply(_pod("early", "print(open('/etc/late/k').read())",
+                     volumes=[{"name": "late", "secret": {"secretName": "late"}}],
+                     container={"volumeMounts": [{"name": "late", "mountPath": "/etc/late"}]}), namespace)
+    stack.wait_for(lambda: any(e["reason"] == "FailedMount" and 'secret "late" not found' in e["message"]
+                               for e in _events(stack, namespace, "early")), 30, "a FailedMount event")
+    assert _get_pod(stack, namespace, "early")["status"]["phase"] == "Pending"
+    stack.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "late"},
+                 "stringData": {"k": "finally"}}, namespace)
+    stack.wait_for(lambda: _phase(stack, namespace, "early", ("Succeeded",)), 30, "early to run")
+    assert "finally" in stack.pod_logs(namespace, "early")
