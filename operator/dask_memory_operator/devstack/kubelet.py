@@ -290,6 +290,44 @@ def _holding_preference(svc: Mapping[str, Any]) -> tuple[bool, str, str]:
     return not remapped, meta.get("creationTimestamp") or "", meta["name"]
 
 
+def deployment_conditions(deployment: Mapping[str, Any], updated: int, ready: int,
+                          old: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``Available`` and ``Progressing`` as the Deployment controller sets them
+    (clients such as Helm's ``--wait`` read them): available once no more pods are
+    unready than ``maxUnavailable`` allows (25% by default, rounded down), progress
+    complete once every wanted pod runs the current template and is ready."""
+    wanted = deployment["spec"].get("replicas", 1)
+    strategy = deployment["spec"].get("strategy") or {}
+    max_unavailable = (strategy.get("rollingUpdate") or {}).get("maxUnavailable", "25%")
+    if strategy.get("type") == "Recreate":
+        max_unavailable = 0
+    if isinstance(max_unavailable, str) and max_unavailable.endswith("%"):
+        max_unavailable = wanted * int(max_unavailable[:-1]) // 100
+    available = ready >= wanted - int(max_unavailable)
+    complete = updated == wanted and ready >= wanted
+    now = _now()
+    before = {c.get("type"): c for c in old}
+
+    def condition(kind: str, status: bool, reason: str, message: str) -> dict[str, Any]:
+        value = "True" if status else "False"
+        previous = before.get(kind) or {}
+        changed = previous.get("status") != value
+        return {"type": kind, "status": value, "reason": reason, "message": message,
+                "lastUpdateTime": now if changed or previous.get("reason") != reason else previous["lastUpdateTime"],
+                "lastTransitionTime": now if changed else previous.get("lastTransitionTime", now)}
+
+    name = deployment["metadata"]["name"]
+    return [
+        condition("Available", available,
+                  "MinimumReplicasAvailable" if available else "MinimumReplicasUnavailable",
+                  "Deployment has minimum availability." if available
+                  else "Deployment does not have minimum availability."),
+        condition("Progressing", True, "NewReplicaSetAvailable" if complete else "ReplicaSetUpdated",
+                  f'ReplicaSet "{name}" has successfully progressed.' if complete
+                  else f'ReplicaSet "{name}" is progressing.'),
+    ]
+
+
 def selects(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bool:
     """Whether a Service's selector selects a pod with these labels."""
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
@@ -1166,17 +1204,20 @@ class Kubelet:
         runners = [r for r in self.runners.get(deployment["metadata"]["uid"], []) if not r.stopping.is_set()]
         current = template_hash(deployment["spec"]["template"])
         ready = sum(1 for r in runners if r.ready)
+        updated = sum(1 for r in runners if r.template_hash == current)
         status = {
             "observedGeneration": deployment["metadata"].get("generation", 1),
             "replicas": len(runners),
-            "updatedReplicas": sum(1 for r in runners if r.template_hash == current),
+            "updatedReplicas": updated,
             "readyReplicas": ready,
             "availableReplicas": ready,
             "unavailableReplicas": len(runners) - ready,
         }
         old = deployment.get("status") or {}
-        if all(old.get(k, 0) == v for k, v in status.items()):
+        conditions = deployment_conditions(deployment, updated, ready, old.get("conditions") or [])
+        if all(old.get(k, 0) == v for k, v in status.items()) and conditions == old.get("conditions"):
             return
+        status["conditions"] = conditions
         try:
             obj = Deployment(deployment, api=self.api)
             await obj.patch({"status": status}, subresource="status")
