@@ -357,21 +357,23 @@ async def test_timeout_honoured(http: Http, webhook: Webhook, certs: dict[str, A
 
 
 async def test_update_and_service_reference(http: Http, kubeconfig: pathlib.Path, certs: dict[str, Any]) -> None:
-    """UPDATE rules see the old object; a Service reference reaches the pod holding its clusterIP."""
+    """UPDATE rules see the old object; a Service reference is dialled at its clusterIP and
+    port (no kube-proxy in process: the webhook listens on the Service's port itself)."""
     webhook = Webhook()
     runner = await serve_webhook(webhook, certs, host=SERVICE_IP)
     try:
         port = int(webhook.url.rsplit(':', 1)[1].split('/')[0])
         status, _ = await http.post('/api/v1/namespaces/default/services', {'metadata': {'name': 'hook'}, 'spec': {
-            'clusterIP': SERVICE_IP, 'ports': [{'port': 443, 'targetPort': port}]}})
+            'clusterIP': SERVICE_IP, 'ports': [{'port': port, 'targetPort': 9443}]}})
         assert status == 201
         await configure(http, hook('', certs['ca'], clientConfig={
-            'service': {'name': 'hook', 'namespace': 'default', 'path': '/mutate'}, 'caBundle': certs['ca']},
+            'service': {'name': 'hook', 'namespace': 'default', 'port': port, 'path': '/mutate'},
+            'caBundle': certs['ca']},
             rules=[{'operations': ['CREATE', 'UPDATE'], 'apiGroups': [''], 'apiVersions': ['v1'],
                     'resources': ['pods']}]))
         webhook.answer = add_label('seen', 'yes')
         assert (await http.post(PODS, pod('p1', app='web')))[0] == 201
-        assert webhook.reviews[0]['host'] == 'hook.default.svc:443'
+        assert webhook.reviews[0]['host'] == f'hook.default.svc:{port}'
         code, out, err = await kubectl(kubeconfig, 'label', 'pod', 'p1', 'tier=front')
         assert code == 0, err
         update = webhook.reviews[1]['request']
@@ -386,5 +388,5 @@ async def test_update_and_service_reference(http: Http, kubeconfig: pathlib.Path
     # The Service gone: a call failure.
     await http.delete('/api/v1/namespaces/default/services/hook')
     status, err = await http.post(PODS, pod('p2'))
-    assert status == 500 and err['message'].endswith('Post "https://hook.default.svc:443/mutate?timeout=10s": '
+    assert status == 500 and err['message'].endswith(f'Post "https://hook.default.svc:{port}/mutate?timeout=10s": '
                                                      'service "hook" not found')

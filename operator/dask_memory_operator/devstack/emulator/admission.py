@@ -14,8 +14,9 @@ always match) and whose ``objectSelector`` matches the labels of the object or o
 old object; configurations in the order of their names, webhooks in their order. Each
 webhook gets an ``admission.k8s.io/v1`` AdmissionReview (``v1beta1`` when that is the
 first version it lists), posted over HTTPS to ``clientConfig.url`` or to the Service
-``clientConfig.service`` (its clusterIP, the port of the Service's ``port`` entry, its
-``targetPort`` since no kube-proxy maps it here; the certificate is checked for
+``clientConfig.service`` (its clusterIP and the Service port, as kube-apiserver dials
+it: the stack's kubelet proxies ``clusterIP:port`` to a pod's ``targetPort`` as
+kube-proxy does; the certificate is checked for
 ``<name>.<namespace>.svc``), with ``?timeout=<n>s``, verified against ``caBundle`` (the
 machine's roots without one), bounded by ``timeoutSeconds``. A ``JSONPatch`` response is
 applied (the emulator's JSON patch code), and the next webhook sees the patched object.
@@ -502,9 +503,7 @@ class Admission:
         entry = next((p for p in (service.get('spec') or {}).get('ports') or [] if p.get('port') == port), None)
         if entry is None:
             raise _CallFailed(f'failed to call webhook: Post "{url}": no service port {port} found for service "{name}"')
-        # No kube-proxy: the pod holding the clusterIP listens on the target port itself.
-        target_port = entry.get('targetPort', port)
-        return url, ip, host, target_port if isinstance(target_port, int) else port, path
+        return url, ip, host, port, path
 
     async def _call_webhook(self, hook: Mapping[str, Any], review: dict[str, Any], version: str,
                             uid: str) -> dict[str, Any]:
