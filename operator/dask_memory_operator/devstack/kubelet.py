@@ -812,8 +812,9 @@ class PodRunner:
         if grace is not None:
             self._grace = min(self._grace, grace)
         self._skip_hooks = not hooks
-        self.stopping.set()
-        self.kubelet.changed()  # it is no endpoint any more
+        if not self.stopping.is_set():
+            self.stopping.set()
+            self.kubelet.changed()  # it is no endpoint any more
 
     async def _delete(self) -> None:
         self.process = None
@@ -1194,6 +1195,8 @@ class Kubelet:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            # A set event's wait() does not yield: let the pods' tasks run between passes.
+            await asyncio.sleep(0)
             try:
                 await self.reconcile()
             except asyncio.CancelledError:
