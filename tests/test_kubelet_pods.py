@@ -248,6 +248,7 @@ def test_a_pod_gets_its_service_accounts_credentials(stack, ns):
         return [e for e in _events(stack, namespace, "nobody") if e["reason"] == "FailedMount"]
     [event] = stack.wait_for(failed_mount, 30, "a FailedMount event")
     assert event["type"] == "Warning" and event["source"]["component"] == "kubelet"
+    stack.wait_for(lambda: failed_mount()[0]["count"] >= 2, 30, "the kubelet to retry (one Event, counted)")
     assert 'MountVolume.SetUp failed for volume "kube-api-access" : failed to fetch token: ' \
            'serviceaccounts "nobody" not found' == event["message"]
     waiting = _get_pod(stack, namespace, "nobody")

@@ -850,7 +850,9 @@ class PodRunner:
         if grace is not None:
             self._grace = min(self._grace, grace)
         self._skip_hooks = not hooks
-        self.stopping.set()
+        if not self.stopping.is_set():
+            self.stopping.set()
+            self.kubelet.changed()  # it is no endpoint any more
 
     async def _delete(self) -> None:
         self.process = None
@@ -1120,8 +1122,11 @@ class Kubelet:
         return sorted(found)
 
     def _proxied_ports(self) -> dict[Address, tuple[str, Endpoints]]:
-        """Every TCP port of every Service with a selector and a clusterIP, but those
-        the pod holding the clusterIP serves itself (targetPort equal to port)."""
+        """Every TCP port of every Service with a selector, a clusterIP and a ready
+        endpoint, but those the pod holding the clusterIP serves itself (targetPort
+        equal to port). Without an endpoint there is no listener: a client is refused,
+        as kube-proxy's iptables mode rejects it, and takes that for "not up yet"
+        (a scheduler's Service is seen a moment before its pod takes the address)."""
         wanted: dict[Address, tuple[str, Endpoints]] = {}
         for svc in self.services.values():
             spec = svc.get("spec") or {}
@@ -1135,6 +1140,8 @@ class Kubelet:
                     continue
                 port, target = int(entry["port"]), entry.get("targetPort", entry["port"])
                 if holder is not None and holder.port_number(target) == port:
+                    continue
+                if not self.endpoints(svc, target):
                     continue
                 wanted[(ip, port)] = (name, lambda svc=svc, target=target: self.endpoints(svc, target))
         return wanted
@@ -1229,6 +1236,8 @@ class Kubelet:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            # A set event's wait() does not yield: let the pods' tasks run between passes.
+            await asyncio.sleep(0)
             try:
                 await self.reconcile()
             except asyncio.CancelledError:

@@ -14,11 +14,15 @@ pods. The kubelet tells :meth:`UserspaceProxy.sync` which ``(clusterIP, port)`` 
 serve and, per listener, a function giving the current endpoints; it is called for
 each new connection, so the proxy follows pods as they come, go, and become ready.
 
-Approximated: TCP only (no UDP or SCTP); no ``sessionAffinity``; a Service with no
-ready endpoint accepts and at once closes connections (the userspace proxier did the
-same; the iptables mode rejects them); endpoints come from the kubelet's own pods,
-not from EndpointSlices (the emulator runs no endpoint controller, and there is one
-node); Services without a selector are not proxied.
+A Service port without a ready endpoint gets no listener (the kubelet leaves it out
+of ``sync``), so connections are refused, as kube-proxy's iptables mode rejects
+them (the userspace mode accepted and closed them; clients such as Dask's take a
+refusal for "not up yet" and retry, a reset for a failure); between the last
+endpoint going and the next ``sync`` a connection is accepted and closed.
+
+Approximated: TCP only (no UDP or SCTP); no ``sessionAffinity``; endpoints come from
+the kubelet's own pods, not from EndpointSlices (the emulator runs no endpoint
+controller, and there is one node); Services without a selector are not proxied.
 """
 
 from __future__ import annotations

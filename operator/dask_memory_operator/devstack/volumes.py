@@ -40,11 +40,17 @@ done instead:
 
 Secret and ConfigMap changes reach the volumes of running pods as the kubelet's
 watch sees them (``write_volume``; a real kubelet takes up to its sync period).
-Approximated:
-volumes are not read-only (the processes run as the kubelet's user);
-``readOnlyRootFilesystem`` is not enforced; projected volumes other than the
-service-account one, downwardAPI, PVCs and the rest are not supported (the pod fails
-with ``UnsupportedContainer``).
+
+Approximated: the service-account volume is not in the Pod's spec (no ServiceAccount
+admission plugin here: the kubelet reads ``automountServiceAccountToken`` of the
+pod, else of its ServiceAccount, itself, and the volume is named ``kube-api-access``
+without kube's random suffix); a pod of a ServiceAccount that does not exist, which
+that admission plugin would refuse, is created and waits in ContainerCreating until
+the TokenRequest succeeds; a Secret's ``stringData`` is read too (a real API server
+folds it into ``data`` on write, the emulator keeps it); volumes are not read-only
+(the processes run as the kubelet's user); ``readOnlyRootFilesystem`` is not
+enforced; projected volumes other than the service-account one, downwardAPI, PVCs
+and the rest are not supported (the pod fails with ``UnsupportedContainer``).
 """
 
 from __future__ import annotations
