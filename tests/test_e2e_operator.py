@@ -224,12 +224,20 @@ def wait_contacts(stack: LocalStack, metrics_port: int, ns: str, cluster: str, p
                    f"{more} more {purpose} contacts with {cluster}", interval=0.3)
 
 
-def make_cluster(stack: LocalStack, ns: str, name: str, workers: int = 1, env=None, labels=None) -> None:
+def apply_cluster(stack: LocalStack, ns: str, name: str, workers: int = 1, env=None, labels=None) -> None:
     manifest = daskcluster_manifest(name, workers=workers, scheduler_env=AMM_OFF | (env or {}))
     manifest["metadata"]["labels"] = labels or {}
     stack.apply(manifest, namespace=ns)
+
+
+def wait_workers(stack: LocalStack, ns: str, name: str, workers: int = 1) -> None:
     with scheduler(stack, ns, name) as client:
         client.wait_for_workers(workers, timeout=120)
+
+
+def make_cluster(stack: LocalStack, ns: str, name: str, workers: int = 1, env=None, labels=None) -> None:
+    apply_cluster(stack, ns, name, workers, env, labels)
+    wait_workers(stack, ns, name, workers)
 
 
 # --- the tests -------------------------------------------------------------------
@@ -250,8 +258,11 @@ def test_cluster_created_after_policy_gets_exactly_its_config(stack: LocalStack,
                                                               memory_operator):
     ns = namespace
     stack.apply(ANALYTICS, namespace=ns)
-    make_cluster(stack, ns, MATCHING, env=PRELOAD, labels={"team": "analytics"})
-    make_cluster(stack, ns, OTHER)
+    # both clusters start at once (starting Dask processes is the slow part)
+    apply_cluster(stack, ns, MATCHING, env=PRELOAD, labels={"team": "analytics"})
+    apply_cluster(stack, ns, OTHER)
+    wait_workers(stack, ns, MATCHING)
+    wait_workers(stack, ns, OTHER)
     # kubectl wait, as a user would
     stack.kubectl("wait", "--for=condition=Ready", "mempol/analytics", "-n", ns, "--timeout=60s")
 
