@@ -215,8 +215,8 @@ def test_target_scales_up_at_once_and_back_down_after_the_wait_count(stack: Loca
     ns, cluster = namespace, "elastic"
     make_cluster(stack, ns, cluster, workers=1)
     with client_of(stack, ns, cluster, 1) as client:
-        stack.apply(policy("scale", cluster, adaptive={"minimum": 1, "maximum": 3, "waitCount": 4}),
-                    namespace=ns)
+        stack.apply(policy("scale", cluster, adaptive={"minimum": 1, "maximum": 3, "waitCount": 4,
+                                                       "interval": "500ms"}), namespace=ns)
         wait_scaled(stack, ns, cluster, 1)
         # 40 s of work: the scheduler's target stays at 3 until the last 5 tasks, long
         # after the two new workers joined
@@ -246,8 +246,8 @@ def test_memory_floor_holds_a_cluster_whose_data_needs_more_than_the_target(stac
         # twice the data in memory limits) asks for 2
         x = da.random.random((3 * 8_750, 1000), chunks=(8_750, 1000)).persist()
         wait(x)
-        stack.apply(policy("scale", cluster, adaptive={"minimum": 1, "maximum": 3, "waitCount": 2}),
-                    namespace=ns)
+        stack.apply(policy("scale", cluster, adaptive={"minimum": 1, "maximum": 3, "waitCount": 2,
+                                                       "interval": "500ms"}), namespace=ns)
         entry = stack.wait_for(
             lambda: (e := scaling_entry(stack, ns, "scale", cluster)).get("reason") == "HeldByMemoryFloor" and e,
             60, "the memory floor to hold the cluster")
