@@ -3,10 +3,18 @@
 - ``stack`` (session): one :class:`~dask_memory_operator.devstack.stack.LocalStack`
   (emulated API server, process kubelet, the real dask-kubernetes operator) for the
   whole run. Tests isolate themselves by namespace, not by stack.
-- ``namespace`` (function): a fresh Namespace for one test. At teardown every
-  DaskCluster in it is deleted and the fixture waits until its pods' processes are
-  gone, so that no test leaves Dask processes running for the next one. When the
-  test failed, the logs of the stack and of the namespace's pods are printed.
+- ``namespace`` (function): a fresh Namespace for one test. At teardown its pods
+  (with a grace period of 1 s), Deployments and DaskClusters are deleted and the
+  fixture waits until its pods' processes are gone, so that no test leaves Dask
+  processes running for the next one. When the test failed, the logs of the stack
+  and of the namespace's pods are printed.
+
+Why the pods go first, with a short grace period: what the test wanted is over, and a
+worker pod's own grace period can be long (75 s and more with the retirement hook),
+while a worker whose scheduler went first waits out distributed's connect timeout
+(30 s) before it exits on SIGTERM. The pods are deleted in the same kubectl call as
+their owners and before them, so that the kubelet stops them with the short grace
+period (it keeps the first grace period it was given for a pod).
 
 Both need the stack's processes; tests that only need the units import the modules.
 """
@@ -47,8 +55,8 @@ def namespace(stack, request):
     if report is not None and report.failed:
         print(f"\n===== logs of the stack and of namespace {name} =====")
         print(stack.dump_logs(name))
-    stack.kubectl("delete", "daskclusters", "--all", "-n", name, "--wait=false", check=False)
-    stack.kubectl("delete", "deployments", "--all", "-n", name, "--wait=false", check=False)
+    stack.kubectl("delete", "pods,deployments,daskclusters", "--all", "-n", name, "--grace-period=1",
+                  "--wait=false", check=False)
     stack.wait_for(
         lambda: not stack.pod_processes(name),
         timeout=60,

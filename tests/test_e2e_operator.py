@@ -102,7 +102,9 @@ def clusters(stack: LocalStack, memory_operator) -> Iterator[str]:
             client.wait_for_workers(2, timeout=120)
     yield ns
     stack.kubectl("delete", "memorypolicies", "--all", "-n", ns, "--wait=false", check=False)
-    stack.kubectl("delete", "daskclusters", "--all", "-n", ns, "--wait=false", check=False)
+    # the pods first, with a short grace period, as the namespace fixture does (conftest)
+    stack.kubectl("delete", "pods,deployments,daskclusters", "--all", "-n", ns, "--grace-period=1",
+                  "--wait=false", check=False)
     stack.wait_for(lambda: not stack.pod_processes(ns), timeout=90, what=f"the processes of namespace {ns} to end")
 
 
@@ -113,10 +115,12 @@ def fresh(stack: LocalStack, clusters: str) -> str:
     ns = clusters
     stack.kubectl("delete", "memorypolicies", "--all", "-n", ns, "--timeout=90s")
     for name, labels in LABELS.items():
-        for key in ("team", "e2e-touched"):
-            stack.kubectl("label", "daskcluster", name, "-n", ns, f"{key}-", check=False)
-        for key, value in labels.items():
-            stack.kubectl("label", "daskcluster", name, "-n", ns, f"{key}={value}", "--overwrite")
+        # one kubectl call per cluster: a label a test may have set goes, its own are set
+        removed = [key for key in ("team", "e2e-touched") if key not in labels]
+        stack.kubectl("label", "daskcluster", name, "-n", ns, *(f"{key}-" for key in removed),
+                      *(f"{key}={value}" for key, value in labels.items()), "--overwrite", check=False)
+        now = get_cluster_labels(stack, ns, name)
+        assert labels.items() <= now.items() and not set(removed) & set(now), now
         wait_amm(stack, ns, name, **OWN_CONFIG)
         with scheduler(stack, ns, name) as client:
             client.wait_for_workers(2, timeout=120)
@@ -132,6 +136,11 @@ def logs_on_failure(request, stack: LocalStack):
 
 
 # --- helpers -------------------------------------------------------------------
+
+
+def get_cluster_labels(stack: LocalStack, ns: str, cluster: str) -> dict:
+    body = stack.get_json(f"/apis/kubernetes.dask.org/v1/namespaces/{ns}/daskclusters/{cluster}") or {}
+    return body.get("metadata", {}).get("labels") or {}
 
 
 @contextmanager
@@ -224,12 +233,20 @@ def wait_contacts(stack: LocalStack, metrics_port: int, ns: str, cluster: str, p
                    f"{more} more {purpose} contacts with {cluster}", interval=0.3)
 
 
-def make_cluster(stack: LocalStack, ns: str, name: str, workers: int = 1, env=None, labels=None) -> None:
+def apply_cluster(stack: LocalStack, ns: str, name: str, workers: int = 1, env=None, labels=None) -> None:
     manifest = daskcluster_manifest(name, workers=workers, scheduler_env=AMM_OFF | (env or {}))
     manifest["metadata"]["labels"] = labels or {}
     stack.apply(manifest, namespace=ns)
+
+
+def wait_workers(stack: LocalStack, ns: str, name: str, workers: int = 1) -> None:
     with scheduler(stack, ns, name) as client:
         client.wait_for_workers(workers, timeout=120)
+
+
+def make_cluster(stack: LocalStack, ns: str, name: str, workers: int = 1, env=None, labels=None) -> None:
+    apply_cluster(stack, ns, name, workers, env, labels)
+    wait_workers(stack, ns, name, workers)
 
 
 # --- the tests -------------------------------------------------------------------
@@ -250,8 +267,11 @@ def test_cluster_created_after_policy_gets_exactly_its_config(stack: LocalStack,
                                                               memory_operator):
     ns = namespace
     stack.apply(ANALYTICS, namespace=ns)
-    make_cluster(stack, ns, MATCHING, env=PRELOAD, labels={"team": "analytics"})
-    make_cluster(stack, ns, OTHER)
+    # both clusters start at once (starting Dask processes is the slow part)
+    apply_cluster(stack, ns, MATCHING, env=PRELOAD, labels={"team": "analytics"})
+    apply_cluster(stack, ns, OTHER)
+    wait_workers(stack, ns, MATCHING)
+    wait_workers(stack, ns, OTHER)
     # kubectl wait, as a user would
     stack.kubectl("wait", "--for=condition=Ready", "mempol/analytics", "-n", ns, "--timeout=60s")
 

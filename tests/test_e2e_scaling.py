@@ -86,10 +86,10 @@ def assert_nothing_lost(client: Client) -> dict:
     return ledger
 
 
-def busy_job(client: Client, seconds_per_task: float = 0.4, side: int = 4000):
+def busy_job(client: Client, seconds_per_task: float = 0.4, side: int = 4000, chunk: int = 500):
     """Persisted data on every worker (~40 MB each by default) and a stream of tasks
-    over it, one per 500x500 chunk (2 MB)."""
-    x = da.random.random((side, side), chunks=(500, 500)).persist()
+    over it, one per ``chunk`` x ``chunk`` chunk (2 MB by default)."""
+    x = da.random.random((side, side), chunks=(chunk, chunk)).persist()
     wait(x)
 
     def slow(block, delay=seconds_per_task):
@@ -179,10 +179,12 @@ def test_operator_killed_mid_retirement_finishes_it_after_restart(stack: LocalSt
         stack.apply(policy("scale", cluster, adaptive={"minimum": 3, "maximum": 3},
                            retirement={"timeLimit": "120s", "maxConcurrent": 2}), namespace=ns)
         wait_scaled(stack, ns, cluster, 3)
-        # 36 long tasks: the drain takes a while
-        x, job = busy_job(client, seconds_per_task=1.5, side=3000)
+        # long tasks: the drain takes a while. 16 of them over the same 72 MB as 36
+        # would be (4.5 MB chunks): the retirements start with every worker busy as
+        # before, and the one worker left has less to do alone afterwards
+        x, job = busy_job(client, seconds_per_task=1.5, side=3000, chunk=750)
         future = client.compute(job)
-        stack.wait_for(lambda: client.run_on_scheduler(task_ledger)["computed"] > 38, 60, "the job to run")
+        stack.wait_for(lambda: client.run_on_scheduler(task_ledger)["computed"] > 16 + 2, 60, "the job to run")
         set_adaptive(stack, ns, "scale", minimum=1, maximum=1)
         stack.wait_for(lambda: len(scaling_entry(stack, ns, "scale", cluster).get("retiring", [])) == 2,
                        60, "two retirements under way")
@@ -213,14 +215,16 @@ def test_target_scales_up_at_once_and_back_down_after_the_wait_count(stack: Loca
     ns, cluster = namespace, "elastic"
     make_cluster(stack, ns, cluster, workers=1)
     with client_of(stack, ns, cluster, 1) as client:
-        stack.apply(policy("scale", cluster, adaptive={"minimum": 1, "maximum": 3, "waitCount": 4}),
-                    namespace=ns)
+        stack.apply(policy("scale", cluster, adaptive={"minimum": 1, "maximum": 3, "waitCount": 4,
+                                                       "interval": "500ms"}), namespace=ns)
         wait_scaled(stack, ns, cluster, 1)
-        futures = client.map(lambda i: time.sleep(2) or i, range(30))
+        # 40 s of work: the scheduler's target stays at 3 until the last 5 tasks, long
+        # after the two new workers joined
+        futures = client.map(lambda i: time.sleep(2) or i, range(20))
         stack.wait_for(lambda: replicas(stack, ns, cluster) == 3, 60, "replicas raised to maximum")
         assert events(stack, ns, "ScaledUp")
         client.wait_for_workers(3, timeout=120)
-        assert client.gather(futures) == list(range(30))
+        assert client.gather(futures) == list(range(20))
         del futures
         assert_consistent(stack, ns, cluster, client, 1)
         assert_nothing_lost(client)
@@ -242,8 +246,8 @@ def test_memory_floor_holds_a_cluster_whose_data_needs_more_than_the_target(stac
         # twice the data in memory limits) asks for 2
         x = da.random.random((3 * 8_750, 1000), chunks=(8_750, 1000)).persist()
         wait(x)
-        stack.apply(policy("scale", cluster, adaptive={"minimum": 1, "maximum": 3, "waitCount": 2}),
-                    namespace=ns)
+        stack.apply(policy("scale", cluster, adaptive={"minimum": 1, "maximum": 3, "waitCount": 2,
+                                                       "interval": "500ms"}), namespace=ns)
         entry = stack.wait_for(
             lambda: (e := scaling_entry(stack, ns, "scale", cluster)).get("reason") == "HeldByMemoryFloor" and e,
             60, "the memory floor to hold the cluster")
