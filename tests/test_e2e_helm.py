@@ -26,6 +26,9 @@ from dask_memory_operator.devstack.emulator.rbac import attributes_of_audit_even
 from dask_memory_operator.devstack.helm import helm
 from dask_memory_operator.devstack.probes import amm_state, task_ledger
 from dask_memory_operator.devstack.scaling_probes import (
+    assert_consistent,
+    assert_nothing_lost,
+    busy_job,
     client_of,
     events,
     make_cluster,
@@ -34,7 +37,6 @@ from dask_memory_operator.devstack.scaling_probes import (
     set_adaptive,
 )
 from dask_memory_operator.devstack.stack import LocalStack
-from test_e2e_scaling import assert_consistent, assert_nothing_lost, busy_job
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "dask-memory-operator"
 RELEASE = "dmo"

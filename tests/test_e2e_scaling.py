@@ -18,11 +18,14 @@ from collections.abc import Iterator
 
 import dask.array as da
 import pytest
-from distributed import Client, wait
+from distributed import wait
 from prometheus_client.parser import text_string_to_metric_families
 
 from dask_memory_operator.devstack.probes import task_ledger, worker_statuses
 from dask_memory_operator.devstack.scaling_probes import (
+    assert_consistent,
+    assert_nothing_lost,
+    busy_job,
     client_of,
     events,
     free_port,
@@ -65,38 +68,6 @@ def wait_scaled(stack: LocalStack, ns: str, cluster: str, workers: int, policy: 
         entry = scaling_entry(stack, ns, policy, cluster)
         return entry.get("replicas") == entry.get("desired") == workers and entry
     return stack.wait_for(check, 60, f"{policy} to scale {cluster} at {workers}")
-
-
-def assert_consistent(stack: LocalStack, ns: str, cluster: str, client: Client, workers: int) -> None:
-    """The end state the operator promises: replicas == Deployments == connected
-    workers, none closing_gracefully."""
-    def settled():
-        statuses = client.run_on_scheduler(worker_statuses)
-        return (replicas(stack, ns, cluster) == len(worker_deployments(stack, ns, cluster)) == workers
-                and len(statuses) == workers and set(statuses.values()) == {"running"})
-    stack.wait_for(settled, 120, f"{cluster} to settle at {workers} running workers", interval=0.5)
-
-
-def assert_nothing_lost(client: Client) -> dict:
-    ledger = client.run_on_scheduler(task_ledger)
-    assert ledger["computed"] > 0
-    assert ledger["rerun"] == {}, f"tasks computed again: {ledger['rerun']}"
-    assert ledger["lost"] == {}, f"keys lost with a worker: {ledger['lost']}"
-    assert ledger["wasted"] == {}, f"running tasks whose worker left: {ledger['wasted']}"
-    return ledger
-
-
-def busy_job(client: Client, seconds_per_task: float = 0.4, side: int = 4000, chunk: int = 500):
-    """Persisted data on every worker (~40 MB each by default) and a stream of tasks
-    over it, one per ``chunk`` x ``chunk`` chunk (2 MB by default)."""
-    x = da.random.random((side, side), chunks=(chunk, chunk)).persist()
-    wait(x)
-
-    def slow(block, delay=seconds_per_task):
-        time.sleep(delay)
-        return block.sum(keepdims=True)
-
-    return x, x.map_blocks(slow, dtype=float, chunks=(1, 1)).sum()
 
 
 # --- tests ---------------------------------------------------------------------

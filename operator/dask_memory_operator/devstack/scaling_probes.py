@@ -2,7 +2,8 @@
 operator as a process of a :class:`~dask_memory_operator.devstack.stack.LocalStack`,
 a DaskCluster whose scheduler preloads the amm_core plugin, a MemoryPolicy with
 ``adaptive`` and ``retirement``, and what the API and the scheduler say of the
-cluster (replicas, worker Deployments, the policy's status entry, Events).
+cluster (replicas, worker Deployments, the policy's status entry, Events), a busy job,
+and the end state every scaling test asserts (consistent, nothing lost).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from distributed import Client
+import dask.array as da
+from distributed import Client, wait
 
-from dask_memory_operator.devstack.probes import TaskLedger
+from dask_memory_operator.devstack.probes import TaskLedger, task_ledger, worker_statuses
 from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
 
 PRELOAD = {"DASK_DISTRIBUTED__SCHEDULER__PRELOAD": "amm_core.plugin"}
@@ -102,3 +105,38 @@ def scaling_entry(stack: LocalStack, ns: str, name: str, cluster: str) -> dict:
 def events(stack: LocalStack, ns: str, reason: str | None = None) -> list[dict]:
     items = (stack.get_json(f"/api/v1/namespaces/{ns}/events") or {}).get("items", [])
     return [e for e in items if reason is None or e.get("reason") == reason]
+
+
+# --- what the tests promise -----------------------------------------------------
+
+
+def assert_consistent(stack: LocalStack, ns: str, cluster: str, client: Client, workers: int) -> None:
+    """The end state the operator promises: replicas == Deployments == connected
+    workers, none closing_gracefully."""
+    def settled():
+        statuses = client.run_on_scheduler(worker_statuses)
+        return (replicas(stack, ns, cluster) == len(worker_deployments(stack, ns, cluster)) == workers
+                and len(statuses) == workers and set(statuses.values()) == {"running"})
+    stack.wait_for(settled, 120, f"{cluster} to settle at {workers} running workers", interval=0.5)
+
+
+def assert_nothing_lost(client: Client) -> dict:
+    ledger = client.run_on_scheduler(task_ledger)
+    assert ledger["computed"] > 0
+    assert ledger["rerun"] == {}, f"tasks computed again: {ledger['rerun']}"
+    assert ledger["lost"] == {}, f"keys lost with a worker: {ledger['lost']}"
+    assert ledger["wasted"] == {}, f"running tasks whose worker left: {ledger['wasted']}"
+    return ledger
+
+
+def busy_job(client: Client, seconds_per_task: float = 0.4, side: int = 4000, chunk: int = 500):
+    """Persisted data on every worker (~40 MB each by default) and a stream of tasks
+    over it, one per ``chunk`` x ``chunk`` chunk (2 MB by default)."""
+    x = da.random.random((side, side), chunks=(chunk, chunk)).persist()
+    wait(x)
+
+    def slow(block, delay=seconds_per_task):
+        time.sleep(delay)
+        return block.sum(keepdims=True)
+
+    return x, x.map_blocks(slow, dtype=float, chunks=(1, 1)).sum()
