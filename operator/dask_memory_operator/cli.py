@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 import weakref
 
@@ -36,6 +37,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peering", metavar="NAME",
                    help="kopf peering name for several replicas; default: standalone "
                         "(never the peering of dask-kubernetes' operator)")
+    p.add_argument("--priority", type=int, default=None,
+                   help="kopf peering priority; with --peering the default is a random one "
+                        "per process, as kopf pauses every peer when two share the highest")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="serve Prometheus metrics on this port (0: off)")
     p.add_argument("--metrics-address", default="0.0.0.0",
@@ -76,6 +80,16 @@ def _add_sandbox(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", default=None, help="where logs and kubeconfig go")
 
 
+def peering_priority(args: argparse.Namespace) -> int | None:
+    """The replica's kopf peering priority. Replicas of one Deployment share their
+    arguments, and kopf pauses all peers of the same top priority ("Pausing all
+    operators, including self"): each draws its own, so the highest is active and
+    the others stand by."""
+    if args.priority is not None or args.peering is None:
+        return args.priority
+    return secrets.randbelow(2**31 - 1) + 1
+
+
 def run(args: argparse.Namespace) -> int:
     import kopf
     from prometheus_client import start_http_server
@@ -112,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         registry=build_registry(config),
         standalone=args.peering is None,
         peering_name=args.peering,
+        priority=peering_priority(args),
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=args.liveness,
