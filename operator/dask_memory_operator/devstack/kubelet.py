@@ -49,7 +49,8 @@ become real processes on this machine:
 Networking without network namespaces: every pod gets a pod IP on loopback from
 127.2.0.0/16 (a /24 of it per stack, see stack.py) and Dask is told to listen there
 (``--host`` is replaced or added, ``--dashboard-address`` is moved to the pod IP
-keeping its port). A pod selected by a Service gets the Service's clusterIP
+keeping its port); in other containers' args ``0.0.0.0`` (all of the pod's addresses
+in a pod's own network namespace) becomes the pod IP. A pod selected by a Service gets the Service's clusterIP
 (allocated by the API server from 127.1.0.0/16) as its pod IP, so a scheduler binds
 ``<clusterIP>:8786`` and its dashboard ``<clusterIP>:8787`` and the Service's
 address reaches it directly. Only one pod can hold a clusterIP; when several
@@ -251,12 +252,20 @@ def _option_value(argv: list[str], option: str) -> str | None:
     return argv[i + 1] if argv[i] == option else argv[i].split("=", 1)[1]
 
 
+#: The address a process binds to listen on all of its pod's addresses.
+ANY_ADDRESS = "0.0.0.0"
+
+
 def container_argv(container: Mapping[str, Any], env: Mapping[str, str], pod_ip: str) -> list[str]:
     """The command line that runs ``container`` here, listening on ``pod_ip``."""
     raw = [expand(a, env) for a in (container.get("command") or []) + (container.get("args") or [])]
     if not raw:
         raise UnsupportedContainer("no command or args: an image's entrypoint cannot run here")
     argv = _program(raw[0]) + raw[1:]
+    if argv[0] != DASK_SCRIPT:
+        # In its own network namespace a process binding every address (0.0.0.0) binds
+        # its pod's; here all pods share one, so such an address is the pod IP.
+        argv = [argv[0]] + [a.replace(ANY_ADDRESS, pod_ip) for a in argv[1:]]
     if argv[0] == DASK_SCRIPT and len(argv) > 1 and argv[1] in ("scheduler", "worker"):
         role = argv[1]
         if _find_option(argv, "--listen-address") is None:
@@ -280,10 +289,8 @@ def template_hash(template: Mapping[str, Any]) -> str:
 
 def _holding_preference(svc: Mapping[str, Any]) -> tuple[bool, str, str]:
     """Which of several Services selecting a pod gives it its clusterIP: one with a port
-    whose numeric targetPort differs from it first, then the oldest. A client that dials
-    ``clusterIP:targetPort`` without the proxy (the emulated API server calling a
-    webhook Service) reaches the pod only when it holds that clusterIP; every other
-    port is proxied either way."""
+    whose numeric targetPort differs from it first, then the oldest (every other port
+    is proxied either way)."""
     remapped = any(isinstance(p.get("targetPort"), int) and p["targetPort"] != p.get("port")
                    for p in (svc.get("spec") or {}).get("ports") or [])
     meta = svc["metadata"]
