@@ -340,7 +340,7 @@ def test_a_peering_named_default_is_refused():
 
 
 def _parse_args(args: list[str]):
-    return build_parser().parse_args([a.replace("$(POD_IP)", "10.0.0.7") for a in args])
+    return build_parser().parse_args(args)
 
 
 def test_the_arguments_are_the_operators_own():
@@ -348,20 +348,27 @@ def test_the_arguments_are_the_operators_own():
     assert c["command"] == ["dask-memory-operator"]
     assert c["args"] == [
         "run", "--all-namespaces", "--scheduler-access", "dns", "--resync-interval", "10",
-        "--liveness", "http://$(POD_IP):8081/healthz",
-        "--metrics-address", "$(POD_IP)", "--metrics-port", "8080",
-        "--webhook-port", "9443", "--webhook-address", "$(POD_IP)",
+        "--liveness", "http://0.0.0.0:8081/healthz",
+        "--metrics-address", "0.0.0.0", "--metrics-port", "8080",
+        "--webhook-port", "9443", "--webhook-address", "0.0.0.0",
         "--webhook-cert-dir", "/etc/dask-memory-operator/webhook-certs",
     ]
-    assert c["env"][0] == {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    # every address of the pod (kubectl port-forward dials localhost in it; IPv6 pods too)
+    assert "env" not in c
     for variant in VARIANTS:
         args = _parse_args(container(render(variant))["args"])
         assert args.command == "run" and args.scheduler_access == "dns"
-        assert args.liveness == "http://10.0.0.7:8081/healthz"
+        assert args.liveness == "http://0.0.0.0:8081/healthz"
     parsed = _parse_args(container(render("everything"))["args"])
     assert parsed.allow_policy_class == ["mycorp.amm.*"] and parsed.rpc_timeout == 10.0
     assert "--metrics-port" not in container(render("metrics-off"))["args"]
     assert "--webhook-port" not in container(render("webhook-off"))["args"]
+
+
+def test_one_replica_is_replaced_not_rolled():
+    """Standalone, a rolling update would run two active operators at once."""
+    assert one(render("defaults"), "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    assert "strategy" not in one(render("replicas2"), "Deployment")["spec"]  # peered: rolling
 
 
 def test_the_cert_dir_is_the_secrets_mount():
@@ -396,7 +403,8 @@ def test_security_context(variant):
 def test_probes_resources_and_scheduling():
     c = container(render("defaults"))
     for probe in ("livenessProbe", "readinessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/healthz", "port": 8081}
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in c["ports"]
     assert c["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
     spec = one(render("everything"), "Deployment")["spec"]["template"]
     assert spec["spec"]["priorityClassName"] == "system-cluster-critical"
@@ -450,6 +458,11 @@ def test_the_webhook_configuration_is_the_pythons():
     expected = configuration.mutating_webhook_configuration(
         ca_pem, service={"namespace": NAMESPACE, "name": f"{FULLNAME}-webhook", "port": 443}, name=FULLNAME)
     assert _without_labels(rendered) == expected
+    namespaced = one(render("namespaced"), "MutatingWebhookConfiguration")
+    assert _without_labels(namespaced) == configuration.mutating_webhook_configuration(
+        base64.b64decode(namespaced["webhooks"][0]["clientConfig"]["caBundle"]),
+        service={"namespace": NAMESPACE, "name": f"{FULLNAME}-webhook", "port": 443}, name=FULLNAME,
+        namespaces=["a", "b"])
     assert yaml.safe_load((CHART / "values.yaml").read_text())["webhook"]["timeoutSeconds"] == \
         configuration.TIMEOUT_SECONDS
     service = one(docs, "Service", f"{FULLNAME}-webhook")

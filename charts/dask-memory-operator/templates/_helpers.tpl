@@ -97,10 +97,10 @@ stack's kubelet maps a Secret's mountPath found in the args to its own folder). 
 - --resync-interval
 - {{ .Values.resyncInterval | toString | quote }}
 - --liveness
-- "http://$(POD_IP):{{ include "dmo.healthPort" . }}/healthz"
+- "http://0.0.0.0:{{ include "dmo.healthPort" . }}/healthz"
 {{- if .Values.metrics.enabled }}
 - --metrics-address
-- "$(POD_IP)"
+- "0.0.0.0"
 - --metrics-port
 - {{ include "dmo.metricsPort" . | quote }}
 {{- end }}
@@ -108,7 +108,7 @@ stack's kubelet maps a Secret's mountPath found in the args to its own folder). 
 - --webhook-port
 - {{ include "dmo.webhookPort" . | quote }}
 - --webhook-address
-- "$(POD_IP)"
+- "0.0.0.0"
 - --webhook-cert-dir
 - {{ include "dmo.certDir" . }}
 {{- end }}

@@ -22,10 +22,12 @@ TIMEOUT_SECONDS = 5
 
 def mutating_webhook_configuration(
     ca_pem: bytes, *, url: str | None = None, service: dict[str, Any] | None = None,
-    name: str = NAME, timeout_seconds: int = TIMEOUT_SECONDS,
+    name: str = NAME, timeout_seconds: int = TIMEOUT_SECONDS, namespaces: list[str] | None = None,
 ) -> dict[str, Any]:
     """The configuration, with a URL (local use) or a Service reference (in a
-    cluster: ``{"namespace", "name", "port"}``) to kopf's path for the handler."""
+    cluster: ``{"namespace", "name", "port"}``) to kopf's path for the handler. An
+    operator watching only some ``namespaces`` is sent only their pods (by the
+    ``kubernetes.io/metadata.name`` label every Namespace has)."""
     if (url is None) == (service is None):
         raise ValueError("give one of url and service")
     client: dict[str, Any] = {"caBundle": base64.b64encode(ca_pem).decode()}
@@ -33,6 +35,10 @@ def mutating_webhook_configuration(
         client["url"] = f"{url.rstrip('/')}/{HANDLER_ID}"
     else:
         client["service"] = {**service, "path": f"/{HANDLER_ID}"}
+    scope: dict[str, Any] = {}
+    if namespaces:
+        scope["namespaceSelector"] = {"matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": list(namespaces)}]}
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
@@ -48,6 +54,7 @@ def mutating_webhook_configuration(
             "clientConfig": client,
             "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"],
                        "operations": ["CREATE"], "scope": "Namespaced"}],
+            **scope,
             "objectSelector": {"matchExpressions": [
                 {"key": CLUSTER_LABEL, "operator": "Exists"},
                 {"key": COMPONENT_LABEL, "operator": "Exists"},
