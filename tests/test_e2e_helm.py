@@ -85,7 +85,8 @@ def service_account_user(ns: str, name: str) -> str:
 def release(stack: LocalStack) -> Iterator[dict]:
     """The chart installed with its defaults (cluster-wide) into a namespace of its own."""
     ns = f"dmo-system-{secrets.token_hex(3)}"
-    state = {"namespace": ns, "cluster_scoped_before": cluster_scoped_objects(stack)}
+    state = {"namespace": ns, "cluster_scoped_before": cluster_scoped_objects(stack),
+             "audit_from": len(stack.audit_events())}
     stack.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     run_helm(stack, "install", RELEASE, str(CHART), "-n", ns, *INSTALL, *VALUES)
     wait_operators_ready(stack, ns, 1)
@@ -127,15 +128,22 @@ def test_the_charts_operator_governs_and_retires_gracefully_under_its_own_rbac(
     # helm test: the CRD is established and the operator answers its liveness endpoint
     run_helm(stack, "test", RELEASE, "-n", rns, "--timeout", "2m")
 
-    # the rules as shipped were enough: nothing the operator or the test pod asked was forbidden
+    assert_rbac_exact(stack, release)
+
+
+def assert_rbac_exact(stack: LocalStack, release: dict) -> None:
+    """From the audit log since the install: the rules as shipped were enough (nothing
+    the operator or the test pod asked was refused, no token was refused), and none is
+    superfluous (every verb of every rule the release renders allowed a request)."""
+    rns = release["namespace"]
+    since = stack.audit_events()[release["audit_from"]:]
+    assert [e["requestURI"] for e in since if e.get("responseStatus", {}).get("code") == 401] == []
     sa, test_sa = service_account_user(rns, FULLNAME), service_account_user(rns, f"{FULLNAME}-test")
-    audit = [e for e in stack.audit_events() if (e.get("user") or {}).get("username") in (sa, test_sa)]
+    audit = [e for e in since if (e.get("user") or {}).get("username") in (sa, test_sa)]
     assert {e["user"]["username"] for e in audit} == {sa, test_sa}
     forbidden = sorted({f'{e["verb"]} {e["requestURI"]}' for e in audit
                         if e["annotations"].get("authorization.k8s.io/decision") != "allow"})
     assert forbidden == []
-    # ... and none is superfluous: every verb of every rule the chart renders allowed a
-    # recorded request
     allowed = [a for e in audit if e["annotations"].get("authorization.k8s.io/decision") == "allow"
                for a in attributes_of_audit_event(e)]
     unused = [(role, verb, rule) for role, subject, rule in chart_rules(stack, rns) for verb in rule["verbs"]
@@ -161,7 +169,9 @@ def chart_rules(stack: LocalStack, ns: str) -> list[tuple[str, str, dict]]:
     return found
 
 
-def test_upgrade_keeps_the_certificate_and_peers_two_replicas(stack: LocalStack, release: dict):
+def test_upgrade_keeps_the_certificate_and_peers_two_replicas(stack: LocalStack, namespace: str, release: dict):
+    """Two replicas: one active, one standing by, under the release's own peering; the
+    peering's rules are enough and all used."""
     rns = release["namespace"]
     secret_path = f"/api/v1/namespaces/{rns}/secrets/{FULLNAME}-webhook-tls"
     webhook_path = f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{FULLNAME}"
@@ -180,6 +190,18 @@ def test_upgrade_keeps_the_certificate_and_peers_two_replicas(stack: LocalStack,
     # both replicas announce themselves in the release's own peering, not kopf's default
     peers = lambda: (stack.get_json(f"/apis/kopf.dev/v1/clusterkopfpeerings/{FULLNAME}") or {}).get("status") or {}  # noqa: E731
     stack.wait_for(lambda: len(peers()) == 2, 60, "two peers in the release's peering")
+    assert len({peer["priority"] for peer in peers().values()}) == 2
+    pods = [p["metadata"]["name"] for p in operator_pods(stack, rns)]
+    standing_by = lambda: [p for p in pods if "Pausing operations in favour of" in stack.pod_logs(rns, p)]  # noqa: E731
+    stack.wait_for(lambda: len(standing_by()) == 1, 60, "one replica to stand by")
+    assert not any("Pausing all operators" in stack.pod_logs(rns, p) for p in pods)
+    # ... and the other one acts
+    stack.apply({"apiVersion": "amm.dask.org/v1alpha1", "kind": "MemoryPolicy", "metadata": {"name": "after"},
+                 "spec": {"clusterSelector": {}, "activeMemoryManager": {"policies": []}}}, namespace=namespace)
+    stack.wait_for(lambda: (stack.get_json(
+        f"/apis/amm.dask.org/v1alpha1/namespaces/{namespace}/memorypolicies/after") or {}).get(
+        "status", {}).get("observedGeneration"), 60, "the policy reconciled by the active replica")
+    assert_rbac_exact(stack, release)
     assert "default" not in {o["metadata"]["name"] for o in (
         stack.get_json("/apis/kopf.dev/v1/clusterkopfpeerings") or {}).get("items", [])}
 
