@@ -8,8 +8,9 @@ passing shows the chart's rules are enough, and the audit log shows none is
 superfluous: every rule the chart renders allowed at least one request.
 
 ``helm upgrade`` with changed values keeps the webhook's certificate and runs two
-replicas under the release's own kopf peering; ``helm uninstall`` leaves nothing
-behind but the CRDs.
+replicas under the release's own kopf peering, one active; ``helm uninstall`` leaves
+nothing behind but the CRDs. A release with ``watchNamespaces`` and two replicas does
+the same scenario with Roles in the watched namespace only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -39,20 +41,44 @@ from dask_memory_operator.devstack.scaling_probes import (
 from dask_memory_operator.devstack.stack import LocalStack
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "dask-memory-operator"
-RELEASE = "dmo"
-FULLNAME = f"{RELEASE}-dask-memory-operator"
 VALUES = ["--set", "resyncInterval=2", "--set-json", 'extraArgs=["--verbose", "--rpc-timeout", "3"]']
 #: Helm 4 applies server-side by default, which the emulated API does not serve (415).
 INSTALL = ["--server-side=false", "--wait", "--timeout", "3m"]
+
+
+@dataclass
+class Release:
+    """An installed release, and what the cluster held before it."""
+
+    name: str
+    namespace: str
+    #: Where its audit events begin in the stack's audit log.
+    audit_from: int
+    #: (kind, name) of the cluster-scoped objects before the install.
+    cluster_scoped_before: set[tuple[str, str]] = field(default_factory=set)
+
+    @property
+    def fullname(self) -> str:
+        return f"{self.name}-dask-memory-operator"
 
 
 def run_helm(stack: LocalStack, *args: str) -> str:
     return helm(*args, kubeconfig=stack.kubeconfig).stdout
 
 
-def manifests(stack: LocalStack, ns: str, what: str = "manifest") -> list[dict]:
+def install(stack: LocalStack, name: str, *values: str, replicas: int = 1) -> Release:
+    """``helm install`` into a namespace of the release's own; waits for its operators."""
+    ns = f"{name}-system-{secrets.token_hex(3)}"
+    release = Release(name, ns, len(stack.audit_events()), cluster_scoped_objects(stack))
+    stack.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    run_helm(stack, "install", name, str(CHART), "-n", ns, *INSTALL, *VALUES, *values)
+    wait_operators_ready(stack, ns, replicas)
+    return release
+
+
+def manifests(stack: LocalStack, release: Release, what: str = "manifest") -> list[dict]:
     """The release's objects (``helm get manifest``) or its hooks (``helm get hooks``)."""
-    return [d for d in yaml.safe_load_all(run_helm(stack, "get", what, RELEASE, "-n", ns)) if d]
+    return [d for d in yaml.safe_load_all(run_helm(stack, "get", what, release.name, "-n", release.namespace)) if d]
 
 
 def operator_pods(stack: LocalStack, ns: str) -> list[dict]:
@@ -82,25 +108,26 @@ def service_account_user(ns: str, name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def release(stack: LocalStack) -> Iterator[dict]:
-    """The chart installed with its defaults (cluster-wide) into a namespace of its own."""
-    ns = f"dmo-system-{secrets.token_hex(3)}"
-    state = {"namespace": ns, "cluster_scoped_before": cluster_scoped_objects(stack),
-             "audit_from": len(stack.audit_events())}
-    stack.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-    run_helm(stack, "install", RELEASE, str(CHART), "-n", ns, *INSTALL, *VALUES)
-    wait_operators_ready(stack, ns, 1)
-    yield state
-    helm("uninstall", RELEASE, "-n", ns, "--wait", "--ignore-not-found", kubeconfig=stack.kubeconfig, check=False)
-    stack.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+def release(stack: LocalStack) -> Iterator[Release]:
+    """The chart installed with its defaults (cluster-wide)."""
+    release = install(stack, "dmo")
+    yield release
+    helm("uninstall", release.name, "-n", release.namespace, "--wait", "--ignore-not-found",
+         kubeconfig=stack.kubeconfig, check=False)
+    stack.kubectl("delete", "namespace", release.namespace, "--wait=false", check=False)
 
 
 # --- tests ---------------------------------------------------------------------
 
 
-def test_the_charts_operator_governs_and_retires_gracefully_under_its_own_rbac(
-        stack: LocalStack, namespace: str, release: dict):
-    ns, cluster, rns = namespace, "busy", release["namespace"]
+def govern_and_scale_down(stack: LocalStack, ns: str, release: Release, *, one_replica: bool = True) -> None:
+    """The scenario: a policy, a cluster born governed, its scheduler configured, a busy
+    cluster scaled 3 -> 2 with nothing lost; then ``helm test``.
+
+    With several replicas the webhook Service also reaches the standby ones, whose
+    watches kopf keeps paused: a pod they admit is admitted unchanged, and the active
+    replica must report it (README, "Several replicas")."""
+    cluster = "busy"
     # the policy first: the cluster's pods are born governed, through the chart's webhook
     stack.apply(policy("scale", cluster, adaptive={"minimum": 3, "maximum": 3, "interval": "500ms"},
                        retirement={"timeLimit": "60s", "maxConcurrent": 2}), namespace=ns)
@@ -108,11 +135,19 @@ def test_the_charts_operator_governs_and_retires_gracefully_under_its_own_rbac(
                             or {}).get("status", {}).get("observedGeneration"), 60, "the policy's status")
     make_cluster(stack, ns, cluster, workers=3)
     with client_of(stack, ns, cluster, 3) as client:
-        state = client.run_on_scheduler(amm_state)
-        assert state["running"] and state["interval"] == 0.5 and state["plugin"]
+        configured = lambda: (state := client.run_on_scheduler(amm_state))["running"] and \
+            state["interval"] == 0.5 and state["plugin"]  # noqa: E731
+        if one_replica:
+            assert configured(), "the scheduler was not born with its policy's AMM"
+        else:  # born so, or configured live by the active replica
+            stack.wait_for(configured, 60, "the scheduler's AMM configured")
         workers = stack.pods(ns, f"dask.org/cluster-name={cluster},dask.org/component=worker")
-        assert all(c.get("lifecycle", {}).get("preStop") for p in workers for c in p["spec"]["containers"]), \
-            "worker pods were not born with the retirement hook"
+        unhooked = [p for p in workers if not all(c.get("lifecycle", {}).get("preStop") for c in p["spec"]["containers"])]
+        if one_replica:
+            assert unhooked == [], "worker pods were not born with the retirement hook"
+        elif unhooked:
+            stack.wait_for(lambda: scaling_entry(stack, ns, "scale", cluster).get("workersWithoutRetirementHook")
+                           == len(unhooked), 60, "the pods a standby admitted to be reported")
         stack.wait_for(lambda: scaling_entry(stack, ns, "scale", cluster).get("replicas") == 3, 60, "scaling at 3")
 
         x, job = busy_job(client)
@@ -126,19 +161,23 @@ def test_the_charts_operator_governs_and_retires_gracefully_under_its_own_rbac(
         assert len(events(stack, ns, "WorkerRetired")) == 1
 
     # helm test: the CRD is established and the operator answers its liveness endpoint
-    run_helm(stack, "test", RELEASE, "-n", rns, "--timeout", "2m")
+    run_helm(stack, "test", release.name, "-n", release.namespace, "--timeout", "2m")
 
+
+def test_the_charts_operator_governs_and_retires_gracefully_under_its_own_rbac(
+        stack: LocalStack, namespace: str, release: Release):
+    govern_and_scale_down(stack, namespace, release)
     assert_rbac_exact(stack, release)
 
 
-def assert_rbac_exact(stack: LocalStack, release: dict) -> None:
+def assert_rbac_exact(stack: LocalStack, release: Release) -> None:
     """From the audit log since the install: the rules as shipped were enough (nothing
     the operator or the test pod asked was refused, no token was refused), and none is
     superfluous (every verb of every rule the release renders allowed a request)."""
-    rns = release["namespace"]
-    since = stack.audit_events()[release["audit_from"]:]
+    rns, fullname = release.namespace, release.fullname
+    since = stack.audit_events()[release.audit_from:]
     assert [e["requestURI"] for e in since if e.get("responseStatus", {}).get("code") == 401] == []
-    sa, test_sa = service_account_user(rns, FULLNAME), service_account_user(rns, f"{FULLNAME}-test")
+    sa, test_sa = service_account_user(rns, fullname), service_account_user(rns, f"{fullname}-test")
     audit = [e for e in since if (e.get("user") or {}).get("username") in (sa, test_sa)]
     assert {e["user"]["username"] for e in audit} == {sa, test_sa}
     forbidden = sorted({f'{e["verb"]} {e["requestURI"]}' for e in audit
@@ -146,15 +185,15 @@ def assert_rbac_exact(stack: LocalStack, release: dict) -> None:
     assert forbidden == []
     allowed = [a for e in audit if e["annotations"].get("authorization.k8s.io/decision") == "allow"
                for a in attributes_of_audit_event(e)]
-    unused = [(role, verb, rule) for role, subject, rule in chart_rules(stack, rns) for verb in rule["verbs"]
+    unused = [(role, verb, rule) for role, subject, rule in chart_rules(stack, release) for verb in rule["verbs"]
               if not any(a.user == subject and rule_allows({**rule, "verbs": [verb]}, a) for a in allowed)]
     assert unused == []
 
 
-def chart_rules(stack: LocalStack, ns: str) -> list[tuple[str, str, dict]]:
+def chart_rules(stack: LocalStack, release: Release) -> list[tuple[str, str, dict]]:
     """(role, the user bound to it, rule) for every rule of every role the release
     renders, its test hooks' included."""
-    docs = manifests(stack, ns) + manifests(stack, ns, "hooks")
+    docs = manifests(stack, release) + manifests(stack, release, "hooks")
     roles = {(d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]): d
              for d in docs if d["kind"] in ("ClusterRole", "Role")}
     found = []
@@ -169,52 +208,88 @@ def chart_rules(stack: LocalStack, ns: str) -> list[tuple[str, str, dict]]:
     return found
 
 
-def test_upgrade_keeps_the_certificate_and_peers_two_replicas(stack: LocalStack, namespace: str, release: dict):
+def test_upgrade_keeps_the_certificate_and_peers_two_replicas(stack: LocalStack, namespace: str,
+                                                              release: Release):
     """Two replicas: one active, one standing by, under the release's own peering; the
     peering's rules are enough and all used."""
-    rns = release["namespace"]
-    secret_path = f"/api/v1/namespaces/{rns}/secrets/{FULLNAME}-webhook-tls"
-    webhook_path = f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{FULLNAME}"
+    rns, fullname = release.namespace, release.fullname
+    secret_path = f"/api/v1/namespaces/{rns}/secrets/{fullname}-webhook-tls"
+    webhook_path = f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{fullname}"
     certificate = stack.get_json(secret_path)["data"]
     ca_bundle = stack.get_json(webhook_path)["webhooks"][0]["clientConfig"]["caBundle"]
     assert ca_bundle == certificate["ca.crt"]
 
-    run_helm(stack, "upgrade", RELEASE, str(CHART), "-n", rns, "--wait", "--timeout", "3m",
+    run_helm(stack, "upgrade", release.name, str(CHART), "-n", rns, "--wait", "--timeout", "3m",
              *VALUES, "--set", "replicaCount=2")
     wait_operators_ready(stack, rns, 2)
     assert stack.get_json(secret_path)["data"] == certificate
     assert stack.get_json(webhook_path)["webhooks"][0]["clientConfig"]["caBundle"] == ca_bundle
-    args = stack.get_json(f"/apis/apps/v1/namespaces/{rns}/deployments/{FULLNAME}")[
+    args = stack.get_json(f"/apis/apps/v1/namespaces/{rns}/deployments/{fullname}")[
         "spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[args.index("--peering") + 1] == FULLNAME
+    assert args[args.index("--peering") + 1] == fullname
     # both replicas announce themselves in the release's own peering, not kopf's default
-    peers = lambda: (stack.get_json(f"/apis/kopf.dev/v1/clusterkopfpeerings/{FULLNAME}") or {}).get("status") or {}  # noqa: E731
+    peers = lambda: (stack.get_json(f"/apis/kopf.dev/v1/clusterkopfpeerings/{fullname}") or {}).get("status") or {}  # noqa: E731
     stack.wait_for(lambda: len(peers()) == 2, 60, "two peers in the release's peering")
     assert len({peer["priority"] for peer in peers().values()}) == 2
-    pods = [p["metadata"]["name"] for p in operator_pods(stack, rns)]
-    standing_by = lambda: [p for p in pods if "Pausing operations in favour of" in stack.pod_logs(rns, p)]  # noqa: E731
-    stack.wait_for(lambda: len(standing_by()) == 1, 60, "one replica to stand by")
-    assert not any("Pausing all operators" in stack.pod_logs(rns, p) for p in pods)
-    # ... and the other one acts
+    # one of them acts ...
     stack.apply({"apiVersion": "amm.dask.org/v1alpha1", "kind": "MemoryPolicy", "metadata": {"name": "after"},
                  "spec": {"clusterSelector": {}, "activeMemoryManager": {"policies": []}}}, namespace=namespace)
     stack.wait_for(lambda: (stack.get_json(
         f"/apis/amm.dask.org/v1alpha1/namespaces/{namespace}/memorypolicies/after") or {}).get(
         "status", {}).get("observedGeneration"), 60, "the policy reconciled by the active replica")
+    # ... and the other stands by: its watch of MemoryPolicies is paused (kopf's log)
+    pods = [p["metadata"]["name"] for p in operator_pods(stack, rns)]
+    assert len(pods) == 2
+    stack.wait_for(lambda: [watching(stack.pod_logs(rns, p)) for p in pods].count(True) == 1, 30,
+                   "exactly one replica watching")
+    assert not any("Pausing all operators" in stack.pod_logs(rns, p) for p in pods)
     assert_rbac_exact(stack, release)
     assert "default" not in {o["metadata"]["name"] for o in (
         stack.get_json("/apis/kopf.dev/v1/clusterkopfpeerings") or {}).get("items", [])}
 
 
-def test_uninstall_leaves_nothing_behind_but_the_crds(stack: LocalStack, release: dict):
-    rns = release["namespace"]
-    made = manifests(stack, rns) + manifests(stack, rns, "hooks")
-    run_helm(stack, "uninstall", RELEASE, "-n", rns, "--wait", "--timeout", "2m")
+def watching(log: str) -> bool:
+    """Whether kopf's last word on its MemoryPolicy watch in this log is that it runs."""
+    states = [line for line in log.splitlines()
+              if "the watch-stream for memorypolicies" in line and ("Resuming" in line or "Pausing" in line)]
+    return bool(states) and "Resuming" in states[-1]
+
+
+def uninstall_leaves_nothing_behind_but_the_crds(stack: LocalStack, release: Release,
+                                                 watched: tuple[str, ...] = ()) -> None:
+    rns = release.namespace
+    made = manifests(stack, release) + manifests(stack, release, "hooks")
+    run_helm(stack, "uninstall", release.name, "-n", rns, "--wait", "--timeout", "2m")
     stack.wait_for(lambda: not stack.pod_processes(rns), 60, "the operator pods' processes to end")
     left = json.loads(stack.kubectl("get", "all,secrets,configmaps,serviceaccounts,roles,rolebindings",
                                     "-n", rns, "-o", "json").stdout)["items"]
     assert {(o["kind"], o["metadata"]["name"]) for o in left} == {("ServiceAccount", "default")}
-    new = cluster_scoped_objects(stack) - release["cluster_scoped_before"]
+    for ns in watched:
+        left = json.loads(stack.kubectl("get", "roles,rolebindings,kopfpeerings", "-n", ns, "-o", "json").stdout)
+        assert left["items"] == []
+    new = cluster_scoped_objects(stack) - release.cluster_scoped_before
     assert all(kind == "CustomResourceDefinition" for kind, _ in new), new
     gone = [(d["kind"], d["metadata"]["name"]) for d in made if d["kind"] != "CustomResourceDefinition"]
     assert gone and not {(k, n) for k, n in gone} & cluster_scoped_objects(stack)
+
+
+def test_uninstall_leaves_nothing_behind_but_the_crds(stack: LocalStack, release: Release):
+    uninstall_leaves_nothing_behind_but_the_crds(stack, release)
+
+
+def test_a_namespaced_release_needs_only_roles_in_its_namespaces(stack: LocalStack, namespace: str):
+    """``watchNamespaces`` and two replicas: Roles (and KopfPeerings) in the watched
+    namespace, a ClusterRole only for what kopf reads at cluster scope; the same
+    scenario passes with them, and every verb of them is used."""
+    release = install(stack, "team", "--set-json", f'watchNamespaces=["{namespace}"]', "--set", "replicaCount=2",
+                      replicas=2)
+    try:
+        kinds = {(d["kind"], d["metadata"].get("namespace")) for d in manifests(stack, release)}
+        assert ("Role", namespace) in kinds and ("KopfPeering", namespace) in kinds
+        assert not any(kind == "Role" and ns != namespace for kind, ns in kinds)
+        govern_and_scale_down(stack, namespace, release, one_replica=False)
+        assert_rbac_exact(stack, release)
+    finally:
+        # policies go while their operator runs (their finalizer gives the schedulers back)
+        stack.kubectl("delete", "memorypolicies", "--all", "-n", namespace, "--timeout=60s", check=False)
+        uninstall_leaves_nothing_behind_but_the_crds(stack, release, watched=(namespace,))
