@@ -37,6 +37,7 @@ from dask_memory_operator.devstack.scaling_probes import (
     policy,
     scaling_entry,
     set_adaptive,
+    wait_policy_reconciled,
 )
 from dask_memory_operator.devstack.stack import LocalStack
 
@@ -131,8 +132,7 @@ def govern_and_scale_down(stack: LocalStack, ns: str, release: Release, *, one_r
     # the policy first: the cluster's pods are born governed, through the chart's webhook
     stack.apply(policy("scale", cluster, adaptive={"minimum": 3, "maximum": 3, "interval": "500ms"},
                        retirement={"timeLimit": "60s", "maxConcurrent": 2}), namespace=ns)
-    stack.wait_for(lambda: (stack.get_json(f"/apis/amm.dask.org/v1alpha1/namespaces/{ns}/memorypolicies/scale")
-                            or {}).get("status", {}).get("observedGeneration"), 60, "the policy's status")
+    wait_policy_reconciled(stack, ns, "scale")
     make_cluster(stack, ns, cluster, workers=3)
     with client_of(stack, ns, cluster, 3) as client:
         configured = lambda: (state := client.run_on_scheduler(amm_state))["running"] and \
@@ -234,9 +234,7 @@ def test_upgrade_keeps_the_certificate_and_peers_two_replicas(stack: LocalStack,
     # one of them acts ...
     stack.apply({"apiVersion": "amm.dask.org/v1alpha1", "kind": "MemoryPolicy", "metadata": {"name": "after"},
                  "spec": {"clusterSelector": {}, "activeMemoryManager": {"policies": []}}}, namespace=namespace)
-    stack.wait_for(lambda: (stack.get_json(
-        f"/apis/amm.dask.org/v1alpha1/namespaces/{namespace}/memorypolicies/after") or {}).get(
-        "status", {}).get("observedGeneration"), 60, "the policy reconciled by the active replica")
+    wait_policy_reconciled(stack, namespace, "after")
     # ... and the other stands by: its watch of MemoryPolicies is paused (kopf's log)
     pods = [p["metadata"]["name"] for p in operator_pods(stack, rns)]
     assert len(pods) == 2

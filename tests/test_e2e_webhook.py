@@ -19,7 +19,7 @@ from distributed import Client
 
 from dask_memory_operator.webhook.certs import write_webhook_certs
 from dask_memory_operator.devstack.probes import amm_config
-from dask_memory_operator.devstack.scaling_probes import OPERATOR, free_port
+from dask_memory_operator.devstack.scaling_probes import OPERATOR, free_port, wait_policy_reconciled
 from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
 from dask_memory_operator.webhook.configuration import mutating_webhook_configuration
 
@@ -71,9 +71,8 @@ def born_config(stack: LocalStack, ns: str, cluster: str) -> dict:
 
 
 def wait_operator_ready(stack: LocalStack, ns: str) -> None:
-    """The operator's indexes know the namespace's policy: its status was written."""
-    stack.wait_for(lambda: (stack.get_json(f"/apis/amm.dask.org/v1alpha1/namespaces/{ns}/memorypolicies/born")
-                            or {}).get("status", {}).get("observedGeneration"), 60, "the policy's status")
+    """The operator's indexes know the namespace's policy."""
+    wait_policy_reconciled(stack, ns, "born")
 
 
 def test_a_scheduler_created_under_a_policy_runs_its_amm_from_the_start(stack: LocalStack, namespace: str,

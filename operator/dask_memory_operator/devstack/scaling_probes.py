@@ -97,6 +97,14 @@ def worker_deployments(stack: LocalStack, ns: str, cluster: str) -> list[str]:
         if not d["metadata"].get("deletionTimestamp"))
 
 
+def wait_policy_reconciled(stack: LocalStack, ns: str, name: str, timeout: float = 60) -> dict:
+    """Wait until the operator wrote the policy's status (``observedGeneration``): its
+    indexes know the policy from then on."""
+    path = f"/apis/amm.dask.org/v1alpha1/namespaces/{ns}/memorypolicies/{name}"
+    return stack.wait_for(lambda: (body := stack.get_json(path) or {}).get("status", {}).get("observedGeneration")
+                          and body, timeout, f"the status of policy {name}")
+
+
 def scaling_entry(stack: LocalStack, ns: str, name: str, cluster: str) -> dict:
     body = stack.get_json(f"/apis/amm.dask.org/v1alpha1/namespaces/{ns}/memorypolicies/{name}") or {}
     return next((e for e in (body.get("status") or {}).get("scaling") or () if e["cluster"] == cluster), {})
