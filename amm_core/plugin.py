@@ -83,6 +83,9 @@ Message shapes (all plain data)::
             "cycles": int, "replicas_copied": int, "replicas_dropped": int,
             "memory_bytes": int,         # cluster memory by the measure in force
             "retiring_workers": [address, ...],
+            "drops_refused": int,        # drops that would have left a key with no
+                                         # copy on a worker in service
+                                         # (amm_core.departures)
         },
         "workers": int,
         "policy_reports": [policy.report(), ...],
@@ -100,6 +103,8 @@ once, the operator polls)::
         # "aborted" with the reason
     amm_core_retirements() -> [retirement, ...]
     amm_core_cancel_retirement(workers) -> {"cancelled": [name, ...],
+                                            "kept": [{"worker", "reason"}, ...],
+                                            # done, or its pod is going
                                             "retirements": [retirement, ...]}
     amm_core_forget_retirement(workers) -> {"forgotten": [name, ...],
                                             "kept": [{"worker", "reason"}, ...]}
@@ -120,6 +125,8 @@ once, the operator polls)::
         "state": "draining" | "moving" | "done" | "aborted",
         "reason": str,                   # why aborted, else the caller's reason
         "requested": str,                # the caller's reason
+        "blocked": str,                  # why a leaving worker's retirement cannot
+                                         # finish now ("" if it can)
         "keys_left": int, "bytes_left": int,   # keys only it holds (not safe)
         "tasks_running": int, "keys_moved": int, "bytes_moved": int,
         "wasted_tasks": int,             # tasks lost (or to be lost, drain=False)
@@ -127,7 +134,9 @@ once, the operator polls)::
         "drain": bool,
         "left": bool,                    # the worker left the cluster
         "rejoined": int,                 # re-registrations kept closing_gracefully
-        "keep_out": bool,                # False: a new process of the name is let in
+        "keep_out": bool,                # False (a preStop hook): only a process of
+                                         # the same pod is kept out
+        "leaving": bool,                 # its pod is going: never back in service
     }
 
 ``status()`` also has ``"retirements": [retirement, ...]``.
@@ -799,6 +808,7 @@ class MemoryPolicyPlugin(SchedulerPlugin):
                     for ws in self.scheduler.workers.values()
                 ),
                 "retiring_workers": retiring,
+                "drops_refused": self.retirement.departures.drops_refused,
             },
             "workers": len(self.scheduler.workers),
             "policy_reports": reports,

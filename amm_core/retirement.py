@@ -1,6 +1,7 @@
 """Graceful retirement of workers before their pods go: a non-blocking engine that
 copies away what only a retiring worker holds, through an Active Memory Manager of
-its own, and tells the caller (the dask-memory-operator) when the pod may be deleted.
+its own, and tells the caller (the dask-memory-operator, or a pod's preStop hook)
+when the pod may go.
 
 Why not ``Scheduler.retire_workers``:
 
@@ -18,31 +19,58 @@ Why not ``Scheduler.retire_workers``:
 Here a retirement is a record, started by the scheduler handler ``amm_core_retire``
 and polled by the caller. The worker goes ``closing_gracefully`` (no new tasks, not a
 recipient of copies); tasks assigned to it that have not started are handed to
-running workers through the work-stealing protocol (the worker itself confirms it has
-not started them); with ``drain`` the tasks it is running finish first. A
-:class:`RetireSafely` policy copies every key that is not *safe* (:func:`is_safe`) to
-running, non-retiring workers with room (:mod:`amm_core._room`). The record goes
-``draining`` (tasks still running) -> ``moving`` (unsafe keys left) -> ``done``
-(nothing running, nothing unsafe: the pod may go), and back to ``moving`` if a key
-becomes unsafe again. It is ``aborted``, and the worker put back to the status it had,
-when it cannot be retired without losing anything: the limit passes; no running
-non-retiring worker has room for a key; the worker holds actors or runs a
-``long_running`` (seceded) task; a scheduler plugin vetoes its downscaling
-(``SchedulerPlugin.valid_workers_downscaling``, as P2P shuffles do). A worker that
-leaves mid-retirement (its process died) is recorded as such.
+workers in service through the work-stealing protocol (the worker itself confirms it
+has not started them; a private, never-balancing ``WorkStealing`` serves when the
+scheduler runs without work stealing); with ``drain`` the tasks it is running finish
+first. A :class:`RetireSafely` policy copies every key that is not *safe* (a copy on
+a worker in service: amm_core.departures) to workers in service with room
+(:mod:`amm_core._room`, counting the copies still in flight). The record goes
+``draining`` (tasks still running) -> ``moving`` (unsafe keys left) -> ``done``.
+
+**Two callers, two promises.**
+
+- The operator (``keep_out=True``) *proposes* a retirement: if it cannot finish
+  without losing something (the limit passes; no worker in service has room; the
+  worker holds actors or runs a ``long_running`` (seceded) task; a scheduler plugin
+  vetoes its downscaling, as P2P shuffles do) it is ``aborted`` and the engine puts
+  back exactly what it changed (the status it set, and only if it set it), and the
+  operator keeps the pod.
+- A preStop hook (``keep_out=False``) *announces* that the pod is going, whatever
+  happens. Its worker is leaving from the call on (amm_core.departures): it is never
+  put back in service, and what would abort an operator's retirement only
+  ``blocked`` it: the engine keeps moving what can be moved until the worker leaves.
+
+**``done`` is a commit.** The cycle that finds nothing running and nothing unsafe
+marks the record ``done`` and its worker leaving in one event-loop step: from then
+on the worker is out of every recipient and task set, its safe copies cannot be
+dropped (the departures' drop guard), a veto that appears later changes nothing, and
+``amm_core_cancel_retirement`` refuses it. Whatever lands on the worker later (a
+task that ran without drain) is still copied away while it lives.
+
+**Who is kept out.** A process registering under the name of a record the engine
+keeps out is set ``closing_gracefully`` at once (:meth:`RetirementEngine.worker_joined`),
+before the scheduler gives it anything: for the operator's retirements any process
+of that name (its Deployment is going); for a hook's, only a process of the same pod
+(same nanny, or same host without one): a nanny restarting the worker inside the
+dying pod is kept out, the Deployment's next pod is welcome. A name the operator
+asked to retire that is not connected yet is *barred* for :data:`BAR_SECONDS`: a
+worker registering under it in the gap before its Deployment is deleted is kept out
+too.
+
+**Bounded.** Records end when their worker has left (or their retirement aborted)
+and are dropped :data:`RECORD_TTL` seconds later; at most :data:`MAX_RECORDS` are
+kept, the oldest ended ones going first.
 
 The policy runs in an AMM of the engine's own (like the ad-hoc one of
 ``retire_workers`` when the main AMM is off), so that retirements go on whether the
-main AMM runs or not and whatever configs the operator applies to it. A ``done``
-record keeps its worker out: if a worker of the same name registers again, it is set
-``closing_gracefully`` at once (:meth:`RetirementEngine.worker_joined`), until the
-caller forgets the record after the pod is gone.
+main AMM runs or not and whatever configs the operator applies to it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -53,11 +81,12 @@ from distributed.active_memory_manager import (
     Suggestion,
     SuggestionGenerator,
 )
-from distributed.comm.core import CommClosedError
 from distributed.core import Status
 from distributed.metrics import time
+from distributed.stealing import WorkStealing
 
 from amm_core._room import workers_with_room
+from amm_core.departures import Departures, out_of_service, set_status
 
 if TYPE_CHECKING:
     from distributed.scheduler import Scheduler, TaskState, WorkerState
@@ -73,26 +102,28 @@ RETIREMENT_INTERVAL = 0.5
 COPY_TIMEOUT = 10.0
 #: Workers listed by ``amm_core_scaling`` (bounded: the caller refuses larger answers)
 MAX_SCALING_WORKERS = 1000
+#: Records kept at most (and reported at most); the oldest ended ones go first
+MAX_RECORDS = 500
+#: Seconds an ended record (aborted, or its worker left) is kept for its caller to read
+RECORD_TTL = 600.0
+#: Seconds a name the operator retires before its worker connected stays barred
+BAR_SECONDS = 300.0
 
 State = Literal["draining", "moving", "done", "aborted"]
 #: States in which the engine still watches the worker
 ACTIVE: frozenset[str] = frozenset({"draining", "moving", "done"})
 
 
+
 def retiring_workers(scheduler: Scheduler) -> set[WorkerState]:
-    """Workers on their way out: neither running nor paused (closing_gracefully or
-    closing). Copies they hold go with them."""
-    return {
-        ws
-        for ws in scheduler.workers.values()
-        if ws.status not in (Status.running, Status.paused)
-    }
+    """Workers whose copies go with them (not in service: amm_core.departures)."""
+    return out_of_service(scheduler)
 
 
 def is_safe(ts: TaskState, retiring: set[WorkerState]) -> bool:
     """The safe-key rule: a key on a retiring worker is safe only if a copy sits on a
-    worker that is not itself retiring (``retiring``: :func:`retiring_workers`).
-    Copies on other retiring workers do not count: they go too."""
+    worker in service (``retiring``: :func:`retiring_workers`). Copies on other
+    retiring or leaving workers do not count: they go too."""
     return any(ws not in retiring for ws in ts.who_has or ())
 
 
@@ -103,26 +134,17 @@ def unsafe_keys(ws: WorkerState, retiring: set[WorkerState]) -> list[TaskState]:
     return [ts for ts in ws.has_what if not is_safe(ts, leaving)]
 
 
-def set_status(
-    scheduler: Scheduler, ws: WorkerState, status: Status, prefix: str = "amm-core"
-) -> None:
-    """Change a worker's status as Scheduler.retire_workers does: on the scheduler at
-    once, so that no task or copy lands on the worker meanwhile, and tell the worker."""
-    stimulus_id = f"{prefix}-{time()}"
-    scheduler.handle_worker_status_change(status, ws, stimulus_id)
-    comm = scheduler.stream_comms.get(ws.address)
-    if comm is None:
-        return  # the worker is gone
-    try:
-        comm.send(
-            {
-                "op": "worker-status-change",
-                "status": status.name,
-                "stimulus_id": stimulus_id,
-            }
-        )
-    except CommClosedError:
-        logger.info("Could not tell %s its status is %s: comm closed", ws.address, status)
+def process_of(ws: WorkerState) -> str:
+    """What tells one pod's processes from another's: the nanny's address (it
+    survives a worker restart inside the pod), else the host (the pod's IP)."""
+    return ws.nanny or ws.host
+
+
+def _some(tasks: Iterable[TaskState], most: int = 5) -> str:
+    """A few keys for a message (messages are bounded: the operator reads them)."""
+    keys = sorted(str(ts.key)[:100] for ts in tasks)
+    more = f" and {len(keys) - most} more" if len(keys) > most else ""
+    return f"{keys[:most]}{more}"
 
 
 class Retirement:
@@ -137,13 +159,17 @@ class Retirement:
     requested: str
     #: Why it is aborted ("" otherwise)
     abort_reason: str
+    #: Why a leaving worker's retirement cannot finish now ("" otherwise): what would
+    #: abort a proposed retirement
+    blocked: str
     #: Seconds from ``started`` after which an unfinished retirement is aborted
     limit: float
     #: Let running tasks finish before ``done`` (else they are rescheduled when the
     #: worker leaves, and counted in ``wasted_tasks``)
     drain: bool
-    #: Status the worker had before, put back when the retirement is aborted
-    prev_status: Status
+    #: The status the engine changed the worker from (None: it did not change it),
+    #: put back when a proposed retirement aborts
+    set_from: Status | None
     #: Scheduler time the retirement started, and reached done/aborted (None: not yet)
     started: float
     ended: float | None
@@ -160,12 +186,16 @@ class Retirement:
     left: bool
     #: Times a process of this name registered again and was kept out
     rejoined: int
-    #: Keep a new process of the same name out while the record lives (the pod goes:
-    #: the operator's retirements); False when the pod alone is deleted and its
-    #: Deployment starts a new one (a preStop hook's), which is welcome
+    #: Who asked: the operator (True: any process of the name is kept out while the
+    #: record lives) or a preStop hook (False: the pod is going whatever happens; only
+    #: a process of the same pod is kept out)
     keep_out: bool
-    #: Copies asked for and not landed yet: key -> (recipient address, when asked)
-    copies: dict[Any, tuple[str, float]]
+    #: The worker's pod is going: never put back in service (amm_core.departures)
+    leaving: bool
+    #: :func:`process_of` the retired worker
+    process: str
+    #: Copies asked for and not landed yet: key -> (recipient address, bytes, when)
+    copies: dict[Any, tuple[str, int, float]]
     #: Keys of tasks already offered to other workers (each is offered once: a task
     #: the worker refuses to give up is executing, and will finish)
     offered: set[Any]
@@ -175,13 +205,15 @@ class Retirement:
     ) -> None:
         self.ws = ws
         self.keep_out = keep_out
+        self.leaving = not keep_out
+        self.process = process_of(ws)
         self.name = str(ws.name)
         self.state = "draining" if drain else "moving"
         self.requested = requested
-        self.abort_reason = ""
+        self.abort_reason = self.blocked = ""
         self.limit = limit
         self.drain = drain
-        self.prev_status = ws.status
+        self.set_from = None
         self.started = time()
         self.ended = None
         self.keys_left = self.bytes_left = self.tasks_running = 0
@@ -194,6 +226,14 @@ class Retirement:
     def __repr__(self) -> str:
         return f"<Retirement {self.name} ({self.ws.address}): {self.state}>"
 
+    @property
+    def watched(self) -> bool:
+        """The engine still acts for this worker (moves its keys, keeps it out)."""
+        return not self.left and self.state in ACTIVE
+
+    def ended_before(self, when: float) -> bool:
+        return (self.left or self.state == "aborted") and (self.ended or 0) < when
+
     def report(self) -> dict[str, Any]:
         """Plain data (msgpack-able)."""
         end = self.ended if self.ended is not None else time()
@@ -203,6 +243,7 @@ class Retirement:
             "state": self.state,
             "reason": self.abort_reason or self.requested,
             "requested": self.requested,
+            "blocked": self.blocked,
             "keys_left": self.keys_left,
             "bytes_left": self.bytes_left,
             "tasks_running": self.tasks_running,
@@ -216,12 +257,13 @@ class Retirement:
             "left": self.left,
             "rejoined": self.rejoined,
             "keep_out": self.keep_out,
+            "leaving": self.leaving,
         }
 
 
 class RetireSafely(ActiveMemoryManagerPolicy):
-    """Copy the unsafe keys of every retirement of ``engine`` in progress to running,
-    non-retiring workers with room; update the records first (state, aborts)."""
+    """Copy the unsafe keys of every retirement of ``engine`` still watched to workers
+    in service with room; update the records first (state, aborts)."""
 
     #: The engine whose retirements this policy serves
     engine: RetirementEngine
@@ -236,12 +278,17 @@ class RetireSafely(ActiveMemoryManagerPolicy):
         engine = self.engine
         retiring = retiring_workers(engine.scheduler)
         recipients = engine.scheduler.running - retiring
-        for rt in engine.in_progress():
-            unsafe = engine.step(rt, retiring, recipients)
-            now = time()
-            for ts in unsafe if rt.state in ("draining", "moving") else ():
+        unsafe_by_record = [
+            (rt, engine.step(rt, retiring, recipients)) for rt in engine.in_progress()
+        ]
+        self._count_in_flight(engine, recipients)
+        now = time()
+        for rt, unsafe in unsafe_by_record:
+            if not rt.watched:
+                continue
+            for ts in unsafe:
                 asked = rt.copies.get(ts.key)
-                if asked is not None and now - asked[1] < COPY_TIMEOUT:
+                if asked is not None and now - asked[2] < COPY_TIMEOUT:
                     continue
                 pool = workers_with_room(
                     ts.nbytes,
@@ -250,13 +297,25 @@ class RetireSafely(ActiveMemoryManagerPolicy):
                     measure=self.manager.measure,
                 )
                 if not pool:
-                    engine.abort(rt, engine.no_room(ts, recipients))
+                    engine.cannot_finish(rt, engine.no_room(ts, recipients))
                     break
                 choice = yield Suggestion("replicate", ts, pool)
                 if choice is not None:
-                    rt.copies[ts.key] = (choice.address, now)
-        if not any(True for _ in engine.in_progress()):
+                    rt.copies[ts.key] = (choice.address, ts.nbytes, now)
+        if not engine.in_progress():
             self.manager.stop()
+
+    def _count_in_flight(
+        self, engine: RetirementEngine, recipients: set[WorkerState]
+    ) -> None:
+        """Copies asked for in earlier cycles and not landed take room on their
+        recipients too: without this, retirements started in successive cycles (one
+        per hook in a drain) could each fill the same recipient."""
+        in_flight = engine.bytes_in_flight()
+        memory = self.manager.workers_memory
+        for ws in recipients:
+            if ws.address in in_flight and ws in memory:
+                memory[ws] += in_flight[ws.address]
 
 
 class RetirementEngine:
@@ -268,10 +327,16 @@ class RetirementEngine:
     plugin: object
     #: Records by worker name
     records: dict[str, Retirement]
+    #: Names retired before their worker connected: name -> (until, limit, drain, reason)
+    bars: dict[str, tuple[float, float, bool, str]]
+    #: The leaving workers and the guards that follow from them
+    departures: Departures
     #: The memory measure of the main AMM, for room checks
     measure: Callable[[], str]
     #: The engine's own AMM, running RetireSafely while retirements are in progress
     amm: ActiveMemoryManagerExtension
+    #: Hands queued tasks back when the scheduler runs without work stealing
+    _private_stealing: WorkStealing | None
 
     def __init__(
         self, scheduler: Scheduler, plugin: object, measure: Callable[[], str]
@@ -280,6 +345,9 @@ class RetirementEngine:
         self.plugin = plugin
         self.measure = measure
         self.records = {}
+        self.bars = {}
+        self.departures = Departures.of(scheduler) or Departures(scheduler)
+        self._private_stealing = None
         self.amm = ActiveMemoryManagerExtension(
             scheduler,
             policies={RetireSafely(self)},
@@ -299,12 +367,23 @@ class RetirementEngine:
             "amm_core_scaling": self.scaling,
         }
 
-    def in_progress(self) -> Iterable[Retirement]:
+    def in_progress(self) -> list[Retirement]:
         """Records whose worker is still watched (draining, moving, done)."""
-        return [rt for rt in self.records.values() if rt.state in ACTIVE and not rt.left]
+        return [rt for rt in self.records.values() if rt.watched]
 
     def reports(self) -> list[dict[str, Any]]:
-        return [rt.report() for _, rt in sorted(self.records.items())]
+        """Every record's report by name; at most MAX_RECORDS, those still watched
+        first."""
+        kept = sorted(self.records.values(), key=lambda rt: not rt.watched)[:MAX_RECORDS]
+        return [rt.report() for rt in sorted(kept, key=lambda rt: rt.name)]
+
+    def bytes_in_flight(self) -> dict[str, int]:
+        """Bytes of copies asked for and not landed yet, by recipient address."""
+        out: defaultdict[str, int] = defaultdict(int)
+        for rt in self.in_progress():
+            for address, nbytes, _ in rt.copies.values():
+                out[address] += nbytes
+        return out
 
     # --- handlers -------------------------------------------------------------
 
@@ -317,8 +396,8 @@ class RetirementEngine:
         keep_out: bool = True,
     ) -> dict[str, Any]:
         """Start retiring ``workers`` (names or addresses); return at once. With
-        ``keep_out=False`` a new process of the same name is let in once the old one
-        left (its record is dropped then)."""
+        ``keep_out=False`` (a preStop hook) the pod is going whatever happens: see
+        the module docstring. With ``keep_out=True`` a name not connected is barred."""
         names = self._names(workers)
         if (
             isinstance(limit, bool)
@@ -337,25 +416,17 @@ class RetirementEngine:
         found, unknown = self._lookup(names)
         for ws in found:
             rt = self.records.get(str(ws.name))
-            if rt is not None and rt.state in ACTIVE:
+            if rt is not None and rt.watched and rt.ws is ws:
+                if not keep_out and not rt.leaving:
+                    self._make_leaving(rt, "its pod is going (preStop)")
                 continue  # idempotent: already retiring or retired
-            rt = Retirement(ws, float(limit), drain, reason, keep_out)
-            self.records[rt.name] = rt
-            veto = self.veto(ws)
-            if veto:
-                rt.prev_status = ws.status
-                self.abort(rt, veto, put_back=False)
-                continue
-            set_status(self.scheduler, ws, Status.closing_gracefully)
-            logger.info(
-                "Retiring %s (%s) within %.0fs%s: %s",
-                rt.name,
-                ws.address,
-                limit,
-                ", letting its tasks finish" if drain else "",
-                reason or "no reason given",
-            )
-        if any(True for _ in self.in_progress()):
+            self._start(Retirement(ws, float(limit), drain, reason, keep_out))
+        if keep_out:
+            until = time() + BAR_SECONDS
+            for name in unknown[: max(0, MAX_RECORDS - len(self.bars))]:
+                self.bars[name] = (until, float(limit), drain, reason)
+        self._prune()
+        if self.in_progress():
             # A first cycle now, so that the reply says where each one stands
             self.amm.run_once()
             self.amm.start()
@@ -367,38 +438,69 @@ class RetirementEngine:
             "unknown": unknown,
         }
 
+    def _start(self, rt: Retirement) -> None:
+        ws = rt.ws
+        self.records[rt.name] = rt
+        self.bars.pop(rt.name, None)
+        veto = self.veto(ws)
+        if veto and not rt.leaving:
+            self.abort(rt, veto)  # nothing changed yet: nothing to put back
+            return
+        if ws.status in (Status.running, Status.paused):
+            rt.set_from = ws.status
+            set_status(self.scheduler, ws, Status.closing_gracefully)
+        if rt.leaving:
+            self.departures.add(ws, rt.requested or "retired by its preStop hook")
+        logger.info(
+            "Retiring %s (%s) within %.0fs%s: %s",
+            rt.name,
+            ws.address,
+            rt.limit,
+            ", letting its tasks finish" if rt.drain else "",
+            rt.requested or "no reason given",
+        )
+
     def cancel(self, workers: list[str]) -> dict[str, Any]:
-        """Put workers whose retirement is in progress (or done) back in service."""
-        cancelled = []
+        """Put workers whose retirement is in progress back in service; a done one,
+        or one whose pod is going, is kept (listed with why)."""
+        cancelled, kept = [], []
         for name in self._names(workers):
             rt = self._record(name)
-            if rt is not None and rt.state in ACTIVE and not rt.left:
-                self.abort(rt, "cancelled")
-                cancelled.append(rt.name)
-        return {"cancelled": cancelled, "retirements": self.reports()}
+            if rt is None or not rt.watched:
+                continue
+            if rt.leaving:
+                why = "it is done: its worker is committed to leave" if rt.state == "done" \
+                    else "its pod is going (preStop)"
+                kept.append({"worker": rt.name, "reason": why})
+                continue
+            self.abort(rt, "cancelled")
+            cancelled.append(rt.name)
+        return {"cancelled": cancelled, "kept": kept, "retirements": self.reports()}
 
     def forget(self, workers: list[str]) -> dict[str, Any]:
-        """Drop the records of done or aborted retirements (the pod is gone). A done
-        record whose worker is still connected is kept: forgetting it would let the
-        worker sit closing_gracefully with no one watching; cancel it instead."""
+        """Drop the records of ended retirements (the pod is gone) and bars. A record
+        whose worker is still connected and watched is kept."""
         forgotten, kept = [], []
         for name in self._names(workers):
+            if self.bars.pop(name, None) is not None:
+                forgotten.append(name)
             rt = self._record(name)
             if rt is None:
                 continue
-            if rt.state in ("draining", "moving"):
+            if rt.state in ("draining", "moving") and not rt.left:
                 kept.append({"worker": rt.name, "reason": f"retirement is {rt.state}"})
             elif rt.state == "done" and not rt.left:
                 kept.append(
                     {
                         "worker": rt.name,
-                        "reason": "the worker is still connected; cancel the "
-                        "retirement to put it back in service",
+                        "reason": "the worker is still connected; it is committed to "
+                        "leave and kept out until it has",
                     }
                 )
             else:
                 del self.records[rt.name]
-                forgotten.append(rt.name)
+                if rt.name not in forgotten:
+                    forgotten.append(rt.name)
         return {"forgotten": forgotten, "kept": kept}
 
     def candidates(self, workers: list[str], n: int) -> dict[str, Any]:
@@ -418,8 +520,10 @@ class RetirementEngine:
             name = str(ws.name)
             rt = self.records.get(name)
             why_not = ""
-            if rt is not None and rt.state in ACTIVE:
+            if rt is not None and rt.watched:
                 why_not = f"already retiring ({rt.state})"
+            elif ws in self.departures.leaving:
+                why_not = "its pod is going"
             elif ws.status != Status.running:
                 why_not = f"status is {ws.status.name}"
             else:
@@ -486,24 +590,32 @@ class RetirementEngine:
     # --- plugin hooks ---------------------------------------------------------
 
     def worker_joined(self, address: str) -> None:
-        """A worker registered: if a process of the same name is being or has been
-        retired, keep this one out too (its pod is still to be deleted)."""
+        """A worker registered (called before the scheduler gives it anything): keep
+        it out if its name is barred, or its pod is going (see the module
+        docstring)."""
         ws = self.scheduler.workers.get(address)
         if ws is None:
             return
-        rt = self.records.get(str(ws.name))
-        if rt is None or rt.ws is ws:
+        name = str(ws.name)
+        rt = self.records.get(name)
+        if rt is None:
+            self._join_barred(ws)
             return
-        if not rt.keep_out and rt.left:
-            del self.records[rt.name]  # a fresh pod of the same Deployment: welcome
+        if rt.ws is ws:
             return
-        if rt.state not in ACTIVE:
+        if not self._keeps_out(rt, ws):
+            if rt.left and not rt.keep_out:
+                del self.records[name]  # the Deployment's next pod: welcome
             return
         rt.ws = ws
         rt.left = False
         rt.rejoined += 1
         rt.copies.clear()
         rt.offered.clear()
+        if rt.state == "aborted":  # a hook's retirement whose process died: go on
+            rt.state, rt.abort_reason, rt.ended = "moving", "", None
+        if rt.leaving:
+            self.departures.add(ws, "a process of a leaving pod registered again")
         set_status(self.scheduler, ws, Status.closing_gracefully)
         logger.info(
             "Worker %s (%s) registered again while its retirement is %s: keeping it "
@@ -514,37 +626,57 @@ class RetirementEngine:
         )
         self.amm.start()
 
+    def _keeps_out(self, rt: Retirement, ws: WorkerState) -> bool:
+        if rt.keep_out:
+            return rt.state in ACTIVE
+        return process_of(ws) == rt.process
+
+    def _join_barred(self, ws: WorkerState) -> None:
+        bar = self.bars.pop(str(ws.name), None)
+        if bar is None or bar[0] < time():
+            return
+        _, limit, drain, reason = bar
+        rt = Retirement(ws, limit, drain, reason, keep_out=True)
+        rt.leaving = True
+        logger.info("Worker %s registered under a barred name: retiring it", rt.name)
+        self._start(rt)
+        self.amm.start()
+
     def status_changed(self, address: str, event: dict[str, Any]) -> None:
         """A worker's status changed (``handle_worker_status_change`` logs it, then
-        acts on it). A worker under retirement reporting itself running is a process
-        that registered again and finished starting up (it registers as init, then
-        says running): set it back to closing_gracefully before the scheduler, which
-        reads the status again after logging, gives it tasks. Changes by anyone else
-        are seen at the next cycle and abort the retirement."""
+        acts on it). A leaving worker is kept out (amm_core.departures). A worker
+        under a proposed retirement reporting itself running is a process that
+        registered again and finished starting up (it registers as init, then says
+        running): set it back to closing_gracefully before the scheduler, which reads
+        the status again after logging, gives it tasks. Changes by anyone else are
+        seen at the next cycle and abort the retirement."""
+        self.departures.status_changed(address, event)
         if event.get("status") != Status.running.name or not str(
             event.get("stimulus_id", "")
         ).startswith("worker-status-change"):
             return
         ws = self.scheduler.workers.get(address)
         rt = self.records.get(str(ws.name)) if ws is not None else None
-        if ws is not None and rt is not None and rt.ws is ws and rt.state in ACTIVE:
+        if ws is not None and rt is not None and rt.ws is ws and rt.watched:
             set_status(self.scheduler, ws, Status.closing_gracefully)
 
     def worker_left(self, address: str) -> None:
         for rt in self.records.values():
-            if rt.ws.address != address or rt.left or rt.state not in ACTIVE:
+            if rt.ws.address != address or not rt.watched:
                 continue
             rt.left = True
+            self.departures.remove(rt.ws)
             rt.wasted_tasks = max(rt.wasted_tasks, len(rt.ws.processing), rt.tasks_running)
             if rt.state != "done":
                 rt.state = "aborted"
                 rt.ended = time()
                 rt.abort_reason = (
                     "the worker left the cluster mid-retirement (its process died or "
-                    f"was killed) with {rt.keys_left} unsafe key(s) "
+                    f"its pod went) with {rt.keys_left} unsafe key(s) "
                     f"({rt.bytes_left} bytes) and {rt.tasks_running} task(s) running"
                 )
                 logger.warning("Retirement of %s: %s", rt.name, rt.abort_reason)
+        self._prune()
 
     # --- mechanics ------------------------------------------------------------
 
@@ -575,18 +707,37 @@ class RetirementEngine:
             rt = next((r for r in self.records.values() if r.ws.address == name), None)
         return rt
 
+    def _prune(self) -> None:
+        """Drop ended records past their TTL, then the oldest ended ones over
+        MAX_RECORDS; and expired bars."""
+        now = time()
+        for name in [n for n, rt in self.records.items() if rt.ended_before(now - RECORD_TTL)]:
+            del self.records[name]
+        excess = len(self.records) - MAX_RECORDS
+        if excess > 0:
+            ended = sorted(
+                (rt for rt in self.records.values() if rt.ended_before(now)),
+                key=lambda rt: rt.ended or 0,
+            )
+            for rt in ended[:excess]:
+                del self.records[rt.name]
+        for name in [n for n, bar in self.bars.items() if bar[0] < now]:
+            del self.bars[name]
+
+    def _make_leaving(self, rt: Retirement, why: str) -> None:
+        rt.leaving = True
+        self.departures.add(rt.ws, why)
+
     def veto(self, ws: WorkerState) -> str:
         """Why ``ws`` cannot go without losing something ("" if it can): actors,
         long-running tasks, or a scheduler plugin's valid_workers_downscaling (called
         as Scheduler.workers_to_close does)."""
         if ws.actors:
-            keys = sorted(str(ts.key) for ts in ws.actors)
-            return f"the worker holds actor(s) {keys}, which cannot be moved"
+            return f"the worker holds actor(s) {_some(ws.actors)}, which cannot be moved"
         if ws.long_running:
-            keys = sorted(str(ts.key) for ts in ws.long_running)
             return (
-                f"the worker runs long-running (seceded) task(s) {keys}, which would "
-                "be lost"
+                f"the worker runs long-running (seceded) task(s) "
+                f"{_some(ws.long_running)}, which would be lost"
             )
         for name, plugin in list(self.scheduler.plugins.items()):
             if plugin is self.plugin:
@@ -610,24 +761,38 @@ class RetirementEngine:
 
     def no_room(self, ts: TaskState, recipients: set[WorkerState]) -> str:
         if not recipients:
-            return (
-                "no running worker that is not itself retiring is left to take its "
-                "unsafe keys"
-            )
+            return "no worker in service is left to take its unsafe keys"
         return (
-            f"no running worker that is not retiring has room for key {ts.key!r} "
+            f"no worker in service has room for key {ts.key!r} "
             f"({ts.nbytes} bytes) below its pause threshold"
         )
 
-    def abort(self, rt: Retirement, why: str, put_back: bool = True) -> None:
+    def cannot_finish(self, rt: Retirement, why: str) -> None:
+        """A proposed retirement aborts; a leaving worker's is only blocked (the
+        engine keeps moving what it can until the worker leaves); a done one is
+        committed and stays so."""
+        if rt.state == "done":
+            return
+        if rt.leaving:
+            if rt.blocked != why:
+                logger.info("Retirement of %s blocked: %s", rt.name, why)
+            rt.blocked = why
+        else:
+            self.abort(rt, why)
+
+    def abort(self, rt: Retirement, why: str) -> None:
+        """End a proposed retirement, putting back exactly what the engine changed:
+        the worker's status, if the engine set it closing_gracefully and it still is."""
         rt.state = "aborted"
         rt.abort_reason = why
         rt.ended = time()
         ws = rt.ws
-        if put_back and self.scheduler.workers.get(ws.address) is ws:
-            back = rt.prev_status if rt.prev_status == Status.paused else Status.running
-            if ws.status == Status.closing_gracefully:
-                set_status(self.scheduler, ws, back)
+        if (
+            rt.set_from is not None
+            and self.scheduler.workers.get(ws.address) is ws
+            and ws.status == Status.closing_gracefully
+        ):
+            set_status(self.scheduler, ws, rt.set_from)
         logger.warning("Retirement of %s (%s) aborted: %s", rt.name, ws.address, why)
 
     def step(
@@ -638,14 +803,9 @@ class RetirementEngine:
         if self.scheduler.workers.get(ws.address) is not ws:
             self.worker_left(ws.address)
             return []
-        if ws.status != Status.closing_gracefully:
-            self.abort(
-                rt, f"someone else set the worker {ws.status.name}", put_back=False
-            )
-            return []
-        veto = self.veto(ws)
-        if veto:
-            self.abort(rt, veto)
+        if not rt.leaving and ws.status != Status.closing_gracefully:
+            rt.set_from = None  # not the engine's to put back any more
+            self.abort(rt, f"someone else set the worker {ws.status.name}")
             return []
         self._count_landed(rt)
         self._offer_queued(rt, recipients)
@@ -655,29 +815,39 @@ class RetirementEngine:
         rt.tasks_running = len(ws.processing)
         if not rt.drain:
             rt.wasted_tasks = rt.tasks_running
+        if rt.state == "done":
+            return unsafe  # committed: move what lands on it late, nothing else
+        blocker = self.veto(ws)
+        if not blocker and time() - rt.started > rt.limit:
+            blocker = (
+                f"the limit of {rt.limit:g}s passed with {rt.keys_left} unsafe key(s) "
+                f"({rt.bytes_left} bytes) and {rt.tasks_running} task(s) running"
+            )
+        if blocker:
+            self.cannot_finish(rt, blocker)
+            if not rt.watched:
+                return []
+        else:
+            rt.blocked = ""
         if rt.drain and ws.processing:
             state: State = "draining"
-        elif unsafe:
+        elif unsafe or blocker:
             state = "moving"
         else:
             state = "done"
-        now = time()
-        if state != "done" and now - rt.started > rt.limit:
-            self.abort(
-                rt,
-                f"the limit of {rt.limit:g}s passed with {rt.keys_left} unsafe key(s) "
-                f"({rt.bytes_left} bytes) and {rt.tasks_running} task(s) running",
-            )
-            return []
         if state != rt.state:
             logger.info("Retirement of %s: %s -> %s", rt.name, rt.state, state)
-            rt.ended = now if state == "done" else None
         rt.state = state
+        if state == "done":
+            # The commit, in this same step: the worker is out of every recipient and
+            # task set, and the drop guard pins its safe copies until it has left
+            rt.ended = time()
+            self._make_leaving(rt, f"retirement done ({rt.requested or 'no reason'})")
         return unsafe
 
     def _count_landed(self, rt: Retirement) -> None:
         now = time()
-        for key, (address, asked) in list(rt.copies.items()):
+        for key, (address, _, asked) in list(rt.copies.items()):
             ts = self.scheduler.tasks.get(key)
             if ts is None or ts.state != "memory":
                 del rt.copies[key]
@@ -688,15 +858,24 @@ class RetirementEngine:
             elif now - asked >= COPY_TIMEOUT:
                 del rt.copies[key]
 
-    def _offer_queued(self, rt: Retirement, recipients: set[WorkerState]) -> None:
-        """Offer the tasks assigned to the worker to running, non-retiring workers
-        through the work-stealing protocol: a closing_gracefully worker starts no
-        task, and the worker gives up only those it has not started. Needs the
-        work-stealing extension (on by default); without it, assigned tasks wait."""
+    def _stealing(self) -> WorkStealing:
+        """The scheduler's work-stealing extension, or, when it runs without one, a
+        private one that never balances: only its request/confirm protocol is used."""
         stealing = self.scheduler.extensions.get("stealing")
+        if isinstance(stealing, WorkStealing):
+            return stealing
+        if self._private_stealing is None:
+            self._private_stealing = WorkStealing(self.scheduler)
+        return self._private_stealing
+
+    def _offer_queued(self, rt: Retirement, recipients: set[WorkerState]) -> None:
+        """Offer the tasks assigned to the worker to workers in service through the
+        work-stealing protocol: a closing_gracefully worker starts no task, and the
+        worker gives up only those it has not started."""
         ws = rt.ws
-        if stealing is None or not recipients:
+        if not recipients or not ws.processing:
             return
+        stealing = self._stealing()
         for ts in list(ws.processing):
             if ts.key in rt.offered or ts in ws.long_running or ts in stealing.in_flight:
                 continue

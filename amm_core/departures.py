@@ -1,0 +1,257 @@
+"""Workers on their way out, and the rules that keep their data safe whatever else
+runs on the scheduler.
+
+A scheduler runs many mechanisms that copy, drop, retire and close: the AMM policies
+of the main AMM (amm_core's, upstream ``ReduceReplicas``, a user's), upstream
+``retire_workers`` with its ``RetireWorker`` policies and ad-hoc AMMs, the retirement
+engine (amm_core.retirement) serving the operator and the preStop hooks, P2P
+shuffles. Each is safe on its own; together they lost data, because each judged a
+copy safe by its own light. The rules below are therefore enforced here, where every
+mechanism passes, not policy by policy:
+
+**In service.** A worker is *in service* when it is running or paused and its pod is
+not going. A worker is *leaving* when its pod is going: a preStop hook retires it, or
+the operator committed to deleting it (its retirement reached ``done``). Only copies
+on workers in service count as safe (:func:`in_service`).
+
+**A leaving worker stays out.** It is kept ``closing_gracefully``, whoever sets it
+running or paused (the worker itself after a restart, an aborted
+``retire_workers``, RetirePaused putting a worker back to paused):
+:meth:`Departures.status_changed` sets it back synchronously, before the scheduler
+acts on the change. So it is never in ``Scheduler.running``: no task is assigned to
+it and no AMM picks it as a recipient (upstream ``_find_recipient`` draws from
+``running``). New P2P shuffles do not pin output partitions to it either.
+
+**No last copy dropped.** Every drop suggestion of every policy, in every AMM of
+the scheduler, passes ``ActiveMemoryManagerExtension._find_dropper``. Upstream's
+only refuses to drop the very last replica among the candidates a policy names,
+which a policy can defeat (by naming the worker in service and keeping the copy on a
+retiring one), and upstream ``RetireWorker`` drops any copy once a key has two,
+wherever the other sits. Here a candidate is dropped from only if, with the drops
+already pending in the cycle, a holder in service is left; otherwise the suggestion
+is refused and the policy sees it refused (upstream ``RetireWorker`` then copies the
+key to a worker in service). That also pins the safe copies of a retirement that is
+``done``: nothing can take them away before its worker has left.
+
+**Upstream retirements count only copies in service.** ``RetireWorker.done()``
+(what ``Scheduler.retire_workers`` polls before it calls a worker retired) counts any
+second copy, also one on a leaving worker.
+
+Both are methods of upstream classes that ``retire_workers`` instantiates inside its
+own call (an ad-hoc AMM when the main one is off), so the one place to change them is
+the class (:func:`_patch_upstream`): on a scheduler with :class:`Departures` they
+follow the rules above; on any other scheduler in the process they are upstream's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
+
+from distributed.comm.core import CommClosedError
+from distributed.active_memory_manager import ActiveMemoryManagerExtension, RetireWorker
+from distributed.core import Status
+from distributed.metrics import time
+from distributed.shuffle._core import barrier_key
+
+if TYPE_CHECKING:
+    from distributed.scheduler import Scheduler, TaskState, WorkerState
+
+logger = logging.getLogger(__name__)
+
+#: Key of the Departures in ``Scheduler.extensions`` (one per scheduler)
+EXTENSION = "amm_core_departures"
+#: Statuses in which a worker holds data others may rely on
+SERVING = (Status.running, Status.paused)
+
+
+def set_status(
+    scheduler: Scheduler, ws: WorkerState, status: Status, prefix: str = "amm-core"
+) -> None:
+    """Change a worker's status as Scheduler.retire_workers does: on the scheduler at
+    once, so that no task or copy lands on the worker meanwhile, and tell the worker."""
+    stimulus_id = f"{prefix}-{time()}"
+    scheduler.handle_worker_status_change(status, ws, stimulus_id)
+    comm = scheduler.stream_comms.get(ws.address)
+    if comm is None:
+        return  # the worker is gone
+    try:
+        comm.send(
+            {
+                "op": "worker-status-change",
+                "status": status.name,
+                "stimulus_id": stimulus_id,
+            }
+        )
+    except CommClosedError:
+        logger.info("Could not tell %s its status is %s: comm closed", ws.address, status)
+
+
+class Departures:
+    """The leaving workers of one scheduler, and the guards that follow from them.
+
+    Built by the amm_core scheduler plugin when it starts; found by anyone with
+    :meth:`of`."""
+
+    scheduler: Scheduler
+    #: Workers whose pods are going (never put back in service)
+    leaving: set[WorkerState]
+    #: Drops refused because they would have left a key with no holder in service
+    drops_refused: int
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.leaving = set()
+        self.drops_refused = 0
+        scheduler.extensions[EXTENSION] = self
+        self._guard_shuffles()
+        _patch_upstream()
+
+    @staticmethod
+    def of(scheduler: Scheduler) -> Departures | None:
+        """The scheduler's Departures; None without the amm_core plugin."""
+        found = scheduler.extensions.get(EXTENSION)
+        return found if isinstance(found, Departures) else None
+
+    def in_service(self, ws: WorkerState) -> bool:
+        return ws.status in SERVING and ws not in self.leaving
+
+    def out_of_service(self) -> set[WorkerState]:
+        """Workers whose copies go with them: retiring, closing, or leaving."""
+        return {ws for ws in self.scheduler.workers.values() if not self.in_service(ws)}
+
+    def add(self, ws: WorkerState, why: str) -> None:
+        """``ws``'s pod is going: keep it out from now on."""
+        if ws in self.leaving:
+            return
+        self.leaving.add(ws)
+        logger.info("Worker %s (%s) is leaving: %s", ws.name, ws.address, why)
+        if ws.status in SERVING or ws.status == Status.init:
+            set_status(self.scheduler, ws, Status.closing_gracefully)
+
+    def remove(self, ws: WorkerState) -> None:
+        """``ws`` left the cluster (or is no longer going)."""
+        self.leaving.discard(ws)
+
+    def status_changed(self, address: str, event: dict[str, Any]) -> None:
+        """Called synchronously by ``handle_worker_status_change`` through the
+        plugin's ``log_event``, after it set the new status and before it acts on it
+        (it reads the status again): a leaving worker set running or paused is set
+        back to closing_gracefully, so the scheduler never gives it work."""
+        if event.get("status") not in (Status.running.name, Status.paused.name):
+            return
+        ws = self.scheduler.workers.get(address)
+        if ws is not None and ws in self.leaving and ws.status in SERVING:
+            logger.info(
+                "Worker %s (%s) is leaving: kept closing_gracefully (%s asked %s)",
+                ws.name,
+                address,
+                event.get("stimulus_id"),
+                ws.status.name,
+            )
+            set_status(self.scheduler, ws, Status.closing_gracefully)
+
+    # --- no last copy dropped -------------------------------------------------
+
+    def may_drop(
+        self, ts: TaskState, ws: WorkerState, pending: Collection[WorkerState] = ()
+    ) -> bool:
+        """Whether ``ws`` may drop its copy of ``ts`` (with the drops ``pending`` in
+        this AMM cycle): a holder in service is left."""
+        return any(
+            other is not ws and other not in pending and self.in_service(other)
+            for other in ts.who_has or ()
+        )
+
+    def droppers(
+        self,
+        ts: TaskState,
+        candidates: set[WorkerState] | None,
+        pending: set[WorkerState],
+    ) -> set[WorkerState]:
+        """The ``candidates`` (default: every holder) that may drop ``ts``; refused
+        ones are counted."""
+        pool = (ts.who_has or set()) if candidates is None else candidates
+        allowed = {ws for ws in pool if self.may_drop(ts, ws, pending)}
+        if len(allowed) < len(pool & (ts.who_has or set())):
+            self.drops_refused += 1
+            logger.debug("Drop of %s refused: no other copy on a worker in service", ts.key)
+        return allowed
+
+    # --- P2P ------------------------------------------------------------------
+
+    def _guard_shuffles(self) -> None:
+        """New P2P shuffles pin output partitions over ``scheduler.workers`` when the
+        barrier has no restrictions, leaving workers included: their outputs would be
+        lost with them and the shuffle restarted. Wrap the shuffle plugin's
+        ``_calculate_worker_for`` on its instance so that, while workers are leaving,
+        it draws from the workers in service."""
+        shuffle = self.scheduler.plugins.get("shuffle")
+        calculate = getattr(shuffle, "_calculate_worker_for", None)
+        if calculate is None:
+            return
+
+        def calculate_worker_for(spec: Any) -> dict[Any, str]:
+            barrier = self.scheduler.tasks.get(barrier_key(spec.id))
+            serving = self._serving_addresses()
+            if barrier is None or barrier.worker_restrictions or not serving:
+                return calculate(spec)
+            if len(serving) == len(self.scheduler.workers):
+                return calculate(spec)
+            barrier.worker_restrictions = serving
+            try:
+                return calculate(spec)
+            finally:
+                barrier.worker_restrictions = None
+
+        shuffle._calculate_worker_for = calculate_worker_for  # type: ignore[union-attr]
+
+    def _serving_addresses(self) -> set[str]:
+        return {ws.address for ws in self.scheduler.workers.values() if self.in_service(ws)}
+
+
+def out_of_service(scheduler: Scheduler) -> set[WorkerState]:
+    """Workers whose copies do not count as safe (see the module docstring); without
+    the amm_core plugin, those neither running nor paused."""
+    departures = Departures.of(scheduler)
+    if departures is not None:
+        return departures.out_of_service()
+    return {ws for ws in scheduler.workers.values() if ws.status not in SERVING}
+
+
+def _patch_upstream() -> None:
+    """On schedulers with :class:`Departures`: ``_find_dropper`` of every AMM
+    chooses only among the candidates that may drop, and ``RetireWorker.done()``
+    asks for a copy in service (see the module docstring). Idempotent."""
+    find_dropper = ActiveMemoryManagerExtension._find_dropper
+    retire_done = RetireWorker.done
+    if getattr(find_dropper, "amm_core", False):
+        return
+
+    def _find_dropper(
+        self: ActiveMemoryManagerExtension,
+        ts: TaskState,
+        candidates: set[WorkerState] | None,
+        pending_drop: set[WorkerState],
+    ) -> WorkerState | None:
+        departures = Departures.of(self.scheduler)
+        if departures is not None:
+            candidates = departures.droppers(ts, candidates, pending_drop)
+            if not candidates:
+                return None
+        return find_dropper(self, ts, candidates, pending_drop)
+
+    def done(self: RetireWorker) -> bool:
+        scheduler = self.manager.scheduler
+        departures = Departures.of(scheduler)
+        ws = scheduler.workers.get(self.address)
+        if departures is None or ws is None or self not in self.manager.policies:
+            return retire_done(self)
+        return all(departures.may_drop(ts, ws) for ts in ws.has_what)
+
+    for patched, upstream in ((_find_dropper, find_dropper), (done, retire_done)):
+        patched.amm_core = True  # type: ignore[attr-defined]
+        patched.__doc__ = upstream.__doc__
+    ActiveMemoryManagerExtension._find_dropper = _find_dropper  # type: ignore[method-assign]
+    RetireWorker.done = done  # type: ignore[method-assign]
