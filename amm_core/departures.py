@@ -130,9 +130,9 @@ class Departures:
         if ws.status in SERVING or ws.status == Status.init:
             set_status(self.scheduler, ws, Status.closing_gracefully)
 
-    def remove(self, ws: WorkerState) -> None:
-        """``ws`` left the cluster (or is no longer going)."""
-        self.leaving.discard(ws)
+    def worker_left(self, address: str) -> None:
+        """The worker at ``address`` left the cluster: nothing more to keep out."""
+        self.leaving = {ws for ws in self.leaving if ws.address != address}
 
     def status_changed(self, address: str, event: dict[str, Any]) -> None:
         """Called synchronously by ``handle_worker_status_change`` through the

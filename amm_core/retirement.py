@@ -661,11 +661,11 @@ class RetirementEngine:
             set_status(self.scheduler, ws, Status.closing_gracefully)
 
     def worker_left(self, address: str) -> None:
+        self.departures.worker_left(address)
         for rt in self.records.values():
             if rt.ws.address != address or not rt.watched:
                 continue
             rt.left = True
-            self.departures.remove(rt.ws)
             rt.wasted_tasks = max(rt.wasted_tasks, len(rt.ws.processing), rt.tasks_running)
             if rt.state != "done":
                 rt.state = "aborted"

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-from amm_core.plugin import MIN_INTERVAL
+from amm_core.config import MIN_INTERVAL
 from dask_memory_operator import manifests
 from dask_memory_operator.api.conditions import condition
 from dask_memory_operator.api.memorypolicy import InvalidPolicy, parse_spec

@@ -34,13 +34,8 @@ import amm_core
 import amm_core.rebalance
 import amm_core.replicate
 import amm_core.retire_paused
-from amm_core.plugin import (
-    MIN_INTERVAL,
-    PLUGIN_NAME,
-    MemoryPolicyPlugin,
-    OrderedPolicies,
-    dotted_name as dotted,
-)
+from amm_core.config import MIN_INTERVAL, OrderedPolicies, dotted_name as dotted
+from amm_core.plugin import PLUGIN_NAME, MemoryPolicyPlugin
 from dask_memory_operator.schedulers import install, rpc as scheduler_rpc
 from dask_memory_operator.schedulers.rpc import (
     ApplyRejected,

@@ -27,7 +27,8 @@ from distributed import Client, Event, Scheduler, Worker, secede
 from distributed.core import Status, rpc
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from amm_core.plugin import PLUGIN_NAME, MemoryPolicyPlugin, is_plain, plain
+from amm_core.config import is_plain, plain
+from amm_core.plugin import PLUGIN_NAME, MemoryPolicyPlugin
 from amm_core.retirement import retiring_workers, unsafe_keys
 from amm_testing import MB, WORKER_MEMORY, blob, until
 

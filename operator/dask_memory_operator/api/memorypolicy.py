@@ -17,7 +17,7 @@ from typing import Any
 from dask.utils import parse_timedelta
 
 from amm_core import BUILTIN_POLICIES
-from amm_core.plugin import MIN_INTERVAL, build_policy
+from amm_core.config import MIN_INTERVAL, build_policy
 
 from dask_memory_operator.api.errors import InvalidPolicy
 from dask_memory_operator.api.scaling import parse_scaling
