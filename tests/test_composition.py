@@ -14,13 +14,14 @@ amm_core.prestop calls it; the operator's is ``keep_out=True``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import dask
 import dask.array as da
 import pytest
-from distributed import Event, Worker
+from distributed import Client, Event, Worker
 from distributed.active_memory_manager import (
     ActiveMemoryManagerPolicy,
     Suggestion,
@@ -83,6 +84,24 @@ def where_ran(s: Scheduler) -> dict[Any, list[str]]:
 
 def engine(s: Scheduler) -> retirement.RetirementEngine:
     return s.plugins[PLUGIN_NAME].retirement
+
+
+@asynccontextmanager
+async def joining_kept_out(s: Scheduler, c: Client, name: str) -> AsyncIterator[Worker]:
+    """A worker registering under ``name`` while tasks wait for a thread: it is kept
+    closing_gracefully at once, and none of the tasks runs on it."""
+    ev = Event()
+    await ev.clear()
+    queued = c.map(wait_for_event, [ev] * 4, pure=False)
+    await until(lambda: s.queued or any(on(s, f) for f in queued), "tasks waiting")
+    async with Worker(s.address, name=name, nthreads=1, memory_limit="4GB") as w:
+        await until(lambda: w.address in s.workers, "registered")
+        assert s.workers[w.address].status == Status.closing_gracefully
+        await until(lambda: w.status == Status.closing_gracefully, "worker told")
+        yield w
+        await ev.set()
+        await c.gather(queued)
+        assert not any(w.address in where for where in where_ran(s).values())
 
 
 class DropFrom(ActiveMemoryManagerPolicy):
@@ -283,19 +302,8 @@ async def test_case6_a_restart_inside_the_dying_pod_is_kept_out() -> None:
         await until(lambda: records(s)["w0"]["state"] == "done", "done")
         await ws[0].close()
         await until(lambda: records(s)["w0"]["left"], "old process gone")
-        ev = Event()
-        await ev.clear()
-        queued = c.map(wait_for_event, [ev] * 4, pure=False)
-        await until(lambda: s.queued or any(on(s, f) for f in queued),
-                    "tasks waiting")
-        async with Worker(s.address, name="w0", nthreads=1, memory_limit="4GB") as again:
-            await until(lambda: again.address in s.workers, "registered")
-            assert s.workers[again.address].status == Status.closing_gracefully
-            await until(lambda: again.status == Status.closing_gracefully, "worker told")
+        async with joining_kept_out(s, c, "w0"):
             assert records(s)["w0"]["rejoined"] == 1
-            await ev.set()
-            await c.gather(queued)
-            assert not any(again.address in w for w in where_ran(s).values())
         assert not lost.lost()
         assert await c.gather(x) == blob(0, 2 * MB)
 
@@ -330,19 +338,9 @@ async def test_case9_a_name_barred_before_its_worker_connected_is_kept_out() -> 
     async with cluster(1) as (s, ws, c):
         reply = await call(s, "amm_core_retire", workers=["late"], limit=30)
         assert reply["unknown"] == ["late"]
-        ev = Event()
-        await ev.clear()
-        queued = c.map(wait_for_event, [ev] * 4, pure=False)
-        await until(lambda: s.queued or any(on(s, f) for f in queued),
-                    "tasks waiting")
-        async with Worker(s.address, name="late", nthreads=1, memory_limit="4GB") as w:
-            await until(lambda: w.address in s.workers, "registered")
-            assert s.workers[w.address].status == Status.closing_gracefully
+        async with joining_kept_out(s, c, "late"):
             rec = records(s)["late"]
             assert rec["leaving"] and rec["state"] in ("draining", "moving", "done")
-            await ev.set()
-            await c.gather(queued)
-            assert not any(w.address in where for where in where_ran(s).values())
         forgot = await call(s, "amm_core_forget_retirement", workers=["late"])
         assert forgot["forgotten"] == ["late"]
 
