@@ -433,7 +433,7 @@ class PodRunner:
         self.finished = None
         self.volumes = None
         self.task = None
-        self._grace: float = float(pod["spec"].get("terminationGracePeriodSeconds", 30))
+        self._stop_grace: float | None = None
         self._skip_hooks = False
         self._started_at = _now()
         self._process_started_at = ""
@@ -576,6 +576,7 @@ class PodRunner:
             try:
                 obj = Pod(json.loads(json.dumps(self.pod)), api=self.kubelet.api)
                 await obj.create()
+                # as admitted: a mutating webhook may have changed it (its grace period)
                 self.pod = obj.raw
             except Exception:
                 # Left to the next reconcile, which makes a new pod.
@@ -852,10 +853,17 @@ class PodRunner:
         except ProcessLookupError:
             pass
 
+    @property
+    def _grace(self) -> float:
+        """Seconds from the stop to the SIGKILL: the pod's as admitted, or a shorter
+        one the stop asked for (a delete's gracePeriodSeconds)."""
+        grace = float(self.pod["spec"].get("terminationGracePeriodSeconds", 30))
+        return grace if self._stop_grace is None else min(grace, self._stop_grace)
+
     def stop(self, *, grace: float | None = None, hooks: bool = True) -> None:
         """Ask the pod to end; ``done`` is set once its process and Pod object are gone."""
         if grace is not None:
-            self._grace = min(self._grace, grace)
+            self._stop_grace = grace if self._stop_grace is None else min(self._stop_grace, grace)
         self._skip_hooks = not hooks
         if not self.stopping.is_set():
             self.stopping.set()
