@@ -12,7 +12,7 @@ import json
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import dask.array as da
@@ -35,12 +35,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_operator(stack: LocalStack, metrics_port: int, liveness_port: int | None = None) -> None:
-    """This project's operator as a process of the stack (log: ``<log_dir>/dask-memory-operator.log``)."""
+def start_operator(stack: LocalStack, metrics_port: int, liveness_port: int | None = None,
+                   extra: Sequence[str] = ()) -> None:
+    """This project's operator as a process of the stack (log: ``<log_dir>/dask-memory-operator.log``);
+    ``extra``: more arguments (e.g. the webhook's)."""
     liveness = ["--liveness", f"http://127.0.0.1:{liveness_port}/healthz"] if liveness_port else []
     stack.start_process(OPERATOR, [
         sys.executable, "-m", "dask_memory_operator.cli", "run", "--verbose",
-        "--metrics-port", str(metrics_port), *liveness, *OPERATOR_ARGS,
+        "--metrics-port", str(metrics_port), *liveness, *OPERATOR_ARGS, *extra,
     ])
 
 
@@ -48,11 +50,13 @@ def start_operator(stack: LocalStack, metrics_port: int, liveness_port: int | No
 
 
 def make_cluster(stack: LocalStack, ns: str, name: str, workers: int, memory: str = "400MB",
-                 scheduler_env: dict | None = None) -> None:
+                 scheduler_env: dict | None = None, grace: int = 5) -> None:
+    """A DaskCluster whose scheduler preloads the amm_core plugin; ``grace``: its worker
+    pods' terminationGracePeriodSeconds."""
     manifest = daskcluster_manifest(
         name, workers=workers, scheduler_env=PRELOAD | (scheduler_env or {}),
         worker_args=("--nthreads", "1", "--memory-limit", memory),
-        worker_pod_extra={"terminationGracePeriodSeconds": 5},
+        worker_pod_extra={"terminationGracePeriodSeconds": grace},
     )
     stack.apply(manifest, namespace=ns)
 
