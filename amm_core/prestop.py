@@ -17,40 +17,57 @@ What it does:
    reason="preStop: pod deleted")`` (see amm_core.retirement). The plugin's engine
    counts a copy on another retiring worker as unsafe, so several pods deleted at
    once do not rely on each other's copies.
-2. Polls ``amm_core_retirements`` until the record is ``done``, ``aborted`` or its
-   worker ``left``, or the deadline passes; then exits.
+2. Polls ``amm_core_retirements`` until the record is ``done`` or its worker ``left``,
+   or the deadline passes; then exits. An ``aborted`` record is not the end while
+   the worker is still there: a worker whose pod goes stays out of service whatever
+   its retirement's outcome, and the engine keeps moving what it can until the pod
+   goes (the record's ``blocked`` says why it cannot finish), so the hook gives it
+   all the time it has.
 3. A scheduler without the plugin answers an unknown op with ``None`` (distributed
    2026.8 ``Server.handle_comm``: it logs "No handler ... found" and replies None; no
    error is raised to the caller). Then it falls back to distributed's own
    ``retire_workers(names=[name], close_workers=False, remove=False)``, cut off at
    the same deadline (that call has no time limit of its own, dask/distributed#6252;
    cut off, it goes on on the scheduler until the worker closes).
-4. An unreachable scheduler (nothing listens, no DNS, no answer) is given up after
-   ``--connect-timeout`` seconds.
+4. An unreachable scheduler (nothing listens, no DNS, no answer to the handshake) is
+   given up after ``--connect-timeout`` seconds: without a scheduler there is
+   nothing to wait for.
+
+**Transient errors do not end the wait.** Once the scheduler was reached, a
+connection it closes (``CommClosedError``), a refused connection while it restarts,
+or a call with no answer within ``CALL_TIMEOUT`` is tried again on a new connection
+after a short backoff (``RETRY_FIRST`` doubling to ``RETRY_MAX`` seconds), until the
+deadline: the pod would otherwise die mid-retirement with most of its budget left.
+The last record seen stands meanwhile (the timed-out line reports it). The first
+``amm_core_retire`` is retried the same way (the engine keeps a retirement in
+progress as it is, so asking twice is harmless). An error raised by a handler on
+the scheduler is not a connection problem: it ends the wait.
 
 It always exits with code 0 and never raises: whatever happens, the pod's deletion
 goes on, and a failing hook would only add a FailedPreStopHook event. Its messages go
 to stderr (a kubelet shows a preStop hook's output in the pod's events only when the
 hook fails, so they are for ``kubectl logs``-less debugging by hand); the last line
-says the outcome: done (keys and bytes moved, seconds), aborted (why), the fallback
-used, timed out, or why nothing was done.
+says the outcome: done (keys and bytes moved, seconds), the worker left (and why, if
+its retirement aborted), the fallback used, timed out (and what blocked the
+retirement, if the record says), or why nothing was done.
 
 **The deadline.** The hook must be gone before the pod's
 ``terminationGracePeriodSeconds`` (``--grace``) runs out, which counts from the
 deletion, Python's start-up included, and the worker still needs a moment to close
-after its SIGTERM. So it waits at most ``min(limit + ENGINE_SLACK, grace - margin)``
-seconds from the start of its process (``ENGINE_SLACK``: the engine aborts at its
-first cycle after the limit; waiting that long lets the log say why). A watchdog
+after its SIGTERM. So it waits until ``limit + ENGINE_SLACK`` seconds after the
+scheduler started the retirement (the engine's limit counts from then), and never
+past ``grace - margin`` seconds from the start of its process (``ENGINE_SLACK``: the
+engine marks the record at its first cycle after the limit, ``blocked`` or
+``aborted``; waiting that long lets the last line say why). A watchdog
 thread ends the process at ``grace - margin / 2`` should anything hang (a DNS lookup
 in a thread, a stuck event loop).
 
 **Nothing is cancelled from here.** When the record is ``done``, the worker stays
 ``closing_gracefully`` (no new tasks, not a recipient of copies) until the SIGTERM
 that follows closes it; the engine keeps it so, even if its process restarts. When
-the deadline passes while the record is still ``draining`` or ``moving``, the hook
-exits and leaves it to the engine: copies go on while the worker closes, and if the
-engine's own limit passes first, the record aborts and the worker is put back in
-service until the SIGTERM.
+the deadline passes first (the record still ``draining`` or ``moving``, or
+``blocked``), the hook exits and leaves it to the engine: the worker stays out of
+service, and copies go on while it closes.
 """
 
 from __future__ import annotations
@@ -75,11 +92,19 @@ DEFAULT_GRACE_EXTRA = 5.0
 DEFAULT_MARGIN = 2.0
 #: Seconds to give up connecting to the scheduler
 DEFAULT_CONNECT_TIMEOUT = 2.0
-#: Seconds past the limit the hook waits for the engine's own abort (its cycle is
-#: 0.5 s: amm_core.retirement.RETIREMENT_INTERVAL)
-ENGINE_SLACK = 1.0
+#: Seconds past the limit the hook waits for the engine to say why the limit passed
+#: (its cycle is 0.5 s, amm_core.retirement.RETIREMENT_INTERVAL, and a busy scheduler
+#: runs it late)
+ENGINE_SLACK = 2.0
 #: Seconds between polls of the record
 POLL_INTERVAL = 0.25
+#: Seconds one call to the scheduler may take before it is given up and tried again
+#: on a new connection (a scheduler whose event loop is busy answers late, not never)
+CALL_TIMEOUT = 5.0
+#: Backoff between tries after a transient error: the first wait, doubling up to the
+#: last (short: the budget is a minute or so, and the scheduler is usually back fast)
+RETRY_FIRST = 0.1
+RETRY_MAX = 1.0
 
 
 def log(message: str) -> None:
@@ -160,6 +185,13 @@ def process_age() -> float:
         return 0.0
 
 
+def _import_distributed() -> None:
+    """distributed's comm and core modules, imported before the budget is counted
+    from the process's age (an ImportError ends the hook as any error does)."""
+    import distributed.comm  # noqa: F401
+    import distributed.core  # noqa: F401
+
+
 def _record(retirements: Any, name: str) -> dict[str, Any] | None:
     for r in retirements or ():
         if isinstance(r, dict) and name in (r.get("worker"), r.get("address")):
@@ -172,18 +204,120 @@ def _mib(nbytes: Any) -> str:
 
 
 def _outcome(r: dict[str, Any], name: str) -> str | None:
-    """The outcome line for a finished record; None while it is in progress."""
+    """The outcome line once the hook may stop: the record is ``done`` or its worker
+    left. None while the engine still works on it, ``aborted`` included: for the
+    hook's retirement (``keep_out=False``) the worker stays out of service whatever
+    the outcome, and the engine keeps moving what it can until the pod goes."""
     state = r.get("state")
     if state == "done":
         return (
             f"done: worker {name} retired, {r.get('keys_moved', 0)} key(s) "
             f"({_mib(r.get('bytes_moved'))}) moved in {r.get('seconds', 0):.1f}s"
         )
-    if state == "aborted":
-        return f"aborted: retirement of worker {name}: {r.get('reason', '')}"
     if r.get("left"):
-        return f"worker {name} left the cluster during its retirement ({state})"
+        why = f": {r.get('reason', '')}" if state == "aborted" else ""
+        return f"worker {name} left the cluster during its retirement ({state}{why})"
     return None
+
+
+class _GaveUp(Exception):
+    """No answer from the scheduler, and no point waiting for one."""
+
+
+class _Deadline(_GaveUp):
+    """The deadline passed before the scheduler answered."""
+
+
+class Backoff:
+    """Seconds to wait before each retry: RETRY_FIRST, doubling up to RETRY_MAX."""
+
+    def __init__(self) -> None:
+        self.next = RETRY_FIRST
+
+    def delay(self) -> float:
+        delay, self.next = self.next, min(2 * self.next, RETRY_MAX)
+        return delay
+
+
+class Link:
+    """The hook's connection to the scheduler and its deadline. A broken connection
+    is opened again at the next call. ``reached``: a connection was opened once;
+    from then on a connection problem is a transient one (a comm closed, the
+    scheduler restarting) rather than a scheduler that is not there."""
+
+    def __init__(self, address: str, connect_timeout: float, deadline: float) -> None:
+        self.address = address
+        self.connect_timeout = connect_timeout
+        self.deadline = deadline
+        self.start = time.monotonic()
+        self.comm: Any = None
+        self.reached = False
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+    async def call(self, op: str, timeout: float, **kwargs: Any) -> Any:
+        """One call of ``op``, connecting first if needed, cut at ``timeout``."""
+        from distributed.comm import connect
+        from distributed.core import send_recv
+
+        timeout = max(0.1, timeout)
+
+        async def connect_and_call() -> Any:
+            if self.comm is None or self.comm.closed():
+                self.comm = await connect(
+                    self.address, timeout=min(self.connect_timeout, timeout)
+                )
+                self.reached = True
+            # send_recv aborts the comm on a comm error or a cancellation
+            return await send_recv(self.comm, op=op, **kwargs)
+
+        return await asyncio.wait_for(connect_and_call(), timeout)
+
+    async def close(self) -> None:
+        comm, self.comm = self.comm, None
+        if comm is None or comm.closed():
+            return
+        try:  # as distributed's rpc does: tell the scheduler first
+            await asyncio.wait_for(comm.write({"op": "close", "reply": False}), 0.5)
+            await asyncio.wait_for(comm.close(), 0.5)
+        except Exception:
+            comm.abort()
+
+
+async def _call(link: Link, op: str, **kwargs: Any) -> Any:
+    """``op``'s answer, each try cut at CALL_TIMEOUT. Connection problems and
+    timeouts are retried after a backoff until the deadline (:class:`_Deadline`),
+    once the scheduler was reached; before that, a failed connection (tried for
+    the connect timeout) gives up (:class:`_GaveUp`). An error raised by the
+    handler on the scheduler is raised as it is."""
+    backoff = Backoff()
+    failures = 0
+    last_error = ""
+    while True:
+        try:  # tried once even at the deadline: a poll then says where it ended
+            answer = await link.call(op, min(CALL_TIMEOUT, link.left()), **kwargs)
+        except OSError as e:  # CommClosedError, refused, TimeoutError: all OSErrors
+            error = f"{type(e).__name__}: {e}"
+            if not link.reached:
+                raise _GaveUp(f"scheduler {link.address} unreachable: {error}") from e
+            if link.left() <= 0:
+                raise _Deadline(
+                    f"no answer from scheduler {link.address} by the deadline "
+                    f"(last: {error})"
+                ) from e
+            if error != last_error:
+                log(f"{op} failed ({error}); retrying until the deadline")
+            last_error = error
+            failures += 1
+            await asyncio.sleep(min(backoff.delay(), link.left()))
+            continue
+        if failures:
+            log(f"{op} answered after {failures} failed attempt(s)")
+        return answer
 
 
 async def retire(
@@ -194,85 +328,131 @@ async def retire(
     deadline: float,
     connect_timeout: float,
 ) -> str:
-    """Retire ``name`` as the module docstring says, until ``deadline``
-    (time.monotonic()); return the outcome line. Raises only on a bug."""
-    from distributed.core import rpc
-
-    def left() -> float:
-        return max(0.0, deadline - time.monotonic())
-
-    start = time.monotonic()
-    async with rpc(address, timeout=max(0.1, min(connect_timeout, left()))) as r:
-        try:
-            reply = await asyncio.wait_for(
-                r.amm_core_retire(workers=[name], limit=limit, drain=drain, reason=REASON,
-                                  keep_out=False),  # the Deployment's next pod is welcome
-                timeout=max(0.1, left()),
-            )
-        except (TimeoutError, OSError) as e:
-            return f"not retired: scheduler {address} unreachable: {type(e).__name__}: {e}"
-        except Exception as e:  # raised by the handler on the scheduler
-            return f"not retired: amm_core_retire failed: {type(e).__name__}: {e}"
-
-        if reply is None:
-            return await _fallback(r, address, name, left, start)
-        if not isinstance(reply, dict):
-            return f"not retired: amm_core_retire answered {reply!r}"
-        if name in (reply.get("unknown") or ()):
-            return f"not retired: scheduler {address} knows no worker named {name!r}"
-        record = _record(reply.get("retirements"), name)
-        while True:
-            if record is None:
-                return f"not retired: the scheduler has no retirement record for {name}"
-            outcome = _outcome(record, name)
-            if outcome is not None:
-                return outcome
-            if left() <= 0:
-                return _timed_out(record, name, time.monotonic() - start)
-            await asyncio.sleep(min(POLL_INTERVAL, left()))
-            try:
-                records = await asyncio.wait_for(
-                    r.amm_core_retirements(), timeout=max(0.1, left())
-                )
-            except TimeoutError:
-                return _timed_out(record, name, time.monotonic() - start)
-            except Exception as e:  # the connection lost, or the handler failed
-                return (
-                    f"lost track of the retirement of {name} ({record.get('state')}): "
-                    f"{type(e).__name__}: {e}"
-                )
-            record = _record(records, name)
+    """Retire ``name`` as the module docstring says, until ``limit + ENGINE_SLACK``
+    seconds after the scheduler started the retirement, and never past ``deadline``
+    (time.monotonic(): the grace period's); return the outcome line. Raises only on
+    a bug."""
+    link = Link(address, connect_timeout, min(deadline, time.monotonic() + limit + ENGINE_SLACK))
+    try:
+        return await _retire(link, name, limit, drain, deadline)
+    finally:
+        await link.close()
 
 
-def _timed_out(record: dict[str, Any], name: str, seconds: float) -> str:
-    return (
-        f"timed out after {seconds:.1f}s: retirement of worker {name} still "
-        f"{record.get('state')} ({record.get('keys_left', 0)} unsafe key(s), "
-        f"{_mib(record.get('bytes_left'))}, {record.get('tasks_running', 0)} task(s) "
-        "running); left to the scheduler's engine and its limit"
+async def _retire(link: Link, name: str, limit: float, drain: bool, deadline: float) -> str:
+    try:
+        reply = await _ask(link, name, limit, drain)
+    except _GaveUp as e:
+        return f"not retired: {e}"
+    except Exception as e:  # raised by the handler on the scheduler
+        return f"not retired: amm_core_retire failed: {type(e).__name__}: {e}"
+    # The engine's limit counts from now (reaching it may have taken a while)
+    link.deadline = min(deadline, time.monotonic() + limit + ENGINE_SLACK)
+    if reply is None:
+        return await _fallback(link, name)
+    record, why_not = _own_record(reply, name, link.address)
+    if record is None:
+        return f"not retired: {why_not}"
+    return await _follow(link, name, record)
+
+
+async def _ask(link: Link, name: str, limit: float, drain: bool) -> Any:
+    """amm_core_retire for this worker (idempotent on the scheduler: a retirement in
+    progress or done is kept as it is)."""
+    return await _call(
+        link,
+        "amm_core_retire",
+        workers=[name],
+        limit=limit,
+        drain=drain,
+        reason=REASON,
+        keep_out=False,  # the Deployment's next pod is welcome
     )
 
 
-async def _fallback(r: Any, address: str, name: str, left: Any, start: float) -> str:
+def _own_record(reply: Any, name: str, address: str) -> tuple[dict[str, Any] | None, str]:
+    """The worker's record in an amm_core_retire reply, or why there is none."""
+    if not isinstance(reply, dict):
+        return None, f"amm_core_retire answered {reply!r}"
+    if name in (reply.get("unknown") or ()):
+        return None, f"scheduler {address} knows no worker named {name!r}"
+    record = _record(reply.get("retirements"), name)
+    if record is None:
+        return None, f"the scheduler has no retirement record for {name}"
+    return record, ""
+
+
+async def _follow(link: Link, name: str, record: dict[str, Any]) -> str:
+    """Poll the record until its outcome (:func:`_outcome`) or the deadline. On a
+    transient error the last record seen stands until the scheduler answers again."""
+    blocked: Any = None
+    while True:
+        outcome = _outcome(record, name)
+        if outcome is not None:
+            return outcome
+        if record.get("blocked") != blocked:
+            blocked = record.get("blocked")
+            if blocked:
+                log(f"retirement of {name} blocked: {blocked}; the engine moves what it can")
+        if link.left() <= 0:
+            return _timed_out(record, name, link.seconds())
+        await asyncio.sleep(min(POLL_INTERVAL, link.left()))
+        try:
+            records = await _call(link, "amm_core_retirements")
+        except _Deadline:
+            return _timed_out(record, name, link.seconds())
+        except Exception as e:  # the handler failed on the scheduler
+            return _lost_track(record, name, e)
+        latest = _record(records, name)
+        if latest is None:
+            return (
+                f"lost track of the retirement of {name}: the scheduler has no record "
+                f"of it any more (last seen {record.get('state')})"
+            )
+        record = latest
+
+
+def _lost_track(record: dict[str, Any], name: str, e: BaseException) -> str:
+    return (
+        f"lost track of the retirement of {name} ({record.get('state')}): "
+        f"{type(e).__name__}: {e}"
+    )
+
+
+def _timed_out(record: dict[str, Any], name: str, seconds: float) -> str:
+    state = record.get("state")
+    blocked = record.get("blocked") or (record.get("reason") if state == "aborted" else "")
+    return (
+        f"timed out after {seconds:.1f}s: retirement of worker {name} still "
+        f"{state} ({record.get('keys_left', 0)} unsafe key(s), "
+        f"{_mib(record.get('bytes_left'))}, {record.get('tasks_running', 0)} task(s) "
+        "running)" + (f"; blocked: {blocked}" if blocked else "")
+        + "; left to the scheduler's engine until the worker goes"
+    )
+
+
+async def _fallback(link: Link, name: str) -> str:
     """distributed's own retire_workers, cut off at the deadline."""
-    log(f"scheduler {address} has no amm_core plugin; using retire_workers")
+    log(f"scheduler {link.address} has no amm_core plugin; using retire_workers")
     try:
-        retired = await asyncio.wait_for(
-            r.retire_workers(names=[name], close_workers=False, remove=False),
-            timeout=max(0.1, left()),
+        retired = await link.call(
+            "retire_workers",
+            link.left(),  # it blocks for the whole retirement
+            names=[name],
+            close_workers=False,
+            remove=False,
         )
     except TimeoutError:
         return (
-            f"fallback retire_workers timed out after {time.monotonic() - start:.1f}s; "
+            f"fallback retire_workers timed out after {link.seconds():.1f}s; "
             f"it goes on on the scheduler until worker {name} closes"
         )
     except Exception as e:
         return f"fallback retire_workers failed: {type(e).__name__}: {e}"
-    seconds = time.monotonic() - start
     if retired:
-        return f"fallback retire_workers: worker {name} retired in {seconds:.1f}s"
+        return f"fallback retire_workers: worker {name} retired in {link.seconds():.1f}s"
     return (
-        f"fallback retire_workers: worker {name} not retired after {seconds:.1f}s "
+        f"fallback retire_workers: worker {name} not retired after {link.seconds():.1f}s "
         "(unknown name, or no other running worker could take its keys)"
     )
 
@@ -317,21 +497,23 @@ def main(
         if not args.name:
             log("not retired: no worker name (--name, DASK_WORKER_NAME)")
             return 0
+        _import_distributed()  # start-up too: it takes seconds on a busy node
         age = process_age()
-        budget = min(limit + ENGINE_SLACK, grace - margin - age)
-        if watchdog:
-            timer = _watchdog(max(0.0, grace - margin / 2 - age))
+        hard_budget = grace - margin - age
+        budget = min(limit + ENGINE_SLACK, hard_budget)
         if budget <= 0:
             log(
                 f"not retired: no time left ({age:.1f}s since start, grace {grace:g}s, "
                 f"margin {margin:g}s)"
             )
             return 0
+        if watchdog:
+            timer = _watchdog(max(0.0, grace - margin / 2 - age))
         log(
             f"retiring worker {args.name} at {args.scheduler} within {budget:.1f}s "
             f"(limit {limit:g}s, grace {grace:g}s{', draining' if args.drain else ''})"
         )
-        deadline = time.monotonic() + budget
+        deadline = time.monotonic() + hard_budget
         outcome = asyncio.run(
             retire(
                 args.scheduler,
