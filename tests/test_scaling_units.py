@@ -332,7 +332,6 @@ def _state(**fields: Any) -> dict[str, Any]:
     ({"pause_fraction": 0}, "pause_fraction"),
     ({"pause_fraction": 11}, "pause_fraction"),
     ({"worker_states": "w"}, "worker_states"),
-    ({"worker_states": [_state()] * (MAX_STATUS_ITEMS + 1)}, "worker_states"),
     ({"worker_states": [{"address": "tcp://1.2.3.4:1", "status": "running"}]}, "worker_states"),
     ({"worker_states": [{"name": "w", "status": "running"}]}, "worker_states"),   # no memory_limit
     ({"worker_states": [_state(name=3)]}, "worker_states"),
@@ -344,7 +343,6 @@ def _state(**fields: Any) -> dict[str, Any]:
     ({"candidates": [{"worker": "w", "unique_bytes": "many"}]}, "candidates"),
     ({"excluded": [{"worker": "w", "reason": 3}]}, "excluded"),
     ({"unknown": [None]}, "unknown"),
-    ({"unknown": ["w"] * (MAX_STATUS_ITEMS + 1)}, "unknown"),
 ])
 async def test_hostile_scaling_answers_are_refused(answer, field):
     async with FakeScheduler(answer=lambda msg: message(answer)) as addr:
@@ -352,6 +350,18 @@ async def test_hostile_scaling_answers_are_refused(answer, field):
             await rpc.scaling(addr)
         with pytest.raises(SchedulerProtocolError, match=f"'{field}'"):
             await rpc.retirement_candidates(addr, ["w"], 1)
+
+
+async def test_lists_past_their_bound_are_cut_not_refused():
+    states = [_state(name=f"w{i}") for i in range(MAX_STATUS_ITEMS + 1)]
+    answer = {"target": 0, "data_bytes": 0, "worker_states": states,
+              "unknown": ["w"] * (MAX_STATUS_ITEMS + 1)}
+    async with FakeScheduler(answer=lambda msg: message(answer)) as addr:
+        info = await rpc.scaling(addr)
+    assert info["worker_states"] == states[:MAX_STATUS_ITEMS]
+    assert info["unknown"] == ["w"] * MAX_STATUS_ITEMS
+    assert info[rpc.TRUNCATED] == {"worker_states": MAX_STATUS_ITEMS + 1,
+                                   "unknown": MAX_STATUS_ITEMS + 1}
 
 
 async def test_a_scaling_answer_at_its_bounds_is_taken():

@@ -29,7 +29,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from distributed import Client
+from distributed import Client, Scheduler
 from distributed.comm import connect
 from distributed.protocol import dumps, loads
 from distributed.protocol.serialize import Pickled, Serialize, ToPickle
@@ -54,7 +54,7 @@ from dask_memory_operator.schedulers.rpc import (
     SchedulerRPCError,
     SchedulerUnreachable,
 )
-from dask_memory_operator.schedulers.wire import MAX_MESSAGE_BYTES, MAX_VALUES
+from dask_memory_operator.schedulers.wire import MAX_MESSAGE_BYTES, MAX_SKIPPED_VALUES, MAX_VALUES
 
 GiB = 2**30
 
@@ -188,9 +188,15 @@ ATTACKS: dict[str, tuple[Callable[[Path], bytes], str]] = {
     "int_map_key": (lambda m: wire([msgpack.packb({"a": {1: "x"}})]), r"map key of type int at \['a'\]"),
     "bytes_map_key": (lambda m: wire([msgpack.packb({b"k": "x"}, use_bin_type=True)]), r"map key of type bytes"),
     "duplicate_key": (lambda m: wire([b"\x82\xa1k\x01\xa1k\x02"]), r"map key 'k' twice"),
+    # a map: lists are cut to their bound in replies, maps are not
     "too_many_values": (
-        lambda m: wire([b"\xdd" + struct.pack(">I", MAX_VALUES) + b"\x80" * MAX_VALUES]),
+        lambda m: wire([msgpack.packb({f"k{i}": 0 for i in range(MAX_VALUES // 2 + 1)})]),
         rf"more than {MAX_VALUES} values",
+    ),
+    # past a reply's list bound, items are stepped over, a bounded number of them
+    "too_many_values_past_the_bound": (
+        lambda m: wire([b"\xdd" + struct.pack(">I", 2 * MAX_SKIPPED_VALUES) + b"\xc0" * (2 * MAX_SKIPPED_VALUES)]),
+        r"more than \d+ values",
     ),
     "not_utf8": (lambda m: wire([b"\xa2\xff\xfe"]), r"not UTF-8"),
     "truncated": (lambda m: wire([b"\x92\x01"]), r"truncated"),
@@ -677,10 +683,10 @@ async def test_a_worker_is_retired_through_the_plugin_and_its_data_moves(cluster
 
     # the worker is still connected: its record is kept until its pod is gone
     assert [k["worker"] for k in (await rpc.forget_retirement(addr, [name]))["kept"]] == [name]
+    # done is a commit: the worker is not put back in service
     cancelled = await rpc.cancel_retirement(addr, [name])
-    assert cancelled["cancelled"] == [name]
-    assert (await rpc.forget_retirement(addr, [name]))["forgotten"] == [name]
-    assert await rpc.retirements(addr) == []
+    assert cancelled["cancelled"] == [] and [k["worker"] for k in cancelled["kept"]] == [name]
+    assert cl.scheduler.workers[victim].status.name == "closing_gracefully"
 
 
 async def test_a_retirement_record_of_the_wrong_shape_is_a_protocol_error():
@@ -689,3 +695,68 @@ async def test_a_retirement_record_of_the_wrong_shape_is_a_protocol_error():
     async with FakeScheduler(answer=lambda msg: message(bad)) as addr:
         with pytest.raises(SchedulerProtocolError, match="'retirements' is not a list of retirements"):
             await rpc.retirements(addr)
+
+
+# --- a big answer (issue 14, case 3) -----------------------------------------------
+
+
+def gone_worker_record(i: int) -> dict[str, Any]:
+    """A record as the plugin keeps one for a hook's worker whose pod went."""
+    return {"worker": f"gone-{i:04d}", "address": f"tcp://10.0.{i // 250}.{i % 250}:8788",
+            "state": "done", "reason": "preStop: pod deleted", "requested": "preStop: pod deleted",
+            "blocked": "", "keys_left": 0, "bytes_left": 0, "tasks_running": 0, "keys_moved": 3,
+            "bytes_moved": 3 * 2**20, "wasted_tasks": 0, "started": 1.8e9 + i, "seconds": 1.5,
+            "limit": 60.0, "drain": True, "left": True, "rejoined": 0, "keep_out": False,
+            "leaving": True}
+
+
+async def test_a_status_with_more_records_than_its_bound_is_read_in_part(caplog):
+    """A plugin that never forgets the records of workers whose pods went (1,500
+    Deployments deleted by someone else) answers every status with them all: the
+    operator reads the first MAX_STATUS_ITEMS, says so, and its passes still work."""
+    from dask_memory_operator.api.memorypolicy import parse_spec
+    from dask_memory_operator.schedulers.converge import ClusterReconciler
+
+    records = [gone_worker_record(i) for i in range(1500)]
+    async with Scheduler(dashboard_address=":0", port=0) as s:
+        assert await install.ensure_plugin(s.address) == "live"
+        plugin = s.plugins[PLUGIN_NAME]
+        honest = plugin.status
+
+        def hoarding() -> dict[str, Any]:
+            return {**honest(), "retirements": records, "truncated": "forged"}
+
+        plugin.status = hoarding  # what amm_core_apply answers with, too
+        s.handlers["amm_core_status"] = hoarding
+
+        status = await rpc.get_status(s.address)
+        assert status["retirements"] == records[: rpc.MAX_STATUS_ITEMS]
+        assert status[rpc.TRUNCATED] == {"retirements": 1500}  # the operator's, not forged
+        assert "'retirements' (1500 items)" in caplog.text
+        assert len(await rpc.retirements(s.address)) == rpc.MAX_STATUS_ITEMS
+
+        # A whole pass of the cluster: applied, and its message says what was cut
+        wanted = parse_spec({"clusterSelector": {}, "activeMemoryManager": {"interval": "1s"}})
+        reconciler = ClusterReconciler(Locator({"c": s.address}), rpc_timeout=10)
+        outcome = await reconciler.converge("ns", "c", wanted, owner())
+        assert outcome.state == "Applied", outcome.message
+        assert outcome.amm["interval"] == "1s"
+        assert "cut to their first 1000: 'retirements' (1500 items)" in outcome.message
+
+
+async def test_items_past_the_bound_are_stepped_over_but_still_framed():
+    """What is not read is not built, yet its framing is checked: an ext type or a
+    message cut short past the bound is refused all the same."""
+    from dask_memory_operator.schedulers.wire import PlainReader, Refused
+
+    many = list(range(rpc.MAX_STATUS_ITEMS + 5)) + [{"k": ["deep", {"x": b"b"}]}, "s" * 300]
+    reader = PlainReader(msgpack.packb({"xs": many}), max_items=rpc.MAX_STATUS_ITEMS)
+    assert reader.read() == {"xs": many[: rpc.MAX_STATUS_ITEMS]}
+    assert reader.truncated == [("xs", len(many))]
+    assert reader.values < 2 * rpc.MAX_STATUS_ITEMS
+    for bad, why in [
+        (msgpack.packb({"xs": many + [msgpack.ExtType(1, b"x")]}), "extension type"),
+        (msgpack.packb({"xs": many})[:-5], "truncated message"),
+    ]:
+        with pytest.raises(Refused, match=why):
+            PlainReader(bad, max_items=rpc.MAX_STATUS_ITEMS).read()

@@ -295,7 +295,8 @@ class ClusterReconciler:
         tag = status.get("owner") or {}
         if tag.get("uid") == owner["uid"] and (tag.get("generation") or 0) > owner["generation"]:
             # a pass of an older generation, late: the newer one's pass owns the scheduler
-            return Outcome(cluster, "Applied", plugin_source=status.get("source"),
+            return Outcome(cluster, "Applied", scheduler_rpc.truncation_note(status),
+                           plugin_source=status.get("source"),
                            applied_generation=tag["generation"], amm=amm_summary(status))
         same_owner = tag.get("uid") == owner["uid"] and tag.get("generation") == owner["generation"]
         reason = None if same_owner else "not configured by this policy generation"
@@ -315,6 +316,8 @@ class ClusterReconciler:
         return Outcome(
             cluster,
             "Applied",
+            # a big answer read in part: said, and the pass goes on
+            scheduler_rpc.truncation_note(status),
             plugin_source=status.get("source"),
             # a preloaded plugin of other code: the image owns it, the user is told
             plugin_warning=install.skew(status),

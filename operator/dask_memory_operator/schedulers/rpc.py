@@ -19,6 +19,14 @@ connect included. What can go wrong is told apart so that the operator can act o
   ``ValueError`` text, meant to be shown to the user as is.
 - :class:`SchedulerCallFailed`: anything else raised on the scheduler.
 
+A big answer is read in part, never refused for its size alone: every list in a
+reply is cut to :data:`MAX_STATUS_ITEMS` as it is read (:mod:`.wire` steps over the
+rest without building it), the cut is logged, and the answer the caller gets says so
+under :data:`TRUNCATED` (``{field: items it had}``; set by the operator, never taken
+from the scheduler). A scheduler keeping more retirement records than that (an older
+plugin that never forgets them) so still gets its passes; only the records past the
+bound go unseen.
+
 TLS (``tls://`` addresses) is out of scope: refused with an error.
 """
 
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -38,8 +47,11 @@ from dask_memory_operator.schedulers.wire import (
     Refused,
     frame,
     is_error_reply,
+    read_bounded_message,
     read_message,
 )
+
+logger = logging.getLogger(__name__)
 
 #: Seconds a call may take, connect included, unless a call says otherwise (the
 #: operator passes its --rpc-timeout)
@@ -137,8 +149,17 @@ def tcp_host_port(address: str) -> tuple[str, int]:
 
 
 async def _call(address: str, op: str, *, timeout: float | None, **msg: Any) -> Any:
-    """Send one message to the scheduler and return its (plain) answer. With
-    ``close``, the scheduler closes the connection after replying."""
+    """Send one message to the scheduler and return its (plain) answer, every list in
+    it cut to MAX_STATUS_ITEMS."""
+    reply, _ = await _call_with_cuts(address, op, timeout=timeout, **msg)
+    return reply
+
+
+async def _call_with_cuts(
+    address: str, op: str, *, timeout: float | None, **msg: Any
+) -> tuple[Any, list[tuple[str, int]]]:
+    """:func:`_call`, and the lists it cut: (top-level field, items it had). The
+    scheduler closes the connection after replying (``close``)."""
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
     host, port = tcp_host_port(address)
     request = frame({"op": op, "reply": True, "close": True, **msg})
@@ -146,7 +167,7 @@ async def _call(address: str, op: str, *, timeout: float | None, **msg: Any) -> 
         async with asyncio.timeout(timeout):
             reader, writer = await _open(address, host, port)
             try:
-                reply = await _exchange(reader, writer, address, op, request)
+                reply, cuts = await _exchange(reader, writer, address, op, request)
             finally:
                 # Nothing more is read from or sent to this scheduler
                 writer.transport.abort()
@@ -156,7 +177,7 @@ async def _call(address: str, op: str, *, timeout: float | None, **msg: Any) -> 
         ) from None
     if is_error_reply(reply):
         raise remote_error(reply, address, op)
-    return reply
+    return reply, cuts
 
 
 async def _open(
@@ -178,9 +199,9 @@ async def _exchange(
     address: str,
     op: str,
     request: bytes,
-) -> Any:
+) -> tuple[Any, list[tuple[str, int]]]:
     """Handshakes (ours out, theirs read strictly before anything else is sent), then
-    the framed ``request`` out and its reply in."""
+    the framed ``request`` out and its reply in (with the lists cut in it)."""
     try:
         writer.write(frame(HANDSHAKE))
         try:
@@ -192,7 +213,7 @@ async def _exchange(
         writer.write(request)
         await writer.drain()
         try:
-            return await read_message(reader, OPAQUE_ERROR_FIELDS)
+            return await read_bounded_message(reader, OPAQUE_ERROR_FIELDS, MAX_STATUS_ITEMS)
         except Refused as e:
             raise _protocol_error(address, e, f"reply to {op!r}") from None
     except (OSError, asyncio.IncompleteReadError) as e:
@@ -223,7 +244,7 @@ def remote_error(reply: dict[str, Any], address: str, op: str) -> SchedulerCallF
 async def _plugin_call(
     address: str, op: str, *, timeout: float | None, **msg: Any
 ) -> dict[str, Any]:
-    answer = await _call(address, op, timeout=timeout, **msg)
+    answer, cuts = await _call_with_cuts(address, op, timeout=timeout, **msg)
     if answer is None:
         raise PluginMissing(f"scheduler {address} has no amm_core plugin")
     if not isinstance(answer, dict):
@@ -233,14 +254,35 @@ async def _plugin_call(
             "",
             "",
         )
+    answer.pop(TRUNCATED, None)  # the operator's to say, not the scheduler's
+    if cuts:
+        answer[TRUNCATED] = {field or "(top)": n for field, n in cuts}
+        logger.warning("Scheduler %s answered %r with %s", address, op, truncation_note(answer))
     return checked_status(address, op, answer)
+
+
+#: Key of an answer under which the operator notes the lists it cut
+TRUNCATED = "truncated"
+
+
+def truncation_note(answer: Mapping[str, Any]) -> str:
+    """What was cut from ``answer``, in a sentence; "" if nothing."""
+    cuts = answer.get(TRUNCATED) or {}
+    if not cuts:
+        return ""
+    fields = ", ".join(f"{field!r} ({n} items)" for field, n in sorted(cuts.items()))
+    return (
+        f"lists longer than {MAX_STATUS_ITEMS} items, cut to their first "
+        f"{MAX_STATUS_ITEMS}: {fields}"
+    )
 
 
 # --- the status's shape ---------------------------------------------------------
 
 #: Characters of a name or word in a status (class paths, measures, uids, versions)
 MAX_STATUS_TEXT = 256
-#: Entries of a list in a status (policies, workers to replace, retirements)
+#: Entries of a list in a status (policies, workers to replace, retirements): the
+#: reader keeps this many of each list and steps over the rest
 MAX_STATUS_ITEMS = 1000
 
 
@@ -269,6 +311,8 @@ def _optional(check: Any) -> Any:
 
 
 def _list_of(check: Any) -> Any:
+    # The reader has cut every list to MAX_STATUS_ITEMS: the length is checked again
+    # only as the invariant the operator's status patch relies on
     return lambda value: isinstance(value, list) and len(value) <= MAX_STATUS_ITEMS and all(map(check, value))
 
 

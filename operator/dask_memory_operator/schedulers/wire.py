@@ -25,6 +25,17 @@ what the scheduler sends with a strict msgpack reader:
   :data:`MAX_VALUES` values in a message (a 16 MiB message of empty maps would
   otherwise cost more than 1 GB of Python objects).
 
+Long lists are cut, not refused. A caller may bound the items of every array
+(``max_items``): the items past it are stepped over without building anything (their
+framing is still checked within the message's bytes, ext types are still refused,
+and at most :data:`MAX_SKIPPED_VALUES` values are stepped over), and the cut is
+reported (:attr:`PlainReader.truncated`). Their strings are not decoded and their map
+keys not looked at: nothing is built from them, and a placeholder there could point
+only to frames that are refused (a plain message has one) or never decoded (an error
+reply's). A scheduler that keeps more records than the operator reads (an older
+plugin, or one never told to forget) is then read in part, rather than refused as a
+whole pass after pass.
+
 One exception: a distributed error reply (``status`` "uncaught-error" or "error")
 carries the remote exception and traceback pickled, as ``{"__Serialized__": n}`` in
 its ``exception`` and ``traceback`` fields. There, and only there, such a placeholder
@@ -63,8 +74,12 @@ MAX_MESSAGE_BYTES = 4 * 2**20
 MAX_FRAMES = 16
 #: Containers (arrays, maps) nested in one another, the outermost included
 MAX_DEPTH = 32
-#: Values (scalars, containers, map keys) in one message
-MAX_VALUES = 50_000
+#: Values (scalars, containers, map keys) built from one message: room for a status
+#: whose lists are at their bound (1000 retirement records of some 25 fields each)
+MAX_VALUES = 100_000
+#: Values stepped over without being built (array items past ``max_items``) in one
+#: message: bounds the time spent on what is not read (some 0.1 s)
+MAX_SKIPPED_VALUES = 500_000
 
 #: Status values of distributed's error replies (core.error_message)
 ERROR_STATUSES = ("uncaught-error", "error")
@@ -146,15 +161,30 @@ class PlainReader:
 
     With ``opaque_fields``, a top-level map's value under one of these keys may be a
     lone ``{"__Pickled__" | "__Serialized__": int}`` placeholder: it reads as None
-    and is listed in ``opaque`` (the caller decides whether that is allowed)."""
+    and is listed in ``opaque`` (the caller decides whether that is allowed).
 
-    def __init__(self, data: bytes, opaque_fields: frozenset[str] = frozenset()):
+    With ``max_items``, every array keeps its first ``max_items`` items; the others
+    are stepped over (:meth:`_skip`) and the cut is listed in ``truncated``."""
+
+    def __init__(
+        self,
+        data: bytes,
+        opaque_fields: frozenset[str] = frozenset(),
+        max_items: int | None = None,
+    ):
         self.data = data
         self.pos = 0
         self.values = 0
+        self.skipped = 0
         self.opaque_fields = opaque_fields
+        self.max_items = max_items
         #: Placeholders read as None: Refused errors, should the caller refuse them
         self.opaque: list[Refused] = []
+        #: Arrays cut to max_items: (the top-level key they are under, "" for none;
+        #: how many items they had)
+        self.truncated: list[tuple[str, int]] = []
+        #: The top-level key whose value is being read
+        self._field = ""
 
     def read(self) -> Any:
         value = self._value(0)
@@ -222,14 +252,68 @@ class PlainReader:
 
     def _array(self, n: int, depth: int) -> list[Any]:
         inner = self._enter(depth)
+        kept = n if self.max_items is None else min(n, self.max_items)
         out = []
-        for i in range(n):
+        for i in range(kept):
             try:
                 out.append(self._value(inner))
             except Refused as e:
                 e.path.insert(0, i)
                 raise
+        if kept < n:
+            try:
+                self._skip(n - kept)
+            except Refused as e:
+                e.path.insert(0, f"{kept}:")  # somewhere past the bound
+                raise
+            self.truncated.append((self._field, n))
         return out
+
+    def _skip(self, count: int) -> None:
+        """Step over the next ``count`` values, building nothing: only their framing
+        is read (lengths within the message), ext types and the reserved byte are
+        refused, strings are not decoded. A loop rather than recursion, tight, so
+        that a message full of items past the bound costs little: nesting needs no
+        stack, and MAX_SKIPPED_VALUES bounds the steps."""
+        data, pos, end = self.data, self.pos, len(self.data)
+        skipped = self.skipped
+        while count:
+            count -= 1
+            skipped += 1
+            if skipped > MAX_SKIPPED_VALUES:
+                raise Refused(f"more than {MAX_SKIPPED_VALUES} values past the lists' bound")
+            if pos >= end:
+                raise Refused("a truncated message")
+            b = data[pos]
+            pos += 1
+            if b <= 0x7F or b >= 0xE0 or b in _CONSTANTS:
+                continue
+            if b <= 0x8F:
+                count += 2 * (b & 0x0F)
+            elif b <= 0x9F:
+                count += b & 0x0F
+            elif b <= 0xBF:
+                pos += b & 0x1F
+            elif b in _NUMBERS:
+                pos += _NUMBERS[b].size
+            elif b in _SIZED:
+                kind, length = _SIZED[b]
+                if pos + length.size > end:
+                    raise Refused("a truncated message")
+                (n,) = length.unpack_from(data, pos)
+                pos += length.size
+                if kind in ("bin", "str"):
+                    pos += n
+                else:
+                    count += n if kind == "array" else 2 * n
+            elif b in _EXT:
+                raise Refused("a msgpack extension type (ext)")
+            else:
+                raise Refused(f"the reserved msgpack byte 0x{b:02x}")
+        if pos > end:
+            raise Refused("a truncated message")
+        self.pos = pos
+        self.skipped = skipped
 
     def _map(
         self, n: int, depth: int, opaque_field: str | None = None
@@ -245,6 +329,8 @@ class PlainReader:
             if key in PLACEHOLDER_KEYS:
                 # Refused at its key: what it points to is never looked at
                 return self._opaque(key, n, inner, opaque_field)
+            if depth == 0:
+                self._field = key
             field = key if depth == 0 and key in self.opaque_fields else None
             try:
                 out[key] = self._value(inner, field)
@@ -269,11 +355,20 @@ class PlainReader:
 def read_plain(data: bytes, opaque_fields: frozenset[str] = frozenset()) -> Any:
     """One plain msgpack value from ``data`` (see :class:`PlainReader`), with the
     opaque placeholders allowed only in an error reply."""
-    reader = PlainReader(data, opaque_fields)
+    value, _ = read_plain_bounded(data, opaque_fields)
+    return value
+
+
+def read_plain_bounded(
+    data: bytes, opaque_fields: frozenset[str] = frozenset(), max_items: int | None = None
+) -> tuple[Any, list[tuple[str, int]]]:
+    """:func:`read_plain` with every array cut to ``max_items``; the value and the
+    cuts (:attr:`PlainReader.truncated`)."""
+    reader = PlainReader(data, opaque_fields, max_items)
     value = reader.read()
     if reader.opaque and not is_error_reply(value):
         raise reader.opaque[0]
-    return value
+    return value, reader.truncated
 
 
 def is_error_reply(value: Any) -> bool:
@@ -320,8 +415,19 @@ async def read_message(
     """One plain message; raises Refused for anything else. Frames beyond the first
     are allowed only in an error reply (they hold what its opaque placeholders point
     to) and are never decoded."""
+    value, _ = await read_bounded_message(reader, opaque_fields)
+    return value
+
+
+async def read_bounded_message(
+    reader: asyncio.StreamReader,
+    opaque_fields: frozenset[str] = frozenset(),
+    max_items: int | None = None,
+) -> tuple[Any, list[tuple[str, int]]]:
+    """:func:`read_message` with every array cut to ``max_items``; the message and
+    the cuts (:attr:`PlainReader.truncated`)."""
     frames = await read_frames(reader)
-    value = read_plain(frames[0], opaque_fields)
+    value, truncated = read_plain_bounded(frames[0], opaque_fields, max_items)
     if len(frames) > 1 and not is_error_reply(value):
         raise Refused(f"a message of {len(frames)} frames (a plain message has one)")
-    return value
+    return value, truncated
