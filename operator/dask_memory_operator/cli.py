@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             port=args.webhook_port, address=args.webhook_address, host=args.webhook_host,
             cert_dir=args.webhook_cert_dir,
         ) if args.webhook_port else None,
+        peered=args.peering is not None,
     )
     kopf.configure(verbose=args.verbose)
     if args.metrics_port:

@@ -16,6 +16,8 @@ own system:discovery role and is not repeated here.
 # resume/delete, the resync and scale timers, memorypolicies_by_namespace) list and
 # watch them; kopf patches its finalizer amm.dask.org/restore-schedulers and its
 # progress/diffbase annotations (controllers/registry.py configure_operator).
+# With replicaCount > 1, webhook/handlers.py mutate_pod_among_peers lists a pod's
+# namespace's policies for each admission.
 - apiGroups: ["amm.dask.org"]
   resources: ["memorypolicies"]
   verbs: ["list", "watch", "patch"]
@@ -25,7 +27,9 @@ own system:discovery role and is not repeated here.
   resources: ["memorypolicies/status"]
   verbs: ["patch"]
 # kopf: index daskclusters_by_namespace and on.event converge_changed_cluster
-# (controllers/daskcluster.py). Nothing ever writes a DaskCluster.
+# (controllers/daskcluster.py); with replicaCount > 1, webhook/handlers.py
+# mutate_pod_among_peers reads a pod's DaskCluster by name (a list). Nothing ever
+# writes a DaskCluster.
 - apiGroups: ["kubernetes.dask.org"]
   resources: ["daskclusters"]
   verbs: ["list", "watch"]

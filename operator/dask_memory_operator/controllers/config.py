@@ -29,3 +29,7 @@ class OperatorConfig:
     delete_retries: int = 3
     #: The admission webhook, if served
     webhook: WebhookConfig | None = None
+    #: Run among peers (``--peering``: several replicas, one active): the webhook then
+    #: reads what it needs from the API, not from the indexes of a replica that may be
+    #: standing by (webhook/handlers.py)
+    peered: bool = False

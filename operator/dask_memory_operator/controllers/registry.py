@@ -25,7 +25,13 @@ from dask_memory_operator.controllers.memorypolicy import (
     restore_on_delete,
 )
 from dask_memory_operator.webhook.certs import write_webhook_certs
-from dask_memory_operator.webhook.handlers import CLUSTER_LABEL, COMPONENT_LABEL, HANDLER_ID, mutate_pod
+from dask_memory_operator.webhook.handlers import (
+    CLUSTER_LABEL,
+    COMPONENT_LABEL,
+    HANDLER_ID,
+    mutate_pod,
+    mutate_pod_among_peers,
+)
 from dask_memory_operator.controllers.scaling import (
     ScalingController,
     daskautoscalers_by_cluster,
@@ -137,7 +143,9 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     kopf.timer(*policy, registry=registry, interval=SCALING_TICK, id="scale")(scale_policy_clusters)
     kopf.on.delete(*policy, registry=registry)(restore_on_delete)
     if config.webhook is not None:
+        # among peers, a standby replica answers too: from the API, not its paused indexes
+        mutate = mutate_pod_among_peers if config.peered else mutate_pod
         kopf.on.mutate("v1", "pods", registry=registry, id=HANDLER_ID, operations=["CREATE"],
                        ignore_failures=True, side_effects=False,
-                       labels={CLUSTER_LABEL: kopf.PRESENT, COMPONENT_LABEL: kopf.PRESENT})(mutate_pod)
+                       labels={CLUSTER_LABEL: kopf.PRESENT, COMPONENT_LABEL: kopf.PRESENT})(mutate)
     return registry
