@@ -71,14 +71,16 @@ def room(
     ws: WorkerState,
     workers_memory: dict[WorkerState, int],
     measure: str,
+    pause_at: float | None = None,
 ) -> float:
     """Bytes ``ws`` can still take before its process memory reaches its pause
     threshold (or its memory limit when pausing is off). Unlimited workers have
     infinite room. ``measure`` is the AMM's (``manager.measure``): see
-    :func:`expected_process_memory`."""
+    :func:`expected_process_memory`. ``pause_at``: the fraction of the limit to stop
+    at, when the caller read :func:`pause_fraction` once for many workers."""
     if not ws.memory_limit:
         return float("inf")
-    fraction = pause_fraction() or 1.0
+    fraction = pause_at if pause_at is not None else pause_fraction() or 1.0
     return ws.memory_limit * fraction - expected_process_memory(
         ws, workers_memory, measure
     )

@@ -33,6 +33,11 @@ is refused and the policy sees it refused (upstream ``RetireWorker`` then copies
 key to a worker in service). That also pins the safe copies of a retirement that is
 ``done``: nothing can take them away before its worker has left.
 
+Drops outside the AMM (``Scheduler.rebalance``, ``Scheduler.replicate``) pass
+``Scheduler.delete_worker_data``: wrapped on the scheduler instance, it frees a key on
+a worker only if a holder in service is left, counting the deletions still under way
+as gone; and ``rebalance`` moves data only between workers in service.
+
 **Upstream retirements count only copies in service.** ``RetireWorker.done()``
 (what ``Scheduler.retire_workers`` polls before it calls a worker retired) counts any
 second copy, also one on a leaving worker.
@@ -45,15 +50,17 @@ follow the rules above; on any other scheduler in the process they are upstream'
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Collection
+from collections import defaultdict
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
-from distributed.comm.core import CommClosedError
+from dask.typing import Key
 from distributed.active_memory_manager import ActiveMemoryManagerExtension, RetireWorker
+from distributed.comm.core import CommClosedError
 from distributed.core import Status
 from distributed.metrics import time
-from distributed.shuffle._core import barrier_key
 
 if TYPE_CHECKING:
     from distributed.scheduler import Scheduler, TaskState, WorkerState
@@ -99,12 +106,16 @@ class Departures:
     leaving: set[WorkerState]
     #: Drops refused because they would have left a key with no holder in service
     drops_refused: int
+    #: Deletions of replicas under way outside the AMM: key -> workers
+    _deleting: defaultdict[Key, set[WorkerState]]
 
     def __init__(self, scheduler: Scheduler):
         self.scheduler = scheduler
         self.leaving = set()
         self.drops_refused = 0
+        self._deleting = defaultdict(set)
         scheduler.extensions[EXTENSION] = self
+        self._guard_deletions()
         self._guard_shuffles()
         _patch_upstream()
 
@@ -115,6 +126,7 @@ class Departures:
         return found if isinstance(found, Departures) else None
 
     def in_service(self, ws: WorkerState) -> bool:
+        """Running or paused, and its pod not going: its copies count as safe."""
         return ws.status in SERVING and ws not in self.leaving
 
     def out_of_service(self) -> set[WorkerState]:
@@ -127,7 +139,9 @@ class Departures:
             return
         self.leaving.add(ws)
         logger.info("Worker %s (%s) is leaving: %s", ws.name, ws.address, why)
-        if ws.status in SERVING or ws.status == Status.init:
+        # A worker still in init is in no task or recipient set; it is set back when it
+        # says running (status_changed)
+        if ws.status in SERVING:
             set_status(self.scheduler, ws, Status.closing_gracefully)
 
     def worker_left(self, address: str) -> None:
@@ -157,8 +171,8 @@ class Departures:
     def may_drop(
         self, ts: TaskState, ws: WorkerState, pending: Collection[WorkerState] = ()
     ) -> bool:
-        """Whether ``ws`` may drop its copy of ``ts`` (with the drops ``pending`` in
-        this AMM cycle): a holder in service is left."""
+        """Whether ``ws`` may drop its copy of ``ts`` (with the drops ``pending``): a
+        holder in service is left."""
         return any(
             other is not ws and other not in pending and self.in_service(other)
             for other in ts.who_has or ()
@@ -170,14 +184,57 @@ class Departures:
         candidates: set[WorkerState] | None,
         pending: set[WorkerState],
     ) -> set[WorkerState]:
-        """The ``candidates`` (default: every holder) that may drop ``ts``; refused
-        ones are counted."""
-        pool = (ts.who_has or set()) if candidates is None else candidates
-        allowed = {ws for ws in pool if self.may_drop(ts, ws, pending)}
-        if len(allowed) < len(pool & (ts.who_has or set())):
+        """The ``candidates`` (default: every holder) that may drop ``ts``. A
+        suggestion none of whose holders may drop counts as refused."""
+        holders = ts.who_has or set()
+        pool = holders if candidates is None else candidates & holders
+        serving = {w for w in holders if w not in pending and self.in_service(w)}
+        # a candidate may drop if a holder in service other than itself is left
+        allowed = {w for w in pool if serving - {w}}
+        if pool and not allowed:
             self.drops_refused += 1
             logger.debug("Drop of %s refused: no other copy on a worker in service", ts.key)
         return allowed
+
+    def _guard_deletions(self) -> None:
+        """``delete_worker_data`` (rebalance, replicate) frees only what leaves a copy
+        in service; ``rebalance`` moves data between workers in service only. Wrapped
+        on the scheduler instance (see the module docstring)."""
+        scheduler = self.scheduler
+        delete = scheduler.delete_worker_data
+        find_msgs = scheduler._rebalance_find_msgs
+
+        @functools.wraps(delete)
+        async def delete_worker_data(
+            worker_address: str, keys: Collection[Key], stimulus_id: str
+        ) -> None:
+            ws = scheduler.workers.get(worker_address)
+            if ws is None:
+                return await delete(worker_address, keys, stimulus_id)
+            allowed = []
+            for key in keys:
+                ts = scheduler.tasks.get(key)
+                if ts is None or self.may_drop(ts, ws, self._deleting.get(key, ())):
+                    allowed.append(key)
+                else:
+                    self.drops_refused += 1
+            for key in allowed:
+                self._deleting[key].add(ws)
+            try:
+                if allowed:
+                    await delete(worker_address, allowed, stimulus_id)
+            finally:
+                for key in allowed:
+                    self._deleting[key].discard(ws)
+                    if not self._deleting[key]:
+                        del self._deleting[key]
+
+        @functools.wraps(find_msgs)
+        def rebalance_find_msgs(keys: Any, workers: Iterable[WorkerState]) -> Any:
+            return find_msgs(keys, [ws for ws in workers if self.in_service(ws)])
+
+        scheduler.delete_worker_data = delete_worker_data  # type: ignore[method-assign]
+        scheduler._rebalance_find_msgs = rebalance_find_msgs  # type: ignore[method-assign]
 
     # --- P2P ------------------------------------------------------------------
 
@@ -189,26 +246,33 @@ class Departures:
         it draws from the workers in service."""
         shuffle = self.scheduler.plugins.get("shuffle")
         calculate = getattr(shuffle, "_calculate_worker_for", None)
+        try:  # a private module of distributed: without it, no guard
+            from distributed.shuffle._core import barrier_key
+        except ImportError:
+            return
         if calculate is None:
             return
 
+        @functools.wraps(calculate)
         def calculate_worker_for(spec: Any) -> dict[Any, str]:
             barrier = self.scheduler.tasks.get(barrier_key(spec.id))
-            serving = self._serving_addresses()
-            if barrier is None or barrier.worker_restrictions or not serving:
+            if barrier is None or not self.leaving:
                 return calculate(spec)
-            if len(serving) == len(self.scheduler.workers):
+            restrictions = barrier.worker_restrictions
+            # in upstream's order (scheduler.workers), the restrictions kept
+            serving = {
+                address for address, ws in self.scheduler.workers.items()
+                if self.in_service(ws) and (not restrictions or address in restrictions)
+            }
+            if not serving:
                 return calculate(spec)
             barrier.worker_restrictions = serving
             try:
                 return calculate(spec)
             finally:
-                barrier.worker_restrictions = None
+                barrier.worker_restrictions = restrictions
 
         shuffle._calculate_worker_for = calculate_worker_for  # type: ignore[union-attr]
-
-    def _serving_addresses(self) -> set[str]:
-        return {ws.address for ws in self.scheduler.workers.values() if self.in_service(ws)}
 
 
 def out_of_service(scheduler: Scheduler) -> set[WorkerState]:
@@ -229,6 +293,7 @@ def _patch_upstream() -> None:
     if getattr(find_dropper, "amm_core", False):
         return
 
+    @functools.wraps(find_dropper)
     def _find_dropper(
         self: ActiveMemoryManagerExtension,
         ts: TaskState,
@@ -242,6 +307,7 @@ def _patch_upstream() -> None:
                 return None
         return find_dropper(self, ts, candidates, pending_drop)
 
+    @functools.wraps(retire_done)
     def done(self: RetireWorker) -> bool:
         scheduler = self.manager.scheduler
         departures = Departures.of(scheduler)
@@ -250,8 +316,6 @@ def _patch_upstream() -> None:
             return retire_done(self)
         return all(departures.may_drop(ts, ws) for ts in ws.has_what)
 
-    for patched, upstream in ((_find_dropper, find_dropper), (done, retire_done)):
-        patched.amm_core = True  # type: ignore[attr-defined]
-        patched.__doc__ = upstream.__doc__
+    _find_dropper.amm_core = True  # type: ignore[attr-defined]
     ActiveMemoryManagerExtension._find_dropper = _find_dropper  # type: ignore[method-assign]
     RetireWorker.done = done  # type: ignore[method-assign]

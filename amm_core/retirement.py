@@ -68,6 +68,7 @@ main AMM runs or not and whatever configs the operator applies to it.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from collections import defaultdict
@@ -85,7 +86,7 @@ from distributed.core import Status
 from distributed.metrics import time
 from distributed.stealing import WorkStealing
 
-from amm_core._room import workers_with_room
+from amm_core._room import pause_fraction, room
 from amm_core.departures import Departures, out_of_service, set_status
 
 if TYPE_CHECKING:
@@ -98,8 +99,11 @@ logger = logging.getLogger(__name__)
 #: every cycle walks the keys of every retiring worker on the scheduler's event loop.
 RETIREMENT_INTERVAL = 0.5
 #: Seconds after which a copy asked for and not landed is asked for again (its
-#: recipient may have been slow, or died without the scheduler knowing yet)
+#: recipient may have been slow, or died without the scheduler knowing yet), plus the
+#: time its bytes take at the slowest transfer rate expected
 COPY_TIMEOUT = 10.0
+#: Bytes per second a copy is expected to move at, at the least
+SLOWEST_TRANSFER_RATE = 20e6
 #: Workers listed by ``amm_core_scaling`` (bounded: the caller refuses larger answers)
 MAX_SCALING_WORKERS = 1000
 #: Records kept at most (and reported at most); the oldest ended ones go first
@@ -112,7 +116,6 @@ BAR_SECONDS = 300.0
 State = Literal["draining", "moving", "done", "aborted"]
 #: States in which the engine still watches the worker
 ACTIVE: frozenset[str] = frozenset({"draining", "moving", "done"})
-
 
 
 def retiring_workers(scheduler: Scheduler) -> set[WorkerState]:
@@ -173,6 +176,9 @@ class Retirement:
     #: Scheduler time the retirement started, and reached done/aborted (None: not yet)
     started: float
     ended: float | None
+    #: Scheduler time its worker left (None: not yet); with ``ended``, what the
+    #: record's time to live counts from
+    left_at: float | None
     #: As of the latest cycle: unsafe keys and their bytes, tasks processing there
     keys_left: int
     bytes_left: int
@@ -215,7 +221,7 @@ class Retirement:
         self.drain = drain
         self.set_from = None
         self.started = time()
-        self.ended = None
+        self.ended = self.left_at = None
         self.keys_left = self.bytes_left = self.tasks_running = 0
         self.keys_moved = self.bytes_moved = self.wasted_tasks = 0
         self.left = False
@@ -232,7 +238,11 @@ class Retirement:
         return not self.left and self.state in ACTIVE
 
     def ended_before(self, when: float) -> bool:
-        return (self.left or self.state == "aborted") and (self.ended or 0) < when
+        """The record is over (its worker left, or its retirement aborted) since
+        before ``when``."""
+        if not (self.left or self.state == "aborted"):
+            return False
+        return max(self.ended or 0, self.left_at or 0) < when
 
     def report(self) -> dict[str, Any]:
         """Plain data (msgpack-able)."""
@@ -281,41 +291,66 @@ class RetireSafely(ActiveMemoryManagerPolicy):
         unsafe_by_record = [
             (rt, engine.step(rt, retiring, recipients)) for rt in engine.in_progress()
         ]
-        self._count_in_flight(engine, recipients)
+        rooms = self._rooms(engine, recipients)
         now = time()
         for rt, unsafe in unsafe_by_record:
             if not rt.watched:
                 continue
             for ts in unsafe:
                 asked = rt.copies.get(ts.key)
-                if asked is not None and now - asked[2] < COPY_TIMEOUT:
+                if asked is not None and now - asked[2] < engine.copy_timeout(asked[1]):
                     continue
-                pool = workers_with_room(
-                    ts.nbytes,
-                    self.manager.workers_memory,
-                    recipients,
-                    measure=self.manager.measure,
-                )
-                if not pool:
+                best = rooms.best(ts.nbytes)
+                if best is None:
                     engine.cannot_finish(rt, engine.no_room(ts, recipients))
                     break
-                choice = yield Suggestion("replicate", ts, pool)
+                choice = yield Suggestion("replicate", ts, {best})
                 if choice is not None:
+                    rooms.take(choice, ts.nbytes)
                     rt.copies[ts.key] = (choice.address, ts.nbytes, now)
         if not engine.in_progress():
             self.manager.stop()
 
-    def _count_in_flight(
-        self, engine: RetirementEngine, recipients: set[WorkerState]
-    ) -> None:
-        """Copies asked for in earlier cycles and not landed take room on their
-        recipients too: without this, retirements started in successive cycles (one
-        per hook in a drain) could each fill the same recipient."""
+    def _rooms(self, engine: RetirementEngine, recipients: set[WorkerState]) -> Rooms:
+        """The room of each recipient, once for this cycle, less the copies asked for
+        in earlier cycles and not landed: without them, retirements started in
+        successive cycles (one per hook in a drain) could each fill the same
+        recipient."""
         in_flight = engine.bytes_in_flight()
         memory = self.manager.workers_memory
-        for ws in recipients:
-            if ws.address in in_flight and ws in memory:
-                memory[ws] += in_flight[ws.address]
+        pause_at = pause_fraction() or 1.0
+        return Rooms(
+            (ws, room(ws, memory, self.manager.measure, pause_at) - in_flight.get(ws.address, 0))
+            for ws in recipients
+        )
+
+
+class Rooms:
+    """Recipients by the room they have left in this cycle, most first: picking one
+    for a key is O(log n), not a walk of every recipient per key."""
+
+    #: (-room, address, worker): a heap; an entry is stale when its room changed
+    _heap: list[tuple[float, str, WorkerState]]
+    _room: dict[WorkerState, float]
+
+    def __init__(self, rooms: Iterable[tuple[WorkerState, float]]):
+        self._room = dict(rooms)
+        self._heap = [(-r, ws.address, ws) for ws, r in self._room.items()]
+        heapq.heapify(self._heap)
+
+    def best(self, nbytes: int) -> WorkerState | None:
+        """The recipient with the most room, if it has room for ``nbytes``."""
+        while self._heap:
+            neg, _, ws = self._heap[0]
+            if -neg != self._room[ws]:  # stale
+                heapq.heappop(self._heap)
+                continue
+            return ws if -neg >= nbytes else None
+        return None
+
+    def take(self, ws: WorkerState, nbytes: int) -> None:
+        self._room[ws] = self._room.get(ws, 0.0) - nbytes
+        heapq.heappush(self._heap, (-self._room[ws], ws.address, ws))
 
 
 class RetirementEngine:
@@ -335,8 +370,6 @@ class RetirementEngine:
     measure: Callable[[], str]
     #: The engine's own AMM, running RetireSafely while retirements are in progress
     amm: ActiveMemoryManagerExtension
-    #: Hands queued tasks back when the scheduler runs without work stealing
-    _private_stealing: WorkStealing | None
 
     def __init__(
         self, scheduler: Scheduler, plugin: object, measure: Callable[[], str]
@@ -347,7 +380,6 @@ class RetirementEngine:
         self.records = {}
         self.bars = {}
         self.departures = Departures.of(scheduler) or Departures(scheduler)
-        self._private_stealing = None
         self.amm = ActiveMemoryManagerExtension(
             scheduler,
             policies={RetireSafely(self)},
@@ -598,17 +630,15 @@ class RetirementEngine:
             return
         name = str(ws.name)
         rt = self.records.get(name)
-        if rt is None:
+        if rt is not None and rt.ws is ws:
+            return
+        if rt is None or not self._keeps_out(rt, ws):
+            if rt is not None and rt.left and not rt.keep_out:
+                del self.records[name]  # the Deployment's next pod: welcome
             self._join_barred(ws)
             return
-        if rt.ws is ws:
-            return
-        if not self._keeps_out(rt, ws):
-            if rt.left and not rt.keep_out:
-                del self.records[name]  # the Deployment's next pod: welcome
-            return
         rt.ws = ws
-        rt.left = False
+        rt.left, rt.left_at = False, None
         rt.rejoined += 1
         rt.copies.clear()
         rt.offered.clear()
@@ -657,19 +687,24 @@ class RetirementEngine:
             return
         ws = self.scheduler.workers.get(address)
         rt = self.records.get(str(ws.name)) if ws is not None else None
-        if ws is not None and rt is not None and rt.ws is ws and rt.watched:
+        if ws is not None and rt is not None and rt.ws is ws and rt.watched and not rt.leaving:
+            rt.set_from = Status.running  # the engine set it now: its to put back
             set_status(self.scheduler, ws, Status.closing_gracefully)
 
     def worker_left(self, address: str) -> None:
         self.departures.worker_left(address)
+        now = time()
         for rt in self.records.values():
-            if rt.ws.address != address or not rt.watched:
+            if rt.ws.address != address or rt.left:
                 continue
-            rt.left = True
+            was_watched = rt.watched
+            rt.left, rt.left_at = True, now
+            if not was_watched:
+                continue  # an aborted record: only its worker's leaving is news
             rt.wasted_tasks = max(rt.wasted_tasks, len(rt.ws.processing), rt.tasks_running)
             if rt.state != "done":
                 rt.state = "aborted"
-                rt.ended = time()
+                rt.ended = now
                 rt.abort_reason = (
                     "the worker left the cluster mid-retirement (its process died or "
                     f"its pod went) with {rt.keys_left} unsafe key(s) "
@@ -847,7 +882,7 @@ class RetirementEngine:
 
     def _count_landed(self, rt: Retirement) -> None:
         now = time()
-        for key, (address, _, asked) in list(rt.copies.items()):
+        for key, (address, nbytes, asked) in list(rt.copies.items()):
             ts = self.scheduler.tasks.get(key)
             if ts is None or ts.state != "memory":
                 del rt.copies[key]
@@ -855,34 +890,46 @@ class RetirementEngine:
                 del rt.copies[key]
                 rt.keys_moved += 1
                 rt.bytes_moved += ts.nbytes
-            elif now - asked >= COPY_TIMEOUT:
+            elif now - asked >= self.copy_timeout(nbytes):
                 del rt.copies[key]
 
+    @staticmethod
+    def copy_timeout(nbytes: int) -> float:
+        """Seconds to wait for a copy of ``nbytes`` before asking for it again."""
+        return COPY_TIMEOUT + nbytes / SLOWEST_TRANSFER_RATE
+
     def _stealing(self) -> WorkStealing:
-        """The scheduler's work-stealing extension, or, when it runs without one, a
-        private one that never balances: only its request/confirm protocol is used."""
-        stealing = self.scheduler.extensions.get("stealing")
-        if isinstance(stealing, WorkStealing):
-            return stealing
-        if self._private_stealing is None:
-            self._private_stealing = WorkStealing(self.scheduler)
-        return self._private_stealing
+        """The scheduler's work stealing, or, when it runs without it, one that never
+        balances (its start() is never called): only its request/confirm protocol is
+        used. One per scheduler: it owns the ``steal-response`` stream handler."""
+        for plugin in self.scheduler.plugins.values():
+            if isinstance(plugin, WorkStealing):
+                return plugin
+        return WorkStealing(self.scheduler)  # registers itself as a plugin
 
     def _offer_queued(self, rt: Retirement, recipients: set[WorkerState]) -> None:
         """Offer the tasks assigned to the worker to workers in service through the
         work-stealing protocol: a closing_gracefully worker starts no task, and the
-        worker gives up only those it has not started."""
+        worker gives up only those it has not started. Each goes to the least busy
+        allowed recipient, counting the offers already made (a task with loose
+        restrictions may go anywhere, as upstream's stealing lets it)."""
         ws = rt.ws
         if not recipients or not ws.processing:
             return
         stealing = self._stealing()
+
+        def busy(w: WorkerState) -> tuple[float, str]:
+            occupancy = w.occupancy + stealing.in_flight_occupancy[w]
+            return occupancy / max(w.nthreads, 1), w.address
+
         for ts in list(ws.processing):
             if ts.key in rt.offered or ts in ws.long_running or ts in stealing.in_flight:
                 continue
             valid = self.scheduler.valid_workers(ts)
             pool = recipients if valid is None else recipients & valid
+            if not pool and ts.loose_restrictions:
+                pool = recipients
             if not pool:
                 continue
-            thief = min(pool, key=lambda w: (w.occupancy / max(w.nthreads, 1), w.address))
             rt.offered.add(ts.key)
-            stealing.move_task_request(ts, ws, thief)
+            stealing.move_task_request(ts, ws, min(pool, key=busy))

@@ -95,7 +95,8 @@ async def joining_kept_out(s: Scheduler, c: Client, name: str) -> AsyncIterator[
     queued = c.map(wait_for_event, [ev] * 4, pure=False)
     await until(lambda: s.queued or any(on(s, f) for f in queued), "tasks waiting")
     async with Worker(s.address, name=name, nthreads=1, memory_limit="4GB") as w:
-        await until(lambda: w.address in s.workers, "registered")
+        await until(lambda: w.address in s.workers and s.workers[w.address].status != Status.init,
+                    "registered and started")
         assert s.workers[w.address].status == Status.closing_gracefully
         await until(lambda: w.status == Status.closing_gracefully, "worker told")
         yield w
@@ -235,7 +236,7 @@ async def test_case3_records_are_bounded(monkeypatch: pytest.MonkeyPatch) -> Non
         assert engine(s).records == {}
 
 
-@pytest.mark.parametrize("stealing", [False])
+@pytest.mark.parametrize("stealing", [False, True])
 async def test_case4_drain_hands_queued_tasks_back_without_work_stealing(stealing: bool) -> None:
     settings = {
         "distributed.scheduler.work-stealing": stealing,
@@ -243,7 +244,7 @@ async def test_case4_drain_hands_queued_tasks_back_without_work_stealing(stealin
     }
     with dask.config.set(settings):
         async with cluster(2) as (s, ws, c):
-            assert "stealing" not in s.extensions
+            assert ("stealing" in s.extensions) == stealing
             a0, a1 = ws[0].address, ws[1].address
             ev = Event()
             await ev.clear()
@@ -369,3 +370,105 @@ async def test_case11_a_shuffle_after_done_neither_aborts_nor_pins_the_leaving_w
             await ws[0].close()
             assert not lost.lost()
             assert await c.gather(x) == blob(0, 2 * MB)
+
+
+# --- found in review: the same guarantees against other paths ---------------------
+
+
+async def test_rebalance_neither_sends_to_nor_strips_the_last_copy_off_a_leaving_worker() -> None:
+    """Scheduler.rebalance copies with gather_on_worker and frees with
+    delete_worker_data, outside the AMM: a done (committed) worker is no recipient,
+    and no copy in service is freed while it still holds one."""
+    rebalance = "distributed.worker.memory.rebalance"
+    with dask.config.set({f"{rebalance}.measure": "managed", f"{rebalance}.sender-min": 0.0,
+                          f"{rebalance}.recipient-max": 1.0,
+                          f"{rebalance}.sender-recipient-gap": 0.0}):
+        async with cluster(3) as (s, ws, c):
+            lost = losses(s)
+            a2 = ws[2].address
+            await call(s, "amm_core_retire", workers=["w2"], limit=30, **HOOK)
+            await until(lambda: records(s)["w2"]["state"] == "done", "w2 done")
+            held = await scatter_to(c, ws[0], 8, 8 * MB, 0)
+            await c.rebalance()
+            assert any(len(s.tasks[f.key].who_has) == 1 and s.workers[ws[1].address]
+                       in s.tasks[f.key].who_has for f in held), "rebalance moved nothing"
+            assert not any(s.workers[a2] in s.tasks[f.key].who_has for f in held)
+            await ws[2].close()
+            assert not lost.lost()
+            assert await c.gather(held)
+
+
+async def test_an_engine_that_took_over_a_status_puts_it_back_when_cancelled() -> None:
+    """Upstream retire_workers set w0 closing_gracefully and aborted, telling only the
+    worker; the worker says running, the operator's retirement sets it back: the
+    engine owns that status now, and a cancel puts the worker back running."""
+    async with cluster(2) as (s, ws, c):
+        a0 = ws[0].address
+        ev = Event()
+        await ev.clear()
+        busy = c.submit(wait_for_event, ev, workers=[a0], pure=False)
+        await until(lambda: on(s, busy), "w0 busy")
+        await s.retire_workers(names=["w0"], close_workers=False, remove=False,
+                               stimulus_id="test-upstream")
+        await call(s, "amm_core_retire", workers=["w0"], limit=30)
+        # as upstream's abort does: only the worker is told
+        s.stream_comms[a0].send({"op": "worker-status-change", "status": "running",
+                                 "stimulus_id": "test-upstream-abort"})
+        await until(lambda: ws[0].status == Status.running, "the worker running")
+        await until(lambda: s.workers[a0].status == Status.closing_gracefully
+                    and ws[0].status == Status.closing_gracefully, "taken back")
+        await call(s, "amm_core_cancel_retirement", workers=["w0"])
+        assert s.workers[a0].status == Status.running
+        await ev.set()
+        await busy
+
+
+async def test_a_bar_holds_over_an_older_record_of_the_same_name() -> None:
+    async with cluster(2) as (s, ws, c):
+        ev = Event()
+        await ev.clear()
+        busy = c.submit(wait_for_event, ev, workers=[ws[1].address], pure=False)
+        await until(lambda: on(s, busy), "w1 busy")
+        await call(s, "amm_core_retire", workers=["w1"], limit=30)
+        await call(s, "amm_core_cancel_retirement", workers=["w1"])
+        await ev.set()
+        await busy
+        await ws[1].close()
+        await until(lambda: records(s)["w1"]["left"], "the cancelled record's worker left")
+        assert (await call(s, "amm_core_retire", workers=["w1"], limit=30))["unknown"] == ["w1"]
+        async with joining_kept_out(s, c, "w1"):
+            assert records(s)["w1"]["leaving"]
+
+
+async def test_tasks_with_loose_restrictions_are_handed_back_too() -> None:
+    with dask.config.set({"distributed.scheduler.worker-saturation": "inf"}):
+        async with cluster(3) as (s, ws, c):
+            a0 = ws[0].address
+            ev = Event()
+            await ev.clear()
+            running = c.submit(wait_for_event, ev, workers=[a0], pure=False)
+            await until(lambda: on(s, running), "w0 busy")
+            loose = c.map(wait_for_event, [ev] * 4, workers=[a0], allow_other_workers=True,
+                          pure=False)
+            await until(lambda: all(on(s, f) == a0 for f in loose), "queued on w0")
+            await call(s, "amm_core_retire", workers=["w0"], limit=30)
+            await until(lambda: all(on(s, f) not in (None, a0) for f in loose), "handed back")
+            assert len({on(s, f) for f in loose}) == 2, "all went to one worker"
+            await ev.set()
+            await until(lambda: records(s)["w0"]["state"] == "done", "w0 done")
+            await c.gather([running, *loose])
+
+
+async def test_a_done_records_time_to_live_counts_from_when_its_worker_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(retirement, "RECORD_TTL", 1.0)
+    async with cluster(2) as (s, ws, c):
+        await call(s, "amm_core_retire", workers=["w0"], limit=30, **HOOK)
+        await until(lambda: records(s)["w0"]["state"] == "done", "done")
+        await until(lambda: retirement.time() - records(s)["w0"]["started"] > 1.5, "TTL past done")
+        await ws[0].close()
+        await until(lambda: records(s)["w0"]["left"], "left")
+        # a restart inside the same pod right away is still kept out
+        async with joining_kept_out(s, c, "w0"):
+            pass
