@@ -119,6 +119,8 @@ once, the operator polls)::
         "keys_left": int, "bytes_left": int,   # keys only it holds (not safe)
         "tasks_running": int, "keys_moved": int, "bytes_moved": int,
         "wasted_tasks": int,             # tasks lost (or to be lost, drain=False)
+        "keys_lost": int, "bytes_lost": int,   # what the scheduler lost when the
+                                         # worker left (its remove-worker event)
         "started": scheduler time, "seconds": float, "limit": float,
         "drain": bool,
         "left": bool,                    # the worker left the cluster
@@ -330,12 +332,13 @@ class MemoryPolicyPlugin(SchedulerPlugin):
     def log_event(self, topic: str, msg: Any) -> None:
         # Called synchronously by handle_worker_status_change, before a worker that
         # turned running gets tasks: the moment to keep a retired one out
-        if (
-            getattr(self, "retirement", None) is not None
-            and isinstance(msg, dict)
-            and msg.get("action") == "worker-status-change"
-        ):
+        if getattr(self, "retirement", None) is None or not isinstance(msg, dict):
+            return
+        if msg.get("action") == "worker-status-change":
             self.retirement.status_changed(topic, msg)
+        elif msg.get("action") == "remove-worker" and "worker" not in msg:
+            # logged under the worker's address before plugins hear of the removal
+            self.retirement.worker_removed(topic, msg)
 
     def remove_worker(
         self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any

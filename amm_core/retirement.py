@@ -188,6 +188,10 @@ class Retirement:
     bytes_moved: int
     #: Tasks lost to the worker leaving (or, with drain=False, that will be)
     wasted_tasks: int
+    #: Keys, and their bytes, the scheduler lost when the worker left (its own
+    #: accounting: the remove-worker event's lost computed and scattered keys)
+    keys_lost: int
+    bytes_lost: int
     #: The worker left the cluster
     left: bool
     #: Times a process of this name registered again and was kept out
@@ -224,6 +228,7 @@ class Retirement:
         self.ended = self.left_at = None
         self.keys_left = self.bytes_left = self.tasks_running = 0
         self.keys_moved = self.bytes_moved = self.wasted_tasks = 0
+        self.keys_lost = self.bytes_lost = 0
         self.left = False
         self.rejoined = 0
         self.copies = {}
@@ -260,6 +265,8 @@ class Retirement:
             "keys_moved": self.keys_moved,
             "bytes_moved": self.bytes_moved,
             "wasted_tasks": self.wasted_tasks,
+            "keys_lost": self.keys_lost,
+            "bytes_lost": self.bytes_lost,
             "started": self.started,
             "seconds": end - self.started,
             "limit": self.limit,
@@ -364,6 +371,9 @@ class RetirementEngine:
     records: dict[str, Retirement]
     #: Names retired before their worker connected: name -> (until, limit, drain, reason)
     bars: dict[str, tuple[float, float, bool, str]]
+    #: What the scheduler said a worker's removal lost, until worker_left reads it:
+    #: address -> (keys, bytes, tasks that were processing)
+    _removals: dict[str, tuple[int, int, int]]
     #: The leaving workers and the guards that follow from them
     departures: Departures
     #: The memory measure of the main AMM, for room checks
@@ -379,6 +389,7 @@ class RetirementEngine:
         self.measure = measure
         self.records = {}
         self.bars = {}
+        self._removals = {}
         self.departures = Departures.of(scheduler) or Departures(scheduler)
         self.amm = ActiveMemoryManagerExtension(
             scheduler,
@@ -691,8 +702,21 @@ class RetirementEngine:
             rt.set_from = Status.running  # the engine set it now: its to put back
             set_status(self.scheduler, ws, Status.closing_gracefully)
 
+    def worker_removed(self, address: str, event: dict[str, Any]) -> None:
+        """The scheduler's ``remove-worker`` event (logged before plugins hear of the
+        removal): what it lost, for :meth:`worker_left`."""
+        if not any(rt.ws.address == address for rt in self.records.values()):
+            return
+        lost = [*event.get("lost-computed-tasks", ()), *event.get("lost-scattered-tasks", ())]
+        tasks = self.scheduler.tasks
+        nbytes = sum(tasks[k].nbytes for k in lost if k in tasks)
+        self._removals[address] = (len(lost), nbytes, len(event.get("processing-tasks", ())))
+
     def worker_left(self, address: str) -> None:
+        """The worker left: its records end. One not done yet ends ``done`` if the
+        scheduler lost nothing with it and it ran nothing, else ``aborted``."""
         self.departures.worker_left(address)
+        keys_lost, bytes_lost, processing = self._removals.pop(address, (None, 0, 0))
         now = time()
         for rt in self.records.values():
             if rt.ws.address != address or rt.left:
@@ -701,16 +725,23 @@ class RetirementEngine:
             rt.left, rt.left_at = True, now
             if not was_watched:
                 continue  # an aborted record: only its worker's leaving is news
-            rt.wasted_tasks = max(rt.wasted_tasks, len(rt.ws.processing), rt.tasks_running)
-            if rt.state != "done":
-                rt.state = "aborted"
-                rt.ended = now
-                rt.abort_reason = (
-                    "the worker left the cluster mid-retirement (its process died or "
-                    f"its pod went) with {rt.keys_left} unsafe key(s) "
-                    f"({rt.bytes_left} bytes) and {rt.tasks_running} task(s) running"
-                )
-                logger.warning("Retirement of %s: %s", rt.name, rt.abort_reason)
+            rt.wasted_tasks = max(rt.wasted_tasks, processing, rt.tasks_running)
+            if keys_lost is not None:
+                rt.keys_lost, rt.bytes_lost = keys_lost, bytes_lost
+            if rt.state == "done":
+                continue
+            if keys_lost == 0 and rt.wasted_tasks == 0:
+                rt.state, rt.ended = "done", now  # nothing went with it
+                continue
+            rt.state = "aborted"
+            rt.ended = now
+            rt.abort_reason = (
+                "the worker left the cluster mid-retirement (its process died or its "
+                f"pod went) with {rt.keys_left if keys_lost is None else keys_lost} "
+                f"unsafe key(s) ({rt.bytes_left if keys_lost is None else bytes_lost} "
+                f"bytes) and {rt.wasted_tasks} task(s) running"
+            )
+            logger.warning("Retirement of %s: %s", rt.name, rt.abort_reason)
         self._prune()
 
     # --- mechanics ------------------------------------------------------------

@@ -342,6 +342,9 @@ async def test_case9_a_name_barred_before_its_worker_connected_is_kept_out() -> 
         async with joining_kept_out(s, c, "late"):
             rec = records(s)["late"]
             assert rec["leaving"] and rec["state"] in ("draining", "moving", "done")
+        # its Deployment deleted: it took nothing with it, by the scheduler's account
+        rec = await until(lambda: records(s)["late"]["left"] and records(s)["late"], "left")
+        assert (rec["state"], rec["keys_lost"], rec["wasted_tasks"]) == ("done", 0, 0)
         forgot = await call(s, "amm_core_forget_retirement", workers=["late"])
         assert forgot["forgotten"] == ["late"]
 
@@ -472,3 +475,22 @@ async def test_a_done_records_time_to_live_counts_from_when_its_worker_left(
         # a restart inside the same pod right away is still kept out
         async with joining_kept_out(s, c, "w0"):
             pass
+
+
+async def test_a_hook_worker_gone_with_data_says_what_the_scheduler_lost() -> None:
+    """No room anywhere: the hook's retirement is blocked, not aborted; when the pod
+    goes anyway, the record ends aborted with the keys the scheduler itself lost."""
+    async with cluster(2) as (s, ws, c):
+        lost = losses(s)
+        futs = await scatter_to(c, ws[0], 2, 2 * MB, 0)
+        with dask.config.set({"distributed.worker.memory.pause": 1e-6}):
+            await call(s, "amm_core_retire", workers=["w0"], limit=30, **HOOK)
+            rec = records(s)["w0"]
+            assert rec["state"] == "moving" and "room" in rec["blocked"]
+            assert s.workers[ws[0].address].status == Status.closing_gracefully
+            await ws[0].close()
+        rec = await until(lambda: records(s)["w0"]["left"] and records(s)["w0"], "left")
+        assert rec["state"] == "aborted"
+        assert rec["keys_lost"] == 2 == len(lost.scattered[ws[0].address])
+        assert rec["bytes_lost"] == 4 * MB
+        del futs

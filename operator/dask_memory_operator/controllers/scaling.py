@@ -297,10 +297,11 @@ class ScalingController:
             elif r.get("left") and r["state"] != "done":
                 # (the engine marks a worker that left mid-retirement aborted)
                 metrics.observe_retirement(p.namespace, p.cluster, "lost", r.get("seconds", 0))
+                lost = (f"{r['keys_lost']} keys ({_bytes(r.get('bytes_lost', 0))}) lost, by the "
+                        "scheduler's account") if "keys_lost" in r else f"{r.get('keys_left', 0)} keys may be lost"
                 await p.event("RetiringWorkerLost", (
                     f"Worker {name} left the cluster while it was {r['state']} (its pod went "
-                    f"from outside the operator): {r.get('keys_left', 0)} keys may be lost"),
-                    warning=True)
+                    f"from outside the operator): {lost}"), warning=True)
                 forget.append(name)
             elif r["state"] == "aborted" and r.get("reason") == CANCELLED:
                 forget.append(name)  # the canceller reported it (RetirementCancelled)

@@ -344,6 +344,7 @@ _RETIREMENT = _map_with({
     "state": lambda v: v in _RETIREMENT_STATES,
     "reason": lambda v: isinstance(v, str) and len(v) <= MAX_ERROR_TEXT,
     "keys_left": _number, "bytes_left": _number, "tasks_running": _number,
+    "keys_lost": _number, "bytes_lost": _number,
     "keys_moved": _number, "bytes_moved": _number, "wasted_tasks": _number,
     "seconds": _number, "limit": _number,
     "drain": lambda v: isinstance(v, bool), "left": lambda v: isinstance(v, bool),
