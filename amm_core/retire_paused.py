@@ -57,7 +57,7 @@ scheduler plugin both go through).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dask.utils import parse_timedelta
@@ -122,6 +122,8 @@ class RetireWorkerWithRoom(RetireWorker):
     def run(self) -> SuggestionGenerator:
         scheduler = self.manager.scheduler
         ws = scheduler.workers.get(self.address)
+        if self not in self.manager.policies:
+            return  # discarded earlier in this cycle (the AMM runs a copy of the set)
         if not self.watched():
             # RetirePaused left the config (or the scheduler was restored): no one
             # will report the worker for replacement. Back to paused (it unpauses by
@@ -197,9 +199,11 @@ class Retirement:
     ws: WorkerState
     #: The AMM policy copying its unique keys away; holds paused_since, retiring_since
     policy: RetireWorkerWithRoom
-    #: Every key it holds has a copy on a worker that is not retiring, and it
-    #: processes nothing (recomputed at every cycle)
+    #: Every key it holds has a copy on a worker in service and it processes nothing
+    #: (recomputed at every cycle)
     retired: bool = False
+    #: Keys of the tasks assigned to it already offered to other workers
+    offered: set[Any] = field(default_factory=set)
 
 
 class RetirePaused(CountingPolicy):
@@ -310,8 +314,13 @@ class RetirePaused(CountingPolicy):
                 continue
             if ws.status != Status.closing_gracefully:
                 # Someone else took it out of retirement (e.g. set it running again):
-                # stop moving its keys and stop asking for its replacement.
+                # stop moving its keys and stop asking for its replacement. The worker
+                # itself may have unpaused while our closing_gracefully was on its way
+                # to it: tell it the status the scheduler has, or its echo of ours
+                # would leave it closing_gracefully with no one retiring it.
                 del self.retiring[address]
+                if ws.status == Status.running:
+                    set_status(scheduler, ws, Status.running)
                 if rt.policy.attached():
                     rt.policy.manager.policies.discard(rt.policy)
                 self.count("retirements_cancelled")
@@ -334,6 +343,10 @@ class RetirePaused(CountingPolicy):
                     address,
                     unique,
                 )
+            recipients = scheduler.running - retirement.retiring_workers(scheduler)
+            retirement.hand_back_queued(scheduler, ws, rt.offered, recipients)
+            # A P2P veto is not waited for: a shuffle with outputs pinned to a paused
+            # worker cannot finish anyway; replacing the worker restarts it
             retired = not unique and not ws.processing
             if retired and not rt.retired:
                 self.count("workers_retired")

@@ -795,35 +795,7 @@ class RetirementEngine:
         self.departures.add(rt.ws, why)
 
     def veto(self, ws: WorkerState) -> str:
-        """Why ``ws`` cannot go without losing something ("" if it can): actors,
-        long-running tasks, or a scheduler plugin's valid_workers_downscaling (called
-        as Scheduler.workers_to_close does)."""
-        if ws.actors:
-            return f"the worker holds actor(s) {_some(ws.actors)}, which cannot be moved"
-        if ws.long_running:
-            return (
-                f"the worker runs long-running (seceded) task(s) "
-                f"{_some(ws.long_running)}, which would be lost"
-            )
-        for name, plugin in list(self.scheduler.plugins.items()):
-            if plugin is self.plugin:
-                continue
-            # Third-party code: whatever it raises must not break the handler or
-            # the AMM cycle; it counts as a veto.
-            try:
-                valid = plugin.valid_workers_downscaling(self.scheduler, [ws])
-            except Exception as e:
-                logger.exception("valid_workers_downscaling of plugin %r failed", name)
-                return (
-                    f"scheduler plugin {name!r} failed to say whether the worker may "
-                    f"go ({type(e).__name__}: {e})"
-                )
-            if ws not in valid:
-                return (
-                    f"scheduler plugin {name!r} vetoes removing the worker "
-                    "(valid_workers_downscaling; e.g. a P2P shuffle in progress on it)"
-                )
-        return ""
+        return downscaling_veto(self.scheduler, ws, skip=self.plugin)
 
     def no_room(self, ts: TaskState, recipients: set[WorkerState]) -> str:
         if not recipients:
@@ -929,38 +901,78 @@ class RetirementEngine:
         """Seconds to wait for a copy of ``nbytes`` before asking for it again."""
         return COPY_TIMEOUT + nbytes / SLOWEST_TRANSFER_RATE
 
-    def _stealing(self) -> WorkStealing:
-        """The scheduler's work stealing, or, when it runs without it, one that never
-        balances (its start() is never called): only its request/confirm protocol is
-        used. One per scheduler: it owns the ``steal-response`` stream handler."""
-        for plugin in self.scheduler.plugins.values():
-            if isinstance(plugin, WorkStealing):
-                return plugin
-        return WorkStealing(self.scheduler)  # registers itself as a plugin
-
     def _offer_queued(self, rt: Retirement, recipients: set[WorkerState]) -> None:
-        """Offer the tasks assigned to the worker to workers in service through the
-        work-stealing protocol: a closing_gracefully worker starts no task, and the
-        worker gives up only those it has not started. Each goes to the least busy
-        allowed recipient, counting the offers already made (a task with loose
-        restrictions may go anywhere, as upstream's stealing lets it)."""
-        ws = rt.ws
-        if not recipients or not ws.processing:
-            return
-        stealing = self._stealing()
+        hand_back_queued(self.scheduler, rt.ws, rt.offered, recipients)
 
-        def busy(w: WorkerState) -> tuple[float, str]:
-            occupancy = w.occupancy + stealing.in_flight_occupancy[w]
-            return occupancy / max(w.nthreads, 1), w.address
 
-        for ts in list(ws.processing):
-            if ts.key in rt.offered or ts in ws.long_running or ts in stealing.in_flight:
-                continue
-            valid = self.scheduler.valid_workers(ts)
-            pool = recipients if valid is None else recipients & valid
-            if not pool and ts.loose_restrictions:
-                pool = recipients
-            if not pool:
-                continue
-            rt.offered.add(ts.key)
-            stealing.move_task_request(ts, ws, min(pool, key=busy))
+def downscaling_veto(scheduler: Scheduler, ws: WorkerState, skip: object = None) -> str:
+    """Why ``ws`` cannot go without losing something ("" if it can): actors,
+    long-running tasks, or a scheduler plugin's valid_workers_downscaling (called
+    as Scheduler.workers_to_close does; ``skip``: the asking plugin)."""
+    if ws.actors:
+        return f"the worker holds actor(s) {_some(ws.actors)}, which cannot be moved"
+    if ws.long_running:
+        return (
+            f"the worker runs long-running (seceded) task(s) "
+            f"{_some(ws.long_running)}, which would be lost"
+        )
+    for name, plugin in list(scheduler.plugins.items()):
+        if plugin is skip:
+            continue
+        # Third-party code: whatever it raises must not break the handler or
+        # the AMM cycle; it counts as a veto.
+        try:
+            valid = plugin.valid_workers_downscaling(scheduler, [ws])
+        except Exception as e:
+            logger.exception("valid_workers_downscaling of plugin %r failed", name)
+            return (
+                f"scheduler plugin {name!r} failed to say whether the worker may "
+                f"go ({type(e).__name__}: {e})"
+            )
+        if ws not in valid:
+            return (
+                f"scheduler plugin {name!r} vetoes removing the worker "
+                "(valid_workers_downscaling; e.g. a P2P shuffle in progress on it)"
+            )
+    return ""
+
+
+def _stealing(scheduler: Scheduler) -> WorkStealing:
+    """The scheduler's work stealing, or, when it runs without it, one that never
+    balances (its start() is never called): only its request/confirm protocol is
+    used. One per scheduler: it owns the ``steal-response`` stream handler."""
+    for plugin in scheduler.plugins.values():
+        if isinstance(plugin, WorkStealing):
+            return plugin
+    return WorkStealing(scheduler)  # registers itself as a plugin
+
+
+def hand_back_queued(
+    scheduler: Scheduler, ws: WorkerState, offered: set[Any], recipients: set[WorkerState]
+) -> None:
+    """Offer the tasks assigned to ``ws`` (a worker that starts no new task:
+    closing_gracefully or paused) to ``recipients`` through the work-stealing
+    protocol: the worker gives up only those it has not started. ``offered``: keys
+    offered already (each once: a task the worker refuses to give up is executing,
+    and will finish). Each goes to the least busy allowed recipient, counting the
+    offers already made (a task with loose restrictions may go anywhere, as
+    upstream's stealing lets it)."""
+    if not recipients or not ws.processing:
+        return
+    stealing = _stealing(scheduler)
+
+    def busy(w: WorkerState) -> tuple[float, str]:
+        occupancy = w.occupancy + stealing.in_flight_occupancy[w]
+        return occupancy / max(w.nthreads, 1), w.address
+
+    for ts in list(ws.processing):
+        if ts.key in offered or ts in ws.long_running or ts in stealing.in_flight:
+            continue
+        valid = scheduler.valid_workers(ts)
+        pool = recipients if valid is None else recipients & valid
+        if not pool and ts.loose_restrictions:
+            pool = recipients
+        if not pool:
+            continue
+        offered.add(ts.key)
+        stealing.move_task_request(ts, ws, min(pool, key=busy))
