@@ -273,7 +273,13 @@ class RetirePaused(CountingPolicy):
             if address not in scheduler.workers:
                 del self.paused_since[address]
             elif now - self.paused_since[address] >= self.after:
-                self._retire(scheduler, scheduler.workers[address])
+                # Not while a shuffle has outputs pinned to it (P2P's veto): retired,
+                # it could not run them, and replaced, it would restart the shuffle.
+                # It waits paused, as upstream's paused workers do; new shuffles do
+                # not pin outputs to a worker out of service (amm_core.departures).
+                ws = scheduler.workers[address]
+                if not retirement.downscaling_veto(scheduler, ws):
+                    self._retire(scheduler, ws)
 
         # This policy moves no key itself: RetireWorkerWithRoom does.
         yield from ()
@@ -345,8 +351,6 @@ class RetirePaused(CountingPolicy):
                 )
             recipients = scheduler.running - retirement.retiring_workers(scheduler)
             retirement.hand_back_queued(scheduler, ws, rt.offered, recipients)
-            # A P2P veto is not waited for: a shuffle with outputs pinned to a paused
-            # worker cannot finish anyway; replacing the worker restarts it
             retired = not unique and not ws.processing
             if retired and not rt.retired:
                 self.count("workers_retired")

@@ -171,6 +171,9 @@ QUIET = 0.06
 PER_CLUSTER = 50
 #: Seconds a worker's close may take before the driver goes on without it
 CLOSE_TIMEOUT = 10.0
+#: Seconds one sequence may take before it counts as hung (a failure, reported with
+#: its steps so far); the longest passing ones take about 15 s
+SEQUENCE_TIMEOUT = 120.0
 
 #: The AMM is "running" with this interval: cycles come from run_once() only
 AMM_INTERVAL = 3600
@@ -1580,6 +1583,21 @@ def fast_timings() -> Iterator[None]:
             setattr(m, name, value)
 
 
+async def run_sequence_or_hang(
+    cluster: Cluster, seed: int, steps: tuple[int, int], age: int
+) -> SequenceResult:
+    """:func:`run_sequence`, or a failed result when it does not end within
+    SEQUENCE_TIMEOUT (the cluster is then rebuilt)."""
+    try:
+        return await asyncio.wait_for(
+            run_sequence(cluster, seed, steps, cluster_age=age), SEQUENCE_TIMEOUT
+        )
+    except TimeoutError:
+        result = SequenceResult(seed, cluster.work_stealing, cluster_age=age)
+        result.driver_error = f"hung: the sequence did not end within {SEQUENCE_TIMEOUT:g}s"
+        return result
+
+
 async def run_sequences(
     seeds: Iterable[int],
     *,
@@ -1604,7 +1622,7 @@ async def run_sequences(
                 for age in range(per_cluster):
                     if not todo:
                         break
-                    r = await run_sequence(cluster, todo.pop(0), steps, cluster_age=age)
+                    r = await run_sequence_or_hang(cluster, todo.pop(0), steps, age)
                     summary.add(r)
                     if on_result is not None:
                         on_result(r)
