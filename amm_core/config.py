@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
+import reprlib
 from collections.abc import Iterable, Iterator, MutableSet
 from typing import Any
 
+import dask.config
 from dask.utils import parse_timedelta
 from distributed.active_memory_manager import ActiveMemoryManagerPolicy
 from distributed.utils import import_term
@@ -315,13 +318,78 @@ class OrderedPolicies(MutableSet[ActiveMemoryManagerPolicy]):
             self._items.update(dict.fromkeys(other))
 
 
-def policy_class(path: str) -> type[ActiveMemoryManagerPolicy]:
+#: dask config key: patterns of the classes an ``apply`` may name besides amm_core's
+#: and distributed's own (and those the scheduler's own AMM config names)
+ALLOWED_CONFIG = "amm-core.allowed-policy-classes"
+#: Always allowed: amm_core's policies and distributed's AMM module
+DEFAULT_ALLOWED = ("amm_core.**", "distributed.active_memory_manager.*")
+
+#: Reprs in error messages stay short: arguments come from a MemoryPolicy
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 120
+_short.maxlevel = 3
+
+
+def _cut(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def class_pattern(pattern: str) -> re.Pattern[str]:
+    """A class glob as a regex: ``*`` is any part of one dotted name (it does not
+    cross a dot), ``**`` any number (one or more) of whole dotted names, ``?`` one
+    character but a dot; the rest is literal. ``mycorp.amm.*`` allows the classes of
+    module ``mycorp.amm``, ``mycorp.amm.**`` those of its submodules too."""
+    out = []
+    for token in re.split(r"(\*\*|\*|\?)", pattern):
+        if token == "**":
+            out.append(r"[^.]+(?:\.[^.]+)*")
+        elif token == "*":
+            out.append(r"[^.]*")
+        elif token == "?":
+            out.append(r"[^.]")
+        else:
+            out.append(re.escape(token))
+    return re.compile("".join(out))
+
+
+def class_allowed(path: str, patterns: Iterable[str]) -> bool:
+    """Whether the dotted ``path`` matches one of the class globs ``patterns``."""
+    return any(class_pattern(p).fullmatch(path) for p in patterns)
+
+
+def allowed_patterns() -> tuple[str, ...]:
+    """What this process may import as an AMM policy: :data:`DEFAULT_ALLOWED`, the
+    classes its own AMM config names, and :data:`ALLOWED_CONFIG`'s patterns."""
+    own = dask.config.get(f"{AMM_CONFIG}.policies", default=None) or []
+    named = tuple(
+        # re.escape-free: a glob char in a configured name would only widen it to
+        # what that config could import anyway
+        amm_core.BUILTIN_POLICIES.get(e["class"], e["class"])
+        for e in own if isinstance(e, dict) and isinstance(e.get("class"), str)
+    )
+    extra = dask.config.get(ALLOWED_CONFIG, default=None) or []
+    if isinstance(extra, str):
+        extra = [extra]
+    return DEFAULT_ALLOWED + named + tuple(p for p in extra if isinstance(p, str))
+
+
+def policy_class(path: str, allowed: Iterable[str] | None = None) -> type[ActiveMemoryManagerPolicy]:
     """Import an AMM policy class by dotted path or amm_core short name (e.g.
-    "Rebalance"); ValueError if that is not one."""
+    "Rebalance"); ValueError if that is not one.
+
+    The name is checked against ``allowed`` (by default :func:`allowed_patterns`)
+    *before* anything is imported: importing runs a module's code, whatever the
+    class turns out to be."""
+    target = amm_core.BUILTIN_POLICIES.get(path, path)
+    if not class_allowed(target, allowed_patterns() if allowed is None else allowed):
+        raise ValueError(
+            f"AMM policy class {_short.repr(path)} is not allowed on this scheduler "
+            f"(allowed: amm_core's and distributed's policies, and {ALLOWED_CONFIG})"
+        )
     try:
-        cls = import_term(amm_core.BUILTIN_POLICIES.get(path, path))
+        cls = import_term(target)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"AMM policy class {path!r} cannot be imported: {e}") from None
+        raise ValueError(f"AMM policy class {path!r} cannot be imported: {_cut(str(e))}") from None
     if not isinstance(cls, type) or not issubclass(cls, ActiveMemoryManagerPolicy):
         raise ValueError(
             f"{path!r} is not an AMM policy (a subclass of "
@@ -340,6 +408,6 @@ def build_policy(path: str, kwargs: dict[str, Any]) -> ActiveMemoryManagerPolicy
     # see why their arguments were refused.
     except Exception as e:
         raise ValueError(
-            f"AMM policy {path} does not accept arguments {kwargs!r}: "
-            f"{type(e).__name__}: {e}"
+            f"AMM policy {path} does not accept arguments {_short.repr(kwargs)}: "
+            f"{type(e).__name__}: {_cut(str(e))}"
         ) from None

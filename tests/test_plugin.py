@@ -93,6 +93,18 @@ class Record(ActiveMemoryManagerPolicy):
 
 
 KEEP = f"{KeepCopies.__module__}.KeepCopies"
+
+
+class NotAPolicy:
+    """Importable, allowed by name, and not an AMM policy."""
+
+
+@pytest.fixture(autouse=True)
+def allow_this_module() -> Iterator[None]:
+    """The schedulers here may import this module's policies (amm_core's and
+    distributed's are always allowed)."""
+    with dask.config.set({"amm-core.allowed-policy-classes": [f"{__name__}.*"]}):
+        yield
 OPAQUE = f"{OpaqueReport.__module__}.OpaqueReport"
 RECORD = f"{Record.__module__}.Record"
 
@@ -479,9 +491,11 @@ async def test_an_older_generation_of_the_owner_in_force_changes_nothing(
 
 
 INVALID = [
-    ({"policies": [{"class": "no_such_module.Policy"}]}, "cannot be imported"),
+    # checked against the scheduler's allow list before anything is imported
+    ({"policies": [{"class": "no_such_module.Policy"}]}, "is not allowed on this scheduler"),
+    ({"policies": [{"class": "collections.OrderedDict"}]}, "is not allowed on this scheduler"),
     ({"policies": [{"class": f"{__name__}.NoSuchPolicy"}]}, "cannot be imported"),
-    ({"policies": [{"class": "collections.OrderedDict"}]}, "is not an AMM policy"),
+    ({"policies": [{"class": f"{__name__}.NotAPolicy"}]}, "is not an AMM policy"),
     ({"policies": [{"class": "amm_core._room.CountingPolicy"}]}, "abstract"),
     ({"policies": [{"class": KEEP, "nope": 1}]}, "does not accept arguments"),
     ({"policies": [{"class": KEEP, "copies": 0}]}, "copies must be >= 1"),

@@ -321,13 +321,14 @@ def test_exception_text_is_parsed_as_a_literal_and_bounded():
     assert parse("E(__import__('os').system('x'))") == ("E", "__import__('os').system('x')")
     assert parse("E(" + "(" * 1000 + ")" * 1000 + ")")[0] == "E"
     name, message = parse("E('" + "x" * (2 * rpc.MAX_ERROR_TEXT) + "')")
-    assert name == "E" and len(message) == rpc.MAX_ERROR_TEXT
+    assert name == "E" and len(message) == rpc.MAX_ERROR_MESSAGE  # cut, and says so
+    assert message.endswith(f"({2 * rpc.MAX_ERROR_TEXT + 2} characters)")
     # an int too long for str(): still two bounded strings, nothing raised
     name, message = parse("E(0x" + "f" * 19000 + ")")
-    assert name == "E" and len(message) <= rpc.MAX_ERROR_TEXT
+    assert name == "E" and len(message) <= rpc.MAX_ERROR_MESSAGE
     # a class name of any length is not a class name
     name, message = parse("a" * 100_000 + "()")
-    assert name == "" and len(message) == rpc.MAX_ERROR_TEXT
+    assert name == "" and len(message) == rpc.MAX_ERROR_MESSAGE
 
 
 # --- the transport ----------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 
 from dask_memory_operator.api.conditions import condition
 from dask_memory_operator.schedulers.converge import LIVE_COUNTERS, Outcome
+from dask_memory_operator.untrusted import describe
 
 
 #: Characters of a cluster's message, and of a condition's: scheduler texts end up
@@ -27,7 +28,7 @@ MAX_CONDITION_MESSAGE = 4096
 
 
 def _bounded(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return describe(text, limit)
 
 
 def cluster_entry(outcome: Outcome, governed_by: str) -> dict[str, Any]:

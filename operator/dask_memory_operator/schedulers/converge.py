@@ -24,6 +24,7 @@ from dask_memory_operator.observability import metrics
 from dask_memory_operator.schedulers import install, rpc as scheduler_rpc
 from dask_memory_operator.schedulers.locator import SchedulerAccessError, SchedulerLocator, SchedulerServiceMissing
 from dask_memory_operator.api.memorypolicy import AMMConfig
+from dask_memory_operator.untrusted import describe
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,19 @@ class Outcome:
     #: Why a Degraded cluster is degraded, as a condition reason: Unreachable,
     #: ProtocolError, Rejected, CallFailed, AccessDenied, DidNotTake, Unexpected
     cause: str = ""
+
+    def __post_init__(self) -> None:
+        # Texts quote schedulers (errors, names in their status) and end up in logs,
+        # the status and Events, and are kept per cluster (the backoff): one line,
+        # bounded, whatever a scheduler sent
+        self.message = describe(self.message, MAX_OUTCOME_TEXT)
+        if self.plugin_warning is not None:
+            self.plugin_warning = describe(self.plugin_warning, MAX_OUTCOME_TEXT)
+        self.actions = [describe(a, MAX_OUTCOME_TEXT) for a in self.actions]
+
+
+#: Characters of an outcome's message, warning and each action
+MAX_OUTCOME_TEXT = 1024
 
 
 @dataclass
@@ -253,6 +267,7 @@ class ClusterReconciler:
         self.pending_restores = {}
         self._locks = weakref.WeakValueDictionary()
         self._backoffs = {}
+        self._next_prune = 0.0
 
     def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -267,6 +282,7 @@ class ClusterReconciler:
         raises: what goes wrong is the returned outcome."""
         key = (namespace, cluster)
         tag = (owner["uid"], owner["generation"])
+        self._prune_backoffs()
         backoff = self._backoffs.setdefault(key, Backoff())
         if backoff.waiting and backoff.last is not None and backoff.tag == tag:
             return dataclasses.replace(backoff.last, actions=[])  # nothing done this time
@@ -403,6 +419,23 @@ class ClusterReconciler:
         """Where the scheduler is, counted: every contact with a scheduler starts here."""
         metrics.SCHEDULER_CONTACTS.labels(namespace, cluster, purpose).inc()
         return await self.locator.address(namespace, cluster)
+
+    def _prune_backoffs(self) -> None:
+        """Drop the backoffs (and the last outcome each keeps) that no pass came back
+        for within twice the cap: their cluster is not governed any more (its policy
+        deleted or changed, its labels changed) or is gone, and no event said so.
+        At most once per cap, so a pass costs O(1) on average."""
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + self.backoff_cap
+        for key in [k for k, b in self._backoffs.items() if b.not_before + 2 * self.backoff_cap < now]:
+            del self._backoffs[key]
+
+    def forget_policy(self, policy_uid: str) -> None:
+        """The policy is gone: drop the backoffs of the passes it failed."""
+        for key in [k for k, b in self._backoffs.items() if b.tag is not None and b.tag[0] == policy_uid]:
+            del self._backoffs[key]
 
     def forget_cluster(self, namespace: str, cluster: str) -> None:
         """The DaskCluster is gone: drop its backoff and its owed restore (its lock

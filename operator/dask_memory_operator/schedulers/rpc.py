@@ -41,6 +41,8 @@ from typing import Any
 
 from distributed.comm import parse_address, parse_host_port
 
+from dask_memory_operator.untrusted import describe
+
 from dask_memory_operator.schedulers.wire import (
     HANDSHAKE,
     OPAQUE_ERROR_FIELDS,
@@ -59,6 +61,9 @@ DEFAULT_TIMEOUT = 5.0
 #: Characters of a remote exception_text that are parsed (distributed truncates
 #: exceptions to distributed.admin.max-error-length, 10,000 by default)
 MAX_ERROR_TEXT = 20_000
+#: Characters of a remote exception's message kept (escaped: it reaches logs, the
+#: status and Events)
+MAX_ERROR_MESSAGE = 1024
 
 
 class SchedulerRPCError(Exception):
@@ -124,18 +129,18 @@ def parse_exception_text(text: str) -> tuple[str, str]:
     the parser do, the answer is two bounded strings."""
     match = re.fullmatch(rf"([\w.]{{1,{MAX_ERROR_NAME}}})\((.*)\)", text, re.DOTALL)
     if match is None:
-        return "", text[:MAX_ERROR_TEXT]
+        return "", describe(text, MAX_ERROR_MESSAGE)
     name, args_text = match.groups()
     if len(args_text) > MAX_ERROR_TEXT:
-        return name, args_text[:MAX_ERROR_TEXT]
+        return name, describe(args_text, MAX_ERROR_MESSAGE)
     try:
         args = ast.literal_eval(f"({args_text},)") if args_text else ()
         message = ", ".join(a if isinstance(a, str) else repr(a) for a in args)
     # What a crafted text can make the parser (or int's repr) raise; it is then
     # shown as it is
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return name, args_text
-    return name, message[:MAX_ERROR_TEXT]
+        return name, describe(args_text, MAX_ERROR_MESSAGE)
+    return name, describe(message, MAX_ERROR_MESSAGE)
 
 
 def tcp_host_port(address: str) -> tuple[str, int]:

@@ -67,6 +67,8 @@ from typing import Any
 import msgpack
 from distributed.protocol.pickle import HIGHEST_PROTOCOL
 
+from dask_memory_operator.untrusted import describe, quoted
+
 #: Bytes of frames one message may announce in its length prelude, all frames
 #: together (a status is a few kB; a large cluster's some 100 kB)
 MAX_MESSAGE_BYTES = 4 * 2**20
@@ -107,6 +109,11 @@ HANDSHAKE = {
 # --- the strict reader --------------------------------------------------------
 
 
+#: Keys of a refused value's path shown, and characters of the whole description
+MAX_PATH_SHOWN = 8
+MAX_DESCRIPTION = 1024
+
+
 class Refused(Exception):
     """What the strict reader refused (``reason``) and where in the message
     (``path``, outermost first)."""
@@ -120,9 +127,14 @@ class Refused(Exception):
         self.path = []
 
     def describe(self) -> str:
+        """One bounded line: the path's keys come from the scheduler (a map key of
+        megabytes must not become a message of megabytes)."""
         if not self.path:
-            return self.reason
-        return self.reason + " at " + "".join(f"[{p!r}]" for p in self.path)
+            return describe(self.reason)
+        where = "".join(f"[{quoted(p)}]" for p in self.path[:MAX_PATH_SHOWN])
+        if len(self.path) > MAX_PATH_SHOWN:
+            where += f"… ({len(self.path)} levels)"
+        return describe(self.reason + " at " + where, MAX_DESCRIPTION)
 
 
 _CONSTANTS: dict[int, Any] = {0xC0: None, 0xC2: False, 0xC3: True}
@@ -325,7 +337,7 @@ class PlainReader:
             if not isinstance(key, str):
                 raise Refused(f"a map key of type {type(key).__name__}")
             if key in out:
-                raise Refused(f"the map key {key!r} twice")
+                raise Refused(f"the map key {quoted(key)} twice")
             if key in PLACEHOLDER_KEYS:
                 # Refused at its key: what it points to is never looked at
                 return self._opaque(key, n, inner, opaque_field)

@@ -206,8 +206,10 @@ def field_errors(e: jsonschema.ValidationError) -> list[FieldError]:
                                f'Invalid value: "{actual}": {where} in body must be of type {wanted}: "{actual}"')]
         case 'maxLength':
             return [FieldError(where, 'FieldValueTooLong', f'Too long: may not be more than {v} bytes')]
-        case 'maxItems':
+        case 'maxItems' | 'maxProperties':  # both field.TooMany (apiextensions' validation.go)
             return [FieldError(where, 'FieldValueTooMany', f'Too many: {len(inst)}: must have at most {v} items')]
+        case 'minProperties':
+            detail = f'{where} in body should have at least {v} properties'  # go-openapi's tooFewProperties
         case 'minimum':
             op = 'greater than' if e.schema.get('exclusiveMinimum') else 'greater than or equal to'
             detail = f'{where} in body should be {op} {v}'

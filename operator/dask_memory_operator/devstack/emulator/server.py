@@ -39,6 +39,9 @@ from .writes import Writes
 _NOT_SERVED_GROUPS = {'authentication.k8s.io', 'authorization.k8s.io'}
 auth_protobuf.register()  # kubectl's protobuf TokenRequest and SelfSubjectAccessReview bodies
 _MAX_REQUESTS = 5_000  # requests kept in kmock's request log (the sandbox runs for hours)
+#: kube-apiserver reads at most this much of a request body (its MaxRequestBodyBytes
+#: default, 3 MiB), not aiohttp's 1 MiB: a 1.3 MB object is taken, as it is there
+MAX_REQUEST_BODY = 3 * 1024 * 1024
 
 
 @attrs.define(kw_only=True)
@@ -199,7 +202,12 @@ class KubeEmulator(Auditing, Authentication, Authorization, Admission, ServiceAc
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         # kmock's own entry point parses every path for its DSL and fails on valid ones
         # (e.g. /api/v1/namespaces); this server parses API paths itself.
-        body = await raw_request.read()
+        raw_request = raw_request.clone(client_max_size=MAX_REQUEST_BODY + 1)
+        try:
+            body = await raw_request.read()
+        except aiohttp.web.HTTPRequestEntityTooLarge:  # as apiserver's limitedReadBody answers
+            error = ApiError(413, 'RequestEntityTooLarge', f'Request entity too large: limit is {MAX_REQUEST_BODY}')
+            return json_response(error.status(), status=413)
         request = rendering.Request(
             id=len(self._requests), raw_request=raw_request, url=raw_request.url,
             method=raw_request.method, params=dict(raw_request.query), headers=dict(raw_request.headers),
@@ -257,7 +265,7 @@ class KubeEmulator(Auditing, Authentication, Authorization, Admission, ServiceAc
         params = request.params
         if method == 'GET' and params.get('watch') in ('true', '1'):
             return await self._watch(request, target)
-        body = load_body(request) if method in ('POST', 'PUT', 'PATCH', 'DELETE') else None
+        body = load_body(request, target.rtype.kind) if method in ('POST', 'PUT', 'PATCH', 'DELETE') else None
         as_table = 'as=Table' in request.headers.get('Accept', '')
         ctype = request.headers.get('Content-Type', '').split(';')[0].strip()
         # Mutating admission webhooks: called outside the lock (they may take seconds).
