@@ -206,9 +206,9 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
 
 
 def operator_argv() -> list[str]:
-    """This project's operator as the sandbox runs it (Service clusterIPs are local)."""
+    """This project's operator as the sandbox runs it (pod IPs are local)."""
     return [sys.executable, "-m", "dask_memory_operator.cli", "run", "--verbose",
-            "--scheduler-access", "cluster-ip", "--resync-interval", "1"]
+            "--scheduler-access", "pod-ip", "--resync-interval", "1"]
 
 
 #: Namespaces labelled so are the only ones the benchmark's webhook configuration

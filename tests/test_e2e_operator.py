@@ -33,7 +33,6 @@ from contextlib import contextmanager
 import pytest
 import yaml
 from distributed import Client
-from kr8s.asyncio.objects import Service
 from prometheus_client.parser import text_string_to_metric_families
 
 from amm_core.replicate import replicate
@@ -45,7 +44,7 @@ from dask_memory_operator.devstack.probes import (
     set_pause_fraction,
 )
 from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
-from dask_memory_operator.schedulers.locator import _target_port, comm_port
+from dask_memory_operator.schedulers.locator import SchedulerLocator
 
 MATCHING, OTHER = "matching", "other"
 AMM_OFF = {"DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False"}
@@ -58,8 +57,8 @@ OWN_CONFIG = {"running": False, "interval": 2.0, "measure": "optimistic",
               "policies": ["distributed.active_memory_manager.ReduceReplicas"]}
 LABELS = {MATCHING: {"team": "analytics"}, OTHER: {}}
 #: the operator as the shared clusters' tests run it; dotted amm_core paths allowed
-OPERATOR_ARGS = ["--scheduler-access", "cluster-ip", "--resync-interval", "1", "--rpc-timeout", "2",
-                 "--allow-policy-class", "amm_core.*"]
+OPERATOR_ARGS = ["--scheduler-access", "pod-ip", "--resync-interval", "1", "--rpc-timeout", "2",
+                 "--allow-policy-class", "amm_core.**"]
 
 
 # --- fixtures ------------------------------------------------------------------
@@ -481,7 +480,7 @@ def test_restart_with_a_narrower_allowlist_restores_nothing(stack: LocalStack, f
                                 policies=[{"class": "amm_core.rebalance.Rebalance"}]), namespace=ns)
     wait_amm(stack, ns, OTHER, running=True, interval=1.0, policies=["amm_core.rebalance.Rebalance"])
     stack.stop_process("dask-memory-operator")
-    narrower = [a for a in OPERATOR_ARGS if a not in ("--allow-policy-class", "amm_core.*")]
+    narrower = [a for a in OPERATOR_ARGS if a not in ("--allow-policy-class", "amm_core.**")]
     start_operator(stack, metrics_port, *narrower)
     try:
         policy = wait_status(stack, ns, "dotted", _invalid, "Invalid under the narrower allowlist")
@@ -537,15 +536,15 @@ def test_changes_made_while_the_operator_is_down_are_applied_on_restart(stack: L
 
 
 def test_port_forward_targets_the_pods_port(stack: LocalStack, clusters: str, monkeypatch):
-    """`--scheduler-access port-forward` forwards to the pod's port behind tcp-comm
-    (the emulator cannot stream a port-forward; the lookup of the port is checked)."""
+    """`--scheduler-access port-forward` forwards to the scheduler pod's tcp-comm port
+    (the emulator cannot stream a port-forward; the lookup of pod and port is checked)."""
     monkeypatch.setenv("KUBECONFIG", str(stack.kubeconfig))
 
-    async def target() -> int:
-        service = await Service.get(f"{MATCHING}-scheduler", namespace=clusters)
-        return await _target_port(service, comm_port(service.raw))
+    async def target() -> tuple[str, int]:
+        pod, port = await SchedulerLocator("port-forward").scheduler_pod(clusters, MATCHING)
+        return pod["metadata"]["labels"]["dask.org/cluster-name"], port
 
-    assert asyncio.run(target()) == 8786
+    assert asyncio.run(target()) == (MATCHING, 8786)
 
 
 def test_restarted_scheduler_is_configured_again(stack: LocalStack, fresh: str):

@@ -619,6 +619,36 @@ async def test_schema_validation_defaults_and_pruning(widgets: Http) -> None:
 # ---------------------------------------------------------------- services & tables
 
 
+async def test_endpointslices_are_served(http: Http) -> None:
+    """discovery.k8s.io/v1 EndpointSlices, as the local stack's endpoint controller and
+    kube-proxy (and a tenant writing one by hand) use them: create, list by the
+    service-name label, delete, with the API server's status codes; a Service's
+    deletion takes the slices it owns."""
+    slices = '/apis/discovery.k8s.io/v1/namespaces/default/endpointslices'
+    status, svc = await http.post(SERVICES, {'metadata': {'name': 'web'}, 'spec': {'ports': [{'port': 80}]}})
+    body = {'apiVersion': 'discovery.k8s.io/v1', 'kind': 'EndpointSlice',
+            'metadata': {'generateName': 'web-', 'labels': {'kubernetes.io/service-name': 'web'},
+                         'ownerReferences': [{'apiVersion': 'v1', 'kind': 'Service', 'name': 'web',
+                                              'uid': svc['metadata']['uid'], 'controller': True}]},
+            'addressType': 'IPv4', 'ports': [{'name': '', 'port': 80, 'protocol': 'TCP'}],
+            'endpoints': [{'addresses': ['127.2.0.9'], 'conditions': {'ready': True}}]}
+    status, made = await http.post(slices, body)
+    assert status == 201 and made['metadata']['name'].startswith('web-')
+    status, listed = await http.get(slices, labelSelector='kubernetes.io/service-name=web')
+    assert status == 200 and [i['metadata']['name'] for i in listed['items']] == [made['metadata']['name']]
+    status, err = await http.post(slices, {**body, 'metadata': {'name': made['metadata']['name']}})
+    assert status == 409 and err['reason'] == 'AlreadyExists'
+    status, err = await http.post(slices, {k: v for k, v in body.items() if k != 'addressType'})
+    assert status == 422
+    status, _ = await http.delete(f'{SERVICES}/web')
+    for _ in range(100):  # the garbage collector runs in the background
+        status, _ = await http.get(f'{slices}/{made["metadata"]["name"]}')
+        if status == 404:
+            break
+        await asyncio.sleep(0.05)
+    assert status == 404
+
+
 async def test_service_cluster_ip(http: Http) -> None:
     svc = {'metadata': {'name': 's'}, 'spec': {'ports': [{'name': 'tcp-comm', 'port': 8786}]}}
     ports = {'ports': [{'port': 80}]}  # a Service that is not headless needs ports

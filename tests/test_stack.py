@@ -4,7 +4,8 @@ A DaskCluster applied with kubectl to the emulated API is turned by the real
 dask-kubernetes operator into Deployments and a Service, and by the process kubelet
 into `dask scheduler`/`dask worker` processes on this machine. These tests check
 what the project's own end-to-end tests rely on: the scheduler is reachable at the
-Service's clusterIP, workers are named after their Deployments, scaling through the
+Service's clusterIP (through its EndpointSlice, which the kubelet's endpoint controller
+writes, and the kubelet's userspace kube-proxy) and at its own pod IP, workers are named after their Deployments, scaling through the
 DaskWorkerGroup works both ways (down by dask-kubernetes retiring workers through
 the scheduler), a crashed scheduler is restarted, deletion ends the processes, and
 stopping the stack leaves nothing running.
@@ -13,6 +14,7 @@ stopping the stack leaves nothing running.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -140,8 +142,18 @@ def test_daskcluster_lifecycle(stack, namespace):
         cluster_ip = address.removeprefix("tcp://").rsplit(":", 1)[0]
         assert ipaddress.ip_address(cluster_ip) in ipaddress.ip_network(stack.service_cidr)
         scheduler = stack.wait_for(lambda: _scheduler_pod(stack, namespace, "demo"), 30, "the scheduler pod")
-        assert scheduler["status"]["podIP"] == cluster_ip
+        pod_ip = scheduler["status"]["podIP"]
+        assert ipaddress.ip_address(pod_ip) in ipaddress.ip_network(stack.pod_cidr)
         assert scheduler["metadata"]["ownerReferences"][0]["kind"] == "Deployment"
+        # the Service's slice, as the EndpointSlice controller writes it
+        [eps] = json.loads(stack.kubectl("get", "endpointslices", "-n", namespace, "-l",
+                                         "kubernetes.io/service-name=demo-scheduler", "-o", "json").stdout)["items"]
+        assert eps["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] == "endpointslice-controller.k8s.io"
+        assert eps["metadata"]["ownerReferences"][0]["name"] == "demo-scheduler"
+        assert [e["addresses"] for e in eps["endpoints"]] == [[pod_ip]]
+        assert {p["name"]: p["port"] for p in eps["ports"]} == {"tcp-comm": 8786, "http-dashboard": 8787}
+        with Client(f"tcp://{pod_ip}:8786", timeout="30s") as direct:
+            assert direct.scheduler_info()["address"] == client.scheduler_info()["address"]
 
         # Dask worker names are the worker Deployments' names (--name $(DASK_WORKER_NAME)).
         stack.wait_for(lambda: len(_worker_names(client)) == 2, 30, "2 workers")
@@ -222,7 +234,7 @@ def test_killed_scheduler_is_restarted(stack, namespace):
         assert client.submit(lambda x: x + 1, 1).result() == 2
         client.close()
 
-        # A deleted scheduler pod is replaced by one on the same clusterIP.
+        # A deleted scheduler pod is replaced; the Service leads to the new one.
         old = pod["metadata"]["name"]
         stack.kubectl("delete", "pod", old, "-n", namespace, "--wait=false")
         pod = stack.wait_for(
@@ -230,8 +242,8 @@ def test_killed_scheduler_is_restarted(stack, namespace):
             and _ready(p) and p,
             60, "a new scheduler pod",
         )
-        assert pod["status"]["podIP"] == stack.scheduler_address(namespace, "crash").removeprefix("tcp://").rsplit(":", 1)[0]
         client = _connect(stack, namespace, "crash", 1)
+        assert client.scheduler_info()["address"] == f"tcp://{pod['status']['podIP']}:8786"
         assert _worker_names(client) == [name]
     finally:
         client.close()

@@ -12,7 +12,7 @@ become real processes on this machine:
   process for its container. ``.status`` of the Deployment (replicas, readyReplicas,
   availableReplicas, updatedReplicas, observedGeneration) is kept up to date. A
   change of the pod template replaces the pods (the ``Recreate`` strategy: the
-  old pods are gone before the new ones start, as they would bind the same address).
+  old pods are gone before the new ones start, so that a scheduler never runs twice).
 - Pods made by others (no Deployment controls them: a bare Pod, a ``helm test`` hook,
   a DaskJob's runner) are run too, when not bound to another node and not finished.
   There is no scheduler and the API has no ``pods/binding``, so they stay unbound:
@@ -50,21 +50,31 @@ Networking without network namespaces: every pod gets a pod IP on loopback from
 127.2.0.0/16 (a /24 of it per stack, see stack.py) and Dask is told to listen there
 (``--host`` is replaced or added, ``--dashboard-address`` is moved to the pod IP
 keeping its port); in other containers' args ``0.0.0.0`` (all of the pod's addresses
-in a pod's own network namespace) becomes the pod IP. A pod selected by a Service gets the Service's clusterIP
-(allocated by the API server from 127.1.0.0/16) as its pod IP, so a scheduler binds
-``<clusterIP>:8786`` and its dashboard ``<clusterIP>:8787`` and the Service's
-address reaches it directly. Only one pod can hold a clusterIP; when several
-Services select a pod, it holds the one :func:`_holding_preference` picks. A
-scheduler pod (label ``dask.org/component=scheduler``) waits a few seconds for its
-Service, which dask-kubernetes creates right after the Deployment, and a pod that
-replaces one holding a clusterIP waits until the old one is gone. Every other
-Service port (another Service of the same pod, ``port`` != ``targetPort``, the
-second replica) is served by a userspace kube-proxy (:mod:`.proxy`) that forwards
-``clusterIP:port`` to a ready pod's ``podIP:targetPort`` (numeric or a named
-container port), the endpoints being this kubelet's ready pods that the Service
-selects. Names resolve through :mod:`dask_memory_operator.devstack.dns`: the
-kubelet writes the hosts file of all Services and starts every process with that
-resolver installed.
+in a pod's own network namespace) becomes the pod IP. Services are reached as in a
+cluster, through EndpointSlices:
+
+- An endpoint controller (what kube-controller-manager's EndpointSlice controller
+  does) writes, for each Service with a selector, the ``discovery.k8s.io/v1``
+  EndpointSlices of the pods it selects in its namespace: labels
+  ``kubernetes.io/service-name`` and ``endpointslice.kubernetes.io/managed-by:
+  endpointslice-controller.k8s.io``, owned by the Service, one slice per set of
+  resolved ports (a named ``targetPort`` is resolved per pod), each endpoint with the
+  pod's IP, its ``ready``/``serving``/``terminating`` conditions and ``targetRef``.
+  Slices it does not manage (written by hand) are left alone; slices it manages are
+  brought back when changed or deleted.
+- A userspace kube-proxy (:mod:`.proxy`) serves every Service's ``clusterIP:port``
+  (allocated by the API server from 127.1.0.0/16) and forwards each connection to a
+  ready endpoint of ALL the slices labelled with the Service's name, hand-written
+  ones included, as kube-proxy does.
+- Names resolve through :mod:`dask_memory_operator.devstack.dns`: the kubelet writes
+  the hosts file of all Services (name -> clusterIP) and starts every process with
+  that resolver installed.
+
+Approximated: the controller reads readiness from the Pod objects, and a pod this
+kubelet is stopping (scale-down, template change) counts as terminating at once (in a
+cluster the ReplicaSet's delete sets its deletionTimestamp); slices hold up to 100
+endpoints and are rewritten whole (no batching or ``endpointslice.kubernetes.io/
+skip-mirror``); Endpoints (v1) objects are not written.
 
 A worker in a pod sees its cgroup memory limit; here ``resources.limits.memory``
 becomes ``--memory-limit`` unless the args give one.
@@ -111,12 +121,12 @@ from typing import Any
 import httpx
 import kr8s
 import kr8s.asyncio
-from kr8s.asyncio.objects import ConfigMap, Deployment, Pod, Secret, Service
+from kr8s.asyncio.objects import ConfigMap, Deployment, Pod, Secret, Service, new_class
 from kubernetes.utils.quantity import parse_quantity
 
 from dask_memory_operator.devstack import dns
 from dask_memory_operator.devstack import volumes as pod_volumes
-from dask_memory_operator.devstack.proxy import Address, Endpoints, UserspaceProxy
+from dask_memory_operator.devstack.proxy import SERVICE_NAME_LABEL, UserspaceProxy, service_ports
 
 logger = logging.getLogger("dask_memory_operator.kubelet")
 
@@ -134,8 +144,12 @@ OPERATOR_SCRIPT = str(BIN_DIR / "dask-memory-operator")
 BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 0.5, 10.0, 10.0
 #: Seconds before a deleted pod is replaced (see Kubelet._on_pod_event).
 REPLACE_DELAY = 0.5
-#: Label of dask-kubernetes' scheduler pods, whose Service comes right after them.
-SCHEDULER_LABEL = ("dask.org/component", "scheduler")
+#: The endpoint controller's slices: who manages them, and their kind.
+MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
+CONTROLLER_NAME = "endpointslice-controller.k8s.io"
+EndpointSlice = new_class("EndpointSlice", version="discovery.k8s.io/v1", namespaced=True)
+#: Endpoints per slice, as the controller's --max-endpoints-per-slice default.
+MAX_ENDPOINTS_PER_SLICE = 100
 
 _PR_SET_PDEATHSIG = 1
 
@@ -287,16 +301,6 @@ def template_hash(template: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _holding_preference(svc: Mapping[str, Any]) -> tuple[bool, str, str]:
-    """Which of several Services selecting a pod gives it its clusterIP: one with a port
-    whose numeric targetPort differs from it first, then the oldest (every other port
-    is proxied either way)."""
-    remapped = any(isinstance(p.get("targetPort"), int) and p["targetPort"] != p.get("port")
-                   for p in (svc.get("spec") or {}).get("ports") or [])
-    meta = svc["metadata"]
-    return not remapped, meta.get("creationTimestamp") or "", meta["name"]
-
-
 def deployment_conditions(deployment: Mapping[str, Any], updated: int, ready: int,
                           old: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``Available`` and ``Progressing`` as the Deployment controller sets them
@@ -372,6 +376,22 @@ def pod_from_deployment(deployment: Mapping[str, Any]) -> dict[str, Any]:
         },
         "spec": spec,
     }
+
+
+def _pod_port(pod: Mapping[str, Any], port: int | str) -> int | None:
+    """A numeric port, or the containerPort of that name in any of the pod's containers."""
+    if isinstance(port, int) or str(port).isdigit():
+        return int(port)
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for p in container.get("ports") or []:
+            if p.get("name") == port:
+                return int(p["containerPort"])
+    return None
+
+
+def _owned_by(item: Mapping[str, Any], owner: Mapping[str, Any]) -> bool:
+    return any(ref.get("uid") == owner["metadata"]["uid"] and ref.get("controller")
+               for ref in item["metadata"].get("ownerReferences") or [])
 
 
 def made_by_deployment(pod: Mapping[str, Any]) -> bool:
@@ -913,19 +933,18 @@ class Kubelet:
     server: str
     #: Whether the API serves TokenRequest (serviceaccounts/token): pods get credentials.
     token_requests: bool
-    #: Service ports no pod serves on the clusterIP itself.
+    #: Every EndpointSlice by uid (all namespaces, whoever wrote it): the proxy's endpoints.
+    slices: dict[str, dict[str, Any]]
+    #: Every Service's clusterIP ports, to the endpoints of its slices.
     proxy: UserspaceProxy
     #: Pod IPs in use, and the pod that holds each.
     ips_in_use: dict[str, PodRunner]
-    #: How long a scheduler pod waits for its Service before taking a pod IP.
-    service_wait: float
     #: Where pod IPs come from.
     pod_cidr: ipaddress.IPv4Network
     #: Set by SIGTERM.
     shutting_down: bool
 
-    def __init__(self, api: Any, state_dir: Path, log_dir: Path, *, service_wait: float = 10.0,
-                 pod_cidr: str = POD_CIDR):
+    def __init__(self, api: Any, state_dir: Path, log_dir: Path, *, pod_cidr: str = POD_CIDR):
         self.api = api
         self.state_dir = state_dir
         self.log_dir = log_dir
@@ -938,13 +957,13 @@ class Kubelet:
         self.server = str(getattr(getattr(api, "auth", None), "server", "") or "")
         self.token_requests = False
         self.proxy = UserspaceProxy()
+        self.slices = {}
+        self._stopping_uids: set[str | None] = set()
         self.ips_in_use = {}
-        self.service_wait = service_wait
         self.pod_cidr = ipaddress.ip_network(pod_cidr)
         self.shutting_down = False
         self._wake = asyncio.Event()
         self._hosts_written: list[tuple[str, str, str]] | None = None
-        self._pending_scheduler_since: dict[str, float] = {}
         #: Deployment uid -> loop time before which a deleted pod is not replaced.
         self._replace_not_before: dict[str, float] = {}
 
@@ -1049,29 +1068,6 @@ class Kubelet:
 
     # -- reconciling -----------------------------------------------------------
 
-    def _service_ip_for(self, labels: Mapping[str, str], namespace: str) -> tuple[str | None, bool]:
-        """The clusterIP a new pod with these labels takes, if any; and whether it must
-        wait for it (held by a pod that is ending: a restarted scheduler must come back
-        on its Service's address).
-
-        Of the Services selecting the pod (in the order of _holding_preference), the
-        first whose clusterIP no pod holds and that selects no other live pod: the
-        second replica of a Deployment gets a pod IP behind the proxy, rather than take
-        a second Service's address and with it all of that Service's connections."""
-        live = [r for r in self.all_runners()
-                if r.namespace == namespace and not r.stopping.is_set() and r.finished is None and r.failure is None]
-        for svc in sorted(self.services.values(), key=_holding_preference):
-            ip = svc.get("spec", {}).get("clusterIP")
-            selector = svc["spec"].get("selector")
-            if svc["metadata"]["namespace"] != namespace or not ip or ip == "None" or not selects(selector, labels):
-                continue
-            holder = self.ips_in_use.get(ip)
-            if holder is not None and holder.stopping.is_set():
-                return None, True  # reconciled again when that pod is done
-            if holder is None and not any(selects(selector, r.labels) for r in live):
-                return ip, False
-        return None, False
-
     def _allocate_ip(self) -> str:
         for host in self.pod_cidr.hosts():
             ip = str(host)
@@ -1099,10 +1095,7 @@ class Kubelet:
                 or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
             ):
                 continue
-            ip, ending = self._service_ip_for(meta.get("labels") or {}, meta["namespace"])
-            if ending:
-                continue  # reconciled again when that pod is done
-            runner = PodRunner(self, json.loads(json.dumps(pod)), ip or self._allocate_ip())
+            runner = PodRunner(self, json.loads(json.dumps(pod)), self._allocate_ip())
             self.ips_in_use[runner.ip] = runner
             self.bare[uid] = runner
             logger.info("running pod %s/%s (made by others)", runner.namespace, runner.name)
@@ -1121,45 +1114,119 @@ class Kubelet:
             if runner.done.is_set() or runner.finished is not None or runner.failure is not None:
                 del self.ips_in_use[ip]
 
-    # -- the proxy -------------------------------------------------------------
+    # -- the endpoint controller ------------------------------------------------
 
-    def endpoints(self, svc: Mapping[str, Any], target: int | str) -> list[Address]:
-        """Ready, not terminating pods of this kubelet selected by the Service, at the
-        target port (a named one resolved per pod, as the endpoints controller does)."""
-        selector = svc["spec"].get("selector")
-        found = []
-        for runner in self.all_runners():
-            if (runner.namespace == svc["metadata"]["namespace"] and runner.ready
-                    and not runner.stopping.is_set() and selects(selector, runner.labels)):
-                port = runner.port_number(target)
-                if port is not None:
-                    found.append((runner.ip, port))
-        return sorted(found)
+    def _pod_endpoint(self, pod: Mapping[str, Any]) -> dict[str, Any] | None:
+        """A pod as an EndpointSlice endpoint, None when it has no IP or has ended."""
+        meta, status = pod["metadata"], pod.get("status") or {}
+        if not status.get("podIP") or status.get("phase") in ("Succeeded", "Failed"):
+            return None
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or ())
+        terminating = bool(meta.get("deletionTimestamp")) or meta.get("uid") in self._stopping_uids
+        return {
+            "addresses": [status["podIP"]],
+            "conditions": {"ready": ready and not terminating, "serving": ready, "terminating": terminating},
+            "nodeName": (pod.get("spec") or {}).get("nodeName") or NODE_NAME,
+            "targetRef": {"kind": "Pod", "namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]},
+        }
 
-    def _proxied_ports(self) -> dict[Address, tuple[str, Endpoints]]:
-        """Every TCP port of every Service with a selector, a clusterIP and a ready
-        endpoint, but those the pod holding the clusterIP serves itself (targetPort
-        equal to port). Without an endpoint there is no listener: a client is refused,
-        as kube-proxy's iptables mode rejects it, and takes that for "not up yet"
-        (a scheduler's Service is seen a moment before its pod takes the address)."""
-        wanted: dict[Address, tuple[str, Endpoints]] = {}
-        for svc in self.services.values():
-            spec = svc.get("spec") or {}
-            ip = spec.get("clusterIP")
-            if not ip or ip == "None" or not spec.get("selector"):
+    def _wanted_slices(self, svc: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The slices' contents (ports, endpoints) a Service with a selector gets: its
+        pods grouped by their resolved ports, as the EndpointSlice controller does."""
+        spec = svc.get("spec") or {}
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for pod in self.pods.values():
+            if pod["metadata"].get("namespace") != svc["metadata"]["namespace"] \
+                    or not selects(spec.get("selector"), pod["metadata"].get("labels") or {}):
                 continue
-            holder = self.ips_in_use.get(ip)
-            name = f"{svc['metadata']['namespace']}/{svc['metadata']['name']}"
+            endpoint = self._pod_endpoint(pod)
+            if endpoint is None:
+                continue
+            ports = []
             for entry in spec.get("ports") or []:
-                if entry.get("protocol", "TCP") != "TCP":
-                    continue
-                port, target = int(entry["port"]), entry.get("targetPort", entry["port"])
-                if holder is not None and holder.port_number(target) == port:
-                    continue
-                if not self.endpoints(svc, target):
-                    continue
-                wanted[(ip, port)] = (name, lambda svc=svc, target=target: self.endpoints(svc, target))
+                target = entry.get("targetPort", entry["port"])
+                number = _pod_port(pod, target)
+                if number is not None:
+                    ports.append((entry.get("name") or "", number, entry.get("protocol", "TCP")))
+            groups.setdefault(tuple(ports), []).append(endpoint)
+        if not groups:
+            # A Service without endpoints still has its (empty) slice.
+            groups[()] = []
+        wanted = []
+        for ports, endpoints in sorted(groups.items()):
+            endpoints.sort(key=lambda e: e["targetRef"]["name"])
+            for i in range(0, max(len(endpoints), 1), MAX_ENDPOINTS_PER_SLICE):
+                wanted.append({
+                    "addressType": "IPv4",
+                    "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports],
+                    "endpoints": endpoints[i:i + MAX_ENDPOINTS_PER_SLICE],
+                })
         return wanted
+
+    async def _sync_endpoint_slices(self) -> None:
+        """Make the managed slices of every Service with a selector what its pods say;
+        delete managed slices of Services gone or without a selector. Slices written by
+        others are never touched (kube-proxy still follows them)."""
+        services = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in self.services.values()}
+        self._stopping_uids = {r.uid for r in self.all_runners() if r.stopping.is_set()}
+        managed: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for item in list(self.slices.values()):
+            labels = item["metadata"].get("labels") or {}
+            if labels.get(MANAGED_BY_LABEL) == CONTROLLER_NAME and SERVICE_NAME_LABEL in labels:
+                managed.setdefault((item["metadata"]["namespace"], labels[SERVICE_NAME_LABEL]), []).append(item)
+        for key in set(services) | set(managed):
+            svc = services.get(key)
+            have = sorted(managed.get(key, []), key=lambda i: i["metadata"]["name"])
+            if svc is None or not (svc.get("spec") or {}).get("selector") or svc["metadata"].get("deletionTimestamp"):
+                wanted: list[dict[str, Any]] = []
+            else:
+                wanted = self._wanted_slices(svc)
+            for i, body in enumerate(wanted):
+                if i < len(have):
+                    current = have[i]
+                    if all(current.get(k) == v for k, v in body.items()) and svc is not None \
+                            and _owned_by(current, svc):
+                        continue
+                    await self._write_slice("PATCH", key[0], current["metadata"]["name"], body, svc)
+                else:
+                    await self._write_slice("POST", key[0], None, body, svc)
+            for extra in have[len(wanted):]:
+                await self._write_slice("DELETE", key[0], extra["metadata"]["name"], None, svc)
+
+    async def _write_slice(self, verb: str, namespace: str, name: str | None,
+                           body: dict[str, Any] | None, svc: Mapping[str, Any] | None) -> None:
+        """One write of a managed slice; its answer goes into the cache at once, so that
+        the next pass does not write it again before the watch tells."""
+        if body is not None and svc is not None:
+            meta = svc["metadata"]
+            body = {
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {
+                    "labels": {SERVICE_NAME_LABEL: meta["name"], MANAGED_BY_LABEL: CONTROLLER_NAME},
+                    "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": meta["name"],
+                                         "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}],
+                    **({"generateName": f"{meta['name']}-"} if name is None else {}),
+                },
+                **body,
+            }
+        url = "endpointslices" if name is None else f"endpointslices/{name}"
+        headers = {"Content-Type": "application/merge-patch+json"} if verb == "PATCH" else None
+        try:
+            async with self.api.call_api(verb, version="discovery.k8s.io/v1", base="/apis", namespace=namespace,
+                                         url=url, json=body, headers=headers) as resp:
+                answer = resp.json()
+        except kr8s.ServerError as exc:
+            if exc.response is not None and exc.response.status_code in (404, 409):
+                self.changed()  # gone or changed meanwhile: the watch tells, the next pass fixes
+                return
+            raise
+        if verb == "DELETE":
+            # in place: the watch and the proxy hold this very dict
+            for uid in [u for u, i in self.slices.items()
+                        if (i["metadata"].get("namespace"), i["metadata"].get("name")) == (namespace, name)]:
+                del self.slices[uid]
+        elif answer.get("kind") == "EndpointSlice":
+            self.slices[answer["metadata"]["uid"]] = answer
 
     async def reconcile(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1189,28 +1256,13 @@ class Kubelet:
             if loop.time() < self._replace_not_before.get(uid, 0):
                 pass
             elif len(active) < wanted and not any(r.template_hash != current for r in runners):
-                labels = (deployment["spec"]["template"].get("metadata") or {}).get("labels") or {}
                 for _ in range(wanted - len(active)):
-                    ip, ending = self._service_ip_for(labels, deployment["metadata"]["namespace"])
-                    if ending:
-                        break  # reconciled again when that pod is done
-                    if ip is None and self._waits_for_service(deployment):
-                        since = self._pending_scheduler_since.setdefault(uid, loop.time())
-                        if loop.time() - since < self.service_wait:
-                            loop.call_later(0.5, self.changed)
-                            break
-                        logger.warning("no Service selects %s: it gets a pod IP", deployment["metadata"]["name"])
-                    self._pending_scheduler_since.pop(uid, None)
-                    self._start_pod(deployment, ip or self._allocate_ip())
+                    self._start_pod(deployment, self._allocate_ip())
             await self._update_deployment_status(deployment)
         self._start_bare_pods()
-        # After the pods: a pod that now holds a clusterIP binds its ports itself.
-        if not await self.proxy.sync(self._proxied_ports()):
+        await self._sync_endpoint_slices()
+        if not await self.proxy.sync(service_ports(list(self.services.values()), self.slices)):
             loop.call_later(1.0, self.changed)
-
-    def _waits_for_service(self, deployment: dict[str, Any]) -> bool:
-        labels = (deployment["spec"]["template"].get("metadata") or {}).get("labels") or {}
-        return labels.get(SCHEDULER_LABEL[0]) == SCHEDULER_LABEL[1]
 
     def _write_hosts(self) -> None:
         entries = sorted(
@@ -1299,17 +1351,19 @@ class Kubelet:
         await self._delete_stale_pods()
         self._clean_pod_dirs()
         self.token_requests = await self._serves_token_requests()
-        services_listed = asyncio.Event()
+        services_listed, pods_listed, slices_listed = asyncio.Event(), asyncio.Event(), asyncio.Event()
         tasks = [
             asyncio.create_task(self._list_watch(Service, self.services, listed=services_listed)),
-            asyncio.create_task(self._list_watch(Pod, self.pods, self._on_pod_event)),
+            asyncio.create_task(self._list_watch(Pod, self.pods, self._on_pod_event, listed=pods_listed)),
+            asyncio.create_task(self._list_watch(EndpointSlice, self.slices, listed=slices_listed)),
             asyncio.create_task(self._list_watch(
                 Secret, None, lambda event, obj: self._on_volume_source_event("secret", event, obj))),
             asyncio.create_task(self._list_watch(
                 ConfigMap, None, lambda event, obj: self._on_volume_source_event("configmap", event, obj))),
         ]
-        # Services first, so that a scheduler finds its clusterIP at the first reconcile.
-        await services_listed.wait()
+        # The endpoint controller writes slices from what it has seen: it must have seen
+        # the Services, Pods and existing slices (else it would write duplicates).
+        await asyncio.gather(services_listed.wait(), pods_listed.wait(), slices_listed.wait())
         tasks.append(asyncio.create_task(self._list_watch(Deployment, self.deployments)))
         tasks.append(asyncio.create_task(self._reconcile_loop()))
         if ready_file is not None:
@@ -1339,7 +1393,7 @@ async def amain(args: argparse.Namespace) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     log_dir = Path(args.log_dir).resolve() if args.log_dir else state_dir / "pods"
     api = await kr8s.asyncio.api(kubeconfig=args.kubeconfig)
-    kubelet = Kubelet(api, state_dir, log_dir, service_wait=args.service_wait, pod_cidr=args.pod_cidr)
+    kubelet = Kubelet(api, state_dir, log_dir, pod_cidr=args.pod_cidr)
     loop = asyncio.get_running_loop()
     main = asyncio.create_task(kubelet.run(ready_file=state_dir / "kubelet.ready"))
     stop = asyncio.Event()
@@ -1359,8 +1413,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-dir", required=True, help="working directory, hosts file, ready marker")
     parser.add_argument("--log-dir", help="one log file per pod (default: <state-dir>/pods)")
     parser.add_argument("--pod-cidr", default=POD_CIDR, help="pod IPs (on loopback)")
-    parser.add_argument("--service-wait", type=float, default=10.0,
-                        help="seconds a scheduler pod waits for its Service")
     parser.add_argument("--shutdown-grace", type=float, default=5.0,
                         help="seconds between SIGTERM and SIGKILL of the pods when the kubelet stops")
     parser.add_argument("--log-level", default="INFO")

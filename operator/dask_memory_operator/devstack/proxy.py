@@ -1,28 +1,31 @@
-"""A userspace kube-proxy for the process kubelet: Service clusterIP:port to pod IP:targetPort.
+"""A userspace kube-proxy for the process kubelet: Service clusterIP:port to its EndpointSlices' endpoints.
 
 In a cluster, kube-proxy makes a Service's ``clusterIP:port`` reach one of its ready
-endpoints' ``podIP:targetPort``. Its first implementation, the userspace mode,
-did it with a listening socket per Service port and a copy loop per connection, in
-round robin over the endpoints; that is what this module does, on loopback.
+endpoints. Its first implementation, the userspace mode, did it with a listening
+socket per Service port and a copy loop per connection, in round robin over the
+endpoints; that is what this module does, on loopback.
 
-The process kubelet lets one pod selected by a Service take the Service's clusterIP
-as its pod IP (a dask scheduler binds ``<clusterIP>:8786`` itself; see kubelet.py).
-Every other Service port gets a listener here: Services whose clusterIP another
-Service's pod holds (the operator's metrics Service next to its webhook Service), a
-port whose ``targetPort`` differs from ``port`` (443 to 9443), Services with several
-pods. The kubelet tells :meth:`UserspaceProxy.sync` which ``(clusterIP, port)`` to
-serve and, per listener, a function giving the current endpoints; it is called for
-each new connection, so the proxy follows pods as they come, go, and become ready.
+The endpoints are kube-proxy's: those of EVERY EndpointSlice of the Service's
+namespace labelled ``kubernetes.io/service-name: <service>``, whoever wrote it (the
+endpoint controller for a Service with a selector, see kubelet.py, or anyone by hand,
+for a Service with or without a selector), each Service port matched to the slice's
+port of the same name, an endpoint used unless its ``conditions.ready`` is false. So a
+slice written by hand that points at another namespace's pod IP is followed here as in
+a real cluster (the CVE-2021-25740 class, which the operator's locator must not fall
+for). Pods never hold a clusterIP: every Service port with a clusterIP is served here
+(:func:`service_ports`), and the endpoints are looked up from the kubelet's watched
+slices for each new connection, so the proxy follows pods as they come, go, and
+become ready.
 
-A Service port without a ready endpoint gets no listener (the kubelet leaves it out
-of ``sync``), so connections are refused, as kube-proxy's iptables mode rejects
-them (the userspace mode accepted and closed them; clients such as Dask's take a
-refusal for "not up yet" and retry, a reset for a failure); between the last
-endpoint going and the next ``sync`` a connection is accepted and closed.
+A Service port without a ready endpoint gets no listener, so connections are
+refused, as kube-proxy's iptables mode rejects them (the userspace mode accepted and
+closed them; clients such as Dask's take a refusal for "not up yet" and retry, a
+reset for a failure); between the last endpoint going and the next ``sync`` a
+connection is accepted and closed.
 
-Approximated: TCP only (no UDP or SCTP); no ``sessionAffinity``; endpoints come from
-the kubelet's own pods, not from EndpointSlices (the emulator runs no endpoint
-controller, and there is one node); Services without a selector are not proxied.
+Approximated: TCP only (no UDP or SCTP); IPv4 slices only; no ``sessionAffinity``,
+no ``internalTrafficPolicy``/topology hints, no fallback to serving-terminating
+endpoints; ExternalName and headless Services get nothing (as kube-proxy); one node.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 logger = logging.getLogger("dask_memory_operator.kubelet.proxy")
 
@@ -42,6 +46,58 @@ Endpoints = Callable[[], list[Address]]
 CONNECT_TIMEOUT = 3.0
 #: Bytes per read when copying.
 CHUNK = 256 * 1024
+
+
+#: The label tying an EndpointSlice to its Service, and the port a slice gives to a Service port.
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+def slice_endpoints(namespace: str, service: str, port_name: str,
+                    slices: Iterable[Mapping[str, Any]]) -> list[Address]:
+    """The ready endpoints of one Service port, from every slice labelled with the
+    Service's name in its namespace (kube-proxy's EndpointSliceCache merges them all)."""
+    found: set[Address] = set()
+    for item in slices:
+        meta = item.get("metadata") or {}
+        if meta.get("namespace") != namespace or (meta.get("labels") or {}).get(SERVICE_NAME_LABEL) != service:
+            continue
+        if item.get("addressType") != "IPv4":
+            continue
+        for port in item.get("ports") or ():
+            if (port.get("name") or "") != port_name or port.get("protocol", "TCP") != "TCP" \
+                    or not isinstance(port.get("port"), int):
+                continue
+            for endpoint in item.get("endpoints") or ():
+                if (endpoint.get("conditions") or {}).get("ready") is False:
+                    continue  # unset means ready, as kube-proxy reads it
+                for address in (endpoint.get("addresses") or ())[:1]:
+                    found.add((address, port["port"]))
+    return sorted(found)
+
+
+def service_ports(services: Iterable[Mapping[str, Any]],
+                  slices: Mapping[str, Mapping[str, Any]]) -> dict[Address, tuple[str, Endpoints]]:
+    """Every TCP port of every Service with a clusterIP (not ExternalName, not headless)
+    that has a ready endpoint, with a function giving its endpoints from ``slices`` (a
+    cache kept current by a watch) at call time."""
+    wanted: dict[Address, tuple[str, Endpoints]] = {}
+    for svc in services:
+        spec = svc.get("spec") or {}
+        ip = spec.get("clusterIP")
+        if not ip or ip == "None" or spec.get("type") == "ExternalName":
+            continue
+        namespace, name = svc["metadata"]["namespace"], svc["metadata"]["name"]
+        for entry in spec.get("ports") or []:
+            if entry.get("protocol", "TCP") != "TCP":
+                continue
+            port_name = entry.get("name") or ""
+
+            def endpoints(namespace=namespace, name=name, port_name=port_name) -> list[Address]:
+                return slice_endpoints(namespace, name, port_name, list(slices.values()))
+
+            if endpoints():
+                wanted[(ip, int(entry["port"]))] = (f"{namespace}/{name}", endpoints)
+    return wanted
 
 
 class _Listener:

@@ -37,10 +37,10 @@ GiB = 2**30
 
 
 def operator_argv() -> list[str]:
-    """This operator as the sandbox runs it: Service clusterIPs are local addresses."""
+    """This operator as the sandbox runs it: pod IPs are local addresses."""
     return [
         sys.executable, "-m", "dask_memory_operator.cli", "run",
-        "--scheduler-access", "cluster-ip", "--resync-interval", "2",
+        "--scheduler-access", "pod-ip", "--resync-interval", "2",
     ]
 
 

@@ -22,7 +22,7 @@ from dask_memory_operator.devstack.probes import TaskLedger, task_ledger, worker
 from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
 
 PRELOAD = {"DASK_DISTRIBUTED__SCHEDULER__PRELOAD": "amm_core.plugin"}
-OPERATOR_ARGS = ["--scheduler-access", "cluster-ip", "--resync-interval", "2", "--rpc-timeout", "3"]
+OPERATOR_ARGS = ["--scheduler-access", "pod-ip", "--resync-interval", "2", "--rpc-timeout", "3"]
 OPERATOR = "dask-memory-operator"
 
 

@@ -1,43 +1,102 @@
-"""Finding a DaskCluster's scheduler from wherever the operator runs.
+"""Finding a DaskCluster's scheduler: its own pod, never a name a tenant can redirect.
 
-dask-kubernetes exposes the scheduler through the Service ``{cluster}-scheduler``,
-port ``tcp-comm``. How to reach that Service depends on where the operator runs, and
-the choice is explicit (``--scheduler-access``), never a chain of silent fallbacks:
+dask-kubernetes publishes the scheduler as the Service ``{cluster}-scheduler``, port
+``tcp-comm``. The operator does not go through that Service. Kubernetes routes a
+Service's name and clusterIP to the endpoints of every EndpointSlice labelled
+``kubernetes.io/service-name: <svc>``, and whoever owns the namespace can write such a
+slice by hand, pointing at another namespace's pod IP (the CVE-2021-25740 class): the
+operator would then configure, read and retire the workers of another tenant's
+scheduler. Checking the Service's type and selector does not help; the slices decide.
 
-- ``dns``: in the cluster, through the Service's DNS name.
-- ``cluster-ip``: straight to the Service's clusterIP (the local sandbox, or a
-  laptop with a route into the service network).
-- ``port-forward``: from a laptop, through the API server (kr8s port-forward), one
-  forward per Service, kept open and reused.
-- ``auto``: ``dns`` when running in a pod, ``port-forward`` otherwise.
+So the locator asks the API for the scheduler pod itself and connects to its pod IP:
+
+- the pods of the cluster's namespace labelled ``dask.org/cluster-name=<cluster>``,
+  ``dask.org/component=scheduler`` (one LIST, bounded by ``MAX_SCHEDULER_PODS``), not
+  being deleted, phase Running, condition Ready;
+- owned through the DaskCluster's own objects, as dask-kubernetes and the Deployment
+  controller make them: Pod -> ReplicaSet -> Deployment ``<cluster>-scheduler`` ->
+  DaskCluster ``<cluster>``, each link the owner's controller reference, matched by uid.
+  The local stack's process kubelet makes pods straight from Deployments (no
+  ReplicaSet), so Pod -> Deployment is accepted too; both are objects of the same
+  namespace, so neither admits a pod the other would refuse from another namespace;
+- not ``hostNetwork`` (its "pod IP" is the node's, where anything on the node listens);
+- the port: the container port named ``tcp-comm``, else the Service's ``tcp-comm``
+  ``targetPort`` (a number, or a container port name) on that same pod: the Service
+  may choose the port, never the address.
+
+What is trusted: the API server, and the ``status.podIP`` the node's kubelet writes
+(tenants do not get ``pods/status``). Not trusted: Services, EndpointSlices, DNS, and
+anything else a tenant writes. A tenant's own scheduler pod may of course forward what
+it receives anywhere its network allows; NetworkPolicies keep it from reaching other
+tenants' schedulers.
+
+Reads: each contact lists the cluster's scheduler pods once (as the Service was read
+once before): pod IPs are reused, so a remembered address could by now be another
+tenant's pod. The ownership chain (ReplicaSet, Deployment, DaskCluster: three reads)
+and the port are checked once per scheduler pod (by uid) and kept until
+:meth:`SchedulerLocator.forget`, which the reconciler calls when the scheduler was
+unreachable.
+
+The mode (``--scheduler-access``) is explicit, never a chain of silent fallbacks:
+
+- ``pod-ip``: straight to the pod IP (in the cluster, or wherever pod IPs are
+  routable, as on the local stack).
+- ``port-forward``: from a laptop, through the API server (kr8s port-forward) to that
+  pod, one forward per scheduler pod, kept open and reused.
+- ``auto``: ``pod-ip`` when running in a pod, ``port-forward`` otherwise.
+- ``dns`` and ``cluster-ip`` are the names of the old modes that went through the
+  Service; both are kept so that existing command lines still start, and both now
+  mean ``pod-ip`` (with a warning).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import httpx
+import kr8s
 import kr8s.asyncio
-from kr8s.asyncio.objects import Service
+from kr8s.asyncio.objects import Pod
 
-AccessMode = Literal["auto", "dns", "cluster-ip", "port-forward"]
+logger = logging.getLogger(__name__)
+
+AccessMode = Literal["auto", "pod-ip", "port-forward", "dns", "cluster-ip"]
+#: The modes and what the deprecated names now stand for.
+MODES = ("auto", "pod-ip", "port-forward")
+DEPRECATED_MODES = {"dns": "pod-ip", "cluster-ip": "pod-ip"}
 COMM_PORT_NAME = "tcp-comm"
+#: At most this many pods labelled as one cluster's scheduler are looked at (one
+#: page); more is a namespace's own mess, reported on its cluster.
+MAX_SCHEDULER_PODS = 16
+DASK_GROUP = "kubernetes.dask.org"
 
 
 class SchedulerServiceMissing(LookupError):
-    """The cluster has no scheduler Service (yet), or it has no tcp-comm port."""
+    """The cluster has no running scheduler pod (yet): being created or restarted."""
 
 
 class SchedulerAccessError(RuntimeError):
     """The API server would not tell where the scheduler is (forbidden, unavailable),
-    or a port-forward could not be opened. Degrades one cluster, like an
-    unreachable scheduler."""
+    the only scheduler pods there are cannot be trusted (not owned by the DaskCluster,
+    hostNetwork), or a port-forward could not be opened. Degrades one cluster, like
+    an unreachable scheduler."""
 
 
 def scheduler_service_name(cluster: str) -> str:
     return f"{cluster}-scheduler"
+
+
+def scheduler_deployment_name(cluster: str) -> str:
+    return f"{cluster}-scheduler"
+
+
+#: Labels dask-kubernetes gives a cluster's scheduler pod
+def scheduler_pod_labels(cluster: str) -> dict[str, str]:
+    return {"dask.org/cluster-name": cluster, "dask.org/component": "scheduler"}
 
 
 def comm_port(service: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -49,42 +108,30 @@ def comm_port(service: Mapping[str, Any]) -> Mapping[str, Any]:
     raise SchedulerServiceMissing(f"Service {name} has no port named {COMM_PORT_NAME}")
 
 
-#: Labels dask-kubernetes gives a cluster's scheduler pod; the Service must select them
-def scheduler_pod_labels(cluster: str) -> dict[str, str]:
-    return {"dask.org/cluster-name": cluster, "dask.org/component": "scheduler"}
+def container_port(pod: Mapping[str, Any], port: int | str) -> int | None:
+    """A numeric port as it is, or the containerPort of that name in the pod."""
+    if isinstance(port, int) or str(port).isdigit():
+        return int(port)
+    for container in (pod.get("spec") or {}).get("containers") or ():
+        for entry in container.get("ports") or ():
+            if entry.get("name") == port and isinstance(entry.get("containerPort"), int):
+                return entry["containerPort"]
+    return None
 
 
-def check_routes_to_own_scheduler(service: Mapping[str, Any], cluster: str) -> None:
-    """The Service is written by whoever owns the namespace: it must lead to this
-    cluster's scheduler pods, in its own namespace, and nowhere else. An
-    ExternalName Service, or one without that selector (its endpoints written by
-    hand), could send the operator to another tenant's scheduler."""
-    spec = service.get("spec") or {}
-    name = service.get("metadata", {}).get("name")
-    if spec.get("type") == "ExternalName":
-        raise SchedulerAccessError(f"Service {name} is of type ExternalName: refused")
-    selector = spec.get("selector") or {}
-    wanted = scheduler_pod_labels(cluster)
-    if any(selector.get(k) != v for k, v in wanted.items()):
-        raise SchedulerAccessError(
-            f"Service {name} does not select the cluster's scheduler pods "
-            f"({', '.join(f'{k}={v}' for k, v in wanted.items())}): refused"
-        )
+def controller_ref(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The ownerReference with ``controller: true`` (the API allows at most one)."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or ():
+        if ref.get("controller"):
+            return ref
+    return None
 
 
-async def _target_port(service: Service, port_spec: Mapping[str, Any]) -> int:
-    """The container port behind a Service port (``targetPort`` may name it)."""
-    target = port_spec.get("targetPort", port_spec["port"])
-    if isinstance(target, int) or str(target).isdigit():
-        return int(target)
-    for pod in await service.ready_pods():
-        for container in pod.raw["spec"]["containers"]:
-            for port in container.get("ports") or ():
-                if port.get("name") == target:
-                    return int(port["containerPort"])
-    raise SchedulerServiceMissing(
-        f"no ready pod of Service {service.namespace}/{service.name} has a port named {target}"
-    )
+def _is_running_and_ready(pod: Mapping[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or ())
+    return (status.get("phase") == "Running" and ready and bool(status.get("podIP"))
+            and not (pod.get("metadata") or {}).get("deletionTimestamp"))
 
 
 def in_cluster() -> bool:
@@ -92,64 +139,170 @@ def in_cluster() -> bool:
 
 
 class SchedulerLocator:
-    """Turns (namespace, cluster) into a ``tcp://`` address the operator can reach."""
+    """Turns (namespace, cluster) into a ``tcp://`` address of the cluster's own scheduler pod."""
 
-    mode: AccessMode
-    #: Open port-forwards by (namespace, service name, port), for port-forward mode
-    _forwards: dict[tuple[str, str, int], tuple[Any, int]]
+    mode: Literal["pod-ip", "port-forward"]
+    #: Scheduler pods checked, by (namespace, cluster): (pod uid, pod IP, port).
+    _verified: dict[tuple[str, str], tuple[str, str, int]]
+    #: Open port-forwards by (namespace, cluster): (pod uid, forward, local port).
+    _forwards: dict[tuple[str, str], tuple[str, Any, int]]
 
     def __init__(self, mode: AccessMode = "auto"):
+        if mode in DEPRECATED_MODES:
+            logger.warning("--scheduler-access %s is deprecated: the operator connects to the scheduler "
+                           "pod's own IP (%s), never through its Service", mode, DEPRECATED_MODES[mode])
+            mode = DEPRECATED_MODES[mode]
         if mode == "auto":
-            mode = "dns" if in_cluster() else "port-forward"
+            mode = "pod-ip" if in_cluster() else "port-forward"
+        if mode not in ("pod-ip", "port-forward"):
+            raise ValueError(f"unknown scheduler access mode {mode!r}")
         self.mode = mode
+        self._verified = {}
         self._forwards = {}
+        self._api: tuple[asyncio.AbstractEventLoop, Any] | None = None
 
-    async def _get_service(self, namespace: str, cluster: str) -> Service:
-        name = scheduler_service_name(cluster)
-        try:
-            return await Service.get(name, namespace=namespace)
-        except kr8s.NotFoundError:
-            raise SchedulerServiceMissing(
-                f"Service {namespace}/{name} not found (scheduler not created yet?)"
-            ) from None
-        except (kr8s.ServerError, kr8s.APITimeoutError, httpx.HTTPError, OSError) as e:
-            raise SchedulerAccessError(f"cannot read Service {namespace}/{name}: {e}") from None
+    async def _client(self) -> Any:
+        """kr8s' client for this event loop, kept: ``kr8s.asyncio.api()`` asks the
+        server for its /version at every call, a second read per contact."""
+        loop = asyncio.get_running_loop()
+        if self._api is None or self._api[0] is not loop:
+            self._api = (loop, await kr8s.asyncio.api())
+        return self._api[1]
 
     async def address(self, namespace: str, cluster: str) -> str:
-        service = await self._get_service(namespace, cluster)
-        check_routes_to_own_scheduler(service.raw, cluster)
-        port_spec = comm_port(service.raw)
-        port = int(port_spec["port"])
-        name = service.name
-        if self.mode == "dns":
-            return f"tcp://{name}.{namespace}.svc:{port}"
-        if self.mode == "cluster-ip":
-            ip = service.raw.get("spec", {}).get("clusterIP")
-            if not ip or ip == "None":
-                raise SchedulerServiceMissing(f"Service {namespace}/{name} has no clusterIP")
-            return f"tcp://{ip}:{port}"
-        return f"tcp://127.0.0.1:{await self._forward(service, namespace, port_spec)}"
+        pod, port = await self.scheduler_pod(namespace, cluster)
+        if self.mode == "pod-ip":
+            return f"tcp://{pod['status']['podIP']}:{port}"
+        return f"tcp://127.0.0.1:{await self._forward(namespace, cluster, pod, port)}"
 
-    async def _forward(self, service: Service, namespace: str, port_spec: Mapping[str, Any]) -> int:
-        key = (namespace, service.name, int(port_spec["port"]))
-        if key in self._forwards:
-            return self._forwards[key][1]
+    async def scheduler_pod(self, namespace: str, cluster: str) -> tuple[dict[str, Any], int]:
+        """The cluster's running scheduler pod, owned by its DaskCluster, and the port
+        of its comm; SchedulerServiceMissing when there is none (yet), SchedulerAccessError
+        when the only candidates are refused or the API cannot be read."""
+        key = (namespace, cluster)
+        labels = scheduler_pod_labels(cluster)
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        pods = await self._list("v1", namespace, "pods", {"labelSelector": selector, "limit": MAX_SCHEDULER_PODS},
+                                f"the scheduler pods of DaskCluster {namespace}/{cluster}")
+        candidates = [p for p in pods if all(((p.get("metadata") or {}).get("labels") or {}).get(k) == v
+                                             for k, v in labels.items()) and _is_running_and_ready(p)]
+        # The newest first: during a replacement, the new scheduler is the one to configure.
+        candidates.sort(key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
+        refusals = []
+        for pod in candidates:
+            uid, ip = pod["metadata"].get("uid", ""), pod["status"]["podIP"]
+            known = self._verified.get(key)
+            if known is not None and known[:2] == (uid, ip):
+                return pod, known[2]
+            reason = await self._refusal(namespace, cluster, pod)
+            if reason is None:
+                port = await self._comm_port(namespace, cluster, pod)
+                self._verified[key] = (uid, ip, port)
+                return pod, port
+            refusals.append(f"pod {pod['metadata'].get('name')}: {reason}")
+        self._verified.pop(key, None)
+        if refusals:
+            raise SchedulerAccessError(
+                f"no trusted scheduler pod of DaskCluster {namespace}/{cluster}: " + "; ".join(refusals[:3]))
+        raise SchedulerServiceMissing(
+            f"no running scheduler pod of DaskCluster {namespace}/{cluster} owned by DaskCluster {cluster} "
+            "(scheduler not created or not ready yet?)")
+
+    async def _refusal(self, namespace: str, cluster: str, pod: Mapping[str, Any]) -> str | None:
+        """Why the pod is not the cluster's own scheduler; None when it is."""
+        if (pod.get("spec") or {}).get("hostNetwork"):
+            return "uses hostNetwork (its IP is the node's): refused"
+        ref = controller_ref(pod)
+        if ref is not None and ref.get("kind") == "ReplicaSet" and ref.get("apiVersion") == "apps/v1":
+            replicaset = await self._get("apps/v1", namespace, "replicasets", ref.get("name", ""))
+            if replicaset is None or replicaset["metadata"].get("uid") != ref.get("uid"):
+                return f"its ReplicaSet {ref.get('name')} is gone"
+            ref = controller_ref(replicaset)
+        deployment_name = scheduler_deployment_name(cluster)
+        if ref is None or ref.get("kind") != "Deployment" or ref.get("apiVersion") != "apps/v1" \
+                or ref.get("name") != deployment_name:
+            return f"not controlled by Deployment {deployment_name}: refused"
+        deployment = await self._get("apps/v1", namespace, "deployments", deployment_name)
+        if deployment is None or deployment["metadata"].get("uid") != ref.get("uid"):
+            return f"its Deployment {deployment_name} is gone"
+        ref = controller_ref(deployment)
+        if ref is None or ref.get("kind") != "DaskCluster" or (ref.get("apiVersion") or "").split("/")[0] != DASK_GROUP \
+                or ref.get("name") != cluster:
+            return f"Deployment {deployment_name} is not controlled by DaskCluster {cluster}: refused"
+        daskcluster = await self._get(f"{DASK_GROUP}/v1", namespace, "daskclusters", cluster)
+        if daskcluster is None or daskcluster["metadata"].get("uid") != ref.get("uid"):
+            return f"Deployment {deployment_name} belongs to a DaskCluster {cluster} that is gone"
+        return None
+
+    async def _comm_port(self, namespace: str, cluster: str, pod: Mapping[str, Any]) -> int:
+        port = container_port(pod, COMM_PORT_NAME)
+        if port is not None:
+            return port
+        # No named port in the pod: the Service says which of the pod's ports it is.
+        name = scheduler_service_name(cluster)
+        service = await self._get("v1", namespace, "services", name)
+        if service is None:
+            raise SchedulerServiceMissing(
+                f"scheduler pod {pod['metadata'].get('name')} has no port named {COMM_PORT_NAME} "
+                f"and Service {namespace}/{name} is not found")
+        entry = comm_port(service)
+        port = container_port(pod, entry.get("targetPort", entry.get("port")))
+        if port is None:
+            raise SchedulerServiceMissing(
+                f"scheduler pod {pod['metadata'].get('name')} has no port {entry.get('targetPort')} "
+                f"(the targetPort of Service {name}'s {COMM_PORT_NAME})")
+        return port
+
+    async def _list(self, version: str, namespace: str, plural: str, params: dict[str, Any],
+                    what: str) -> list[dict[str, Any]]:
+        """One page of a namespaced LIST; more than ``params["limit"]`` is refused."""
+        base = "/apis" if "/" in version else "/api"
         try:
-            # kr8s forwards to a ready pod of the Service: the pod's port is wanted
-            forward = service.portforward(await _target_port(service, port_spec), local_port="auto")
+            api = await self._client()
+            async with api.call_api("GET", version=version, base=base, namespace=namespace,
+                                    url=plural, params=params) as response:
+                data = response.json()
+        except (kr8s.ServerError, kr8s.APITimeoutError, httpx.HTTPError, OSError) as e:
+            raise SchedulerAccessError(f"cannot read {what}: {e}") from None
+        if (data.get("metadata") or {}).get("continue"):
+            raise SchedulerAccessError(f"more than {params['limit']} objects are {what}: refused")
+        return [item for item in data.get("items") or () if isinstance(item, dict)]
+
+    async def _get(self, version: str, namespace: str, plural: str, name: str) -> dict[str, Any] | None:
+        """One object by name (a LIST with a field selector, as kr8s reads by name and the
+        chart's RBAC grants), None when there is none."""
+        items = await self._list(version, namespace, plural,
+                                 {"fieldSelector": f"metadata.name={name}", "limit": 1},
+                                 f"{plural} {namespace}/{name}")
+        return next((i for i in items if (i.get("metadata") or {}).get("name") == name), None)
+
+    async def _forward(self, namespace: str, cluster: str, pod: dict[str, Any], port: int) -> int:
+        key = (namespace, cluster)
+        uid = pod["metadata"].get("uid", "")
+        known = self._forwards.get(key)
+        if known is not None:
+            if known[0] == uid:
+                return known[2]
+            await self.forget(namespace, cluster)  # the scheduler pod was replaced
+        try:
+            forward = Pod(pod).portforward(port, local_port="auto")
             local_port = await forward.start()
         except (kr8s.ServerError, kr8s.APITimeoutError, httpx.HTTPError, OSError) as e:
-            raise SchedulerAccessError(f"cannot port-forward to Service {namespace}/{service.name}: {e}") from None
-        self._forwards[key] = (forward, local_port)
+            raise SchedulerAccessError(
+                f"cannot port-forward to scheduler pod {namespace}/{pod['metadata'].get('name')}: {e}") from None
+        self._forwards[key] = (uid, forward, local_port)
         return local_port
 
     async def forget(self, namespace: str, cluster: str) -> None:
-        """Drop a cached port-forward, e.g. after the scheduler was unreachable."""
-        for key in [k for k in self._forwards if k[:2] == (namespace, scheduler_service_name(cluster))]:
-            forward, _ = self._forwards.pop(key)
-            await forward.stop()
+        """Drop what is known of the cluster's scheduler pod (and its port-forward),
+        e.g. after it was unreachable: the next contact looks it up again."""
+        self._verified.pop((namespace, cluster), None)
+        known = self._forwards.pop((namespace, cluster), None)
+        if known is not None:
+            await known[1].stop()
 
     async def close(self) -> None:
-        for forward, _ in self._forwards.values():
+        for _, forward, _ in self._forwards.values():
             await forward.stop()
         self._forwards.clear()
+        self._verified.clear()
