@@ -29,6 +29,9 @@ class PolicyInfo:
     #: Whether its spec can be applied: only valid policies govern clusters, but every
     #: policy is known (a scheduler an invalid policy configured is not orphaned)
     valid: bool = True
+    #: metadata.generation: a spec change makes the value unequal, so kopf's index
+    #: (which keeps an equal value) takes the new body
+    generation: int = 0
     #: The policy's manifest (apiVersion, kind, metadata, spec), for events and specs
     body: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -44,6 +47,7 @@ class PolicyInfo:
             selector=spec.get("clusterSelector"),
             names=tuple(names) if names is not None else None,
             valid=valid,
+            generation=int(meta.get("generation") or 0),
             body={
                 "apiVersion": body.get("apiVersion"),
                 "kind": body.get("kind"),

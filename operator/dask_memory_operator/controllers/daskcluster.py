@@ -8,6 +8,10 @@ in a namespace that has a MemoryPolicy, a cluster no policy governs (to restore 
 if a policy that is gone still configures it); and schedulers owed a restore by a
 policy deleted while they were unreachable. A scheduler in a namespace without any
 MemoryPolicy is never contacted.
+
+Restores owed to schedulers of deleted policies are retried here too, each in a task
+of its own with a timeout, a few per namespace at once: one tenant's hung schedulers
+must not delay another tenant's restore (:class:`OwedRestores`).
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from dask_memory_operator.api.memorypolicy import InvalidPolicy, parse_spec
 from dask_memory_operator.api.selection import assign
 from dask_memory_operator.webhook.mutation import PRELOAD_ANNOTATION
 from dask_memory_operator.observability import metrics
-from dask_memory_operator.observability.events import dask_cluster_ref, post_actions, post_from_background
-from dask_memory_operator.schedulers.converge import ClusterReconciler, owner_tag
+from dask_memory_operator.observability.events import dask_cluster_ref, post, post_actions, post_from_background
+from dask_memory_operator.schedulers.converge import ClusterReconciler, PendingRestore, log_failed_restore, owner_tag
 
 log = logging.getLogger(__name__)
 
@@ -101,22 +105,71 @@ async def _release_orphan(
     if outcome is not None:
         ref = dask_cluster_ref(namespace, name, body.metadata.get("uid", ""))
         for action in outcome.actions:
-            kopf.info(ref, reason="MemoryPolicyReleased", message=f"no MemoryPolicy governs it: {action}")
+            post(ref, "MemoryPolicyReleased", f"no MemoryPolicy governs it: {action}")
 
 
-async def settle_owed_restores(memo: kopf.Memo, interval: float) -> None:
-    """Every ``interval`` seconds, restore the schedulers whose policy was deleted
-    while they could not be reached (see ClusterReconciler.owe_restore)."""
-    while True:
-        await asyncio.sleep(interval)
+#: Owed restores tried at once, in all and of one namespace: one tenant's schedulers
+#: that hang take at most its own share, never the others' turn
+CONCURRENT_RESTORES = 16
+CONCURRENT_RESTORES_PER_NAMESPACE = 4
+#: A restore's calls (address, status, restore) each have the reconciler's RPC
+#: timeout; the whole restore of one cluster gets this many of them
+RESTORE_TIMEOUT_CALLS = 4
+
+
+class OwedRestores:
+    """The restores owed to schedulers of deleted policies (kept by the reconciler,
+    see ClusterReconciler.owe_restore), each tried in a task of its own: one that
+    hangs (a scheduler that accepts and never answers) ends at its own timeout and
+    holds up no other cluster's, nor the next round."""
+
+    def __init__(self, reconciler: ClusterReconciler):
+        self.reconciler = reconciler
+        self._all = asyncio.Semaphore(CONCURRENT_RESTORES)
+        self._namespaces: dict[str, asyncio.Semaphore] = {}
+        #: Tries under way, by (namespace, cluster)
+        self.in_flight: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    def start(self) -> list[asyncio.Task[None]]:
+        """A try for every owed restore that has none under way; returns them."""
+        started = []
+        busy = {namespace for namespace, _ in self.in_flight}
+        for namespace in [n for n in self._namespaces if n not in busy]:
+            del self._namespaces[namespace]  # (a share no try holds: made anew when needed)
+        for key, owed in list(self.reconciler.pending_restores.items()):
+            if key in self.in_flight:
+                continue
+            task = asyncio.create_task(self._settle(key, owed), name=f"restore {key[0]}/{key[1]}")
+            self.in_flight[key] = task
+            task.add_done_callback(lambda _, key=key: self.in_flight.pop(key, None))
+            started.append(task)
+        return started
+
+    async def settle_once(self) -> None:
+        """Try every owed restore once, and wait for the tries."""
+        await asyncio.gather(*self.start(), return_exceptions=True)
+
+    def cancel(self) -> None:
+        for task in list(self.in_flight.values()):
+            task.cancel()
+
+    async def _settle(self, key: tuple[str, str], owed: PendingRestore) -> None:
+        reconciler = self.reconciler
+        mine = self._namespaces.get(owed.namespace)
+        if mine is None:
+            mine = self._namespaces[owed.namespace] = asyncio.Semaphore(CONCURRENT_RESTORES_PER_NAMESPACE)
         try:
-            await _settle_once(memo.reconciler)
-        except Exception:  # a bug here must not end the retries for good
-            log.exception("Retrying the owed restores failed")
-
-
-async def _settle_once(reconciler: ClusterReconciler) -> None:
-    for owed, outcome in await reconciler.retry_pending_restores():
+            # (the namespace's share first: its waiting tries hold no slot of the others)
+            async with mine, self._all:
+                async with asyncio.timeout(RESTORE_TIMEOUT_CALLS * reconciler.rpc_timeout):
+                    outcome = await reconciler.release(owed.namespace, owed.cluster, owed.policy_uid)
+        except Exception as e:  # one scheduler's failure is its own; retried next round
+            log_failed_restore(*key, e, level=logging.INFO)
+            return
+        if reconciler.pending_restores.get(key) is owed:  # (not owed anew meanwhile)
+            del reconciler.pending_restores[key]
+        if outcome is None:
+            return
         ref = dask_cluster_ref(owed.namespace, owed.cluster, owed.cluster_uid)
         for action in outcome.actions:
             await post_from_background(
@@ -125,3 +178,23 @@ async def _settle_once(reconciler: ClusterReconciler) -> None:
                 message=f"MemoryPolicy {owed.policy_name} was deleted while the scheduler "
                 f"was unreachable; now {action}",
             )
+
+
+async def settle_owed_restores(memo: kopf.Memo, interval: float) -> None:
+    """Every ``interval`` seconds, start a try of each restore owed to a scheduler
+    whose policy was deleted while it could not be reached (see
+    ClusterReconciler.owe_restore) that has no try under way."""
+    owed = OwedRestores(memo.reconciler)
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                owed.start()
+            except Exception:  # a bug here must not end the retries for good
+                log.exception("Retrying the owed restores failed")
+    finally:
+        owed.cancel()
+
+
+async def _settle_once(reconciler: ClusterReconciler) -> None:
+    await OwedRestores(reconciler).settle_once()

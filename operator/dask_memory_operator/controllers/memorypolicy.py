@@ -18,13 +18,15 @@ from typing import Any
 
 import kopf
 
-from dask_memory_operator.api.memorypolicy import InvalidPolicy, parse_spec
-from dask_memory_operator.api.selection import Assignment, PolicyInfo, assign, selects
+from dask_memory_operator.api.memorypolicy import InvalidPolicy, index_body, parse_spec
+from dask_memory_operator.api.selection import PolicyInfo, selects
+from dask_memory_operator.controllers.assignment import ASSIGNMENTS, policy_clusters
 from dask_memory_operator.controllers.config import OperatorConfig
+from dask_memory_operator.controllers.daskcluster import RESTORE_TIMEOUT_CALLS
 from dask_memory_operator.controllers.scaling import RETIREPAUSED, autoscalers_of
 from dask_memory_operator.controllers.status import cluster_entry, invalid_status, policy_status
 from dask_memory_operator.observability import metrics
-from dask_memory_operator.observability.events import post_outcome
+from dask_memory_operator.observability.events import post, post_outcome
 from dask_memory_operator.schedulers.converge import (
     ClusterReconciler,
     Outcome,
@@ -47,7 +49,10 @@ def memorypolicies_by_namespace(
     all are known: the scheduler an invalid policy configured keeps what it runs."""
     if body.metadata.get("deletionTimestamp"):
         return {}
-    return {namespace: PolicyInfo.from_body(body, valid=_valid(body.get("spec") or {}, memo.config))}
+    valid = _valid(body.get("spec") or {}, memo.config)
+    # held for every policy: not its annotations or managed fields, and the spec only
+    # when valid (so bounded by parse_spec)
+    return {namespace: PolicyInfo.from_body(index_body(body, valid), valid=valid)}
 
 
 def _valid(spec: Mapping[str, Any], config: OperatorConfig) -> bool:
@@ -60,21 +65,6 @@ def _valid(spec: Mapping[str, Any], config: OperatorConfig) -> bool:
 
 def _clusters(index: kopf.Index, namespace: str) -> dict[str, dict[str, Any]]:
     return {c["name"]: c for c in index.get(namespace, [])}
-
-
-def policy_clusters(
-    body: kopf.Body, uid: str, namespace: str,
-    daskclusters_by_namespace: kopf.Index, memorypolicies_by_namespace: kopf.Index,
-) -> tuple[dict[str, dict[str, Any]], dict[str, Assignment]]:
-    """The namespace's clusters, and the assignment of those this policy selects
-    (``a.governor.uid == uid``: it governs them)."""
-    clusters = _clusters(daskclusters_by_namespace, namespace)
-    # this policy as its body says now (the index may lag by an event)
-    policies = [p for p in memorypolicies_by_namespace.get(namespace, []) if p.uid != uid]
-    policies.append(PolicyInfo.from_body(body))
-    assignment = assign(policies, {n: c["labels"] for n, c in clusters.items()})
-    mine = {c: a for c, a in sorted(assignment.items()) if any(p.uid == uid for p in a.contenders)}
-    return clusters, mine
 
 
 # --- reconcile -----------------------------------------------------------------
@@ -125,9 +115,9 @@ async def _reconcile_policy(
     try:
         wanted = parse_spec(spec, config.allowed_policy_classes)
     except InvalidPolicy as e:
-        message = f"spec.{e}" if not str(e).startswith("spec.") else str(e)
+        message = f"spec.{e}" if e.field != "spec" and not e.field.startswith("spec.") else str(e)
         if previous.get("observedGeneration") != generation or not _is_invalid(previous):
-            kopf.warn(body, reason="Invalid", message=message)
+            post(body, "Invalid", message, "Warning")
         _patch_status(patch, previous, invalid_status(generation, message, previous))
         return
 
@@ -262,6 +252,12 @@ async def restore_on_delete(body: kopf.Body, uid: str, memo: kopf.Memo, **kwargs
     """
     async with _policy_lock(memo, uid):  # let a resync in flight finish first
         await _restore_all(body=body, uid=uid, memo=memo, **kwargs)
+    # what was kept for it goes with it (computed anew for the namespace's others)
+    ASSIGNMENTS.discard(kwargs.get("namespace") or body.metadata.get("namespace", ""))
+    memo.reconciler.forget_policy(uid)  # the backoffs (and last outcomes) of its failed passes
+    scaling = getattr(memo, "scaling", None)
+    if scaling is not None:
+        scaling.status_written.pop(uid, None)
 
 
 async def _restore_all(
@@ -291,7 +287,12 @@ async def _restore_all(
                 unreachable[cluster["name"]] = why
                 return
             try:
-                outcome = await reconciler.release(namespace, cluster["name"], uid)
+                # a scheduler that accepts and never answers holds its slot this long at most
+                async with asyncio.timeout(RESTORE_TIMEOUT_CALLS * reconciler.rpc_timeout):
+                    outcome = await reconciler.release(namespace, cluster["name"], uid)
+            except TimeoutError:
+                unreachable[cluster["name"]] = "the scheduler did not answer in time"
+                return
             except Exception as e:  # one cluster's failure is its own
                 log_failed_restore(namespace, cluster["name"], e)
                 unreachable[cluster["name"]] = str(e)
@@ -313,8 +314,5 @@ async def _restore_all(
         reconciler.owe_restore(
             PendingRestore(namespace, cluster, clusters[cluster]["uid"], uid, name)
         )
-    kopf.warn(
-        body,
-        reason="RestoreFailed",
-        message=f"{message}; giving up after {retry + 1} attempts: restored when they answer again",
-    )
+    post(body, "RestoreFailed",
+         f"{message}; giving up after {retry + 1} attempts: restored when they answer again", "Warning")

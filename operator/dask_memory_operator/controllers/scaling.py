@@ -27,6 +27,12 @@ point carries on where the last one stopped, and deletes nothing twice.
 The reconcile runs in a task of its own per cluster (:meth:`ScalingController.kick`),
 started by the policy's scaling timer, so that one slow scheduler holds up only its
 own cluster; the timer writes each cluster's entry into ``status.scaling``.
+
+The operator is shared by tenants, so a tick costs what changed: the timer reads the
+namespace's assignment as computed once per change (:mod:`.assignment`), writes the
+status only when it changed, and a retirement record is reported (Event, metric,
+abort hold) once per transition, not on every pass that sees it again (a scheduler
+that never forgets its records would otherwise flood the API with Events).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from dask_memory_operator.api.scaling import (
     wanted_workers,
 )
 from dask_memory_operator.controllers import workergroup
+from dask_memory_operator.controllers.assignment import policy_clusters
 from dask_memory_operator.controllers.workergroup import Ledger, WorkerGroup
 from dask_memory_operator.observability import metrics
 from dask_memory_operator.observability.events import dask_cluster_ref, post_from_background
@@ -97,6 +104,9 @@ class ClusterScaling:
     task: asyncio.Task[None] | None = None
     #: Monotonic time of the latest pass's start
     last_pass: float = 0.0
+    #: The transitions (see :func:`_transition`) of the records the latest pass read:
+    #: those already reported
+    reported: set[tuple[Any, ...]] = field(default_factory=set)
 
     @property
     def busy(self) -> bool:
@@ -296,24 +306,26 @@ class ScalingController:
                         removed.setdefault(group_name, []).append(name)
             elif r.get("left") and r["state"] != "done":
                 # (the engine marks a worker that left mid-retirement aborted)
-                metrics.observe_retirement(p.namespace, p.cluster, "lost", r.get("seconds", 0))
-                lost = (f"{r['keys_lost']} keys ({_bytes(r.get('bytes_lost', 0))}) lost, by the "
-                        "scheduler's account") if "keys_lost" in r else f"{r.get('keys_left', 0)} keys may be lost"
-                await p.event("RetiringWorkerLost", (
-                    f"Worker {name} left the cluster while it was {r['state']} (its pod went "
-                    f"from outside the operator): {lost}"), warning=True)
+                if _transition(r) not in state.reported:
+                    metrics.observe_retirement(p.namespace, p.cluster, "lost", r.get("seconds", 0))
+                    lost = (f"{r['keys_lost']} keys ({_bytes(r.get('bytes_lost', 0))}) lost, by the "
+                            "scheduler's account") if "keys_lost" in r else f"{r.get('keys_left', 0)} keys may be lost"
+                    await p.event("RetiringWorkerLost", (
+                        f"Worker {name} left the cluster while it was {r['state']} (its pod went "
+                        f"from outside the operator): {lost}"), warning=True)
                 forget.append(name)
             elif r["state"] == "aborted" and r.get("reason") == CANCELLED:
                 forget.append(name)  # the canceller reported it (RetirementCancelled)
             elif r["state"] == "aborted":
-                metrics.observe_retirement(p.namespace, p.cluster, "aborted", r.get("seconds", 0))
-                await p.event("RetirementAborted", (
-                    f"Retirement of worker {name} aborted after {r.get('seconds', 0):.1f}s, "
-                    f"the worker is kept and back in service: {r.get('reason', '')}"), warning=True)
+                if _transition(r) not in state.reported:
+                    metrics.observe_retirement(p.namespace, p.cluster, "aborted", r.get("seconds", 0))
+                    await p.event("RetirementAborted", (
+                        f"Retirement of worker {name} aborted after {r.get('seconds', 0):.1f}s, "
+                        f"the worker is kept and back in service: {r.get('reason', '')}"), warning=True)
+                    state.hold = min(ABORT_HOLD_CAP, state.hold * 2 or ABORT_HOLD)
+                    state.hold_until = time.monotonic() + state.hold
                 p.entry.update(reason="RetirementAborted",
                                message=f"retiring {name} aborted: {r.get('reason', '')}")
-                state.hold = min(ABORT_HOLD_CAP, state.hold * 2 or ABORT_HOLD)
-                state.hold_until = time.monotonic() + state.hold
                 forget.append(name)
         for group_name, names in removed.items():
             group = p.groups.get(group_name)
@@ -324,6 +336,10 @@ class ScalingController:
             if await workergroup.set_replicas(group, _without(p, group, names), ledger):
                 forget.extend(names)
                 retiring = [n for n in retiring if n not in names]  # no longer counted
+        # Reported once per transition: a record the scheduler reports again (it did
+        # not forget it yet, or never does) is not news. Only what it reports now is
+        # remembered, so this stays as small as its (bounded) list of records.
+        state.reported = {_transition(r) for r in records}
         if forget:
             await rpc.forget_retirement(p.address, forget, timeout=self.reconciler.rpc_timeout)
         p.entry["retiring"] = sorted(retiring)
@@ -504,6 +520,15 @@ class ScalingController:
                        message=f"retiring {len(p.entry['retiring'])}, removed {len(gone)} pending")
 
 
+def _transition(record: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What makes a record's report news: its worker, the state it reached, whether
+    the worker left, and which retirement it is (its start)."""
+    started = record.get("started")
+    return (record.get("worker"), record.get("state"), bool(record.get("left")),
+            started if isinstance(started, (int, float, str)) else None,  # (unchecked: any shape)
+            hash(str(record.get("reason"))))
+
+
 def _without(p: Pass, group: WorkerGroup, names: list[str]) -> int:
     """The group's replicas with the Deployments ``names`` taken off, never fewer
     than the Deployments it still has (a replica someone else took off already, by a
@@ -560,8 +585,6 @@ async def scale_policy_clusters(
 ) -> None:
     """The policy's scaling timer: start a pass for each cluster it governs that is
     due one, and write the entries of the latest passes into ``status.scaling``."""
-    from dask_memory_operator.controllers.memorypolicy import policy_clusters
-
     if body.metadata.get("deletionTimestamp"):
         return
     try:
@@ -610,6 +633,9 @@ VOLATILE = ("target", "memoryFloor", "message")
 
 
 def _worth_writing(status: Mapping[str, Any], new: Mapping[str, Any], last: float, every: float) -> bool:
+    if status.get("retiringWorkers") == new["retiringWorkers"] and status.get("scaling") == new["scaling"]:
+        return False  # the usual tick: nothing changed, nothing copied, nothing written
+
     def stable(entries: Any) -> list[dict[str, Any]]:
         return [{k: v for k, v in e.items() if k not in VOLATILE} for e in entries or ()]
 
