@@ -2,6 +2,12 @@
 the emulated API server as kube-apiserver calls it (a MutatingWebhookConfiguration
 with caBundle, failurePolicy Ignore, a 5 s timeout).
 
+The API server authenticates to the webhook with a client certificate (its
+AdmissionConfiguration's kubeconfig, :meth:`LocalStack.set_webhook_client`) and the
+operator answers only certificates of that client CA naming ``kube-apiserver``
+(``--webhook-client-ca``, ``--webhook-client-name``): every pod below is mutated
+through that path; a tenant's pod posting a review itself gets no answer.
+
 "Born configured" is asked of the scheduler process itself: its dask config's AMM
 section, which only its environment sets (the operator's live apply changes the AMM
 extension, not the config), so what is checked cannot come from a resync.
@@ -9,15 +15,17 @@ extension, not the config), so what is checked cannot come from a resync.
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from distributed import Client
 
-from dask_memory_operator.webhook.certs import write_webhook_certs
+from dask_memory_operator.webhook.certs import write_client_ca, write_client_cert, write_webhook_certs
 from dask_memory_operator.devstack.probes import amm_config
 from dask_memory_operator.devstack.scaling_probes import OPERATOR, free_port, wait_policy_reconciled
 from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
@@ -33,15 +41,20 @@ def webhook_operator(stack: LocalStack, tmp_path_factory) -> Iterator[dict]:
     port = free_port()
     certs = tmp_path_factory.mktemp("webhook-certs")
     ca = write_webhook_certs(certs, ["localhost"], ["127.0.0.1"])
-    argv = ["--scheduler-access", "cluster-ip", "--resync-interval", "600", "--rpc-timeout", "3",
+    clients = tmp_path_factory.mktemp("webhook-clients")
+    client_ca = write_client_ca(clients)
+    stack.set_webhook_client(f"127.0.0.1:{port}", *write_client_cert(clients, "kube-apiserver"))
+    argv = ["--scheduler-access", "pod-ip", "--resync-interval", "600", "--rpc-timeout", "3",
             "--metrics-port", str(free_port()), "--webhook-port", str(port),
-            "--webhook-address", "127.0.0.1", "--webhook-cert-dir", str(certs)]
+            "--webhook-address", "127.0.0.1", "--webhook-cert-dir", str(certs),
+            "--webhook-client-ca", str(client_ca), "--webhook-client-name", "kube-apiserver"]
     start = lambda: stack.start_process(OPERATOR, [  # noqa: E731
         sys.executable, "-m", "dask_memory_operator.cli", "run", "--verbose", *argv])
     start()
     stack.apply(mutating_webhook_configuration(ca, url=f"https://127.0.0.1:{port}"))
-    yield {"start": start, "port": port}
+    yield {"start": start, "port": port, "ca": str(certs / "ca.crt"), "clients": clients}
     stack.kubectl("delete", "mutatingwebhookconfiguration", "dask-memory-operator", check=False)
+    stack.set_webhook_client(f"127.0.0.1:{port}", None)
     stack.stop_process(OPERATOR)
 
 
@@ -93,6 +106,62 @@ def test_a_scheduler_created_under_a_policy_runs_its_amm_from_the_start(stack: L
                    "a new scheduler pod")
     new = scheduler_pod(stack, ns, "born")
     assert env_of(new)["DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__INTERVAL"] == "'0.7s'"
+
+
+def forged_review(scheduler: dict, namespace: str) -> dict:
+    """What a tenant's pod would POST: the AdmissionReview of a scheduler pod's creation."""
+    body = {**scheduler, "metadata": {k: v for k, v in scheduler["metadata"].items()
+                                      if k in ("generateName", "namespace", "labels")}}
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "forged", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "resource": {"group": "", "version": "v1", "resource": "pods"}, "namespace": namespace,
+        "operation": "CREATE", "userInfo": {"username": "system:serviceaccount:tenant:default"},
+        "object": body, "oldObject": None, "dryRun": False}}
+
+
+def post_review(url: str, review: dict, ca: str, cert: tuple | None = None) -> httpx.Response:
+    import ssl
+
+    context = ssl.create_default_context(cafile=ca)
+    if cert is not None:
+        context.load_cert_chain(*cert)
+    return httpx.post(url, json=review, verify=context, timeout=10)
+
+
+def test_a_forged_review_for_another_namespace_gets_nothing_of_it(stack: LocalStack, namespace: str,
+                                                                    webhook_operator):
+    """A victim's scheduler pod is born configured through the API server (which presents
+    its client certificate); a tenant POSTing the same review straight to the webhook
+    port (no certificate, its own CA's, or the client CA's for another name) gets no
+    answer, so neither the policy's settings nor whether the cluster exists."""
+    ns = namespace
+    stack.apply(policy(ns), namespace=ns)
+    wait_operator_ready(stack, ns)
+    stack.apply(daskcluster_manifest("secret", workers=0, scheduler_env=AMM_OFF), namespace=ns)
+    born = stack.wait_for(lambda: scheduler_pod(stack, ns, "secret"), 60, "the scheduler pod")
+    assert env_of(born)["DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START"] == "True"
+
+    url = f"https://127.0.0.1:{webhook_operator['port']}/govern-pods"
+    unborn = {**born, "spec": {**born["spec"], "containers": [
+        {**c, "env": [e for e in c.get("env") or () if "ACTIVE_MEMORY_MANAGER" not in e["name"]]}
+        for c in born["spec"]["containers"]]}}
+    review = forged_review(unborn, ns)
+    other = webhook_operator["clients"].parent / "tenant-ca"
+    write_client_ca(other)
+    for cert in (None, write_client_cert(other, "kube-apiserver")):
+        with pytest.raises(httpx.TransportError):  # the TLS handshake fails: nothing is answered
+            post_review(url, review, webhook_operator["ca"], cert)
+    kubelet = write_client_cert(webhook_operator["clients"], "kubelet")  # same CA, another client
+    answer = post_review(url, review, webhook_operator["ca"], kubelet)
+    assert answer.status_code == 403 and "ACTIVE_MEMORY_MANAGER" not in answer.text
+    # the API server's own certificate, for a review it could never send: refused alike
+    apiserver = (webhook_operator["clients"] / "kube-apiserver.crt", webhook_operator["clients"] / "kube-apiserver.key")
+    inconsistent = forged_review(unborn, "default")
+    answer = post_review(url, inconsistent, webhook_operator["ca"], apiserver)
+    assert answer.status_code == 400 and "ACTIVE_MEMORY_MANAGER" not in answer.text
+    # and the consistent one is answered to it (what the API server itself gets)
+    patch = post_review(url, review, webhook_operator["ca"], apiserver).json()["response"]["patch"]
+    assert "ACTIVE_MEMORY_MANAGER" in base64.b64decode(patch).decode()
 
 
 def test_pods_of_ungoverned_clusters_and_foreign_pods_are_left_alone(stack: LocalStack, namespace: str,

@@ -15,7 +15,7 @@ import pytest
 from dask_memory_operator.api.memorypolicy import parse_spec
 from dask_memory_operator.controllers.config import OperatorConfig
 from dask_memory_operator.webhook.handlers import mutate_pod
-from dask_memory_operator.webhook.mutation import PRELOAD_ENV, amm_env, scheduler_containers
+from dask_memory_operator.webhook.mutation import ALLOWED_ENV, PRELOAD_ENV, amm_env, scheduler_containers
 
 SPEC = {"clusterNames": ["demo"],
         "activeMemoryManager": {"interval": "500ms", "measure": "managed",
@@ -44,11 +44,11 @@ def indexes(policies=(policy_body(),), preload=False):
             {"ns": [PolicyInfo.from_body(p) for p in policies]} if policies else {})
 
 
-def admit(body, policies=(policy_body(),), preload=False):
+def admit(body, policies=(policy_body(),), preload=False, config=None):
     clusters, policy_index = indexes(policies, preload)
     patch = kopf.Patch()
     mutate_pod(body=kopf.Body(copy.deepcopy(body)), patch=patch, namespace="ns",
-               memo=kopf.Memo(config=OperatorConfig()), daskclusters_by_namespace=clusters,
+               memo=kopf.Memo(config=config or OperatorConfig()), daskclusters_by_namespace=clusters,
                memorypolicies_by_namespace=policy_index)
     return dict(patch)
 
@@ -88,6 +88,28 @@ def test_the_plugin_is_preloaded_only_where_the_cluster_says_its_image_has_it():
     theirs = pod(env=[{"name": PRELOAD_ENV, "value": "mycompany.preload"}])
     env = {e["name"]: e["value"] for e in admit(theirs, preload=True)["spec"]["containers"][1]["env"]}
     assert env[PRELOAD_ENV] == "mycompany.preload"  # their preload list is theirs
+
+
+def test_the_scheduler_allows_the_classes_the_operator_allows():
+    """The operator's --allow-policy-class patterns become the scheduler's dask config
+    amm-core.allowed-policy-classes (read back in a fresh Python, as the scheduler
+    reads its environment), so a policy the operator accepts later is not refused
+    there; without patterns nothing is added, and a pod's own list is its owner's."""
+    allowed = ("mycorp.amm.**", "other.policies.Keep")
+    config = OperatorConfig(allowed_policy_classes=allowed)
+    env = {e["name"]: e["value"] for e in admit(pod(), config=config)["spec"]["containers"][1]["env"]}
+    code = ("import json, amm_core.config as c; "
+            "print(json.dumps([list(c.allowed_patterns()), "
+            "c.class_allowed('mycorp.amm.sub.Keep', c.allowed_patterns()), "
+            "c.class_allowed('mycorp.other.Keep', c.allowed_patterns())]))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                         capture_output=True, text=True, check=True).stdout
+    patterns, sub_allowed, other_allowed = json.loads(out)
+    assert set(allowed) <= set(patterns) and sub_allowed and not other_allowed
+    assert ALLOWED_ENV not in {e["name"] for e in admit(pod())["spec"]["containers"][1]["env"]}
+    theirs = pod(env=[{"name": ALLOWED_ENV, "value": "['mine.*']"}])
+    env = {e["name"]: e["value"] for e in admit(theirs, config=config)["spec"]["containers"][1]["env"]}
+    assert env[ALLOWED_ENV] == "['mine.*']"
 
 
 @pytest.mark.parametrize("body, policies", [
@@ -157,3 +179,184 @@ def test_without_a_cert_dir_the_server_gets_a_certificate_for_its_host(tmp_path)
     assert "127.0.0.1" in [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate(open(server.cafile, "rb").read()))
     assert context.verify_mode == ssl.CERT_REQUIRED
+
+
+# ---------------------------------------------------------------- who is answered, and with what
+#
+# kopf's own HTTPS server as the operator builds it (registry.webhook_server), served
+# in-process; the handler behind it is a stand-in that records what reaches it and
+# answers as a leaky handler would (another namespace's settings, a warning, a status).
+
+import base64  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import socket  # noqa: E402
+import ssl  # noqa: E402
+
+import httpx  # noqa: E402
+
+from dask_memory_operator.webhook.certs import write_client_ca, write_client_cert, write_webhook_certs  # noqa: E402
+
+LEAK = {"op": "add", "path": "/spec/containers/0/env",
+        "value": [{"name": "SECRET", "value": "s3://victim-private-bucket/x"}]}
+
+
+def forged_review(namespace="victim", object_namespace="victim", kind="Pod", operation="CREATE", **extra):
+    obj = pod()
+    obj["metadata"]["namespace"] = object_namespace
+    if object_namespace is None:
+        del obj["metadata"]["namespace"]
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "forged-1", "kind": {"group": "", "version": "v1", "kind": kind},
+        "resource": {"group": "", "version": "v1", "resource": "pods"},
+        "namespace": namespace, "operation": operation, "userInfo": {"username": "system:unsecured"},
+        "object": obj, "oldObject": None, "dryRun": False, **extra}}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def serving(tmp_path, **hook):
+    """The operator's webhook server on 127.0.0.1 with a recording handler: yields
+    (url, the CA of its certificate, the reviews that reached the handler)."""
+    from dask_memory_operator.controllers.config import WebhookConfig
+    from dask_memory_operator.controllers.registry import webhook_server
+
+    write_webhook_certs(tmp_path / "serving", ["localhost"], ["127.0.0.1"])
+    server = webhook_server(WebhookConfig(port=_free_port(), address="127.0.0.1", host="127.0.0.1",
+                                          cert_dir=str(tmp_path / "serving"), **hook))
+    seen = []
+
+    async def handler(review, **_):
+        seen.append(review)
+        return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": {
+            "uid": review["request"]["uid"], "allowed": True, "warnings": ["cluster demo exists in victim"],
+            "status": {"message": "victim's policy p", "code": 200}, "patchType": "JSONPatch",
+            "patch": base64.b64encode(json.dumps([LEAK, {"op": "add", "path": "/metadata/labels/x",
+                                                         "value": "y"}]).encode()).decode()}}
+
+    served = server(handler)
+    config = await served.__anext__()  # listening from here on
+    try:
+        yield config["url"].rstrip("/"), str(tmp_path / "serving" / "ca.crt"), seen
+    finally:
+        await served.aclose()
+
+
+def client_context(ca, cert=None):
+    context = ssl.create_default_context(cafile=ca)
+    if cert is not None:
+        context.load_cert_chain(*cert)
+    return context
+
+
+async def test_a_review_whose_namespace_differs_from_its_objects_never_reaches_the_handler(tmp_path):
+    """A tenant's review for its own namespace wrapping another namespace's pod (or the
+    converse) is refused before anything is looked up; so are other kinds and operations."""
+    async with serving(tmp_path) as (url, ca, seen), httpx.AsyncClient(verify=client_context(ca)) as http:
+        for review in (forged_review("tenant", "victim"), forged_review("victim", "tenant"),
+                       forged_review(kind="Secret"), forged_review(operation="UPDATE"),
+                       forged_review(subResource="status"), forged_review(namespace="")):
+            answer = await http.post(f"{url}/govern-pods", json=review)
+            assert answer.status_code == 400 and "victim" not in answer.text, answer.text
+        assert seen == []
+        # the API server's form: the object's namespace unset, the request's says it
+        answer = await http.post(f"{url}/govern-pods", json=forged_review("tenant", None))
+        assert answer.status_code == 200
+        assert [r["request"]["object"]["metadata"]["namespace"] for r in seen] == ["tenant"]
+
+
+async def test_the_answer_carries_the_pods_patch_and_nothing_else(tmp_path):
+    """No warning, no status message, no patch outside the pod's containers and grace
+    period: whatever a handler adds, the server does not pass on."""
+    async with serving(tmp_path) as (url, ca, seen), httpx.AsyncClient(verify=client_context(ca)) as http:
+        answer = (await http.post(f"{url}/govern-pods", json=forged_review())).json()
+    response = answer["response"]
+    assert set(response) == {"uid", "allowed", "patch", "patchType"} and response["allowed"] is True
+    assert json.loads(base64.b64decode(response["patch"])) == [LEAK]  # /metadata/labels/x dropped
+
+
+async def test_with_a_client_ca_only_certificates_it_signed_get_an_answer(tmp_path):
+    """``--webhook-client-ca``: no certificate, or one of another CA, fails the TLS
+    handshake (nothing is answered); with ``--webhook-client-name`` a certificate of the
+    right CA for another name (a kubelet's, say) gets 403."""
+    clients = tmp_path / "clients"
+    write_client_ca(clients)
+    apiserver, kubelet = write_client_cert(clients, "kube-apiserver"), write_client_cert(clients, "kubelet")
+    write_client_ca(tmp_path / "other")
+    foreign = write_client_cert(tmp_path / "other", "kube-apiserver")
+    async with serving(tmp_path, client_ca=str(clients / "client-ca.crt"),
+                       client_names=("kube-apiserver",)) as (url, ca, seen):
+        for cert in (None, foreign):
+            async with httpx.AsyncClient(verify=client_context(ca, cert)) as http:
+                with pytest.raises(httpx.TransportError):
+                    await http.post(f"{url}/govern-pods", json=forged_review())
+        async with httpx.AsyncClient(verify=client_context(ca, kubelet)) as http:
+            answer = await http.post(f"{url}/govern-pods", json=forged_review())
+            assert answer.status_code == 403 and "SECRET" not in answer.text
+        assert seen == []
+        async with httpx.AsyncClient(verify=client_context(ca, apiserver)) as http:
+            answer = await http.post(f"{url}/govern-pods", json=forged_review())
+            assert answer.status_code == 200 and answer.json()["response"]["patch"]
+        assert len(seen) == 1
+
+
+def test_client_names_without_a_client_ca_are_refused_at_start():
+    from dask_memory_operator.cli import build_parser, run
+
+    args = build_parser().parse_args(["run", "--webhook-port", "1", "--webhook-client-name", "kube-apiserver"])
+    with pytest.raises(SystemExit, match="--webhook-client-ca"):
+        run(args)
+
+
+async def test_a_rotated_client_ca_is_used_without_a_restart(tmp_path):
+    """The client CA file (a mounted ConfigMap) replaced: the server rebuilds its TLS
+    context and certificates of the new CA are answered, the old CA's no longer."""
+    import asyncio
+    import shutil
+    import time
+
+    from dask_memory_operator.webhook.server import AdmissionServer
+
+    write_webhook_certs(tmp_path / "serving", ["localhost"], ["127.0.0.1"])
+    old_ca, new_ca = write_client_ca(tmp_path / "old"), write_client_ca(tmp_path / "new")
+    old_cert, new_cert = write_client_cert(tmp_path / "old", "a"), write_client_cert(tmp_path / "new", "a")
+    mounted = tmp_path / "client-ca.crt"
+    shutil.copy(old_ca, mounted)
+    server = AdmissionServer(addr="127.0.0.1", port=_free_port(), certfile=str(tmp_path / "serving" / "tls.crt"),
+                             pkeyfile=str(tmp_path / "serving" / "tls.key"), client_ca=str(mounted),
+                             file_check_interval=0.1)
+
+    async def handler(review, **_):
+        return {"response": {"uid": review["request"]["uid"], "allowed": True}}
+
+    async def answered(cert):
+        try:
+            async with httpx.AsyncClient(verify=client_context(str(tmp_path / "serving" / "ca.crt"), cert)) as http:
+                return (await http.post(f"{url}/govern-pods", json=forged_review())).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    configs = asyncio.Queue()
+
+    async def drive():  # as kopf does: the server restarts when it is asked for the next config
+        async for config in server(handler):
+            configs.put_nowait(config)
+
+    driver = asyncio.create_task(drive())
+    url = (await configs.get())["url"].rstrip("/")
+    try:
+        assert await answered(old_cert) and not await answered(new_cert)
+        shutil.copy(new_ca, mounted)
+        deadline = time.monotonic() + 10
+        while not await answered(new_cert):  # the server restarts with the new CA
+            assert time.monotonic() < deadline, "the new client CA was not picked up"
+            await asyncio.sleep(0.1)
+        assert not await answered(old_cert)
+    finally:
+        driver.cancel()
+        await asyncio.gather(driver, return_exceptions=True)

@@ -3,6 +3,7 @@ Run the Kubernetes API emulator over HTTP: in-process (``ApiServer``) or as a co
 
     python -m dask_memory_operator.devstack.apiserver --port 0 --kubeconfig PATH [--crds DIR ...]
         [--service-cidr CIDR] [--watch-window EVENTS] [--audit-log-path PATH]
+        [--admission-control-config-file PATH]
 
 The command serves on 127.0.0.1, applies the CRD yaml files found in the given
 folders, and only then writes a kubeconfig (server ``http://127.0.0.1:<port>``, one
@@ -11,7 +12,9 @@ process polling for the file sees either nothing or a complete file of a server 
 answers. It serves until SIGTERM or SIGINT and then exits cleanly (watch streams are
 ended first, so no client is left hanging on them). ``--audit-log-path`` appends the
 audit log, as kube-apiserver's flag of that name (JSON lines, level Metadata; see
-emulator/audit.py). The kubeconfig carries no credentials: such requests are the
+emulator/audit.py). ``--admission-control-config-file`` is kube-apiserver's: an
+AdmissionConfiguration naming the kubeconfig whose users' client certificates (or tokens)
+the API server presents to admission webhooks (emulator/admission.py). The kubeconfig carries no credentials: such requests are the
 unrestricted admin; a service account's bearer token (TokenRequest) is authorized by
 RBAC (emulator/authn.py, emulator/rbac.py).
 """
@@ -44,10 +47,12 @@ class ApiServer:
 
     def __init__(self, port: int = 0, *, host: str = '127.0.0.1', service_cidr: str = '127.1.0.0/16',
                  crd_dirs: Iterable[str | os.PathLike[str]] = (), watch_window: int = 10_000,
-                 audit_log_path: str | os.PathLike[str] | None = None) -> None:
+                 audit_log_path: str | os.PathLike[str] | None = None,
+                 admission_control_config_file: str | os.PathLike[str] | None = None) -> None:
         #: The emulator: its ``objects`` and ``resources`` are there for assertions.
         self.emulator: KubeEmulator = KubeEmulator(service_cidr=service_cidr, watch_window=watch_window,
                                                    audit_log_path=audit_log_path)
+        self.emulator.configure_admission(admission_control_config_file)
         self._host: str = host
         self._port: int = port
         self._crd_dirs: list[pathlib.Path] = [pathlib.Path(d) for d in crd_dirs]
@@ -112,13 +117,15 @@ def write_kubeconfig(path: pathlib.Path, url: str, namespace: str = 'default') -
 
 
 async def serve(port: int, kubeconfig: pathlib.Path, crd_dirs: list[str], service_cidr: str,
-                watch_window: int, audit_log_path: pathlib.Path | None = None) -> None:
+                watch_window: int, audit_log_path: pathlib.Path | None = None,
+                admission_control_config_file: pathlib.Path | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with ApiServer(port, service_cidr=service_cidr, crd_dirs=crd_dirs, watch_window=watch_window,
-                         audit_log_path=audit_log_path) as server:
+                         audit_log_path=audit_log_path,
+                         admission_control_config_file=admission_control_config_file) as server:
         write_kubeconfig(kubeconfig, server.url)
         print(f'Kubernetes API emulator serving at {server.url}', flush=True)
         await stop.wait()
@@ -138,9 +145,11 @@ def main(argv: list[str] | None = None) -> None:
                         help='watch events kept for resumption; older resourceVersions get 410 Expired')
     parser.add_argument('--audit-log-path', type=pathlib.Path, metavar='PATH',
                         help='append the audit log here (JSON lines of audit.k8s.io/v1 Events)')
+    parser.add_argument('--admission-control-config-file', type=pathlib.Path, metavar='PATH',
+                        help="an AdmissionConfiguration: the kubeconfig of webhooks' client credentials")
     args = parser.parse_args(argv)
     asyncio.run(serve(args.port, args.kubeconfig, args.crds, args.service_cidr, args.watch_window,
-                      args.audit_log_path))
+                      args.audit_log_path, args.admission_control_config_file))
 
 
 if __name__ == '__main__':

@@ -3,6 +3,9 @@ operator knows of the namespace's MemoryPolicies and of the pod's DaskCluster.
 
 Anything unexpected in the pod or the policy is logged and the pod is admitted
 unchanged: the webhook never blocks or breaks a pod, and never crashes the operator.
+The server in front (webhook/server.py) passes on only Pod CREATE reviews whose
+namespace is the object's own (from the API server itself, with a client CA), and
+answers with nothing but the pod's patch: no warning, no message.
 Its configuration has ``failurePolicy: Ignore``, so pods are created (ungoverned) when
 the operator is down.
 
@@ -185,7 +188,8 @@ def _mutate(body: kopf.Body, patch: kopf.Patch, namespace: str, memo: kopf.Memo,
         if changes is not None:
             patch.spec.update(changes)
         return
-    containers = scheduler_containers(body, amm, preload=bool(info.get("preload")))
+    containers = scheduler_containers(body, amm, preload=bool(info.get("preload")),
+                                      allowed=memo.config.allowed_policy_classes)
     if containers is not None:
         patch.spec["containers"] = containers
         logger.info("Pod %s/%s: AMM settings of MemoryPolicy %s injected%s", namespace,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import amm_core.prestop
@@ -34,6 +34,10 @@ from dask_memory_operator.api.scaling import RetirementSpec
 PRELOAD_ANNOTATION = f"{GROUP}/preload-plugin"
 _PREFIX = "DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__"
 PRELOAD_ENV = "DASK_DISTRIBUTED__SCHEDULER__PRELOAD"
+#: dask config ``amm-core.allowed-policy-classes`` (amm_core.config.ALLOWED_CONFIG): the
+#: classes besides amm_core's and distributed's that the scheduler lets a live apply
+#: import; the operator's ``--allow-policy-class`` patterns, a Python list literal
+ALLOWED_ENV = "DASK_AMM_CORE__ALLOWED_POLICY_CLASSES"
 
 
 def amm_env(amm: AMMConfig) -> dict[str, str]:
@@ -49,10 +53,14 @@ def amm_env(amm: AMMConfig) -> dict[str, str]:
 
 
 def scheduler_containers(
-    pod: Mapping[str, Any], amm: AMMConfig, preload: bool
+    pod: Mapping[str, Any], amm: AMMConfig, preload: bool, allowed: Sequence[str] = ()
 ) -> list[dict[str, Any]] | None:
     """The pod's containers with the settings added to the scheduler container (the
-    one named ``scheduler``, else the first), or None when nothing changes."""
+    one named ``scheduler``, else the first), or None when nothing changes.
+
+    ``allowed`` (the operator's allowed policy classes) becomes the scheduler's own
+    allow list, so that a policy the operator accepts later is not refused by the
+    scheduler; an allow list the pod sets itself is its owner's and stays."""
     containers = [dict(c) for c in (pod.get("spec") or {}).get("containers") or ()]
     if not containers:
         return None
@@ -62,6 +70,8 @@ def scheduler_containers(
     present = {e.get("name") for e in env}
     if preload and PRELOAD_ENV not in present:
         wanted[PRELOAD_ENV] = "amm_core.plugin"
+    if allowed and ALLOWED_ENV not in present:
+        wanted[ALLOWED_ENV] = repr([str(p) for p in allowed])  # dask parses it with ast.literal_eval
     new = env + [{"name": k, "value": v} for k, v in wanted.items()]
     if new == list(target.get("env") or ()):
         return None

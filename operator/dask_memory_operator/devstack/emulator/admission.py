@@ -55,6 +55,20 @@ plugin/webhook: ``mutating/dispatcher.go``, ``errors/statuserror.go``,
   ``matchPolicy: Equivalent``, empty selectors, ``timeoutSeconds: 10``,
   ``reinvocationPolicy: Never``, rule ``scope: "*"``, service ``port: 443``).
 
+Client credentials, as kube-apiserver's ``--admission-control-config-file``: an
+``AdmissionConfiguration`` (``apiserver.config.k8s.io/v1``, or ``apiserver.k8s.io/v1alpha1``)
+whose ``MutatingAdmissionWebhook`` plugin has a ``WebhookAdmission`` configuration (inline
+or in the file ``path`` names) with an absolute ``kubeConfigFile``. The kubeconfig's user
+for a webhook is picked as AuthenticationInfoResolver picks it (apiserver/pkg/util/webhook/
+authentication.go): the exact ``host:port`` (``<service>.<namespace>.svc:<port>`` for a
+Service, the URL's host and port, 443 when it has none), then ``*.``-prefixed suffixes of
+it, both again without the port when it is 443, then ``*``, then the current context's
+user; none: anonymous. Its ``client-certificate``/``client-key`` (or ``-data``) are
+presented in the TLS handshake, a ``token``/``tokenFile`` as a bearer token, ``username``/
+``password`` as basic auth. Unlike kube-apiserver, the kubeconfig is read again whenever
+it changes, and a missing one means no credentials (kube-apiserver refuses to start):
+the stack's tests turn client certificates on and off without a restart.
+
 Approximated (Go's own texts not reproduced): the ``<reason>`` of a failed call is Go's
 form for the common cases (``dial tcp <ip>:<port>: connect: connection refused``,
 ``context deadline exceeded``, ``tls: failed to verify certificate: x509: certificate
@@ -82,7 +96,9 @@ import binascii
 import copy
 import json
 import logging
+import os
 import ssl
+import tempfile
 import urllib.parse
 import uuid
 from collections.abc import Mapping
@@ -91,6 +107,7 @@ from typing import Any
 import aiohttp
 import jsonpatch
 import kmock
+import yaml
 
 from .builtin import builtin_defaults, write_defaults
 from .errors import ApiError, FieldError, go_repr
@@ -303,10 +320,138 @@ class _CallFailed(Exception):
     """ErrCallingWebhook: what ``failurePolicy`` decides on."""
 
 
+# --------------------------------------------------------------------------- client credentials
+
+_ADMISSION_CONFIG_VERSIONS = ('apiserver.config.k8s.io/v1', 'apiserver.k8s.io/v1alpha1')
+_WEBHOOK_ADMISSION_VERSIONS = ('apiserver.config.k8s.io/v1', 'apiserver.config.k8s.io/v1alpha1')
+
+
+def webhook_kubeconfig_path(config_file: str | os.PathLike[str], plugin: str = 'MutatingAdmissionWebhook') -> str | None:
+    """The ``kubeConfigFile`` an AdmissionConfiguration gives ``plugin`` (None: none);
+    ValueError for a file kube-apiserver would refuse."""
+    with open(config_file, encoding='utf-8') as f:
+        doc = yaml.safe_load(f) or {}
+    if doc.get('kind') != 'AdmissionConfiguration' or doc.get('apiVersion') not in _ADMISSION_CONFIG_VERSIONS:
+        raise ValueError(f'{config_file}: not an AdmissionConfiguration')
+    for entry in doc.get('plugins') or ():
+        if not isinstance(entry, dict) or entry.get('name') != plugin:
+            continue
+        configuration = entry.get('configuration')
+        if configuration is None and entry.get('path'):
+            with open(os.path.join(os.path.dirname(os.fspath(config_file)), entry['path']), encoding='utf-8') as f:
+                configuration = yaml.safe_load(f)
+        if not isinstance(configuration, dict) or configuration.get('kind') != 'WebhookAdmission' \
+                or configuration.get('apiVersion') not in _WEBHOOK_ADMISSION_VERSIONS:
+            raise ValueError(f'{config_file}: plugin {plugin}: not a WebhookAdmission configuration')
+        path = configuration.get('kubeConfigFile') or ''
+        if not os.path.isabs(path):  # webhookadmission's LoadConfig
+            raise ValueError(f'{config_file}: kubeConfigFile: must be an absolute file path')
+        return path
+    return None
+
+
+def resolve_webhook_user(kubeconfig: Mapping[str, Any], target: str) -> dict[str, Any]:
+    """defaultAuthenticationInfoResolver.clientConfig: the kubeconfig user for ``host:port``
+    (``{}``: anonymous)."""
+    users = {u['name']: u.get('user') or {} for u in kubeconfig.get('users') or ()
+             if isinstance(u, dict) and isinstance(u.get('name'), str)}
+
+    def lookup(name: str) -> dict[str, Any] | None:
+        if name in users:
+            return users[name]
+        steps = name.split('.')
+        return next((users[f'*.{".".join(steps[i:])}'] for i in range(1, len(steps))
+                     if f'*.{".".join(steps[i:])}' in users), None)
+
+    found = lookup(target)
+    host, _, port = target.rpartition(':')
+    if found is None and port == '443':
+        found = lookup(host)
+    if found is None:
+        found = users.get('*')
+    if found is None:
+        context = next((c.get('context') or {} for c in kubeconfig.get('contexts') or ()
+                        if isinstance(c, dict) and c.get('name') == kubeconfig.get('current-context')), {})
+        found = users.get(context.get('user') or '')
+    return found or {}
+
+
+class _WebhookCredentials:
+    """The kubeconfig of the AdmissionConfiguration, read again when it changes."""
+
+    def __init__(self, config_file: str | os.PathLike[str]) -> None:
+        self.kubeconfig_path = webhook_kubeconfig_path(config_file)
+        self._stamp: tuple[int, int] | None = None
+        self._kubeconfig: dict[str, Any] = {}
+
+    def kubeconfig(self) -> dict[str, Any]:
+        if self.kubeconfig_path is None:
+            return {}
+        try:
+            st = os.stat(self.kubeconfig_path)
+        except FileNotFoundError:
+            self._stamp, self._kubeconfig = None, {}
+            return {}
+        if (st.st_mtime_ns, st.st_size) != self._stamp:
+            with open(self.kubeconfig_path, encoding='utf-8') as f:
+                self._kubeconfig = yaml.safe_load(f) or {}
+            self._stamp = (st.st_mtime_ns, st.st_size)
+        return self._kubeconfig
+
+
+def _load_client_certificate(user: Mapping[str, Any], context: ssl.SSLContext) -> None:
+    """Put a kubeconfig user's client certificate on the TLS context."""
+    cert, key = user.get('client-certificate'), user.get('client-key')
+    cert_data, key_data = user.get('client-certificate-data'), user.get('client-key-data')
+    if cert_data or key_data:
+        with tempfile.TemporaryDirectory(prefix='webhook-client-') as folder:
+            cert, key = os.path.join(folder, 'tls.crt'), os.path.join(folder, 'tls.key')
+            with open(cert, 'wb') as f:
+                f.write(base64.b64decode(cert_data or ''))
+            with open(key, 'wb') as f:
+                f.write(base64.b64decode(key_data or ''))
+            context.load_cert_chain(cert, key)
+    elif cert or key:
+        context.load_cert_chain(cert or '', key or '')
+
+
+def _stamp(path: Any) -> tuple[int, int] | None:
+    """A file's (mtime, size): a rotated client certificate is loaded anew."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size) if st else None
+
+
+def _present_headers(user: Mapping[str, Any], headers: dict[str, str]) -> None:
+    """A kubeconfig user's token or basic credentials, as headers."""
+    token = user.get('token')
+    if not token and user.get('tokenFile'):
+        with open(user['tokenFile'], encoding='utf-8') as f:
+            token = f.read().strip()
+    if token:
+        headers['Authorization'] = f'Bearer {token}'
+    elif user.get('username') or user.get('password'):
+        basic = base64.b64encode(f'{user.get("username") or ""}:{user.get("password") or ""}'.encode()).decode()
+        headers['Authorization'] = f'Basic {basic}'
+
+
 # --------------------------------------------------------------------------- the mixin
 
 class Admission:
     """Mutating admission webhooks (a mixin of ``KubeEmulator``)."""
+
+    #: kube-apiserver's ``--admission-control-config-file`` (client credentials for webhooks)
+    _webhook_credentials: _WebhookCredentials | None = None
+    #: TLS contexts by (caBundle, client credentials and their files' stamps)
+    _webhook_contexts: dict[tuple[Any, str], ssl.SSLContext]
+
+    def configure_admission(self, config_file: str | os.PathLike[str] | None) -> None:
+        """Read an AdmissionConfiguration (``--admission-control-config-file``); None: no
+        client credentials. ValueError when kube-apiserver would refuse it."""
+        self._webhook_credentials = _WebhookCredentials(config_file) if config_file else None
+        self._webhook_contexts = {}
 
     def _mutating_hooks(self, rtype: ResourceType, operation: str, subresource: str | None,
                         namespace: str) -> list[dict[str, Any]]:
@@ -511,13 +656,44 @@ class Admission:
         cc = hook.get('clientConfig') or {}
         timeout = int(hook.get('timeoutSeconds') or 10)
         url, host, server_name, port, path = self._webhook_endpoint(cc, timeout)
+        headers = {'Content-Type': 'application/json', 'Accept': 'application/json',
+                   'Host': urllib.parse.urlsplit(url).netloc}
+        user: Mapping[str, Any] = {}
+        if self._webhook_credentials is not None:
+            # ClientConfigFor(host:port) / ClientConfigForService(name.ns.svc:port)
+            target = (f'{cc["service"]["name"]}.{cc["service"]["namespace"]}.svc:{port}' if not cc.get('url')
+                      else f'{"[" + server_name + "]" if ":" in server_name else server_name}:{port}')
+            try:
+                user = resolve_webhook_user(self._webhook_credentials.kubeconfig(), target) or {}
+            except (OSError, ValueError) as e:
+                raise _CallFailed(f'could not get REST client: {e}') from None
+        # kube-apiserver keeps a REST client per webhook; building a TLS context (the
+        # system roots, a client certificate) per call would cost 200 ms here
+        stamps = [_stamp(user.get(k)) for k in ('client-certificate', 'client-key')]
+        key = (cc.get('caBundle'), json.dumps([user, stamps], sort_keys=True, default=str))
+        if not hasattr(self, '_webhook_contexts'):
+            self._webhook_contexts = {}
+        context = self._webhook_contexts.get(key)
+        if context is None:
+            try:
+                if cc.get('caBundle'):
+                    context = ssl.create_default_context(cadata=base64.b64decode(cc['caBundle'], validate=True).decode())
+                else:
+                    context = ssl.create_default_context()
+            except (binascii.Error, ValueError, ssl.SSLError):
+                raise _CallFailed('could not get REST client: unable to load root certificates: '
+                                  'unable to parse bytes as PEM block') from None
+            try:
+                _load_client_certificate(user, context)
+            except (OSError, ValueError, ssl.SSLError, binascii.Error) as e:
+                raise _CallFailed(f'could not get REST client: {e}') from None
+            if len(self._webhook_contexts) >= 64:
+                self._webhook_contexts.clear()
+            self._webhook_contexts[key] = context
         try:
-            context = ssl.create_default_context()
-            if cc.get('caBundle'):
-                context = ssl.create_default_context(cadata=base64.b64decode(cc['caBundle'], validate=True).decode())
-        except (binascii.Error, ValueError, ssl.SSLError):
-            raise _CallFailed('could not get REST client: unable to load root certificates: '
-                              'unable to parse bytes as PEM block') from None
+            _present_headers(user, headers)
+        except (OSError, ValueError) as e:
+            raise _CallFailed(f'could not get REST client: {e}') from None
         address = f'[{host}]' if ':' in host else host
         post = f'https://{address}:{port}{path}?timeout={timeout}s'
         data = json.dumps(review).encode()
@@ -525,8 +701,7 @@ class Admission:
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
                                              timeout=aiohttp.ClientTimeout(total=timeout)) as session:
                 async with session.post(post, data=data, ssl=context, server_hostname=server_name,
-                                        headers={'Content-Type': 'application/json', 'Accept': 'application/json',
-                                                 'Host': urllib.parse.urlsplit(url).netloc}) as resp:
+                                        headers=headers) as resp:
                     status, text = resp.status, await resp.text()
         except asyncio.TimeoutError:
             raise _CallFailed(f'failed to call webhook: Post "{url}": context deadline exceeded') from None
