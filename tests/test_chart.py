@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ import kubernetes_validate.utils
 import pytest
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID
 
 from dask_memory_operator.cli import build_parser
@@ -72,6 +74,15 @@ VARIANTS: dict[str, list[str]] = {
     "servicemonitor": ["--set", "metrics.serviceMonitor.enabled=true",
                        "--set-json", 'metrics.serviceMonitor.labels={"release":"prometheus"}'],
     "webhook-off": ["--set", "webhook.enabled=false"],
+    "every-namespace": ["--set", "namespaceSelector="],
+    "kube-1.29": ["--kube-version", "1.29.0"],
+    "client-auth": ["--set", "webhook.clientAuth.enabled=true", "--set", "webhook.clientAuth.caConfigMap=apiserver-ca"],
+    "networkpolicy-peers": [
+        "--set-json", 'networkPolicy.webhook.from=[{"ipBlock":{"cidr":"10.0.0.0/24"}}]',
+        # Helm merges maps with the defaults: null drops the default label
+        "--set-json", 'networkPolicy.metrics.namespaceSelector={"kubernetes.io/metadata.name":null,"team":"observability"}',
+        "--set-json", 'networkPolicy.extraIngress=[{"ports":[{"port":"health"}],"from":[{"ipBlock":{"cidr":"192.168.0.0/16"}}]}]',
+    ],
     "everything": [
         "--set", "priorityClassName=system-cluster-critical", "--set", "image.tag=dev",
         "--set", "serviceAccount.annotations.team=data",
@@ -88,6 +99,7 @@ VARIANTS: dict[str, list[str]] = {
 }
 #: Custom kinds whose CRDs are not here: rendered but not validated
 NOT_VALIDATED = {"ServiceMonitor", "Certificate", "Issuer"}
+GOVERNED = "dask-memory-operator.io/governed"
 #: Custom kinds validated against a CRD the chart ships
 CHART_CRDS = {"KopfPeering", "ClusterKopfPeering"}
 
@@ -200,6 +212,9 @@ def test_default_objects():
         ("Service", FULLNAME), ("Service", f"{FULLNAME}-webhook"),
         ("Secret", f"{FULLNAME}-webhook-tls"),
         ("MutatingWebhookConfiguration", FULLNAME),
+        ("NetworkPolicy", FULLNAME),
+        ("ValidatingAdmissionPolicy", f"{FULLNAME}-scope"),
+        ("ValidatingAdmissionPolicyBinding", f"{FULLNAME}-scope"),
     ])
     assert one(docs, "Deployment")["spec"]["replicas"] == 1
 
@@ -216,6 +231,9 @@ def test_default_objects():
     (["--set-json", 'watchNamespaces=["Not_A_Namespace"]'], "at '/watchNamespaces/0'"),
     (["--set-json", 'tolerations=[{"key":"a","operator":"Maybe"}]'], "at '/tolerations/0/operator'"),
     (["--set", "webhook.certManager.issuerRef.kind=Vault"], "at '/webhook/certManager/issuerRef/kind'"),
+    (["--set", "namespaceSelector=governed"], "at '/namespaceSelector'"),
+    (["--set", "namespaceSelector=a=b=c"], "at '/namespaceSelector'"),
+    (["--set", "webhook.certValidityDays=3651"], "at '/webhook/certValidityDays'"),
 ])
 def test_bad_values_are_refused_naming_the_key(args, message, tmp_path):
     for command in (["template", RELEASE], ["lint", "--strict"]):
@@ -277,10 +295,13 @@ def test_default_rbac_is_one_clusterrole_bound_to_the_service_account():
     assert grants(docs, "memorypolicies") == {"list", "watch", "patch"}
     assert grants(docs, "memorypolicies/status") == {"patch"}
     assert grants(docs, "deployments") == {"list", "delete"}
-    assert grants(docs, "pods") == {"list"}  # the webhook is on by default
+    assert grants(docs, "pods") == {"list"}  # the scheduler pods (and the webhook's counts)
+    assert grants(docs, "replicasets") == {"list"}  # a scheduler pod's ownership chain
     assert grants(docs, "customresourcedefinitions") == {"list", "watch"}
-    # cluster-wide: kopf does not look at namespaces; no peering when standalone
-    assert not grants(docs, "namespaces") and not grants(docs, "clusterkopfpeerings")
+    # the namespace selector's index and watch of Namespaces; no peering when standalone
+    assert grants(docs, "namespaces") == {"list", "watch"} and not grants(docs, "clusterkopfpeerings")
+    # every namespace (no selector): kopf does not look at namespaces
+    assert not grants(render("every-namespace"), "namespaces")
     assert not grants(docs, "pods/portforward") and not grants(docs, "secrets")
 
 
@@ -298,13 +319,15 @@ def test_namespaced_renders_roles_in_exactly_those_namespaces():
     assert {v for rule in cluster for v in rule["verbs"]} == {"list", "watch"}
     role_rules = [r for kind, _, r in rules(docs) if kind == "Role"]
     default_rules = one(render("defaults"), "ClusterRole", FULLNAME)["rules"]
-    assert role_rules == 2 * [r for r in default_rules if "customresourcedefinitions" not in r["resources"]]
+    assert role_rules == 2 * [r for r in default_rules
+                              if not {"customresourcedefinitions", "namespaces"} & set(r["resources"])]
     args = container(docs)["args"]
     assert args[:5] == ["run", "--namespace", "a", "--namespace", "b"] and "--all-namespaces" not in args
 
 
-def test_webhook_off_drops_the_pods_rule():
-    assert not grants(render("webhook-off"), "pods")
+def test_webhook_off_keeps_the_pods_rule_the_locator_needs():
+    # the operator connects to the scheduler pod it lists, never through its Service
+    assert grants(render("webhook-off"), "pods") == {"list"}
 
 
 def test_replicas_run_under_a_peering_of_their_own():
@@ -320,14 +343,18 @@ def test_replicas_run_under_a_peering_of_their_own():
     assert "--peering" not in container(render("defaults"))["args"]
 
 
-def test_namespaced_replicas_peer_in_each_namespace():
+def test_namespaced_replicas_peer_in_a_cluster_peering_tenants_cannot_write():
+    """Issue 15, case 4: a KopfPeering in a watched namespace is its tenant's to write
+    (a peer of higher priority there paused the operator everywhere): the peering is
+    the cluster-scoped one, as without watchNamespaces."""
     docs = render("namespaced-replicas2")
-    assert sorted(d["metadata"]["namespace"] for d in kinds(docs, "KopfPeering")) == ["a", "b"]
-    assert {d["metadata"]["name"] for d in kinds(docs, "KopfPeering")} == {FULLNAME}
-    assert not kinds(docs, "ClusterKopfPeering") and not grants(docs, "clusterkopfpeerings")
-    for role in kinds(docs, "Role"):
-        assert {v for r in role["rules"] if "kopfpeerings" in r["resources"] for v in r["verbs"]} == {
-            "list", "watch", "patch"}
+    assert not kinds(docs, "KopfPeering")
+    assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == FULLNAME
+    assert grants(docs, "clusterkopfpeerings") == {"list", "watch", "patch"}
+    assert not grants(docs, "kopfpeerings")
+    [patch] = [r for kind, _, r in rules(docs) if "clusterkopfpeerings" in r["resources"] and "patch" in r["verbs"]]
+    assert patch["resourceNames"] == [FULLNAME]
+    assert all(kind == "ClusterRole" for kind, _, r in rules(docs) if "clusterkopfpeerings" in r["resources"])
 
 
 def test_a_peering_named_default_is_refused():
@@ -347,7 +374,8 @@ def test_the_arguments_are_the_operators_own():
     c = container(render("defaults"))
     assert c["command"] == ["dask-memory-operator"]
     assert c["args"] == [
-        "run", "--all-namespaces", "--scheduler-access", "dns", "--resync-interval", "10",
+        "run", "--all-namespaces", "--namespace-selector", "dask-memory-operator.io/governed=true",
+        "--scheduler-access", "pod-ip", "--resync-interval", "10",
         "--liveness", "http://0.0.0.0:8081/healthz",
         "--metrics-address", "0.0.0.0", "--metrics-port", "8080",
         "--webhook-port", "9443", "--webhook-address", "0.0.0.0",
@@ -357,12 +385,26 @@ def test_the_arguments_are_the_operators_own():
     assert "env" not in c
     for variant in VARIANTS:
         args = _parse_args(container(render(variant))["args"])
-        assert args.command == "run" and args.scheduler_access == "dns"
+        assert args.command == "run" and args.scheduler_access == "pod-ip"
         assert args.liveness == "http://0.0.0.0:8081/healthz"
     parsed = _parse_args(container(render("everything"))["args"])
     assert parsed.allow_policy_class == ["mycorp.amm.*"] and parsed.rpc_timeout == 10.0
     assert "--metrics-port" not in container(render("metrics-off"))["args"]
     assert "--webhook-port" not in container(render("webhook-off"))["args"]
+
+
+def test_client_auth_mounts_the_client_ca_and_names_the_api_server():
+    c = container(render("client-auth"))
+    args = _parse_args(c["args"])
+    assert args.webhook_client_ca == "/etc/dask-memory-operator/webhook-client-ca/ca.crt"
+    assert args.webhook_client_name == ["kube-apiserver"]
+    volumes = one(render("client-auth"), "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "webhook-client-ca", "configMap": {"name": "apiserver-ca"}} in volumes
+    assert {"name": "webhook-client-ca", "mountPath": "/etc/dask-memory-operator/webhook-client-ca",
+            "readOnly": True} in c["volumeMounts"]
+    assert "--webhook-client-ca" not in container(render("defaults"))["args"]
+    out = helm("template", "x", str(CHART), "--set", "webhook.clientAuth.enabled=true", check=False)
+    assert out.returncode != 0 and "webhook.clientAuth.caConfigMap is required" in out.stderr
 
 
 def test_one_replica_is_replaced_not_rolled():
@@ -451,13 +493,24 @@ def _without_labels(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _governed_only(configuration: dict[str, Any]) -> dict[str, Any]:
+    """The Python configuration with the chart's default namespace selector (a label only
+    a cluster admin sets), in the webhook's key order."""
+    [hook] = configuration["webhooks"]
+    items = list(hook.items())
+    at = [k for k, _ in items].index("objectSelector")
+    selector = {"matchLabels": {"dask-memory-operator.io/governed": "true"}}
+    configuration["webhooks"] = [dict(items[:at] + [("namespaceSelector", selector)] + items[at:])]
+    return configuration
+
+
 def test_the_webhook_configuration_is_the_pythons():
     docs = render("defaults")
     rendered = one(docs, "MutatingWebhookConfiguration")
     ca_pem = base64.b64decode(rendered["webhooks"][0]["clientConfig"]["caBundle"])
     expected = configuration.mutating_webhook_configuration(
         ca_pem, service={"namespace": NAMESPACE, "name": f"{FULLNAME}-webhook", "port": 443}, name=FULLNAME)
-    assert _without_labels(rendered) == expected
+    assert _without_labels(rendered) == _governed_only(expected)
     namespaced = one(render("namespaced"), "MutatingWebhookConfiguration")
     assert _without_labels(namespaced) == configuration.mutating_webhook_configuration(
         base64.b64decode(namespaced["webhooks"][0]["clientConfig"]["caBundle"]),
@@ -503,7 +556,7 @@ def test_cert_manager_issues_the_certificate_and_injects_the_ca():
     expected = configuration.mutating_webhook_configuration(
         b"", service={"namespace": NAMESPACE, "name": f"{FULLNAME}-webhook", "port": 443}, name=FULLNAME)
     del expected["webhooks"][0]["clientConfig"]["caBundle"]
-    assert _without_labels(hook) == expected
+    assert _without_labels(hook) == _governed_only(expected)
 
     given = render("cert-manager-issuer")
     assert not kinds(given, "Issuer")
@@ -516,6 +569,164 @@ def test_webhook_off_renders_no_webhook():
     for kind in ("MutatingWebhookConfiguration", "Secret", "Certificate", "Issuer"):
         assert not kinds(docs, kind)
     assert [s["metadata"]["name"] for s in kinds(docs, "Service")] == [FULLNAME]
+
+
+def test_the_generated_certificate_is_ecdsa_for_a_year_with_its_expiry_noted():
+    """Issue 15, case 8: no longer RSA-2048 for 10 years."""
+    secret = one(render("defaults"), "Secret", f"{FULLNAME}-webhook-tls")
+    data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+    ca, cert = x509.load_pem_x509_certificate(data["ca.crt"]), x509.load_pem_x509_certificate(data["tls.crt"])
+    for c in (ca, cert):
+        assert isinstance(c.public_key(), ec.EllipticCurvePublicKey) and c.public_key().curve.name == "secp256r1"
+        assert timedelta(days=364) < c.not_valid_after_utc - c.not_valid_before_utc <= timedelta(days=366)
+    # what the next `helm upgrade` reads to decide whether to renew it
+    noted = datetime.fromisoformat(secret["metadata"]["annotations"]["dask-memory-operator.io/certificate-not-after"])
+    assert abs(noted - cert.not_valid_after_utc) < timedelta(minutes=5)
+
+
+def _secret_of(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], bytes]:
+    secret = one(docs, "Secret", f"{FULLNAME}-webhook-tls")
+    bundle = one(docs, "MutatingWebhookConfiguration")["webhooks"][0]["clientConfig"]["caBundle"]
+    return secret, base64.b64decode(bundle)
+
+
+async def test_an_upgrade_keeps_the_certificate_until_it_is_due_for_renewal(tmp_path):
+    """`helm upgrade` (rendered as with a cluster: --dry-run=server, so `lookup` reads
+    the emulated API) keeps a Secret that expires in more than 30 days, renews one
+    that expires sooner or whose expiry is unknown (an older chart's), and trusts the
+    old CA too while the pods still serve the old certificate."""
+    async with ApiServer() as server:
+        write_kubeconfig(tmp_path / "kubeconfig", server.url)
+        await server.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+        installed, _ = _secret_of(render("defaults"))
+
+        async def upgrade_with(not_after: str | None) -> tuple[dict[str, Any], bytes]:
+            existing = json.loads(json.dumps(installed))
+            # as the release made it (Helm's ownership marks), with that expiry noted or none
+            annotations = {"meta.helm.sh/release-name": RELEASE, "meta.helm.sh/release-namespace": NAMESPACE}
+            if not_after is not None:
+                annotations["dask-memory-operator.io/certificate-not-after"] = not_after
+            existing["metadata"] = {"name": installed["metadata"]["name"], "namespace": NAMESPACE,
+                                    "labels": installed["metadata"]["labels"], "annotations": annotations}
+            await server.apply(existing)
+            proc = await asyncio.create_subprocess_exec(
+                str(helm_binary()), "template", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=server",
+                "--is-upgrade", "--kubeconfig", str(tmp_path / "kubeconfig"),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err.decode()
+            return _secret_of([d for d in yaml.safe_load_all(out.decode()) if d])
+
+        def iso(days: float) -> str:
+            return (datetime.now(UTC) + timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+        kept, bundle = await upgrade_with(iso(31))
+        assert kept["data"] == installed["data"] and bundle == base64.b64decode(installed["data"]["ca.crt"])
+        old_ca = base64.b64decode(installed["data"]["ca.crt"])
+        for not_after in (iso(29), iso(-1), None):
+            renewed, bundle = await upgrade_with(not_after)
+            assert renewed["data"]["tls.key"] != installed["data"]["tls.key"]
+            new_ca = base64.b64decode(renewed["data"]["ca.crt"])
+            assert new_ca != old_ca and bundle == new_ca + old_ca, not_after
+            cert = x509.load_pem_x509_certificate(base64.b64decode(renewed["data"]["tls.crt"]))
+            cert.verify_directly_issued_by(x509.load_pem_x509_certificate(new_ca))
+            assert cert.not_valid_after_utc - datetime.now(UTC) > timedelta(days=364)
+
+
+# --- multi-tenant defaults (issue 15, cases 6 and 7) ----------------------------------------
+
+
+def test_the_operator_acts_only_in_namespaces_a_cluster_admin_labelled():
+    docs = render("defaults")
+    args = _parse_args(container(docs)["args"])
+    assert args.all_namespaces and args.namespace_selector == (GOVERNED, "true")
+    [hook] = one(docs, "MutatingWebhookConfiguration")["webhooks"]
+    assert hook["namespaceSelector"] == {"matchLabels": {GOVERNED: "true"}}
+    # empty: every namespace, as before
+    every = render("every-namespace")
+    assert _parse_args(container(every)["args"]).namespace_selector is None
+    assert "namespaceSelector" not in one(every, "MutatingWebhookConfiguration")["webhooks"][0]
+    # a list of namespaces is the admin's choice already: the selector is not used
+    namespaced = render("namespaced")
+    assert _parse_args(container(namespaced)["args"]).namespace_selector is None
+    assert one(namespaced, "MutatingWebhookConfiguration")["webhooks"][0]["namespaceSelector"] == {
+        "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["a", "b"]}]}
+
+
+def test_the_cli_refuses_a_namespace_selector_that_is_not_a_label():
+    assert _parse_args(["run", "--namespace-selector", "example.com/team=data"]).namespace_selector == (
+        "example.com/team", "data")
+    assert _parse_args(["run", "--namespace-selector", "opted-in="]).namespace_selector == ("opted-in", "")
+    for bad in ("governed", "=true", "a b=c", "x=" + "v" * 64, "Bad_Prefix.io/x=y"):
+        with pytest.raises(SystemExit):
+            _parse_args(["run", "--namespace-selector", bad])
+
+
+def test_the_network_policy_admits_each_port_from_its_callers_only():
+    docs = render("defaults")
+    spec = one(docs, "NetworkPolicy", FULLNAME)["spec"]
+    assert spec["podSelector"] == one(docs, "Deployment")["spec"]["selector"]
+    assert spec["policyTypes"] == ["Ingress"]
+    by_port = {}
+    for rule in spec["ingress"]:
+        [port] = rule["ports"]
+        assert port["protocol"] == "TCP"
+        by_port[port["port"]] = rule.get("from")
+    assert by_port == {
+        "webhook": None,  # the API server's address is not selectable: any source
+        "metrics": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "health": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "dask-memory-operator",
+                                                    "app.kubernetes.io/instance": RELEASE,
+                                                    "app.kubernetes.io/component": "test"}}}],
+    }
+    # named ports of the operator's container; the helm test pod matches its rule
+    assert set(by_port) == {p["name"] for p in container(docs)["ports"]}
+    test_pod = one(docs, "Pod")["metadata"]["labels"]
+    assert by_port["health"][0]["podSelector"]["matchLabels"].items() <= test_pod.items()
+    # the probes ask the health port: they come from the node, which a policy lets through
+    assert container(docs)["livenessProbe"]["httpGet"]["port"] == "health"
+
+    given = one(render("networkpolicy-peers"), "NetworkPolicy")["spec"]["ingress"]
+    assert given[0]["from"] == [{"ipBlock": {"cidr": "10.0.0.0/24"}}]
+    assert given[1]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "observability"}}}]
+    assert given[-1] == {"ports": [{"port": "health"}], "from": [{"ipBlock": {"cidr": "192.168.0.0/16"}}]}
+    assert [r["ports"][0]["port"] for r in one(render("metrics-off"), "NetworkPolicy")["spec"]["ingress"]] == [
+        "webhook", "health"]
+    assert [r["ports"][0]["port"] for r in one(render("webhook-off"), "NetworkPolicy")["spec"]["ingress"]] == [
+        "metrics", "health"]
+    off = helm("template", RELEASE, str(CHART), "--set", "networkPolicy.enabled=false").stdout
+    assert "kind: NetworkPolicy" not in off
+    # no selector would be every namespace's pods: refused, not rendered
+    out = helm("template", RELEASE, str(CHART), "--set", "networkPolicy.metrics.namespaceSelector=null", check=False)
+    assert out.returncode != 0 and "networkPolicy.metrics.namespaceSelector" in out.stderr
+
+
+def test_an_admission_policy_narrows_the_deletes_and_patches_rbac_cannot():
+    docs = render("defaults")
+    policy = one(docs, "ValidatingAdmissionPolicy", f"{FULLNAME}-scope")["spec"]
+    assert one(docs, "ValidatingAdmissionPolicyBinding", f"{FULLNAME}-scope")["spec"] == {
+        "policyName": f"{FULLNAME}-scope", "validationActions": ["Deny"]}
+    assert policy["failurePolicy"] == "Fail"
+    matched = {(r["apiGroups"][0], r["resources"][0], r["operations"][0])
+               for r in policy["matchConstraints"]["resourceRules"]}
+    assert matched == {("apps", "deployments", "DELETE"), ("kubernetes.dask.org", "daskworkergroups", "UPDATE")}
+    # exactly the writes the ClusterRole grants in every namespace
+    assert "delete" in grants(docs, "deployments") and "patch" in grants(docs, "daskworkergroups")
+    [who] = policy["matchConditions"]
+    assert who["expression"] == f"request.userInfo.username == 'system:serviceaccount:{NAMESPACE}:{FULLNAME}'"
+    worker, governed = (v["expression"] for v in policy["validations"])
+    assert "oldObject.metadata.labels['dask.org/component'] == 'worker'" in worker
+    assert f"namespaceObject.metadata.labels['{GOVERNED}'] == 'true'" in governed
+    # every namespace: only the Deployments are narrowed
+    [only] = one(render("every-namespace"), "ValidatingAdmissionPolicy")["spec"]["validations"]
+    assert only["expression"] == worker
+    # not served (before 1.30, or off): not rendered; discovery saying it is served wins
+    assert not kinds(render("kube-1.29"), "ValidatingAdmissionPolicy")
+    served = helm("template", RELEASE, str(CHART), "--kube-version", "1.29.0",
+                  "--api-versions", "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy").stdout
+    assert "kind: ValidatingAdmissionPolicyBinding" in served
+    off = helm("template", RELEASE, str(CHART), "--set", "admissionPolicy.enabled=false").stdout
+    assert "ValidatingAdmissionPolicy" not in off
 
 
 # --- metrics, helm test, NOTES ----------------------------------------------------------------
@@ -737,7 +948,7 @@ def test_the_image_install_steps_and_entrypoint(tmp_path):
         health, metrics = _free_port(), _free_port()
         env["KUBECONFIG"] = str(kubeconfig)
         operator = subprocess.Popen(
-            [str(entrypoint), "run", "--scheduler-access", "cluster-ip",
+            [str(entrypoint), "run", "--scheduler-access", "pod-ip",
              "--liveness", f"http://127.0.0.1:{health}/healthz",
              "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics)],
             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -6,8 +6,9 @@ MemoryPolicy. A worker pod's admission review, sent to each replica's webhook se
 as the API server sends it, must come back with the same governed patch: the
 retirement hook and its grace period.
 
-The replicas watch only the test's namespace (a KopfPeering there): the stack is
-shared, and they must not act on other tests' namespaces.
+The replicas watch only the test's namespace: the stack is shared, and they must not
+act on other tests' namespaces. They peer in a ClusterKopfPeering of the test's own
+(never a namespace's KopfPeering, which its tenant could write: issue 15, case 4).
 """
 
 from __future__ import annotations
@@ -89,10 +90,10 @@ def peers(stack: LocalStack, namespace: str, tmp_path: Path) -> Iterator[dict[st
     for doc in yaml.safe_load_all(PEERING_CRDS.read_text()):
         if doc:
             stack.apply(doc)
-    stack.wait_for(lambda: stack.get_json(f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings") is not None,
-                   30, "the KopfPeering kind served")
-    stack.apply({"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING}},
-                namespace=namespace)
+    stack.wait_for(lambda: stack.get_json("/apis/kopf.dev/v1/clusterkopfpeerings") is not None,
+                   30, "the ClusterKopfPeering kind served")
+    peering = f"{PEERING}-{namespace}"[:253]
+    stack.apply({"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}})
     write_webhook_certs(tmp_path / "certs", ["localhost"], ["127.0.0.1"])
     ports = {}
     try:
@@ -100,8 +101,8 @@ def peers(stack: LocalStack, namespace: str, tmp_path: Path) -> Iterator[dict[st
             ports[name] = free_port()
             stack.start_process(name, [
                 sys.executable, "-m", "dask_memory_operator.cli", "run", "--verbose",
-                "--namespace", namespace, "--peering", PEERING, "--priority", str(priority),
-                "--scheduler-access", "cluster-ip", "--resync-interval", "600", "--rpc-timeout", "3",
+                "--namespace", namespace, "--peering", peering, "--priority", str(priority),
+                "--scheduler-access", "pod-ip", "--resync-interval", "600", "--rpc-timeout", "3",
                 "--webhook-port", str(ports[name]), "--webhook-address", "127.0.0.1",
                 "--webhook-cert-dir", str(tmp_path / "certs")])
             if name == ACTIVE[0]:
@@ -114,6 +115,7 @@ def peers(stack: LocalStack, namespace: str, tmp_path: Path) -> Iterator[dict[st
     finally:
         for name in ports:
             stack.stop_process(name)
+        stack.kubectl("delete", "clusterkopfpeering", peering, "--wait=false", check=False)
 
 
 def test_a_standby_replica_admits_a_worker_pod_with_the_active_ones_patch(

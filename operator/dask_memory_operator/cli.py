@@ -24,19 +24,29 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                        help="watch only this namespace (repeatable; glob patterns allowed)")
     scope.add_argument("--all-namespaces", "-A", action="store_true",
                        help="watch every namespace (the default)")
-    p.add_argument("--scheduler-access", choices=["auto", "dns", "cluster-ip", "port-forward"],
+    p.add_argument("--namespace-selector", metavar="LABEL=VALUE", type=_label_selector, default=None,
+                   help="act only in namespaces with this label (a cluster admin opts them in), "
+                        "e.g. dask-memory-operator.io/governed=true; default: every watched namespace")
+    p.add_argument("--scheduler-access", choices=["auto", "pod-ip", "port-forward", "dns", "cluster-ip"],
                    default="auto",
-                   help="how to reach schedulers: dns in a pod, port-forward from a laptop "
-                        "(auto picks one of those), cluster-ip where Service IPs are routable")
+                   help="how to reach a cluster's own scheduler pod (never through its Service, "
+                        "which a tenant can redirect): pod-ip in a pod or where pod IPs are "
+                        "routable, port-forward from a laptop (auto picks one of those); dns and "
+                        "cluster-ip are deprecated names of pod-ip")
     p.add_argument("--allow-policy-class", action="append", default=[], metavar="PATTERN",
-                   help="dotted path or glob (mycompany.amm.*) of AMM policy classes a "
-                        "MemoryPolicy may name besides the built-in ones (repeatable)")
+                   help="dotted path or glob of AMM policy classes a MemoryPolicy may name "
+                        "besides the built-in ones (repeatable): mycompany.amm.* is the classes "
+                        "of module mycompany.amm (* does not cross a dot), mycompany.amm.** "
+                        "those of its submodules too; schedulers whose pods the webhook admits "
+                        "get the same list (dask config amm-core.allowed-policy-classes)")
     p.add_argument("--resync-interval", type=float, default=10.0, metavar="SECONDS",
                    help="how often every MemoryPolicy is compared with its schedulers")
     p.add_argument("--rpc-timeout", type=float, default=5.0, metavar="SECONDS")
     p.add_argument("--peering", metavar="NAME",
-                   help="kopf peering name for several replicas; default: standalone "
-                        "(never the peering of dask-kubernetes' operator)")
+                   help="kopf peering name for several replicas: a ClusterKopfPeering, also "
+                        "with --namespace (a namespace's KopfPeering is writable by its "
+                        "tenants); default: standalone (never the peering of dask-kubernetes' "
+                        "operator)")
     p.add_argument("--priority", type=int, default=None,
                    help="kopf peering priority; with --peering the default is a random one "
                         "per process, as kopf pauses every peer when two share the highest")
@@ -57,7 +67,23 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                       help="tls.crt and tls.key (and ca.crt) mounted from a Secret, reloaded "
                            "when they change; without it a certificate is made for local "
                            "use (its CA's path is logged)")
+    hook.add_argument("--webhook-client-ca", default=None, metavar="FILE",
+                      help="answer only clients with a certificate signed by this CA (the API "
+                           "server's webhook client certificate, from its AdmissionConfiguration); "
+                           "without it anyone reaching the port gets answers")
+    hook.add_argument("--webhook-client-name", action="append", default=[], metavar="NAME",
+                      help="and whose certificate carries this name as CN or DNS SAN "
+                           "(repeatable; needs --webhook-client-ca)")
     p.add_argument("--verbose", "-v", action="store_true")
+
+
+def _label_selector(text: str) -> tuple[str, str]:
+    from dask_memory_operator.controllers.config import parse_selector
+
+    try:
+        return parse_selector(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_check(sub: argparse._SubParsersAction) -> None:
@@ -92,6 +118,7 @@ def peering_priority(args: argparse.Namespace) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     import kopf
+    from dask_memory_operator.untrusted import raise_recursion_limit; raise_recursion_limit()  # JSON 10,000 deep
     from prometheus_client import start_http_server
 
     from dask_memory_operator.schedulers.locator import SchedulerLocator
@@ -103,14 +130,18 @@ def run(args: argparse.Namespace) -> int:
         # dask-kubernetes' operator runs with kopf's default peering; sharing it
         # would pause one of the two operators.
         raise SystemExit("--peering default would pause the dask-kubernetes operator; pick another name")
+    if args.webhook_client_name and not args.webhook_client_ca:
+        raise SystemExit("--webhook-client-name needs --webhook-client-ca (the names of a verified certificate)")
     config = OperatorConfig(
         allowed_policy_classes=tuple(args.allow_policy_class),
         resync_interval=args.resync_interval,
         webhook=WebhookConfig(
             port=args.webhook_port, address=args.webhook_address, host=args.webhook_host,
-            cert_dir=args.webhook_cert_dir,
+            cert_dir=args.webhook_cert_dir, client_ca=args.webhook_client_ca,
+            client_names=tuple(args.webhook_client_name),
         ) if args.webhook_port else None,
         peered=args.peering is not None,
+        namespace_selector=args.namespace_selector,
     )
     kopf.configure(verbose=args.verbose)
     if args.metrics_port:

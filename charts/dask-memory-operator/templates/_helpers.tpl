@@ -60,6 +60,19 @@ app.kubernetes.io/component: operator
 {{- gt (int .Values.replicaCount) 1 | ternary "true" "" }}
 {{- end }}
 
+{{/* The namespace label the operator acts on, LABEL=VALUE, when in effect: without
+watchNamespaces (a list of names is the admin's choice already). Empty: none. */}}
+{{- define "dmo.namespaceSelector" -}}
+{{- if not .Values.watchNamespaces }}{{ .Values.namespaceSelector | default "" }}{{ end }}
+{{- end }}
+
+{{/* ValidatingAdmissionPolicy served (admissionregistration.k8s.io/v1, GA in 1.30):
+discovery says so on install; `helm template` knows only group/versions, so its
+--kube-version (default: Helm's own) decides there. */}}
+{{- define "dmo.admissionPolicy" -}}
+{{- if and .Values.admissionPolicy.enabled (or (.Capabilities.APIVersions.Has "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy") (semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version)) }}true{{ end }}
+{{- end }}
+
 {{/* The Services: the operator's ports (health, metrics) and the webhook's. */}}
 {{- define "dmo.serviceName" -}}
 {{- include "dmo.fullname" . }}
@@ -77,6 +90,8 @@ app.kubernetes.io/component: operator
 {{/* Fixed in-pod paths and ports; the cert dir stays literal in the args (the dev
 stack's kubelet maps a Secret's mountPath found in the args to its own folder). */}}
 {{- define "dmo.certDir" -}}/etc/dask-memory-operator/webhook-certs{{- end }}
+{{/* Where the CA of the API server's webhook client certificate is mounted. */}}
+{{- define "dmo.clientCADir" -}}/etc/dask-memory-operator/webhook-client-ca{{- end }}
 {{- define "dmo.healthPort" -}}8081{{- end }}
 {{- define "dmo.metricsPort" -}}8080{{- end }}
 {{- define "dmo.webhookPort" -}}9443{{- end }}
@@ -91,9 +106,13 @@ stack's kubelet maps a Secret's mountPath found in the args to its own folder). 
 {{- end }}
 {{- else }}
 - --all-namespaces
+{{- with include "dmo.namespaceSelector" . }}
+- --namespace-selector
+- {{ . | quote }}
+{{- end }}
 {{- end }}
 - --scheduler-access
-- dns
+- pod-ip
 - --resync-interval
 - {{ .Values.resyncInterval | toString | quote }}
 - --liveness
@@ -111,6 +130,14 @@ stack's kubelet maps a Secret's mountPath found in the args to its own folder). 
 - "0.0.0.0"
 - --webhook-cert-dir
 - {{ include "dmo.certDir" . }}
+{{- if .Values.webhook.clientAuth.enabled }}
+- --webhook-client-ca
+- {{ include "dmo.clientCADir" . }}/ca.crt
+{{- range .Values.webhook.clientAuth.names }}
+- --webhook-client-name
+- {{ . | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- range .Values.allowPolicyClasses }}
 - --allow-policy-class

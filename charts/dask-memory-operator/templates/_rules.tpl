@@ -15,7 +15,8 @@ own system:discovery role and is not repeated here.
 # kopf: the MemoryPolicy handlers and index (controllers/registry.py: on.create/update/
 # resume/delete, the resync and scale timers, memorypolicies_by_namespace) list and
 # watch them; kopf patches its finalizer amm.dask.org/restore-schedulers and its
-# progress/diffbase annotations (controllers/registry.py configure_operator).
+# progress/diffbase annotations (controllers/registry.py configure_operator);
+# controllers/scope.py annotates a namespace's policies when its label changes.
 # With replicaCount > 1, webhook/handlers.py mutate_pod_among_peers lists a pod's
 # namespace's policies for each admission.
 - apiGroups: ["amm.dask.org"]
@@ -26,6 +27,8 @@ own system:discovery role and is not repeated here.
 - apiGroups: ["amm.dask.org"]
   resources: ["memorypolicies/status"]
   verbs: ["patch"]
+# schedulers/locator.py SchedulerLocator._refusal reads a scheduler's DaskCluster by
+# name (a list), the end of the scheduler pod's ownership chain.
 # kopf: index daskclusters_by_namespace and on.event converge_changed_cluster
 # (controllers/daskcluster.py); with replicaCount > 1, webhook/handlers.py
 # mutate_pod_among_peers reads a pod's DaskCluster by name (a list). Nothing ever
@@ -43,12 +46,19 @@ own system:discovery role and is not repeated here.
   resources: ["daskworkergroups"]
   verbs: ["list", "patch"]
 # controllers/workergroup.py: cluster_deployments (list by labels) and
-# delete_deployment (the retired worker's Deployment, with a uid precondition).
+# delete_deployment (the retired worker's Deployment, with a uid precondition);
+# schedulers/locator.py SchedulerLocator._refusal reads the scheduler Deployment (a
+# list by name) to check the scheduler pod's ownership.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["list", "delete"]
-# schedulers/locator.py SchedulerLocator._get_service: the scheduler Service (kr8s
-# get by name: a list), its port and selector.
+# schedulers/locator.py SchedulerLocator._refusal: the scheduler pod's ReplicaSet (a
+# list by name), the link from the pod to the scheduler Deployment.
+- apiGroups: ["apps"]
+  resources: ["replicasets"]
+  verbs: ["list"]
+# schedulers/locator.py SchedulerLocator._comm_port: the scheduler Service's tcp-comm
+# targetPort, only when the pod names no tcp-comm port (a list by name).
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["list"]
@@ -57,24 +67,13 @@ own system:discovery role and is not repeated here.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-{{- if .Values.webhook.enabled }}
-# webhook on: controllers/workergroup.py workers_without_hook (called by
-# controllers/scaling.py _hooks) counts worker pods created without the preStop hook.
+# schedulers/locator.py SchedulerLocator.scheduler_pod: the cluster's scheduler pods
+# (list by labels), whose pod IP the operator connects to; with the webhook on,
+# controllers/workergroup.py workers_without_hook (called by controllers/scaling.py
+# _hooks) counts worker pods created without the preStop hook.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
-{{- end }}
-{{- if and (include "dmo.peering" .) .Values.watchNamespaces }}
-# kopf peering (replicaCount > 1, watchNamespaces): kopf watches the KopfPeering of each
-# served namespace and patches its own heartbeat into the release's one.
-- apiGroups: ["kopf.dev"]
-  resources: ["kopfpeerings"]
-  verbs: ["list", "watch"]
-- apiGroups: ["kopf.dev"]
-  resources: ["kopfpeerings"]
-  resourceNames: [{{ include "dmo.peeringName" . | quote }}]
-  verbs: ["patch"]
-{{- end }}
 {{- end }}
 
 {{/* Rules only kopf needs, at cluster scope. */}}
@@ -84,15 +83,19 @@ own system:discovery role and is not repeated here.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
-{{- if .Values.watchNamespaces }}
+{{- if or .Values.watchNamespaces (include "dmo.namespaceSelector" .) }}
 # kopf (reactor/observation.py namespace_observer), only when not cluster-wide: lists
-# and watches namespaces to serve the listed ones when they exist.
+# and watches namespaces to serve the listed ones when they exist. With the namespace
+# selector: controllers/scope.py's index of the labelled namespaces and its watch of
+# their label.
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
-{{- else if include "dmo.peering" . }}
-# kopf peering (replicaCount > 1, cluster-wide): kopf watches ClusterKopfPeerings and
-# patches its own heartbeat into the release's one.
+{{- end }}
+{{- if include "dmo.peering" . }}
+# kopf peering (replicaCount > 1): kopf watches ClusterKopfPeerings and patches its own
+# heartbeat into the release's one (cluster-wide also with watchNamespaces: tenants
+# cannot write it).
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
   verbs: ["list", "watch"]

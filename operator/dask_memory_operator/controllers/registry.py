@@ -14,6 +14,8 @@ import kopf
 
 from dask_memory_operator.api.memorypolicy import DASK_GROUP, DASK_VERSION, GROUP, PLURAL, VERSION
 from dask_memory_operator.controllers.config import OperatorConfig, WebhookConfig
+from dask_memory_operator.controllers.diffbase import BoundedDiffBaseStorage
+from dask_memory_operator.controllers.scope import register_namespace_scope
 from dask_memory_operator.controllers.daskcluster import (
     converge_changed_cluster,
     daskclusters_by_namespace,
@@ -74,7 +76,9 @@ def configure_operator(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: An
     # kopf.zalando.org/last-handled-configuration on shared objects.
     settings.persistence.finalizer = f"{GROUP}/restore-schedulers"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    # bounded: a large spec is kept as a digest, so that no patch of kopf's passes the
+    # API server's 256 KiB of annotations (controllers/diffbase.py)
+    settings.persistence.diffbase_storage = BoundedDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.INFO
@@ -85,6 +89,11 @@ def configure_operator(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: An
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 90
     settings.networking.request_timeout = 30
+    # Peers meet in a ClusterKopfPeering only, also when watching some namespaces: kopf
+    # would otherwise peer (and pause on) a KopfPeering in each watched namespace, which
+    # that namespace's tenant can write (issue 15, case 4). Startup handlers run before
+    # kopf spawns its peering tasks (reactor/orchestration.py); standalone ignores it.
+    settings.peering.clusterwide = True
     hook = memo.config.webhook if memo.config else None
     if hook is not None:
         settings.admission.server = webhook_server(hook)
@@ -105,7 +114,11 @@ def webhook_server(hook: WebhookConfig) -> kopf.WebhookServer:
     files = {"certfile": os.path.join(cert_dir, "tls.crt"), "pkeyfile": os.path.join(cert_dir, "tls.key")}
     if os.path.exists(os.path.join(cert_dir, "ca.crt")):
         files["cafile"] = os.path.join(cert_dir, "ca.crt")
-    return kopf.WebhookServer(addr=hook.address, port=hook.port, host=hook.host, **files)
+    # kopf's server, answering only the API server's pod creations (webhook/server.py)
+    from dask_memory_operator.webhook.server import AdmissionServer
+
+    return AdmissionServer(addr=hook.address, port=hook.port, host=hook.host, client_ca=hook.client_ca,
+                           client_names=hook.client_names, **files)
 
 
 def _is_ip(text: str) -> bool:
@@ -135,13 +148,16 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     kopf.index(*cluster, registry=registry)(daskclusters_by_namespace)
     kopf.index(*policy, registry=registry)(memorypolicies_by_namespace)
     kopf.index(DASK_GROUP, DASK_VERSION, "daskautoscalers", registry=registry)(daskautoscalers_by_cluster)
-    kopf.on.event(*cluster, registry=registry)(converge_changed_cluster)
+    # --namespace-selector: every handler that acts is filtered (controllers/scope.py)
+    governed = register_namespace_scope(registry, config.namespace_selector)
+    kopf.on.event(*cluster, registry=registry, when=governed)(converge_changed_cluster)
 
     for decorate in (kopf.on.create, kopf.on.update, kopf.on.resume):
-        decorate(*policy, registry=registry, id=f"reconcile_on_{decorate.__name__}")(reconcile_policy)
-    kopf.timer(*policy, registry=registry, interval=config.resync_interval, id="resync")(reconcile_policy)
-    kopf.timer(*policy, registry=registry, interval=SCALING_TICK, id="scale")(scale_policy_clusters)
-    kopf.on.delete(*policy, registry=registry)(restore_on_delete)
+        decorate(*policy, registry=registry, id=f"reconcile_on_{decorate.__name__}", when=governed)(reconcile_policy)
+    kopf.timer(*policy, registry=registry, interval=config.resync_interval, id="resync",
+               when=governed)(reconcile_policy)
+    kopf.timer(*policy, registry=registry, interval=SCALING_TICK, id="scale", when=governed)(scale_policy_clusters)
+    kopf.on.delete(*policy, registry=registry, when=governed)(restore_on_delete)
     if config.webhook is not None:
         # among peers, a standby replica answers too: from the API, not its paused indexes
         mutate = mutate_pod_among_peers if config.peered else mutate_pod

@@ -29,6 +29,12 @@ Logs: ``<state dir>/logs/<name>.log`` per stack process, ``<state dir>/pods/<ns>
 per pod; the API server's audit log (``--audit-log-path``, JSON lines of
 ``audit.k8s.io/v1`` Events) is ``<state dir>/audit.log`` (:attr:`LocalStack.audit_log_path`,
 parsed by :meth:`LocalStack.audit_events`).
+
+The API server is started with an AdmissionConfiguration (kube-apiserver's
+``--admission-control-config-file``) naming :attr:`LocalStack.webhook_kubeconfig`: a
+kubeconfig whose users are the client credentials it presents to admission webhooks.
+The file does not exist at first (no credentials); a test writes it
+(:meth:`LocalStack.set_webhook_client`) and the API server reads it when it changes.
 """
 
 from __future__ import annotations
@@ -223,6 +229,21 @@ class LocalStack:
         return events
 
     @property
+    def webhook_kubeconfig(self) -> Path:
+        """The kubeconfig of the API server's client credentials for admission webhooks."""
+        return self.state_dir / "admission" / "webhook-kubeconfig"
+
+    def set_webhook_client(self, host_port: str, cert: Path | None, key: Path | None = None) -> None:
+        """Present this client certificate to the webhook at ``host_port`` (its URL's host
+        and port, or ``<service>.<namespace>.svc:<port>``); None: to none. Written atomically."""
+        users = [] if cert is None else [
+            {"name": host_port, "user": {"client-certificate": str(cert), "client-key": str(key)}}]
+        config = {"apiVersion": "v1", "kind": "Config", "clusters": [], "contexts": [], "users": users}
+        tmp = self.webhook_kubeconfig.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(config))
+        os.replace(tmp, self.webhook_kubeconfig)
+
+    @property
     def hosts_file(self) -> Path:
         """The cluster DNS hosts file, kept by the kubelet."""
         return self.state_dir / "kubelet" / "cluster-hosts"
@@ -242,9 +263,9 @@ class LocalStack:
     def _reserve_slot(self) -> int:
         """Reserve an address slot no other live stack on this machine holds.
 
-        Every stack binds schedulers to ``<clusterIP>:8786`` on the one loopback of
-        the machine: two stacks handing out the same clusterIP would let a worker of
-        one join the scheduler of the other. The slot is an flock on a file, held
+        Every stack's kube-proxy binds ``<clusterIP>:<port>`` and its pods their pod
+        IPs on the one loopback of the machine: two stacks handing out the same
+        addresses would let a worker of one join the scheduler of the other. The slot is an flock on a file, held
         while this stack lives and released by the kernel when its process dies.
         """
         SLOT_DIR.mkdir(exist_ok=True)
@@ -276,9 +297,16 @@ class LocalStack:
         self.kubeconfig.unlink(missing_ok=True)
         if self.slot is None:
             self.slot = self._reserve_slot()
+        admission = self.webhook_kubeconfig.parent / "admission-configuration.yaml"
+        admission.parent.mkdir(parents=True, exist_ok=True)
+        admission.write_text(yaml.safe_dump({
+            "apiVersion": "apiserver.config.k8s.io/v1", "kind": "AdmissionConfiguration",
+            "plugins": [{"name": "MutatingAdmissionWebhook", "configuration": {
+                "apiVersion": "apiserver.config.k8s.io/v1", "kind": "WebhookAdmission",
+                "kubeConfigFile": str(self.webhook_kubeconfig)}}]}))
         argv = [sys.executable, "-m", "dask_memory_operator.devstack.apiserver", "--port", "0",
                 "--kubeconfig", str(self.kubeconfig), "--service-cidr", self.service_cidr,
-                "--audit-log-path", str(self.audit_log_path)]
+                "--audit-log-path", str(self.audit_log_path), "--admission-control-config-file", str(admission)]
         for d in self.crd_dirs:
             argv += ["--crds", str(d)]
         apiserver = self.start_process("apiserver", argv, kubeconfig=False)
