@@ -160,3 +160,30 @@ async def test_one_read_per_contact_once_the_pod_is_checked(api):
     api.kubectl("delete", "pod", "demo-scheduler-5d9f-abcde", "-n", "ns", "--grace-period=0", "--force")
     make_pod(api, "demo-scheduler-5d9f-fghij", replicaset_owner(api), ip="127.2.200.9")
     assert await locator.address("ns", "demo") == "tcp://127.2.200.9:8786"
+
+
+async def test_look_alike_pods_cost_no_reads_after_their_first_refusal(api):
+    """A tenant's pods with the scheduler's labels and a broken chain: refused once,
+    then remembered until they change; only the newest two are ever checked."""
+    api.apply({"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "fake"},
+               "spec": {"replicas": 5, "selector": {"matchLabels": LABELS}, "template": _template()}},
+              namespace="ns")
+    owner = _owner("apps/v1", "ReplicaSet", "fake", _uid(api, "/apis/apps/v1/namespaces/ns/replicasets/fake"))
+    for i in range(5):
+        make_pod(api, f"fake-{i}", owner, ip=f"127.2.201.{i + 1}")
+    locator = SchedulerLocator("pod-ip")
+    before = len(api.audit_events())
+    with pytest.raises(SchedulerAccessError, match="not controlled by Deployment"):
+        await locator.address("ns", "demo")
+    first = [e.get("objectRef", {}).get("resource") for e in api.audit_events()[before:]]
+    assert first.count("replicasets") == 2, first  # the newest two, not all five
+    before = len(api.audit_events())
+    with pytest.raises(SchedulerAccessError, match="not controlled by Deployment"):
+        await locator.address("ns", "demo")
+    again = [e.get("objectRef", {}).get("resource") for e in api.audit_events()[before:]]
+    assert again == ["pods"], again
+
+
+async def test_an_ipv6_pod_ip_is_bracketed(api):
+    make_pod(api, "demo-scheduler-5d9f-abcde", replicaset_owner(api), ip="fd00::7")
+    assert await SchedulerLocator("pod-ip").address("ns", "demo") == "tcp://[fd00::7]:8786"

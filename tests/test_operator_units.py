@@ -410,7 +410,7 @@ def test_a_clusters_lock_lives_while_a_pass_holds_it_and_goes_after():
     async def scenario():
         reconciler = ClusterReconciler(FixedLocator("tcp://127.0.0.1:1"))
         async with reconciler._lock(("ns", "c")):
-            reconciler.forget_cluster("ns", "c")
+            await reconciler.forget_cluster("ns", "c")
             gc.collect()
             assert reconciler._lock(("ns", "c")).locked()  # still the one held
         gc.collect()
@@ -490,3 +490,24 @@ def test_the_degraded_condition_says_why():
 
 def conditions_of(status):
     return {c["type"]: c for c in status["conditions"]}
+
+
+def test_a_policy_timer_does_nothing_once_its_namespace_is_no_longer_governed():
+    """kopf re-filters a timer only at its object's next event: the tick checks."""
+    import asyncio
+
+    import kopf
+
+    from dask_memory_operator.controllers.scope import INDEX, checked_at_each_tick, register_namespace_scope
+
+    governed = register_namespace_scope(kopf.OperatorRegistry(), ("team", "on"))
+    calls = []
+
+    async def scale(**kwargs):
+        calls.append(kwargs["namespace"])
+
+    tick = checked_at_each_tick(scale, governed)
+    asyncio.run(tick(namespace="a", **{INDEX: {"a": [True], "b": [False]}}))
+    asyncio.run(tick(namespace="b", **{INDEX: {"a": [True], "b": [False]}}))
+    assert calls == ["a"]
+    assert checked_at_each_tick(scale, None) is scale  # no selector: every namespace

@@ -53,7 +53,7 @@ async def converge_changed_cluster(
     """A new or relabelled DaskCluster is configured now, not at the next resync."""
     reconciler: ClusterReconciler = memo.reconciler
     if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
-        reconciler.forget_cluster(namespace, name)
+        await reconciler.forget_cluster(namespace, name)
         memo.scaling.forget(namespace, name)
         metrics.forget(namespace, cluster=name)
         memo.cluster_labels.pop((namespace, name), None)

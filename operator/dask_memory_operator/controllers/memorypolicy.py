@@ -202,7 +202,7 @@ async def _release_unselected(
             # (restoring first would flash the scheduler's own)
             continue
         if cluster not in clusters:
-            reconciler.forget_cluster(namespace, cluster)
+            await reconciler.forget_cluster(namespace, cluster)
             continue
         why = await _wind_down_scaling(memo, namespace, clusters[cluster], policy)
         if why is not None:  # listed, so that the next pass tries again

@@ -437,9 +437,10 @@ class ClusterReconciler:
         for key in [k for k, b in self._backoffs.items() if b.tag is not None and b.tag[0] == policy_uid]:
             del self._backoffs[key]
 
-    def forget_cluster(self, namespace: str, cluster: str) -> None:
-        """The DaskCluster is gone: drop its backoff and its owed restore (its lock
-        goes by itself once no pass holds or waits for it)."""
+    async def forget_cluster(self, namespace: str, cluster: str) -> None:
+        """The DaskCluster is gone: drop its backoff, its owed restore and where its
+        scheduler was (its lock goes by itself once no pass holds or waits for it)."""
         key = (namespace, cluster)
         self._backoffs.pop(key, None)
         self.pending_restores.pop(key, None)
+        await self.locator.forget(namespace, cluster)

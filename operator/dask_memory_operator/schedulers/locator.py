@@ -72,6 +72,10 @@ COMM_PORT_NAME = "tcp-comm"
 #: At most this many pods labelled as one cluster's scheduler are looked at (one
 #: page); more is a namespace's own mess, reported on its cluster.
 MAX_SCHEDULER_PODS = 16
+#: Of those, the newest checked for ownership (a replacement has two for a while)
+MAX_CHECKED_PODS = 2
+#: Refused pods remembered by (uid, resourceVersion)
+MAX_REMEMBERED_REFUSALS = 1024
 DASK_GROUP = "kubernetes.dask.org"
 
 
@@ -144,6 +148,8 @@ class SchedulerLocator:
     mode: Literal["pod-ip", "port-forward"]
     #: Scheduler pods checked, by (namespace, cluster): (pod uid, pod IP, port).
     _verified: dict[tuple[str, str], tuple[str, str, int]]
+    #: Why a pod was refused, by (uid, resourceVersion): not asked again until it changes
+    _refused: dict[tuple[str, str], str]
     #: Open port-forwards by (namespace, cluster): (pod uid, forward, local port).
     _forwards: dict[tuple[str, str], tuple[str, Any, int]]
 
@@ -158,6 +164,7 @@ class SchedulerLocator:
             raise ValueError(f"unknown scheduler access mode {mode!r}")
         self.mode = mode
         self._verified = {}
+        self._refused = {}
         self._forwards = {}
         self._api: tuple[asyncio.AbstractEventLoop, Any] | None = None
 
@@ -172,7 +179,8 @@ class SchedulerLocator:
     async def address(self, namespace: str, cluster: str) -> str:
         pod, port = await self.scheduler_pod(namespace, cluster)
         if self.mode == "pod-ip":
-            return f"tcp://{pod['status']['podIP']}:{port}"
+            ip = pod["status"]["podIP"]
+            return f"tcp://[{ip}]:{port}" if ":" in ip else f"tcp://{ip}:{port}"
         return f"tcp://127.0.0.1:{await self._forward(namespace, cluster, pod, port)}"
 
     async def scheduler_pod(self, namespace: str, cluster: str) -> tuple[dict[str, Any], int]:
@@ -189,12 +197,21 @@ class SchedulerLocator:
         # The newest first: during a replacement, the new scheduler is the one to configure.
         candidates.sort(key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
         refusals = []
-        for pod in candidates:
+        # A tenant may add look-alike pods: only the newest few are checked, and a
+        # refusal is remembered until the pod changes, so they cost no reads per contact
+        for pod in candidates[:MAX_CHECKED_PODS]:
             uid, ip = pod["metadata"].get("uid", ""), pod["status"]["podIP"]
             known = self._verified.get(key)
             if known is not None and known[:2] == (uid, ip):
                 return pod, known[2]
-            reason = await self._refusal(namespace, cluster, pod)
+            stamp = (uid, pod["metadata"].get("resourceVersion", ""))
+            reason = self._refused.get(stamp)
+            if reason is None:
+                reason = await self._refusal(namespace, cluster, pod)
+                if reason is not None:
+                    if len(self._refused) >= MAX_REMEMBERED_REFUSALS:
+                        self._refused.clear()
+                    self._refused[stamp] = reason
             if reason is None:
                 port = await self._comm_port(namespace, cluster, pod)
                 self._verified[key] = (uid, ip, port)
