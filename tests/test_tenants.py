@@ -350,3 +350,34 @@ def test_a_spec_change_reaches_the_index_a_status_write_does_not_churn_it():
     ns.policy(kopf.Body({**changed, "status": {"observedGeneration": 2}}))
     (info3,) = ns.policies.index["ns"]
     assert info3 is info2
+
+
+async def test_a_tenant_with_many_clusters_is_capped_as_a_namespace_and_windows_end(monkeypatch):
+    posted: list[str] = []
+
+    async def create(ref: Any, reason: str, message: str, type_: str) -> None:
+        posted.append(reason)
+
+    monkeypatch.setattr(events, "_create", create)
+    gate = events.EventGate()
+
+    def cluster(ns: str, i: int) -> dict[str, Any]:
+        return events.dask_cluster_ref(ns, f"c{i}", f"u-{ns}-{i}")
+
+    admitted = sum(gate.admit(cluster("noisy", i), cluster("noisy", i), "Degraded", f"message {j}")
+                   for i in range(20) for j in range(events.EVENTS_PER_WINDOW))
+    assert admitted == events.EVENTS_PER_NAMESPACE  # not 20 × 30
+    # another namespace is not held back by it
+    assert gate.admit(cluster("quiet", 0), cluster("quiet", 0), "Degraded", "m")
+    # a window whose summary was due ends like any other: the gate forgets it
+    start = min(w.start for w in gate._windows.values())
+    pending = [w for w in gate._windows.values() if w.summary is not None]
+    assert pending
+    for window in pending:
+        window.summary.cancel()
+        gate._summarize(window)
+        assert window.summary is None
+    await asyncio.sleep(0)
+    assert set(posted) == {"EventsSuppressed"}
+    gate._prune(start + events.EVENT_WINDOW + 1)
+    assert gate._windows == {}

@@ -13,7 +13,8 @@ that sees it); the gate adds two rules whatever the caller does:
 - **Capped**: at most :data:`EVENTS_PER_WINDOW` Events about one DaskCluster (on the
   cluster or on its policy) in :data:`EVENT_WINDOW` seconds; past that, the others
   are counted and one ``EventsSuppressed`` warning on the cluster says how many,
-  when the window ends.
+  when the window ends; and at most :data:`EVENTS_PER_NAMESPACE` about all the
+  objects of one namespace (a tenant with many clusters).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 MAX_MESSAGE = 1024
 #: Events about one DaskCluster (or one policy, for the policy's own) per window
 EVENTS_PER_WINDOW = 30
+#: Events about all the objects of one namespace per window
+EVENTS_PER_NAMESPACE = 120
 #: Seconds of a window
 EVENT_WINDOW = 60.0
 #: Seconds before an Event the same as one posted (same object, reason, message) is
@@ -91,27 +94,33 @@ class EventGate:
         if last is not None and now - last < REPEAT_AFTER:
             return False  # the same Event, posted a moment ago: not news
         who = _key(subject)
-        window = self._windows.get(who)
-        if window is None or now - window.start >= EVENT_WINDOW:
-            if window is None and len(self._windows) >= MAX_REMEMBERED:
-                self._prune(now)
-            window = self._windows[who] = _Window(now, _ref_of(subject))
-        if window.posted >= EVENTS_PER_WINDOW:
+        window = self._window(who, subject, now)
+        tenant = self._window(("Namespace", who[1], who[1], ""), subject, now)
+        if window.posted >= EVENTS_PER_WINDOW or tenant.posted >= EVENTS_PER_NAMESPACE:
             window.suppressed += 1
             window.reasons[reason] = window.reasons.get(reason, 0) + 1
             if window.summary is None:
                 window.summary = self._schedule_summary(window, window.start + EVENT_WINDOW - now)
             return False
         window.posted += 1
+        tenant.posted += 1
         self._recent[key] = now
         self._recent.move_to_end(key)
         while len(self._recent) > MAX_REMEMBERED:
             self._recent.popitem(last=False)
         return True
 
+    def _window(self, who: ObjectKey, subject: Mapping[str, Any], now: float) -> _Window:
+        window = self._windows.get(who)
+        if window is None or now - window.start >= EVENT_WINDOW:
+            if window is None and len(self._windows) >= MAX_REMEMBERED:
+                self._prune(now)
+            window = self._windows[who] = _Window(now, _ref_of(subject))
+        return window
+
     def _prune(self, now: float) -> None:
-        for who in [w for w, win in self._windows.items()
-                    if now - win.start >= EVENT_WINDOW and win.summary is None]:
+        # a window's pending summary holds the window itself: it need not stay here
+        for who in [w for w, win in self._windows.items() if now - win.start >= EVENT_WINDOW]:
             del self._windows[who]
 
     def _schedule_summary(self, window: _Window, delay: float) -> asyncio.TimerHandle | None:
@@ -122,6 +131,7 @@ class EventGate:
         return loop.call_later(max(0.0, delay), self._summarize, window)
 
     def _summarize(self, window: _Window) -> None:
+        window.summary = None
         if not window.suppressed:
             return
         reasons = ", ".join(f"{r} ×{n}" for r, n in sorted(window.reasons.items())[:10])
