@@ -15,7 +15,7 @@ import kopf
 from dask_memory_operator.api.memorypolicy import DASK_GROUP, DASK_VERSION, GROUP, PLURAL, VERSION
 from dask_memory_operator.controllers.config import OperatorConfig, WebhookConfig
 from dask_memory_operator.controllers.diffbase import BoundedDiffBaseStorage
-from dask_memory_operator.controllers.scope import register_namespace_scope
+from dask_memory_operator.controllers.scope import checked_at_each_tick, governed_or_gone, register_namespace_scope
 from dask_memory_operator.controllers.daskcluster import (
     converge_changed_cluster,
     daskclusters_by_namespace,
@@ -150,13 +150,14 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     kopf.index(DASK_GROUP, DASK_VERSION, "daskautoscalers", registry=registry)(daskautoscalers_by_cluster)
     # --namespace-selector: every handler that acts is filtered (controllers/scope.py)
     governed = register_namespace_scope(registry, config.namespace_selector)
-    kopf.on.event(*cluster, registry=registry, when=governed)(converge_changed_cluster)
+    kopf.on.event(*cluster, registry=registry, when=governed_or_gone(governed))(converge_changed_cluster)
 
     for decorate in (kopf.on.create, kopf.on.update, kopf.on.resume):
         decorate(*policy, registry=registry, id=f"reconcile_on_{decorate.__name__}", when=governed)(reconcile_policy)
     kopf.timer(*policy, registry=registry, interval=config.resync_interval, id="resync",
-               when=governed)(reconcile_policy)
-    kopf.timer(*policy, registry=registry, interval=SCALING_TICK, id="scale", when=governed)(scale_policy_clusters)
+               when=governed)(checked_at_each_tick(reconcile_policy, governed))
+    kopf.timer(*policy, registry=registry, interval=SCALING_TICK, id="scale",
+               when=governed)(checked_at_each_tick(scale_policy_clusters, governed))
     kopf.on.delete(*policy, registry=registry, when=governed)(restore_on_delete)
     if config.webhook is not None:
         # among peers, a standby replica answers too: from the API, not its paused indexes

@@ -19,6 +19,7 @@ every handler that acts is filtered.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -79,6 +80,29 @@ def register_namespace_scope(registry: kopf.OperatorRegistry,
     return in_governed_namespace
 
 
+def checked_at_each_tick(fn: Callable[..., Any], governed: Callable[..., bool] | None) -> Callable[..., Any]:
+    """A timer handler that does nothing in a namespace no longer governed: kopf
+    re-evaluates a timer's filter only at its object's next event."""
+    if governed is None:
+        return fn
+
+    @functools.wraps(fn)
+    async def tick(**kwargs: Any) -> Any:
+        if not governed(**kwargs):
+            return None
+        return await fn(**kwargs)
+
+    return tick
+
+
+def governed_or_gone(governed: Callable[..., bool] | None) -> Callable[..., bool] | None:
+    """The filter of a DaskCluster's events: a deletion is seen in every namespace,
+    so that what the operator kept for the cluster goes with it."""
+    if governed is None:
+        return None
+    return lambda **kwargs: kwargs.get("type") == "DELETED" or governed(**kwargs)
+
+
 async def _nudge_policies(namespace: str, governed: bool) -> None:
     """Annotate every MemoryPolicy of the namespace: kopf re-filters them on the event."""
     api = await kr8s.asyncio.api()
@@ -87,12 +111,14 @@ async def _nudge_policies(namespace: str, governed: bool) -> None:
         names = [p["metadata"]["name"] for p in response.json().get("items", [])]
     patch = json.dumps({"metadata": {"annotations": {NUDGE_ANNOTATION: str(governed).lower()}}})
     for name in names:
+        # one policy that cannot be patched (deleted meanwhile, annotations full) does not
+        # keep the others from being looked at; its timers check the label at each tick
         try:
             async with api.call_api("PATCH", url=f"{PLURAL}/{name}", content=patch,
                                     headers={"Content-Type": "application/merge-patch+json"}, **where):
                 pass
         except kr8s.ServerError as e:
-            if e.response is None or e.response.status_code != 404:  # deleted meanwhile
-                raise
+            if e.response is None or e.response.status_code != 404:
+                logger.warning("Namespace %s relabelled: MemoryPolicy %s not annotated: %s", namespace, name, e)
     logger.info("Namespace %s is %s: its %d MemoryPolicies are looked at again", namespace,
                 "governed now" if governed else "no longer governed", len(names))
