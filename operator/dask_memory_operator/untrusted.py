@@ -13,10 +13,15 @@ kopf decodes (and diffs) what it watches with recursive code.
 
 from __future__ import annotations
 
+import json
+import json.scanner
+import logging
 import re
 import sys
 import threading
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 #: Characters of an untrusted text kept by default
 MAX_TEXT = 512
@@ -122,3 +127,24 @@ def raise_recursion_limit() -> None:
             threading.stack_size(THREAD_STACK)
     except (ValueError, RuntimeError):  # a platform that does not let us: the default stays
         pass
+    decode_as_deep_as_the_api_server()
+
+
+def decode_as_deep_as_the_api_server(force_python: bool = False) -> bool:
+    """Make ``json.loads`` (kopf's, aiohttp's) decode what the API server accepts.
+
+    From CPython 3.12 the C decoder counts its nesting against a fixed C recursion
+    limit that ``sys.setrecursionlimit`` does not raise; there, the standard library's
+    pure-Python scanner (whose recursion is Python's, raised above) takes over for the
+    default decoder. Probed, not assumed from the version. True when it took over."""
+    deep = "[" * API_MAX_NESTING + "]" * API_MAX_NESTING
+    if not force_python:
+        try:
+            json.loads(deep)
+            return False
+        except RecursionError:
+            pass
+    decoder = json._default_decoder  # what json.loads(text) uses
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)
+    logger.info("JSON: the C decoder stops before %d levels; using the pure-Python scanner", API_MAX_NESTING)
+    return True
