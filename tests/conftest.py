@@ -44,22 +44,32 @@ def stack(tmp_path_factory):
         yield local_stack
 
 
-@pytest.fixture
-def namespace(stack, request):
+def _test_namespace(stack, request, suffix: str = ""):
     """A new Namespace named after the test; its DaskClusters and pods end with it."""
-    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
-    name = f"{base}-{secrets.token_hex(3)}"
+    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:38].strip("-")
+    name = f"{base}{suffix}-{secrets.token_hex(3)}"
     stack.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     yield name
     report = getattr(request.node, "report_call", None)
     if report is not None and report.failed:
         print(f"\n===== logs of the stack and of namespace {name} =====")
         print(stack.dump_logs(name))
-    stack.kubectl("delete", "pods,deployments,daskclusters", "--all", "-n", name, "--grace-period=1",
-                  "--wait=false", check=False)
+    stack.kubectl("delete", "pods,deployments,daskclusters", "--all", "-n", name,
+                  "--grace-period=1", "--wait=false", check=False)
     stack.wait_for(
         lambda: not stack.pod_processes(name),
         timeout=60,
         what=f"the processes of namespace {name} to end",
     )
     stack.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def namespace(stack, request):
+    yield from _test_namespace(stack, request)
+
+
+@pytest.fixture
+def other_namespace(stack, request):
+    """A second tenant's namespace, beside ``namespace``."""
+    yield from _test_namespace(stack, request, "-b")

@@ -25,9 +25,7 @@ policy, applied afterwards, reaches B's scheduler (asked of that scheduler).
 from __future__ import annotations
 
 import json
-import secrets
 import sys
-from collections.abc import Iterator
 
 import pytest
 from distributed import Client
@@ -64,20 +62,6 @@ def with_args(name: str, args: dict) -> dict:
     return memorypolicy(name, {"interval": "500ms", "policies": [{"class": "ReduceReplicas", "args": args}]}, ["a"])
 
 
-@pytest.fixture
-def other_namespace(stack: LocalStack, request) -> Iterator[str]:
-    """Tenant B's namespace, cleaned up as the `namespace` fixture does its own."""
-    name = f"bounds-b-{secrets.token_hex(3)}"
-    stack.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    yield name
-    report = getattr(request.node, "report_call", None)
-    if report is not None and report.failed:
-        print(stack.dump_logs(name))
-    stack.kubectl("delete", "pods,deployments,daskclusters", "--all", "-n", name,
-                  "--grace-period=1", "--wait=false", check=False)
-    stack.wait_for(lambda: not stack.pod_processes(name), timeout=60, what=f"the processes of {name} to end")
-    stack.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
 
 def amm_of(stack: LocalStack, ns: str, cluster: str) -> dict:
     """What the cluster's scheduler runs, asked of that scheduler."""
@@ -110,7 +94,7 @@ def test_deep_and_huge_policies_do_not_stop_the_operator_for_anyone(stack: Local
     process = stack.start_process(PROCESS, [
         sys.executable, "-m", "dask_memory_operator.cli", "run", "--verbose",
         "--namespace", a_ns, "--namespace", b_ns,
-        "--scheduler-access", "cluster-ip", "--resync-interval", "1", "--rpc-timeout", "2",
+        "--scheduler-access", "pod-ip", "--resync-interval", "1", "--rpc-timeout", "2",
     ])
     try:
         # (a) nested 1,200 deep: the API server takes it

@@ -18,7 +18,6 @@ through the Service, and what the local stack's command lines still say; it now 
 from __future__ import annotations
 
 import json
-import secrets
 import socket
 import sys
 from collections.abc import Iterator
@@ -48,25 +47,11 @@ def operator_process(stack: LocalStack) -> Iterator[None]:
     stack.start_process("dask-memory-operator", [
         sys.executable, "-m", "dask_memory_operator.cli", "run", "--verbose",
         "--metrics-port", str(_free_port()),
-        "--scheduler-access", "cluster-ip", "--resync-interval", "1", "--rpc-timeout", "2",
+        "--scheduler-access", "pod-ip", "--resync-interval", "1", "--rpc-timeout", "2",
     ])
     yield
     stack.stop_process("dask-memory-operator")
 
-
-@pytest.fixture
-def other_namespace(stack: LocalStack, request) -> Iterator[str]:
-    """Tenant B's namespace, cleaned up as the `namespace` fixture does its own."""
-    name = f"tenant-b-{secrets.token_hex(3)}"
-    stack.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    yield name
-    report = getattr(request.node, "report_call", None)
-    if report is not None and report.failed:
-        print(stack.dump_logs(name))
-    stack.kubectl("delete", "memorypolicies,pods,deployments,daskclusters", "--all", "-n", name,
-                  "--grace-period=1", "--wait=false", check=False)
-    stack.wait_for(lambda: not stack.pod_processes(name), timeout=60, what=f"the processes of {name} to end")
-    stack.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 def scheduler_pod_ip(stack: LocalStack, ns: str, cluster: str) -> str | None:
