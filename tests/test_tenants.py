@@ -391,3 +391,23 @@ async def test_a_tenant_with_many_clusters_is_capped_as_a_namespace_and_windows_
     assert set(posted) == {"EventsSuppressed"}
     gate._prune(start + events.EVENT_WINDOW + 1)
     assert gate._windows == {}
+
+
+async def test_a_cluster_whose_passes_keep_failing_is_passed_less_and_less_often():
+    """A broken or hostile scheduler (here: a port nobody listens on) costs the
+    shared operator a pass every 5, 10, 20, ... 60 s, not every adaptive interval."""
+    from dask_memory_operator.api.scaling import AdaptiveSpec
+    from dask_memory_operator.controllers.scaling import DEGRADED_INTERVAL_CAP, pass_interval
+
+    controller = ScalingController(ClusterReconciler(FixedLocator({"c": "tcp://127.0.0.1:9"}), rpc_timeout=1))
+    state = ClusterScaling()
+    adaptive = ScalingSpec(RetirementSpec(), AdaptiveSpec(minimum=0, maximum=4, interval=0.5))
+    intervals = []
+    for _ in range(7):
+        await controller._pass(NS, "c", "uid-broken", adaptive, NO_AMM, [], state)
+        assert state.entry["reason"] == "Degraded"
+        intervals.append(pass_interval(state, adaptive, True, 10.0))
+    assert intervals == [0.5, 5.0, 10.0, 20.0, 40.0, DEGRADED_INTERVAL_CAP, DEGRADED_INTERVAL_CAP]
+    state.entry = {"reason": "Steady"}
+    state.degraded_passes = 0  # what a pass that saw the cluster again leaves
+    assert pass_interval(state, adaptive, True, 10.0) == 0.5

@@ -75,6 +75,9 @@ BUSY_INTERVAL = 0.5
 #: Seconds between passes of a cluster whose last pass could not see it all (no
 #: plugin yet, a scheduler or API error)
 RETRY_INTERVAL = 5.0
+#: Most seconds between passes of a cluster whose passes keep failing: a broken or
+#: hostile scheduler costs the shared operator less and less, never nothing
+DEGRADED_INTERVAL_CAP = 60.0
 #: The policy class whose workers get replaced
 RETIREPAUSED = "amm_core.retire_paused.RetirePaused"
 #: The reason of a record the engine aborted because it was asked to cancel it
@@ -104,6 +107,8 @@ class ClusterScaling:
     task: asyncio.Task[None] | None = None
     #: Monotonic time of the latest pass's start
     last_pass: float = 0.0
+    #: Passes in a row that ended Degraded (backs the next one off)
+    degraded_passes: int = 0
     #: The transitions (see :func:`_transition`) of the records the latest pass read:
     #: those already reported
     reported: set[tuple[Any, ...]] = field(default_factory=set)
@@ -197,6 +202,9 @@ class ScalingController:
             logger.warning("Scaling %s/%s: %s", namespace, cluster, outcome.message)
             state.entry = {**state.entry, "cluster": cluster, "reason": "Degraded",
                            "message": outcome.message}
+        finally:
+            degraded = state.entry.get("reason") == "Degraded"
+            state.degraded_passes = state.degraded_passes + 1 if degraded else 0
 
     async def wind_down(self, namespace: str, cluster: str, cluster_uid: str) -> None:
         """The cluster is no longer governed (its policy deleted or changed): finish
@@ -602,13 +610,7 @@ async def scale_policy_clusters(
     active = scaling.adaptive is not None or any(p.cls == RETIREPAUSED for p in amm.policies)
     for cluster in governed:
         state = controller.state(namespace, cluster)
-        every = scaling.adaptive.interval if scaling.adaptive else 1.0
-        if state.busy:
-            every = min(every, BUSY_INTERVAL)  # a done retirement's pod is paid for until deleted
-        elif state.entry.get("reason") in ("Waiting", "Degraded"):
-            every = min(every, RETRY_INTERVAL)
-        elif not active:
-            every = memo.config.resync_interval  # only to settle what is left over
+        every = pass_interval(state, scaling, active, memo.config.resync_interval)
         autoscalers = autoscalers_of(daskautoscalers_by_cluster, namespace, cluster)
         controller.kick(namespace, cluster, clusters[cluster]["uid"], scaling, amm,
                         autoscalers if scaling.adaptive else [], every)
@@ -625,6 +627,20 @@ async def scale_policy_clusters(
     if _worth_writing(status, new, controller.status_written.get(uid, 0.0), memo.config.resync_interval):
         controller.status_written[uid] = time.monotonic()
         patch.status.update(new)
+
+
+def pass_interval(state: ClusterScaling, scaling: ScalingSpec, active: bool, resync: float) -> float:
+    """Seconds between two passes of a cluster."""
+    every = scaling.adaptive.interval if scaling.adaptive else 1.0
+    if state.busy:
+        return min(every, BUSY_INTERVAL)  # a done retirement's pod is paid for until deleted
+    if state.degraded_passes > 1:
+        return min(RETRY_INTERVAL * 2 ** (state.degraded_passes - 2), DEGRADED_INTERVAL_CAP)
+    if state.entry.get("reason") in ("Waiting", "Degraded"):
+        return min(every, RETRY_INTERVAL)
+    if not active:
+        return resync  # only to settle what is left over
+    return every
 
 
 #: Fields of a status.scaling entry that follow the load from moment to moment:
