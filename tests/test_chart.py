@@ -729,6 +729,49 @@ def test_an_admission_policy_narrows_the_deletes_and_patches_rbac_cannot():
     assert "ValidatingAdmissionPolicy" not in off
 
 
+def _admits(policy: dict[str, Any], request: dict[str, Any], old: dict[str, Any], namespace: dict[str, Any]) -> bool:
+    """The policy's verdict on one request, its CEL evaluated as the API server does
+    (cel-python: the emulator evaluates no CEL)."""
+    import celpy
+
+    env = celpy.Environment()
+    activation = {"request": celpy.json_to_cel(request), "oldObject": celpy.json_to_cel(old),
+                  "object": celpy.json_to_cel(None), "namespaceObject": celpy.json_to_cel(namespace)}
+
+    def true(expression: str) -> bool:
+        result = env.program(env.compile(expression)).evaluate(activation)
+        assert isinstance(result, celpy.celtypes.BoolType), (expression, result)  # an error denies
+        return bool(result)
+
+    if not all(true(c["expression"]) for c in policy.get("matchConditions", ())):
+        return True  # not the operator's request
+    return all(true(v["expression"]) for v in policy["validations"])
+
+
+def test_the_admission_policy_admits_the_operators_own_writes_and_no_other():
+    policy = one(render("defaults"), "ValidatingAdmissionPolicy", f"{FULLNAME}-scope")["spec"]
+    operator = {"username": f"system:serviceaccount:{NAMESPACE}:{FULLNAME}"}
+
+    def deletes(labels: dict[str, str], ns_labels: dict[str, str], user: dict[str, str] = operator) -> bool:
+        request = {"userInfo": user, "operation": "DELETE",
+                   "resource": {"group": "apps", "version": "v1", "resource": "deployments"}}
+        return _admits(policy, request, {"metadata": {"name": "w", "labels": labels}},
+                       {"metadata": {"name": "team-a", "labels": ns_labels}})
+
+    def scales(ns_labels: dict[str, str]) -> bool:
+        request = {"userInfo": operator, "operation": "UPDATE",
+                   "resource": {"group": "kubernetes.dask.org", "version": "v1", "resource": "daskworkergroups"}}
+        return _admits(policy, request, {"metadata": {"name": "g"}}, {"metadata": {"name": "team-a", "labels": ns_labels}})
+
+    governed = {GOVERNED: "true"}
+    assert deletes({"dask.org/component": "worker", "dask.org/cluster-name": "c"}, governed)
+    assert not deletes({"dask.org/component": "scheduler"}, governed)
+    assert not deletes({}, governed)
+    assert not deletes({"dask.org/component": "worker"}, {})
+    assert scales(governed) and not scales({GOVERNED: "false"}) and not scales({})
+    assert deletes({}, {}, user={"username": "alice"})  # anyone else: not this policy's business
+
+
 # --- metrics, helm test, NOTES ----------------------------------------------------------------
 
 
