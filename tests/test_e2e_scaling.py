@@ -275,6 +275,8 @@ def test_workers_that_never_connected_go_first_without_a_retirement(stack: Local
                        "the stuck group scaled to 0")
         left = worker_deployments(stack, ns, cluster)
         assert len(left) == 1 and left[0] in default and left[0].startswith(f"{cluster}-default-")
+        # posted right after the replicas are written
+        stack.wait_for(lambda: events(stack, ns, "PendingWorkersRemoved"), 30, "the PendingWorkersRemoved Event")
         [removed] = events(stack, ns, "PendingWorkersRemoved")
         assert "2 worker(s)" in removed["message"]
         assert not events(stack, ns, "RetirementStarted")
