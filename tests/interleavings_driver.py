@@ -174,6 +174,8 @@ CLOSE_TIMEOUT = 10.0
 #: Seconds one sequence may take before it counts as hung (a failure, reported with
 #: its steps so far); the longest passing ones take about 15 s
 SEQUENCE_TIMEOUT = 120.0
+#: Seconds a cluster may take to start or to close
+CLUSTER_TIMEOUT = 60.0
 
 #: The AMM is "running" with this interval: cycles come from run_once() only
 AMM_INTERVAL = 3600
@@ -1518,6 +1520,8 @@ class Summary:
     slow_settles: list[tuple[int, float]] = field(default_factory=list)
     #: What the sequences exercised, summed (but "most records": the most)
     seen: Counter[str] = field(default_factory=Counter)
+    #: Clusters whose close outlasted CLUSTER_TIMEOUT (the run went on with a new one)
+    cluster_close_hangs: int = 0
 
     def add(self, r: SequenceResult) -> None:
         self.sequences += 1
@@ -1554,7 +1558,8 @@ class Summary:
             f"recomputed after a forced loss that left memory again: "
             f"{self.recovery_races}; lost when a leaving worker went after a crash took "
             f"their copy in service: {self.crash_then_leave}; passing sequences whose "
-            f"wind-down took over 2s (seed, s): {self.slow_settles}"
+            f"wind-down took over 2s (seed, s): {self.slow_settles}; clusters whose close "
+            f"hung (the run went on): {self.cluster_close_hangs}"
             + f"; {p2p_available() or p2p_note()}"
             + "\nexercised: "
             + ", ".join(f"{k}: {v}" for k, v in sorted(self.seen.items()))
@@ -1627,7 +1632,10 @@ async def run_sequences(
         while todo:
             n = next(clusters)
             stealing = {"on": True, "off": False}.get(work_stealing, n % 2 == 0)
-            async with Cluster(work_stealing=stealing) as cluster:
+            cluster = Cluster(work_stealing=stealing)
+            # the watchdog covers the cluster's start and close too: a run reports, never hangs
+            await asyncio.wait_for(cluster.__aenter__(), CLUSTER_TIMEOUT)
+            try:
                 for age in range(per_cluster):
                     if not todo:
                         break
@@ -1639,5 +1647,10 @@ async def run_sequences(
                         todo.clear()
                     if r.failed:
                         break
+            finally:
+                try:
+                    await asyncio.wait_for(cluster.__aexit__(None, None, None), CLUSTER_TIMEOUT)
+                except TimeoutError:
+                    summary.cluster_close_hangs += 1
     summary.seconds = time.monotonic() - start
     return summary
