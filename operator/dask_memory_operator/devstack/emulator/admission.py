@@ -387,15 +387,14 @@ class _WebhookCredentials:
     def kubeconfig(self) -> dict[str, Any]:
         if self.kubeconfig_path is None:
             return {}
-        try:
-            st = os.stat(self.kubeconfig_path)
-        except FileNotFoundError:
+        stamp = _stamp(self.kubeconfig_path)
+        if stamp is None:
             self._stamp, self._kubeconfig = None, {}
             return {}
-        if (st.st_mtime_ns, st.st_size) != self._stamp:
+        if stamp != self._stamp:
             with open(self.kubeconfig_path, encoding='utf-8') as f:
                 self._kubeconfig = yaml.safe_load(f) or {}
-            self._stamp = (st.st_mtime_ns, st.st_size)
+            self._stamp = stamp
         return self._kubeconfig
 
 
