@@ -39,6 +39,7 @@ from dask_memory_operator.devstack.apiserver import ApiServer
 from dask_memory_operator.observability import events
 from dask_memory_operator.schedulers import rpc
 from dask_memory_operator.schedulers.converge import ClusterReconciler, PendingRestore
+from test_scheduler_rpc import Locator  # each cluster's scheduler at an address of the test's choosing
 
 DASK_CRDS = Path(dask_kubernetes.__file__).parent / "operator/deployment/helm/dask-kubernetes-operator/crds"
 NS = "default"
@@ -176,19 +177,6 @@ async def cluster_events(cluster_uid: str) -> list[dict[str, Any]]:
             if e.raw["involvedObject"].get("uid") == cluster_uid]
 
 
-class FixedLocator:
-    """Where each cluster's scheduler is (the test starts them on localhost)."""
-
-    def __init__(self, addresses: dict[str, str]):
-        self.addresses = addresses
-
-    async def address(self, namespace: str, cluster: str) -> str:
-        return self.addresses[cluster]
-
-    async def forget(self, namespace: str, cluster: str) -> None:
-        pass
-
-
 def aborted(i: int, started: float) -> dict[str, Any]:
     """A record of the plugin's shape: a retirement this operator asked for, aborted."""
     return {"worker": f"g-worker-{i:04d}", "address": f"tcp://10.0.0.1:{4000 + i}", "state": "aborted",
@@ -241,7 +229,7 @@ async def test_records_never_forgotten_post_each_transition_once(api):
     records = [aborted(i, 1000.0 + i) for i in range(3)]
     hostile = NeverForgets(records)
     async with hostile as address:
-        controller = ScalingController(ClusterReconciler(FixedLocator({"c": address}), rpc_timeout=5))
+        controller = ScalingController(ClusterReconciler(Locator({"c": address}), rpc_timeout=5))
         state = ClusterScaling()
         entry = await passes(controller, state, "uid-few", 4)
         assert hostile.forget_asked == 4  # asked each pass; it never forgets
@@ -261,7 +249,7 @@ async def test_an_event_flood_is_capped_per_cluster_with_one_summary(api, monkey
     records = [aborted(i, 1000.0 + i) for i in range(100)]
     hostile = NeverForgets(records)
     async with hostile as address:
-        controller = ScalingController(ClusterReconciler(FixedLocator({"c": address}), rpc_timeout=5))
+        controller = ScalingController(ClusterReconciler(Locator({"c": address}), rpc_timeout=5))
         state = ClusterScaling()
         await passes(controller, state, "uid-flood", 2)
         # then every record anew, other retirements of the same workers (an engine
@@ -318,7 +306,7 @@ async def test_hung_schedulers_do_not_delay_another_tenants_owed_restore(api):
 
         addresses = {f"stuck-{i}": hung_address for i in range(10)}
         addresses["healthy"] = s.address
-        reconciler = ClusterReconciler(FixedLocator(addresses), rpc_timeout=rpc_timeout)
+        reconciler = ClusterReconciler(Locator(addresses), rpc_timeout=rpc_timeout)
         # tenant A's ten hung schedulers are owed first
         for i in range(10):
             reconciler.owe_restore(PendingRestore("tenant-a", f"stuck-{i}", f"ua{i}", "u-a", "a"))
@@ -399,7 +387,7 @@ async def test_a_cluster_whose_passes_keep_failing_is_passed_less_and_less_often
     from dask_memory_operator.api.scaling import AdaptiveSpec
     from dask_memory_operator.controllers.scaling import DEGRADED_INTERVAL_CAP, pass_interval
 
-    controller = ScalingController(ClusterReconciler(FixedLocator({"c": "tcp://127.0.0.1:9"}), rpc_timeout=1))
+    controller = ScalingController(ClusterReconciler(Locator({"c": "tcp://127.0.0.1:9"}), rpc_timeout=1))
     state = ClusterScaling()
     adaptive = ScalingSpec(RetirementSpec(), AdaptiveSpec(minimum=0, maximum=4, interval=0.5))
     intervals = []
