@@ -110,6 +110,9 @@ def _demo(console: Console, stack: LocalStack, args: argparse.Namespace) -> None
 
     with console.status(f"Waiting for MemoryPolicy {POLICY} to be applied..."):
         wait_policy_applied(stack, generation=1)
+        # its first cycle before the run: a small run may end within one AMM interval
+        stack.wait_for(lambda: client.run_on_scheduler(amm_counters)["cycles"] > 0, 60,
+                       "the first cycle of the scheduler's AMM")
     console.print(f"[green]✓[/] MemoryPolicy {POLICY} applied: "
                   f"{client.run_on_scheduler(amm_state)}")
 
