@@ -74,6 +74,8 @@ VARIANTS: dict[str, list[str]] = {
     "servicemonitor": ["--set", "metrics.serviceMonitor.enabled=true",
                        "--set-json", 'metrics.serviceMonitor.labels={"release":"prometheus"}'],
     "webhook-off": ["--set", "webhook.enabled=false"],
+    "dashboards": ["--set", "dashboards.enabled=true", "--set", "dashboards.namespace=monitoring",
+                   "--set-json", 'dashboards.annotations={"grafana_folder":"Dask"}'],
     "every-namespace": ["--set", "namespaceSelector="],
     "kube-1.29": ["--kube-version", "1.29.0"],
     "client-auth": ["--set", "webhook.clientAuth.enabled=true", "--set", "webhook.clientAuth.caConfigMap=apiserver-ca"],
@@ -792,6 +794,62 @@ def test_metrics_service_and_service_monitor():
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
     assert all(service["metadata"]["labels"][k] == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
+
+
+def test_no_dashboard_by_default():
+    assert not [d for d in kinds(render("defaults"), "ConfigMap") if "grafana_dashboard" in d["metadata"]["labels"]]
+
+
+def test_the_dashboard_is_a_configmap_grafanas_sidecar_loads():
+    [cm] = [d for d in kinds(render("dashboards"), "ConfigMap") if "grafana_dashboard" in d["metadata"]["labels"]]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "Dask"}
+    [(name, text)] = cm["data"].items()
+    assert name == "dask-memory-operator.json"
+    assert json.loads(text) == json.loads((CHART / "dashboards" / name).read_text())
+
+
+def _dashboard_queries() -> list[str]:
+    dashboard = json.loads((CHART / "dashboards" / "dask-memory-operator.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", ())]
+    queries += [v["definition"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    return queries
+
+
+def test_every_metric_the_dashboard_queries_exists_with_its_labels():
+    """The names and labels the dashboard's PromQL uses are those the operator exposes
+    (prometheus_client's registry: counters end in _total, histograms in _bucket...)."""
+    from prometheus_client import REGISTRY
+
+    import dask_memory_operator.observability.metrics  # noqa: F401  (registers them)
+
+    exposed: dict[str, set[str]] = {}
+    for family in REGISTRY.collect():
+        if not family.name.startswith("dask_memory_operator_"):
+            continue
+        labels = set(getattr(REGISTRY._names_to_collectors.get(family.name), "_labelnames", ()))
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+        for suffix in suffixes:
+            exposed[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    queries = _dashboard_queries()
+    assert len(queries) >= 8
+    used = set()
+    for query in queries:
+        for name, selector in re.findall(r"(dask_memory_operator_\w+)(\{[^}]*\})?", query):
+            assert name in exposed, f"{name} (in {query!r}) is not a metric the operator exposes"
+            used.add(name)
+            for label in re.findall(r"(\w+)\s*[=!]~?", selector or ""):
+                assert label in exposed[name], f"{name} has no label {label!r} (in {query!r})"
+        for group in re.findall(r"by \(([^)]*)\)", query):
+            names = [n for n in re.findall(r"dask_memory_operator_\w+", query)]
+            for label in (g.strip() for g in group.split(",")):
+                assert any(label in exposed[n] for n in names), f"no metric of {query!r} has label {label!r}"
+    # every family of the operator is on the dashboard
+    families = {n.removesuffix("_total").removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+                for n in exposed}
+    shown = {n.removesuffix("_total").removesuffix("_bucket") for n in used}
+    assert families <= shown, f"not on the dashboard: {sorted(families - shown)}"
 
 
 def test_helm_test_hook():
