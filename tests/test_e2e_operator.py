@@ -298,6 +298,9 @@ def test_cluster_created_after_policy_gets_exactly_its_config(stack: LocalStack,
     )
     assert any(e["reason"] == "MemoryPolicyApplied" and "interval 2s → 0.5s" in e["message"]
                for e in events_about(stack, ns, "DaskCluster", MATCHING))
+    # a scheduler not started yet is waited for, not reported as a degradation
+    assert not [e for e in events_about(stack, ns, "DaskCluster", MATCHING) if e["type"] == "Warning"]
+    assert not [e for e in events_about(stack, ns, "MemoryPolicy", "analytics") if e["type"] == "Warning"]
 
 
 def test_reduce_replicas_works_on_configured_cluster_only(stack: LocalStack, fresh: str, metrics_port: int):
