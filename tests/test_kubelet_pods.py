@@ -1,7 +1,7 @@
 """The process kubelet as a node runs what a Helm chart installs: bare Pods (a
 ``helm test`` hook), a Deployment behind two Services (both through their EndpointSlices
 and the userspace proxy), service-account credentials from TokenRequest,
-Secret and emptyDir volumes, liveness probes. Each test starts a few small Python
+Secret and emptyDir volumes, liveness probes, OOM kills past a memory limit. Each test starts a few small Python
 processes on the session's LocalStack; they wait on conditions, never on sleeps.
 """
 
@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
+import subprocess
+import sys
 import urllib.request
+from types import SimpleNamespace
 
+import psutil
 import pytest
 
+from dask_memory_operator.devstack.kubelet import Kubelet, PodRunner, ProcessTable, kill_processes
+from dask_memory_operator.devstack.stack import LocalStack
 from dask_memory_operator.devstack.volumes import PodVolumes, write_atomic
 
 
@@ -70,6 +78,86 @@ def test_volumes_are_switched_atomically_like_the_kubelets_writer(tmp_path):
     write_atomic(target, {"a": (b"3", 0o644)})
     assert (target / "a").read_text() == "3" and not (target / "b").exists()
     assert not (target / first).exists()  # the old generation is gone
+
+
+def _in_new_session(script: str) -> subprocess.Popen:
+    """A process started as the kubelet starts a container: in a new session."""
+    return subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=subprocess.PIPE, text=True)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+# A container: a child holding 64 MiB, and an orphan (its parent exited) left in the session.
+TREE = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "held = b'x' * (64 << 20); import time; time.sleep(120)"])
+sleeper = "import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']).pid)"
+parent = subprocess.Popen([sys.executable, "-c", sleeper], stdout=subprocess.PIPE, text=True)
+orphan = int(parent.stdout.readline())
+parent.wait()
+print(child.pid, orphan, flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_oom_killer_reads_and_kills_a_containers_processes_only():
+    """A container's processes are its tree, root first, and the rest of its session
+    (an orphan); their RSS is summed; all of them are killed, a process of another
+    session is not (even when asked), nor a process whose pid was reused since the reading."""
+    bystander = _in_new_session("import time; time.sleep(120)")
+    root = _in_new_session(TREE)
+    table = ProcessTable()
+    try:
+        child, orphan = map(int, root.stdout.readline().split())
+
+        def grown():
+            table.update()
+            return child in table.stats and table.measure([child]) >= 64 << 20
+        LocalStack.wait_for(grown, 30, "the child to hold its memory")
+        pids = table.container(root.pid)
+        assert pids[0] == root.pid and sorted(pids) == sorted([root.pid, child, orphan])
+        assert table.stats[orphan].ppid not in pids  # reparented: found by its session
+        assert table.measure(pids) > table.measure([child]) >= 64 << 20
+        assert table.container(bystander.pid) == [bystander.pid]
+
+        reused = ProcessTable({bystander.pid: table.stats[bystander.pid]._replace(start=0)})
+        assert reused.measure([bystander.pid]) == 0
+        kill_processes(reused, [bystander.pid])
+        kill_processes(table, pids + [bystander.pid])  # not in the session, nor a child
+        assert root.wait(10) == -signal.SIGKILL
+        LocalStack.wait_for(lambda: _gone(child) and _gone(orphan), 10, "the container's processes to end")
+        assert bystander.poll() is None
+        assert table.measure(pids) == 0
+    finally:
+        table.close()
+        bystander.kill()
+        try:
+            os.killpg(root.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_only_running_containers_with_a_memory_limit_are_watched(tmp_path):
+    kubelet = Kubelet(None, tmp_path, tmp_path)
+
+    def runner(name: str, resources: dict, returncode: int | None = None) -> PodRunner:
+        container = {"name": "main", "command": ["python"], "resources": resources}
+        pod = {"metadata": {"name": name, "namespace": "ns", "uid": name}, "spec": {"containers": [container]}}
+        kubelet.bare[name] = PodRunner(kubelet, pod, "127.2.0.9")
+        kubelet.bare[name].process = SimpleNamespace(pid=os.getpid(), returncode=returncode)
+        return kubelet.bare[name]
+
+    limited = runner("limited", {"limits": {"memory": "200Mi", "cpu": "1"}})
+    runner("no-limits", {})
+    runner("cpu-limit", {"limits": {"cpu": "1"}, "requests": {"memory": "1Gi"}})
+    runner("exited", {"limits": {"memory": "200Mi"}}, returncode=0)
+    assert kubelet.limited_runners() == [limited]
+    assert limited.memory_limit == 200 << 20
 
 
 # ---------------------------------------------------------------------------------
@@ -301,3 +389,98 @@ def test_secret_and_emptydir_volumes_are_seen_at_their_mount_paths(stack, ns):
                  "stringData": {"k": "finally"}}, namespace)
     stack.wait_for(lambda: _phase(stack, namespace, "early", ("Succeeded",)), 30, "early to run")
     assert "finally" in stack.pod_logs(namespace, "early")
+
+
+# Holds 20 MiB more every 50 ms, up to ``steps`` (then holds it for ``hold`` seconds).
+GROW = """
+import time
+held = []
+while len(held) < {steps}:
+    held.append(b'x' * (20 << 20))
+    print('HELD', 20 * len(held), 'MiB', flush=True)
+    time.sleep(0.05)
+print('DONE', flush=True)
+time.sleep({hold})
+"""
+
+
+def _oom_killed(state: dict) -> bool:
+    terminated = state.get("terminated") or {}
+    return terminated.get("reason") == "OOMKilled"
+
+
+def test_a_container_past_its_memory_limit_is_oom_killed(stack, ns):
+    """As the kernel's OOM killer on a container's cgroup: past 200Mi the container is
+    killed, ``OOMKilled`` and 137 as Kubernetes reports it; Always restarts it, Never
+    leaves the pod Failed. A container under its limit, and one without a limit that
+    holds more, run to their end."""
+    namespace = ns
+    limited = {"resources": {"limits": {"memory": "200Mi"}}}
+    stack.apply(_pod("oom-always", GROW.format(steps=20, hold=600), restart="Always", container=limited), namespace)
+    stack.apply(_pod("oom-never", GROW.format(steps=20, hold=600), container=limited), namespace)
+    stack.apply(_pod("under", GROW.format(steps=3, hold=1.5), container=limited), namespace)
+    stack.apply(_pod("unlimited", GROW.format(steps=15, hold=0.5)), namespace)
+
+    def restarted():
+        statuses = (_get_pod(stack, namespace, "oom-always").get("status") or {}).get("containerStatuses") or [{}]
+        return statuses[0].get("restartCount", 0) >= 1 and statuses[0]
+    status = stack.wait_for(restarted, 60, "the OOM-killed container to restart")
+    last = status["lastState"]["terminated"]
+    assert last["reason"] == "OOMKilled" and last["exitCode"] == 137, status
+    assert sorted(last) == ["containerID", "exitCode", "finishedAt", "reason", "startedAt"]
+    assert last["startedAt"] <= last["finishedAt"]
+    stack.wait_for(lambda: "start #1" in stack.pod_logs(namespace, "oom-always"), 30, "the second start")
+
+    never = stack.wait_for(lambda: _phase(stack, namespace, "oom-never", ("Succeeded", "Failed")), 60, "oom-never")
+    assert never["status"]["phase"] == "Failed"
+    assert _oom_killed(never["status"]["containerStatuses"][0]["state"])
+    assert _terminated(never)["exitCode"] == 137
+    assert never["status"]["containerStatuses"][0]["restartCount"] == 0
+    assert "\nDONE" not in stack.pod_logs(namespace, "oom-never")  # killed on its way up
+    assert not stack.pod_processes(namespace, "oom-never")
+
+    for name in ("under", "unlimited"):
+        pod = stack.wait_for(lambda: _phase(stack, namespace, name, ("Succeeded", "Failed")), 60, name)
+        assert pod["status"]["phase"] == "Succeeded", stack.pod_logs(namespace, name)
+        assert _terminated(pod)["reason"] == "Completed"
+    assert "HELD 300 MiB" in stack.pod_logs(namespace, "unlimited")
+
+
+# Preloaded in the worker process (not the nanny): a thread holding 10 MiB more every 0.1 s.
+PRELOAD = """
+import os, threading, time
+def grow():
+    print('GROWING', os.getpid(), flush=True)
+    held = []
+    while len(held) < 100:
+        held.append(b'x' * (10 << 20))
+        time.sleep(0.1)
+    time.sleep(600)
+threading.Thread(target=grow, daemon=True).start()
+"""
+
+
+def test_a_dask_worker_past_its_memory_limit_is_oom_killed_with_its_nanny(stack, ns):
+    """A nanny's worker grows past the pod's limit (the nanny's own terminate threshold
+    off): the OOM killer kills nanny and worker together, OOMKilled, nothing left."""
+    namespace = ns
+    stack.apply(_pod("sched", "", container={"command": ["dask", "scheduler"], "args": ["--no-dashboard"]}), namespace)
+    stack.wait_for(lambda: "Scheduler at:" in stack.pod_logs(namespace, "sched"), 60, "the scheduler")
+    ip = _get_pod(stack, namespace, "sched")["status"]["podIP"]
+    worker = {"command": ["dask", "worker"],
+              "args": [f"tcp://{ip}:8786", "--nthreads", "1", "--no-dashboard", "--preload", PRELOAD],
+              "env": [{"name": "DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE", "value": "False"}],
+              "resources": {"limits": {"memory": "400Mi"}}}
+    stack.apply(_pod("worker", "", container=worker), namespace)
+
+    pod = stack.wait_for(lambda: _phase(stack, namespace, "worker", ("Succeeded", "Failed")), 120, "the worker to end")
+    logs = stack.pod_logs(namespace, "worker")
+    terminated = _terminated(pod)
+    assert pod["status"]["phase"] == "Failed" and terminated["reason"] == "OOMKilled", logs
+    assert terminated["exitCode"] == 137
+    assert "'--memory-limit', '419430400'" in logs  # the limit is the worker's too
+    nanny = int(terminated["containerID"].removeprefix("process://"))
+    worker_pid = int(logs.split("GROWING ", 1)[1].split()[0])
+    killed = json.loads(logs.split("OOM kill at ", 1)[1].split(" in pids ", 1)[1].split(" > ", 1)[0])
+    assert killed[0] == nanny and worker_pid in killed
+    assert not stack.pod_processes(namespace, "worker")

@@ -76,8 +76,26 @@ cluster the ReplicaSet's delete sets its deletionTimestamp); slices hold up to 1
 endpoints and are rewritten whole (no batching or ``endpointslice.kubernetes.io/
 skip-mirror``); Endpoints (v1) objects are not written.
 
-A worker in a pod sees its cgroup memory limit; here ``resources.limits.memory``
-becomes ``--memory-limit`` unless the args give one.
+Memory limits: a worker in a pod sees its cgroup memory limit; here
+``resources.limits.memory`` becomes ``--memory-limit`` unless the args give one. The
+limit is also enforced as the kernel's OOM killer enforces a container's cgroup limit
+(cgroup v2 with ``memory.oom.group``, which kubelets set since 1.28: the whole
+container at once): every 0.1 s the kubelet sums the RSS of the processes of each
+container with a memory limit (its process tree, and the rest of its session: an
+orphaned child still counts); past the limit, all of them get SIGKILL at once, with no
+preStop hook and no SIGTERM. The container's terminated state is then ``{exitCode:
+137, reason: OOMKilled, startedAt, finishedAt, containerID}``, in ``lastState`` when it
+restarts (with the usual back-off), or in ``state`` when its restartPolicy ends it (the
+pod is Failed). This is not Dask's own limit: a nanny terminates its worker past 95%
+of ``--memory-limit`` (``distributed.worker.memory.terminate``) and starts another in
+the same container, which the pod's status does not show (only a nanny that exits
+makes a container restart, with reason Error). The nanny watches its worker alone, the
+OOM killer nanny and worker together: with the terminate threshold off, or a worker
+that grows faster than its nanny looks, the kubelet kills. Approximated: RSS counts a
+page shared by several processes in each of them, and no page cache (a cgroup counts
+each page once, page cache included); a container can grow past its limit for up to
+0.1 s (the kernel stops it at the page); a process that leaves both the tree and the
+session escapes.
 
 Probes: a pod is Ready once its ``readinessProbe`` (httpGet or tcpSocket) passes for
 the first time, polled every 0.5 s; without a probe, or with an exec probe, once its
@@ -103,10 +121,12 @@ import argparse
 import asyncio
 import ctypes
 import datetime
+import functools
 import hashlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -116,7 +136,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import kr8s
@@ -142,6 +162,10 @@ DASK_SCRIPT = str(BIN_DIR / "dask")
 OPERATOR_SCRIPT = str(BIN_DIR / "dask-memory-operator")
 #: Restart back-off: first delay, cap, and how long a container must run to reset it.
 BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 0.5, 10.0, 10.0
+#: Seconds between two readings of the memory of the containers with a memory limit.
+MEMORY_WATCH_PERIOD = 0.1
+#: Seconds without an update after which the process table is read anew.
+TABLE_REREAD_AFTER = 1.0
 #: Seconds before a deleted pod is replaced (see Kubelet._on_pod_event).
 REPLACE_DELAY = 0.5
 #: The endpoint controller's slices: who manages them, and their kind.
@@ -290,9 +314,9 @@ def container_argv(container: Mapping[str, Any], env: Mapping[str, str], pod_ip:
             default = "8787" if role == "scheduler" else "0"
             port = (given or default).rsplit(":", 1)[-1] or default
             _set_option(argv, "--dashboard-address", f"{pod_ip}:{port}")
-        limit = (container.get("resources") or {}).get("limits", {}).get("memory")
+        limit = memory_limit(container)
         if role == "worker" and limit is not None and _find_option(argv, "--memory-limit") is None:
-            argv += ["--memory-limit", str(int(parse_quantity(limit)))]
+            argv += ["--memory-limit", str(limit)]
     return argv
 
 
@@ -342,6 +366,203 @@ def deployment_conditions(deployment: Mapping[str, Any], updated: int, ready: in
 def selects(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bool:
     """Whether a Service's selector selects a pod with these labels."""
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+# ---------------------------------------------------------------------------------
+# Memory limits: the OOM killer of the containers' cgroups
+
+
+def memory_limit(container: Mapping[str, Any]) -> int | None:
+    """A container's ``resources.limits.memory`` in bytes, None without one."""
+    limit = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+    return None if limit is None else _bytes(limit)
+
+
+@functools.lru_cache(maxsize=256)
+def _bytes(quantity: str | int) -> int:
+    # cached: the OOM killer asks for every limited container ten times a second
+    return int(parse_quantity(quantity))
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+class ProcStat(NamedTuple):
+    """Where a process is, from ``/proc/<pid>/stat``."""
+
+    ppid: int
+    session: int
+    #: Clock ticks after boot: tells a reused pid apart.
+    start: int
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    """A process's stat, None once it is gone."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    # The command name is in parentheses and may hold spaces and parentheses.
+    fields = data[data.rfind(b")") + 2:].split()
+    if len(fields) < 20:
+        return None
+    return ProcStat(int(fields[1]), int(fields[3]), int(fields[19]))
+
+
+def _last_pid() -> bytes:
+    """The pid last given to a process or thread (in this pid namespace), from
+    ``/proc/loadavg``: the cheapest way to tell that no process started."""
+    fd = os.open("/proc/loadavg", os.O_RDONLY)
+    try:
+        return os.read(fd, 256).split()[-1]
+    finally:
+        os.close(fd)
+
+
+class ProcessTable:
+    """The machine's processes as ``/proc`` shows them, kept up to date by update(): a
+    look at the last pid given when no process started since, else a listing of
+    ``/proc``, in which a process is read when it first appears and forgotten when it
+    disappears (its children, reparented, leave its entry). What is kept stays true: a
+    pid is given again only once the counter wrapped around, far more than a second of
+    forks away, and after a pause of more than a second everything is read anew. A
+    measured process keeps its ``statm`` open: reading it again costs a few µs, and
+    fails once the process is gone, whatever has its pid since."""
+
+    #: Each process as first read.
+    stats: dict[int, ProcStat]
+    #: Pids by parent pid, and by session.
+    children: dict[int, set[int]]
+    sessions: dict[int, set[int]]
+
+    def __init__(self, stats: Mapping[int, ProcStat] | None = None):
+        self.stats, self.children, self.sessions = {}, {}, {}
+        self._names: set[str] = set()
+        self._last_pid: bytes | None = None
+        self._statm: dict[int, int] = {}
+        self._updated_at = -math.inf
+        for pid, stat in (stats or {}).items():
+            self._add(pid, stat)
+
+    def update(self) -> None:
+        now = time.monotonic()
+        if now - self._updated_at > TABLE_REREAD_AFTER:
+            self.close()
+        self._updated_at = now
+        last_pid = _last_pid()
+        if last_pid == self._last_pid:
+            return  # no process (or thread) started: one gone is forgotten when measured
+        self._last_pid = last_pid
+        names = set(os.listdir("/proc"))
+        for name in self._names - names:
+            if name.isdigit():
+                self._forget(int(name))
+        for name in names - self._names:
+            if name.isdigit() and (stat := read_stat(int(name))) is not None:
+                self._add(int(name), stat)
+        self._names = names
+
+    def container(self, root: int) -> list[int]:
+        """The processes the cgroup of the container whose process is ``root`` would
+        hold: ``root`` first, its descendants parents before children, then the rest of
+        its session (the kubelet starts each container in a new session: a child whose
+        parent exited is still there)."""
+        if root not in self.stats:
+            return []
+        found, i = [root], 0
+        while i < len(found):
+            found += self.children.get(found[i], ())
+            i += 1
+        return found + list(self.sessions.get(root, set()).difference(found))
+
+    def measure(self, pids: list[int]) -> int:
+        """The RSS of these processes now, summed (one gone meanwhile counts nothing)."""
+        total = 0
+        for pid in pids:
+            fd = self._statm.get(pid)
+            if fd is None and (fd := self._open_statm(pid)) is None:
+                continue
+            try:
+                total += int(os.pread(fd, 256, 0).split()[1]) * _PAGE_SIZE
+            except (OSError, IndexError, ValueError):
+                self._forget(pid)  # reaped: ESRCH
+        return total
+
+    def _open_statm(self, pid: int) -> int | None:
+        try:
+            fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY)
+        except OSError:
+            return None
+        # Checked once open: the file is then of the process that was read, not of a
+        # later one with its pid.
+        if not self.same(pid, read_stat(pid)):
+            os.close(fd)
+            return None
+        self._statm[pid] = fd
+        return fd
+
+    def same(self, pid: int, stat: ProcStat | None) -> bool:
+        """Whether ``stat``, read now, is of the process that was read as ``pid``."""
+        return stat is not None and pid in self.stats and stat.start == self.stats[pid].start
+
+    def _add(self, pid: int, stat: ProcStat) -> None:
+        self.stats[pid] = stat
+        self.children.setdefault(stat.ppid, set()).add(pid)
+        self.sessions.setdefault(stat.session, set()).add(pid)
+
+    def _forget(self, pid: int) -> None:
+        stat = self.stats.pop(pid, None)
+        if stat is not None:
+            for index, key in ((self.children, stat.ppid), (self.sessions, stat.session)):
+                group = index.get(key, set())  # none: the parent was forgotten first
+                group.discard(pid)
+                if not group:
+                    index.pop(key, None)
+        self.children.pop(pid, None)
+        fd = self._statm.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Forget every process (and close the files kept open)."""
+        for pid in list(self.stats) + list(self._statm):
+            self._forget(pid)
+        self._names, self._last_pid = set(), None
+
+
+def kill_processes(table: ProcessTable, pids: list[int]) -> None:
+    """SIGKILL a container's processes (``table.container(root)``) at once, each only if
+    it still is, read now, what was read: the same process (through a pidfd opened
+    before the check: not a later one with its pid), in the root's session or a child of
+    one checked before. All are checked before any is killed (a killed parent's children
+    are reparented)."""
+    root = pids[0] if pids else None
+    checked: dict[int, int] = {}
+    try:
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            now = read_stat(pid)
+            if table.same(pid, now) and (now.session == root or now.ppid in checked):
+                checked[pid] = fd
+            else:
+                os.close(fd)
+        for fd in checked.values():
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    finally:
+        for fd in checked.values():
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------
@@ -458,6 +679,7 @@ class PodRunner:
         self._started_at = _now()
         self._process_started_at = ""
         self._last_state: dict[str, Any] = {}
+        self._oom_killed = False
         self._events: dict[tuple[str, str], tuple[str, int]] = {}
 
     @property
@@ -483,6 +705,15 @@ class PodRunner:
     @property
     def restart_policy(self) -> str:
         return self.pod["spec"].get("restartPolicy", "Always")
+
+    @property
+    def memory_limit(self) -> int | None:
+        return memory_limit(self.container)
+
+    @property
+    def running(self) -> bool:
+        """Whether the container's process runs (started, not yet exited)."""
+        return self.process is not None and self.process.returncode is None
 
     @property
     def log_path(self) -> Path:
@@ -673,6 +904,29 @@ class PodRunner:
             cwd = Path(rewrite(container["workingDir"]))
         return argv, {**self.volumes.env(), **env}, cwd
 
+    def enforce_memory_limit(self, table: ProcessTable) -> None:
+        """As the kernel does once the container's cgroup passes its memory limit: SIGKILL
+        all of its processes at once (no hook, no SIGTERM); run() reports OOMKilled."""
+        limit = self.memory_limit
+        if limit is None or not self.running:
+            return
+        pids = table.container(self.process.pid)
+        used = table.measure(pids)
+        if used <= limit:
+            return
+        logger.warning("pod %s/%s: OOM kill: %d bytes in %d processes > limit %d", self.namespace, self.name,
+                       used, len(pids), limit)
+        with open(self.log_path, "ab") as log:
+            log.write(f"=== process kubelet: OOM kill at {_now()}: {used} bytes in pids {pids} > limit {limit}\n"
+                      .encode())
+        self._oom_killed = True
+        kill_processes(table, pids)
+
+    def _termination_reason(self, code: int) -> str:
+        if self._oom_killed:
+            return "OOMKilled"
+        return "Completed" if code == 0 else "Error"
+
     def _restarts(self, code: int) -> bool:
         """Whether the container is started again after exiting with ``code``."""
         policy = self.restart_policy
@@ -692,11 +946,14 @@ class PodRunner:
             with open(self.log_path, "ab") as log:
                 log.write(f"=== process kubelet: start #{self.restart_count} at {_now()}: {argv}\n".encode())
                 log.flush()
+                self._oom_killed = False
                 self.process = await asyncio.create_subprocess_exec(
                     *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log,
                     stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent, cwd=cwd,
                 )
             self._process_started_at = _now()
+            if self.memory_limit is not None:
+                self.kubelet.limited_started.set()
             logger.info("pod %s/%s: started pid %d: %s", self.namespace, self.name, self.process.pid, argv)
             await self._publish()
             probe = asyncio.create_task(self._probe_readiness())
@@ -723,7 +980,7 @@ class PodRunner:
             self._kill_group()
             code = exit_code(self.process.returncode)
             logger.info("pod %s/%s: process exited with %s", self.namespace, self.name, code)
-            terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+            terminated = {"exitCode": code, "reason": self._termination_reason(code),
                           "startedAt": self._process_started_at, "finishedAt": _now(),
                           "containerID": f"process://{self.process.pid}"}
             self.process = None
@@ -964,6 +1221,10 @@ class Kubelet:
         self.shutting_down = False
         self._wake = asyncio.Event()
         self._hosts_written: list[tuple[str, str, str]] | None = None
+        #: The machine's processes, for the OOM killer.
+        self._processes = ProcessTable()
+        #: Set when a container with a memory limit starts: wakes the OOM killer.
+        self.limited_started = asyncio.Event()
         #: Deployment uid -> loop time before which a deleted pod is not replaced.
         self._replace_not_before: dict[str, float] = {}
 
@@ -977,6 +1238,26 @@ class Kubelet:
 
     def all_runners(self) -> list[PodRunner]:
         return [r for rs in self.runners.values() for r in rs] + list(self.bare.values())
+
+    def limited_runners(self) -> list[PodRunner]:
+        """The pods whose container runs with a memory limit: those the OOM killer watches."""
+        return [r for r in self.all_runners() if r.running and r.memory_limit is not None]
+
+    async def _watch_memory(self) -> None:
+        """The OOM killer: one reading of /proc for all the limited containers each period;
+        asleep while there are none."""
+        while True:
+            if not self.limited_runners():
+                self.limited_started.clear()
+                await self.limited_started.wait()
+            await asyncio.sleep(MEMORY_WATCH_PERIOD)
+            try:
+                self._processes.update()
+                for runner in self.limited_runners():
+                    runner.enforce_memory_limit(self._processes)
+            except Exception:
+                logger.exception("memory watch failed")
+                await asyncio.sleep(1.0)
 
     def process_env(self, runner: PodRunner, env: Mapping[str, str]) -> dict[str, str]:
         """The environment of a container process: the kubelet's own minus Dask and
@@ -1366,6 +1647,7 @@ class Kubelet:
         await asyncio.gather(services_listed.wait(), pods_listed.wait(), slices_listed.wait())
         tasks.append(asyncio.create_task(self._list_watch(Deployment, self.deployments)))
         tasks.append(asyncio.create_task(self._reconcile_loop()))
+        tasks.append(asyncio.create_task(self._watch_memory()))
         if ready_file is not None:
             ready_file.write_text(str(os.getpid()))
         try:
