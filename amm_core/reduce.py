@@ -279,12 +279,14 @@ class PressureReduceReplicas(CountingPolicy):
                 ndrop,
             )
             cycle["keys"] += 1
-            for _ in range(min(ndrop, budget)):
-                budget -= 1
+            for _ in range(ndrop):
+                if budget <= 0:
+                    break
                 ws = yield Suggestion("drop", ts, candidates)
                 if ws is None:
                     self.count("drops_refused")
                     break
+                budget -= 1  # drops made, not asked: refusals must not starve other keys
                 candidates = candidates - {ws}
                 cycle["dropped"] += 1
                 cycle["bytes_dropped"] += ts.nbytes

@@ -312,10 +312,12 @@ class ReduceReplicas(CountingPolicy, amm_module.ReduceReplicas):
 
             if ndrop_key > 0:
                 nkeys += 1
-                for _ in range(min(ndrop_key, budget)):
-                    budget -= 1
+                for _ in range(ndrop_key):
+                    if budget <= 0:
+                        break
                     ws = yield Suggestion("drop", ts)
                     if ws is not None:
+                        budget -= 1  # drops made, not asked: refusals must not starve others
                         ndrop += 1
                         self.count("replicas_dropped")
 

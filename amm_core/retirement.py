@@ -431,8 +431,8 @@ class RetireSafely:
                 continue
             for ts in unsafe:
                 copy = copies.get(ts.key)
-                if copy is not None and now < copy.deadline:
-                    continue  # in flight, its time not up
+                if copy is not None and now < copy.deadline and copy.recipient in recipients:
+                    continue  # in flight to a worker still in service, its time not up
                 if ts.actor or ts.state != "memory":
                     continue  # an actor is never copied (the AMM refuses it too)
                 if not budget or perf_counter() > until:
@@ -447,12 +447,13 @@ class RetireSafely:
                     break
                 budget -= 1
                 rooms.take(best, nbytes)
-                in_flight.add(ts, best, now, rt.name)
+                in_flight.add(ts, best, now, rt.name, rt.ws)
                 asks[best].append(ts.key)
         stimulus_id = f"amm-core-retirement-{now}"
         for ws, keys in asks.items():
             scheduler.request_acquire_replicas(ws.address, keys, stimulus_id=stimulus_id)
         if not engine.in_progress():
+            in_flight.clear()  # nothing left to wait for: no worker kept referenced
             engine.cycle.stop()
         elif not budget:
             engine.continue_soon()
@@ -485,6 +486,8 @@ class Copy:
     deadline: float
     #: The name of the record that asked
     by: str
+    #: The retiring worker it is copied from
+    sender: WorkerState
 
 
 class InFlight:
@@ -502,6 +505,8 @@ class InFlight:
     copies: dict[Key, Copy]
     #: Bytes in flight by recipient
     in_flight_to: defaultdict[WorkerState, int]
+    #: Bytes in flight by the retiring worker they are copied from
+    in_flight_from: defaultdict[WorkerState, int]
     #: Copies landed since the last cycle: (name of the record that asked, bytes)
     landed: list[tuple[str, int]]
     #: (deadline, order asked, key): a heap; an entry is stale when the key's copy
@@ -513,6 +518,7 @@ class InFlight:
     def __init__(self) -> None:
         self.copies = {}
         self.in_flight_to = defaultdict(int)
+        self.in_flight_from = defaultdict(int)
         self.landed = []
         self._deadlines = []
         self._asked = itertools.count()
@@ -522,16 +528,29 @@ class InFlight:
 
     @staticmethod
     def timeout(nbytes: int) -> float:
-        """Seconds to wait for a copy of ``nbytes`` before asking for it again."""
+        """Seconds to wait for ``nbytes`` to arrive before asking for them again."""
         return COPY_TIMEOUT + nbytes / SLOWEST_TRANSFER_RATE
 
-    def add(self, ts: TaskState, recipient: WorkerState, now: float, by: str) -> None:
+    def add(self, ts: TaskState, recipient: WorkerState, now: float, by: str,
+            sender: WorkerState) -> None:
+        """A copy of ``ts`` asked of ``recipient`` from ``sender`` (the retiring
+        worker): its time counts every byte queued from the same sender before it,
+        which one worker sends at its own pace, so that a big retirement's later
+        copies are not asked for again while they wait their turn."""
         self._pop(ts.key)
         nbytes = ts.get_nbytes()
-        deadline = now + self.timeout(nbytes)
-        self.copies[ts.key] = Copy(recipient, nbytes, deadline, by)
+        self.in_flight_from[sender] += nbytes
+        deadline = now + self.timeout(self.in_flight_from[sender])
+        self.copies[ts.key] = Copy(recipient, nbytes, deadline, by, sender)
         self.in_flight_to[recipient] += nbytes
         heapq.heappush(self._deadlines, (deadline, next(self._asked), ts.key))
+
+    def clear(self) -> None:
+        self.copies.clear()
+        self.in_flight_to.clear()
+        self.in_flight_from.clear()
+        self.landed.clear()
+        self._deadlines.clear()
 
     def copied(self, ts: TaskState, ws: WorkerState) -> None:
         """The scheduler learnt that ``ws`` holds ``ts``."""
@@ -570,11 +589,12 @@ class InFlight:
         copy = self.copies.pop(key, None)
         if copy is None:
             return
-        left = self.in_flight_to[copy.recipient] - copy.nbytes
-        if left > 0:
-            self.in_flight_to[copy.recipient] = left
-        else:
-            del self.in_flight_to[copy.recipient]
+        for by_worker, ws in ((self.in_flight_to, copy.recipient), (self.in_flight_from, copy.sender)):
+            left = by_worker[ws] - copy.nbytes
+            if left > 0:
+                by_worker[ws] = left
+            else:
+                del by_worker[ws]
 
 
 class Rooms:

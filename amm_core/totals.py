@@ -47,6 +47,7 @@ compare the two under randomized changes.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
 EXTENSION = "amm_core_held_data"
 #: The scheduler methods wrapped (and its handlers that are these methods)
 WRAPPED = ("add_replica", "remove_replica", "remove_all_replicas", "update_data")
+
+logger = logging.getLogger(__name__)
 
 
 class Watcher(Protocol):
@@ -95,6 +98,16 @@ class HeldData:
         """The scheduler's HeldData; None without the amm_core plugin."""
         found = scheduler.extensions.get(EXTENSION)
         return found if isinstance(found, HeldData) else None
+
+    def _tell(self, what: str, *args: Any) -> None:
+        """The watcher, called from inside the scheduler's own state changes: whatever
+        it raises is logged, never left to break the change half made."""
+        if self.watcher is None:
+            return
+        try:
+            getattr(self.watcher, what)(*args)
+        except Exception:
+            logger.exception("amm_core: the retirement engine failed to hear of %s", what)
 
     def sole_bytes(self, ws: WorkerState) -> int:
         return self.sole[ws][0] if ws in self.sole else 0
@@ -205,8 +218,7 @@ class HeldData:
                 for other in ts.who_has or ():
                     if other is not ws:
                         self._sole(other, -size, -1)
-            if self.watcher is not None:
-                self.watcher.copied(ts, ws)
+            self._tell("copied", ts, ws)
 
         return add_replica
 
@@ -222,8 +234,7 @@ class HeldData:
             if before == 1:
                 self.data_bytes -= size
                 self._sole(ws, -size, -1)
-                if self.watcher is not None:
-                    self.watcher.gone(ts)
+                self._tell("gone", ts)
             elif before == 2 and left:
                 for other in left:
                     self._sole(other, size, 1)
@@ -241,8 +252,8 @@ class HeldData:
                     for ws in holders:
                         self._sole(ws, -size, -1)
             remove_all(ts)
-            if holders and self.watcher is not None:
-                self.watcher.gone(ts)
+            if holders:
+                self._tell("gone", ts)
 
         return remove_all_replicas
 

@@ -362,8 +362,9 @@ async def test_a_copy_in_flight_is_asked_for_again_only_once_its_time_is_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The engine's clock is moved by hand, without an await: no copy can land. A
-    copy is asked for again once COPY_TIMEOUT plus its bytes at the slowest transfer
-    rate have passed, not before: the small key first, the big one later."""
+    copy is asked for again once COPY_TIMEOUT plus the bytes queued from its sender
+    up to it (itself included) at the slowest transfer rate have passed, not before:
+    the first key asked after its own bytes, the second after both keys' bytes."""
     async with cluster(3) as (s, ws, c):
         [small] = await scatter_to(c, ws[0], 1, MB, 0)
         [big] = await scatter_to(c, ws[0], 1, 60 * MB, 1)
@@ -372,13 +373,15 @@ async def test_a_copy_in_flight_is_asked_for_again_only_once_its_time_is_up(
         asked = ask_counter(s)
         s.handlers["amm_core_retire"](workers=["w0"], limit=60)
         assert asked == Counter({small.key: 1, big.key: 1})
-        small_after = retirement.COPY_TIMEOUT + MB / retirement.SLOWEST_TRANSFER_RATE
-        big_after = retirement.COPY_TIMEOUT + 60 * MB / retirement.SLOWEST_TRANSFER_RATE
+        first, second = list(engine(s).in_flight.copies)
+        size = {small.key: MB, big.key: 60 * MB}
+        first_after = retirement.COPY_TIMEOUT + size[first] / retirement.SLOWEST_TRANSFER_RATE
+        second_after = retirement.COPY_TIMEOUT + 61 * MB / retirement.SLOWEST_TRANSFER_RATE
         for at, expected in [
-            (small_after - 0.01, {small.key: 1, big.key: 1}),
-            (small_after + 0.01, {small.key: 2, big.key: 1}),
-            (big_after - 0.01, {small.key: 2, big.key: 1}),
-            (big_after + 0.01, {small.key: 2, big.key: 2}),
+            (first_after - 0.01, {first: 1, second: 1}),
+            (first_after + 0.01, {first: 2, second: 1}),
+            (second_after - 0.01, {first: 2, second: 1}),
+            (second_after + 0.01, {first: 2, second: 2}),
         ]:
             now[0] = records(s)["w0"]["started"] + at
             engine(s).cycle.run_once()
