@@ -105,6 +105,8 @@ class AMMControl:
     #: Replicate and drop suggestions the AMM enacted (sent to workers) since start
     replicas_copied: int
     replicas_dropped: int
+    #: Bytes of the copies the AMM dropped (``replicas_dropped`` times each key's size)
+    bytes_dropped: int
 
     def __init__(self, scheduler: Scheduler):
         """Take the scheduler's AMM extension in hand: record its own config, pair the
@@ -117,6 +119,7 @@ class AMMControl:
         self.cycles = 0
         self.replicas_copied = 0
         self.replicas_dropped = 0
+        self.bytes_dropped = 0
         amm = scheduler.extensions.get("amm")
         if not isinstance(amm, ActiveMemoryManagerExtension):
             raise AMMUnavailable(
@@ -194,6 +197,8 @@ class AMMControl:
                 if ts.who_has:
                     self.replicas_copied += len(pending_repl)
                     self.replicas_dropped += len(pending_drop)
+                    if pending_drop:
+                        self.bytes_dropped += len(pending_drop) * max(ts.nbytes, 0)
             enact()
 
         amm._run_policies = counting_run_policies  # type: ignore[method-assign]

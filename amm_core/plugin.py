@@ -16,6 +16,10 @@ its message shapes, in its own module:
 ``amm_core_forget_retirement``
 ``amm_core_scaling``,              how big the cluster should be, which workers may
 ``amm_core_retirement_candidates`` go first (amm_core.scaling)
+``amm_core_savings``               what was rescued, lost and dropped since the
+                                   plugin started (amm_core.savings)
+``amm_core_memory_history``        the cluster's memory over time, and markers
+                                   (amm_core.history)
 =================================  ===============================================
 
 What the workers hold is counted as it changes (amm_core.totals), and the rules that
@@ -45,7 +49,9 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from amm_core import status as status_module
 from amm_core.control import AMMControl, AMMUnavailable
+from amm_core.history import MemoryHistory
 from amm_core.retirement import RetirementEngine
+from amm_core.savings import Savings
 from amm_core.scaling import Scaling
 from amm_core.totals import HeldData
 
@@ -88,6 +94,13 @@ class MemoryPolicyPlugin(SchedulerPlugin):
     held: HeldData
     #: The scaling questions
     scaling: Scaling
+    #: What was rescued, lost and dropped
+    savings: Savings
+    #: The cluster's memory over time, and markers
+    history: MemoryHistory
+    #: Worker names by address, for the departures (the scheduler has forgotten a
+    #: worker's name by the time plugins hear it left)
+    names: dict[str, str]
 
     def __init__(self, source: Source = "live"):
         if source not in ("preload", "live"):
@@ -137,13 +150,24 @@ class MemoryPolicyPlugin(SchedulerPlugin):
         control = AMMControl(scheduler)
         self.baseline_notes = control.baseline_notes
         self.held = HeldData.of(scheduler) or HeldData(scheduler)
+        self.savings = Savings()
+        self.history = MemoryHistory(scheduler)
+        self.names = {addr: str(ws.name) for addr, ws in scheduler.workers.items()}
         self.retirement = RetirementEngine(
-            scheduler, self, lambda: control.amm.measure, self.held
+            scheduler,
+            self,
+            lambda: control.amm.measure,
+            self.held,
+            savings=self.savings,
+            markers=self.history.markers,
         )
         self.scaling = Scaling(self.retirement, self.held, self)
         self.control = control
         scheduler.handlers.update(self.retirement.handlers())
         scheduler.handlers.update(self.scaling.handlers())
+        scheduler.handlers.update(self.history.handlers())
+        scheduler.handlers["amm_core_savings"] = self.savings_report
+        self.history.start()
         logger.info(
             "amm_core plugin started (%s); scheduler's own AMM config: %s",
             self.source,
@@ -172,6 +196,10 @@ class MemoryPolicyPlugin(SchedulerPlugin):
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         # A retired worker's process restarted before its pod went: keep it out
         if self.control is not None:
+            ws = scheduler.workers.get(worker)
+            name = str(ws.name) if ws is not None else worker
+            self.names[worker] = name
+            self.history.markers.add("worker-added", name)
             self.retirement.worker_joined(worker)
 
     def log_event(self, topic: str, msg: Any) -> None:
@@ -189,7 +217,9 @@ class MemoryPolicyPlugin(SchedulerPlugin):
         self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any
     ) -> None:
         if self.control is not None:
-            self.retirement.worker_left(worker)
+            name = self.names.pop(worker, worker)
+            self.history.markers.add("worker-removed", name)
+            self.retirement.worker_left(worker, name)
 
     # --- handlers (methods of the plugin: tests and other copies of amm_core wrap
     # them here) -------------------------------------------------------------
@@ -204,6 +234,10 @@ class MemoryPolicyPlugin(SchedulerPlugin):
     def restore(self) -> dict[str, Any]:
         self._check_available().restore()
         return self.status()
+
+    def savings_report(self) -> dict[str, Any]:
+        control = self._check_available()
+        return self.savings.report(control.replicas_dropped, control.bytes_dropped)
 
     # --- what the status reports, for tests and probes ----------------------------
 

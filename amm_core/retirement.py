@@ -58,6 +58,10 @@ asked to retire that is not connected yet is *barred* for :data:`BAR_SECONDS`: a
 worker registering under it in the gap before its Deployment is deleted is kept out
 too.
 
+**Counted.** When a worker leaves, what the engine moved off it is *rescued* and
+what the scheduler lost with it is *lost*, with why (amm_core.savings); retirements
+started, done and aborted are marked in the memory history (amm_core.history).
+
 **Bounded.** Records end when their worker has left (or their retirement aborted)
 and are dropped :data:`RECORD_TTL` seconds later; at most :data:`MAX_RECORDS` are
 kept, the oldest ended ones going first.
@@ -143,6 +147,10 @@ from amm_core._room import pause_fraction, room
 from amm_core._workers import find_workers, worker_names
 from amm_core.departures import Departures, downscaling_vetoes, out_of_service, set_status
 from amm_core.totals import HeldData
+
+if TYPE_CHECKING:
+    from amm_core.history import Markers
+    from amm_core.savings import Savings, Why
 
 if TYPE_CHECKING:
     from distributed.scheduler import Scheduler, TaskState, WorkerState
@@ -264,6 +272,10 @@ class Retirement:
     leaving: bool
     #: :func:`process_of` the retired worker
     process: str
+    #: Of ``keys_moved``/``bytes_moved``, what was counted as rescued already (when
+    #: a process of the worker left; one that registered again may leave again)
+    rescued_keys: int
+    rescued_bytes: int
     #: Keys of tasks already offered to other workers (each is offered once: a task
     #: the worker refuses to give up is executing, and will finish)
     offered: set[Any]
@@ -287,6 +299,7 @@ class Retirement:
         self.keys_left = self.bytes_left = self.tasks_running = 0
         self.keys_moved = self.bytes_moved = self.wasted_tasks = 0
         self.keys_lost = self.bytes_lost = 0
+        self.rescued_keys = self.rescued_bytes = 0
         self.left = False
         self.rejoined = 0
         self.offered = set()
@@ -653,6 +666,10 @@ class RetirementEngine:
     _continuation: object | None
     #: The engine's cycle (RetireSafely), running while retirements are in progress
     cycle: Cycle
+    #: Where what was rescued and lost is counted (amm_core.savings; None: nowhere)
+    savings: Savings | None
+    #: Where retirements that end are marked (amm_core.history; None: nowhere)
+    markers: Markers | None
 
     def __init__(
         self,
@@ -660,8 +677,12 @@ class RetirementEngine:
         plugin: object,
         measure: Callable[[], str],
         held: HeldData,
+        savings: Savings | None = None,
+        markers: Markers | None = None,
     ):
         self.scheduler = scheduler
+        self.savings = savings
+        self.markers = markers
         self.plugin = plugin
         self.measure = measure
         self.records = {}
@@ -747,6 +768,7 @@ class RetirementEngine:
         ws = rt.ws
         self.records[rt.name] = rt
         self.bars.pop(rt.name, None)
+        self.mark("retirement-started", rt.name)
         veto = self.vetoes([ws]).get(ws, "")
         if veto and not rt.leaving:
             self.abort(rt, veto)  # nothing changed yet: nothing to put back
@@ -882,27 +904,34 @@ class RetirementEngine:
 
     def worker_removed(self, address: str, event: dict[str, Any]) -> None:
         """The scheduler's ``remove-worker`` event (logged before plugins hear of the
-        removal): what it lost, for :meth:`worker_left`."""
-        if not any(rt.ws.address == address for rt in self.records.values()):
-            return
+        removal, in the same event-loop step): what it lost, for :meth:`worker_left`
+        (of every worker: the savings count what any departure lost). Costs the keys
+        lost."""
         lost = [*event.get("lost-computed-tasks", ()), *event.get("lost-scattered-tasks", ())]
         tasks = self.scheduler.tasks
         nbytes = sum(tasks[k].nbytes for k in lost if k in tasks)
         self._removals[address] = (len(lost), nbytes, len(event.get("processing-tasks", ())))
 
-    def worker_left(self, address: str) -> None:
+    def worker_left(self, address: str, name: str | None = None) -> None:
         """The worker left: its records end. One not done yet ends ``done`` if the
-        scheduler lost nothing with it and it ran nothing, else ``aborted``."""
+        scheduler lost nothing with it and it ran nothing, else ``aborted``. ``name``:
+        the worker's (the scheduler has forgotten it by now), for the savings."""
         self.departures.worker_left(address)
         keys_lost, bytes_lost, processing = self._removals.pop(address, (None, 0, 0))
         now = time()
+        self.count_landed(now)  # copies that landed before it left were rescued
+        name = name or address
+        departed: Retirement | None = None
         for rt in self.records.values():
             if rt.ws.address != address or rt.left:
                 continue
+            name = rt.name
             was_watched = rt.watched
             rt.left, rt.left_at = True, now
             if not was_watched:
                 continue  # an aborted record: only its worker's leaving is news
+            departed = rt
+            self._count_rescued(rt)
             rt.wasted_tasks = max(rt.wasted_tasks, processing, rt.tasks_running)
             if keys_lost is not None:
                 rt.keys_lost, rt.bytes_lost = keys_lost, bytes_lost
@@ -910,6 +939,7 @@ class RetirementEngine:
                 continue
             if keys_lost == 0 and rt.wasted_tasks == 0:
                 rt.state, rt.ended = "done", now  # nothing went with it
+                self.mark("retirement-done", rt.name)
                 continue
             rt.state = "aborted"
             rt.ended = now
@@ -920,7 +950,35 @@ class RetirementEngine:
                 f"bytes) and {rt.wasted_tasks} task(s) running"
             )
             logger.warning("Retirement of %s: %s", rt.name, rt.abort_reason)
+            self.mark("retirement-aborted", rt.name)
+        if keys_lost is not None:
+            self._count_departure(name, address, keys_lost, bytes_lost, departed)
         self._prune()
+
+    def _count_rescued(self, rt: Retirement) -> None:
+        """``rt``'s worker left: what was moved off it since it was last counted is
+        rescued."""
+        keys = rt.keys_moved - rt.rescued_keys
+        nbytes = rt.bytes_moved - rt.rescued_bytes
+        rt.rescued_keys, rt.rescued_bytes = rt.keys_moved, rt.bytes_moved
+        if self.savings is not None:
+            self.savings.rescue(rt, keys, nbytes)
+
+    def _count_departure(
+        self, name: str, address: str, keys: int, nbytes: int, rt: Retirement | None
+    ) -> None:
+        """A worker left (its remove-worker event was heard): ``rt`` is the
+        retirement watching it then (None: none; a retirement aborted before, whose
+        pod the operator kept, is none either)."""
+        why: Why
+        if rt is None:
+            why = "killed"
+        elif rt.state == "done" and not rt.blocked:
+            why = "retired"
+        else:
+            why = "retirementAborted"
+        if self.savings is not None:
+            self.savings.departed(name, address, keys, nbytes, why, rt)
 
     # --- mechanics ------------------------------------------------------------
 
@@ -946,6 +1004,10 @@ class RetirementEngine:
                 del self.records[rt.name]
         for name in [n for n, bar in self.bars.items() if bar[0] < now]:
             del self.bars[name]
+
+    def mark(self, kind: str, name: str) -> None:
+        if self.markers is not None:
+            self.markers.add(kind, name)
 
     def _make_leaving(self, rt: Retirement, why: str) -> None:
         rt.leaving = True
@@ -1005,6 +1067,7 @@ class RetirementEngine:
         rt.state = "aborted"
         rt.abort_reason = why
         rt.ended = time()
+        self.mark("retirement-aborted", rt.name)
         ws = rt.ws
         if (
             rt.set_from is not None
@@ -1065,6 +1128,7 @@ class RetirementEngine:
             # The commit, in this same step: the worker is out of every recipient and
             # task set, and the drop guard pins its safe copies until it has left
             rt.ended = time()
+            self.mark("retirement-done", rt.name)
             self._make_leaving(rt, f"retirement done ({rt.requested or 'no reason'})")
         return unsafe
 
