@@ -39,6 +39,10 @@ two agree.
   recipient's ``add-keys``, through ``Scheduler.add_keys``), until the retirements are
   done. The share is the cost of plugin code (the calls and both AMMs' cycles) over
   the wall time of the phase;
+- the memory history's sampler (amm_core.history): one sample of every worker's
+  memory, timed with the operator's calls, and its share of the loop at its
+  interval (``history_share``: the median sample over the interval); in the live
+  phases it runs on its own periodic callback and counts in the loop share;
 - the longest single event-loop block among all of the above (``max_block_ms``),
   the plugin's live registration aside (reported on its own).
 
@@ -51,6 +55,7 @@ The last line::
 
     scaling_ms=… candidates_ms=… engine_cycle_ms=… max_block_ms=… loop_share_idle=…
     loop_share_retiring=… scaling_ratio=… candidates_ratio=… engine_cycle_ratio=…
+    history_sample_ms=… history_share=…
 
 ``scaling_ms``, ``candidates_ms``: medians of the static measures above;
 ``engine_cycle_ms``: the median first cycle or the median steady cycle, whichever is
@@ -398,13 +403,15 @@ async def run(args: argparse.Namespace) -> str:
     # --- the operator's calls, and upstream's equivalents, interleaved -----------
     calls: dict[str, list[float]] = {k: [] for k in (
         "scaling", "adaptive_target", "candidates", "workers_to_close", "status",
-        "main_amm_cycle")}
+        "main_amm_cycle", "history_sample", "memory_history")}
     ours = {
         "scaling": lambda: s.handlers["amm_core_scaling"](),
         "candidates": lambda: s.handlers["amm_core_retirement_candidates"](
             workers=names, n=args.retiring),
         "status": lambda: s.handlers["amm_core_status"](),
         "main_amm_cycle": main_amm.run_once,
+        "history_sample": plugin.history.sample,
+        "memory_history": lambda: s.handlers["amm_core_memory_history"](),
     }
     upstream = {
         "adaptive_target": s.adaptive_target,
@@ -483,6 +490,9 @@ async def run(args: argparse.Namespace) -> str:
     idle_meter = Meter()
     gcs = len(collections.pauses)
     main_amm.run_once = idle_meter.wrap("main_amm", main_run_once)  # type: ignore
+    history_sample = plugin.history.sample
+    # its periodic callback looks sample() up at each call
+    plugin.history.sample = idle_meter.wrap("history", history_sample)  # type: ignore
     main_amm.start()  # its periodic callback takes the wrapped run_once
     idle_wall = await cadence(s, idle_meter, args.cadence_seconds, busy=lambda: False)
     main_amm.stop()
@@ -496,6 +506,7 @@ async def run(args: argparse.Namespace) -> str:
     busy_meter = Meter()
     gcs = len(collections.pauses)
     main_amm.run_once = busy_meter.wrap("main_amm", main_run_once)  # type: ignore
+    plugin.history.sample = busy_meter.wrap("history", history_sample)  # type: ignore
     cycle.run_once = busy_meter.wrap("engine", engine_run_once)  # type: ignore
     main_amm.start()
     batch = [names[next(fresh)] for _ in range(args.retiring)]
@@ -534,7 +545,9 @@ async def run(args: argparse.Namespace) -> str:
         f"loop_share_idle={share_idle:.4f} loop_share_retiring={share_busy:.4f} "
         f"scaling_ratio={scaling / median_ms(calls['adaptive_target']):.2f} "
         f"candidates_ratio={candidates / median_ms(calls['workers_to_close']):.2f} "
-        f"engine_cycle_ratio={median_ms(first) / median_ms(upstream_first):.2f}"
+        f"engine_cycle_ratio={median_ms(first) / median_ms(upstream_first):.2f} "
+        f"history_sample_ms={median_ms(calls['history_sample']):.2f} "
+        f"history_share={statistics.median(calls['history_sample']) / plugin.history.interval:.5f}"
     )
 
 
