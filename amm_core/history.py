@@ -197,12 +197,18 @@ class MemoryHistory:
         # dict.values: the SortedDict iterates its own views in Python
         workers = dict.values(self.scheduler.workers)
         for ws in workers:
-            mem = ws.memory
-            managed += mem.managed
-            unmanaged += mem.unmanaged
-            spilled += mem.spilled
-            if ws.memory_limit:
-                fullest = max(fullest, mem.process / ws.memory_limit)
+            # WorkerState.memory, inlined (building a MemoryState for every worker
+            # would cost twice the sample): the same sums, checked by the tests
+            metrics = ws.metrics
+            process = metrics["memory"]
+            spilled_bytes = metrics["spilled_bytes"]
+            worker_managed = min(process, max(0, ws.nbytes - spilled_bytes["memory"]))
+            managed += worker_managed
+            unmanaged += process - worker_managed
+            spilled += spilled_bytes["disk"]
+            limit = ws.memory_limit
+            if limit and process > fullest * limit:
+                fullest = process / limit
         row = [time() if at is None else at, len(workers), managed, unmanaged, spilled,
                round(fullest, 4), self.interval]
         self.add(row)
