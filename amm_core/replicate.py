@@ -381,8 +381,8 @@ def register_wanted(
 
 def _managing_owner(dask_scheduler: Scheduler) -> dict[str, Any] | None:
     """The MemoryPolicy that configured this scheduler through the amm_core plugin."""
-    plugin = dask_scheduler.plugins.get("amm-core")
-    return getattr(plugin, "owner", None)
+    control = getattr(dask_scheduler.plugins.get("amm-core"), "control", None)
+    return getattr(control, "owner", None)
 
 
 def replicate(client: Client, futures: Any, n: Wanted = 2) -> Any:
