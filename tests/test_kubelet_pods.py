@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import os
 import signal
 import subprocess
@@ -450,7 +451,7 @@ def test_a_container_past_its_memory_limit_is_oom_killed(stack, ns):
 PRELOAD = """
 import os, threading, time
 def grow():
-    print('GROWING', os.getpid(), flush=True)
+    os.write(1, b'GROWING %d\\n' % os.getpid())  # one write: other output may interleave
     held = []
     while len(held) < 100:
         held.append(b'x' * (10 << 20))
@@ -480,7 +481,7 @@ def test_a_dask_worker_past_its_memory_limit_is_oom_killed_with_its_nanny(stack,
     assert terminated["exitCode"] == 137
     assert "'--memory-limit', '419430400'" in logs  # the limit is the worker's too
     nanny = int(terminated["containerID"].removeprefix("process://"))
-    worker_pid = int(logs.split("GROWING ", 1)[1].split()[0])
+    worker_pid = int(re.search(r"GROWING (\d+)\n", logs)[1])
     killed = json.loads(logs.split("OOM kill at ", 1)[1].split(" in pids ", 1)[1].split(" > ", 1)[0])
     assert killed[0] == nanny and worker_pid in killed
     assert not stack.pod_processes(namespace, "worker")
