@@ -46,6 +46,12 @@ Both are methods of upstream classes that ``retire_workers`` instantiates inside
 own call (an ad-hoc AMM when the main one is off), so the one place to change them is
 the class (:func:`_patch_upstream`): on a scheduler with :class:`Departures` they
 follow the rules above; on any other scheduler in the process they are upstream's.
+
+**Who may not go at all** (:func:`downscaling_vetoes`): a worker holding actors or
+running seceded tasks, or one a scheduler plugin keeps (P2P's
+``valid_workers_downscaling``), asked once for all the workers in question, as
+``Scheduler.workers_to_close`` asks: the retirement engine and the scaling handlers
+ask about hundreds of workers at a time.
 """
 
 from __future__ import annotations
@@ -131,7 +137,8 @@ class Departures:
 
     def out_of_service(self) -> set[WorkerState]:
         """Workers whose copies go with them: retiring, closing, or leaving."""
-        return {ws for ws in self.scheduler.workers.values() if not self.in_service(ws)}
+        # dict.values: the scheduler's SortedDict iterates its own views in Python
+        return {ws for ws in dict.values(self.scheduler.workers) if not self.in_service(ws)}
 
     def add(self, ws: WorkerState, why: str) -> None:
         """``ws``'s pod is going: keep it out from now on."""
@@ -189,8 +196,14 @@ class Departures:
         holders = ts.who_has or set()
         pool = holders if candidates is None else candidates & holders
         serving = {w for w in holders if w not in pending and self.in_service(w)}
-        # a candidate may drop if a holder in service other than itself is left
-        allowed = {w for w in pool if serving - {w}}
+        # a candidate may drop if a holder in service other than itself is left: with
+        # two in service, any; with one, any but that one
+        if len(serving) >= 2:
+            allowed = set(pool)
+        elif serving:
+            allowed = pool - serving
+        else:
+            allowed = set()
         if pool and not allowed:
             self.drops_refused += 1
             logger.debug("Drop of %s refused: no other copy on a worker in service", ts.key)
@@ -273,6 +286,63 @@ class Departures:
                 barrier.worker_restrictions = restrictions
 
         shuffle._calculate_worker_for = calculate_worker_for  # type: ignore[union-attr]
+
+
+def downscaling_vetoes(
+    scheduler: Scheduler, workers: list[WorkerState], skip: object = None
+) -> dict[WorkerState, str]:
+    """Why each of ``workers`` cannot go without losing something (the workers that
+    can go are left out): actors, long-running tasks, or a scheduler plugin's
+    ``valid_workers_downscaling``, asked once for all the workers that are left, as
+    ``Scheduler.workers_to_close`` asks (``skip``: the asking plugin)."""
+    vetoes: dict[WorkerState, str] = {}
+    for ws in workers:
+        if ws.actors:
+            vetoes[ws] = f"the worker holds actor(s) {_some(ws.actors)}, which cannot be moved"
+        elif ws.long_running:
+            vetoes[ws] = (
+                f"the worker runs long-running (seceded) task(s) "
+                f"{_some(ws.long_running)}, which would be lost"
+            )
+    asking = [ws for ws in workers if ws not in vetoes]
+    for name, plugin in list(scheduler.plugins.items()):
+        if not asking:
+            break
+        if plugin is skip:
+            continue
+        # Third-party code: whatever it raises must not break the handler or the cycle
+        # asking; it counts as a veto.
+        try:
+            valid = set(plugin.valid_workers_downscaling(scheduler, list(asking)))
+        except Exception as e:
+            logger.exception("valid_workers_downscaling of plugin %r failed", name)
+            why = (
+                f"scheduler plugin {name!r} failed to say whether the worker may "
+                f"go ({type(e).__name__}: {e})"
+            )
+            vetoes.update(dict.fromkeys(asking, why))
+            break
+        for ws in asking:
+            if ws not in valid:
+                vetoes[ws] = (
+                    f"scheduler plugin {name!r} vetoes removing the worker "
+                    "(valid_workers_downscaling; e.g. a P2P shuffle in progress on it)"
+                )
+        asking = [ws for ws in asking if ws not in vetoes]
+    return vetoes
+
+
+def downscaling_veto(scheduler: Scheduler, ws: WorkerState, skip: object = None) -> str:
+    """Why ``ws`` cannot go without losing something ("" if it can): see
+    :func:`downscaling_vetoes`."""
+    return downscaling_vetoes(scheduler, [ws], skip).get(ws, "")
+
+
+def _some(tasks: Iterable[TaskState], most: int = 5) -> str:
+    """A few keys for a message (messages are bounded: the operator reads them)."""
+    keys = sorted(str(ts.key)[:100] for ts in tasks)
+    more = f" and {len(keys) - most} more" if len(keys) > most else ""
+    return f"{keys[:most]}{more}"
 
 
 def out_of_service(scheduler: Scheduler) -> set[WorkerState]:

@@ -65,8 +65,9 @@ from typing import TYPE_CHECKING, Any
 from distributed.active_memory_manager import Suggestion, SuggestionGenerator
 from distributed.core import Status
 
+from amm_core import _room
 from amm_core._room import CountingPolicy, pause_fraction
-from amm_core.replicate import wanted_replicas
+from amm_core.replicate import Replicate, find_policy
 
 if TYPE_CHECKING:
     from distributed.scheduler import TaskState, WorkerState
@@ -105,6 +106,9 @@ class PressureReduceReplicas(CountingPolicy):
         bounding the cost of a cycle for keys with very many dependents (upstream
         stops counting at 20). Keys that hold no more than their wanted copies are
         not scanned at all.
+
+    At most :data:`amm_core._room.MAX_DROPS_PER_CYCLE` drops are suggested per cycle;
+    the others wait for the next cycles (``last_cycle["budget_spent"]``).
 
     Counters: ``replicas_dropped``, ``bytes_dropped`` (drops accepted by the AMM),
     ``drops_refused`` (suggestions the AMM declined), ``kept_imminent``,
@@ -238,13 +242,20 @@ class PressureReduceReplicas(CountingPolicy):
         manager = self.manager
         pressed, idle = self._classify_workers()
         cycle: Counter[str] = Counter()
+        budget = _room.MAX_DROPS_PER_CYCLE
+        # wanted_replicas(), with the Replicate policy looked up once per cycle
+        replicate = find_policy(manager, Replicate)
+        assert replicate is None or isinstance(replicate, Replicate)
 
         for ts in manager.scheduler.replicated_tasks:
+            if budget <= 0:
+                cycle["budget_spent"] += 1  # the other keys wait for the next cycle
+                break
             if ts.actor:
                 continue
             assert ts.who_has
             pending_repl, pending_drop = manager.pending.get(ts, (set(), set()))
-            wanted = wanted_replicas(manager, ts)
+            wanted = 1 if replicate is None else replicate.wanted_for(ts)
             if len(ts.who_has) - len(pending_drop) + len(pending_repl) <= wanted:
                 # Nothing to drop whatever the dependents: skip scanning them (the
                 # steady state of keys tracked by Replicate).
@@ -269,10 +280,13 @@ class PressureReduceReplicas(CountingPolicy):
             )
             cycle["keys"] += 1
             for _ in range(ndrop):
+                if budget <= 0:
+                    break
                 ws = yield Suggestion("drop", ts, candidates)
                 if ws is None:
                     self.count("drops_refused")
                     break
+                budget -= 1  # drops made, not asked: refusals must not starve other keys
                 candidates = candidates - {ws}
                 cycle["dropped"] += 1
                 cycle["bytes_dropped"] += ts.nbytes

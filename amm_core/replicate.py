@@ -48,6 +48,7 @@ from distributed.active_memory_manager import (
 from distributed.client import futures_of
 from distributed.core import Status
 
+from amm_core import _room
 from amm_core._room import CountingPolicy, live_task, workers_with_room
 
 if TYPE_CHECKING:
@@ -274,7 +275,9 @@ class Replicate(CountingPolicy):
 
 class ReduceReplicas(CountingPolicy, amm_module.ReduceReplicas):
     """Upstream's ReduceReplicas, but dropping only copies beyond
-    :func:`wanted_replicas` instead of beyond one.
+    :func:`wanted_replicas` instead of beyond one, and suggesting at most
+    :data:`amm_core._room.MAX_DROPS_PER_CYCLE` drops per cycle (the others in the
+    next cycles).
 
     Use it in place of ``distributed.active_memory_manager.ReduceReplicas`` in the
     dask config. Counter: ``replicas_dropped`` (drops accepted by the AMM).
@@ -283,8 +286,15 @@ class ReduceReplicas(CountingPolicy, amm_module.ReduceReplicas):
     def run(self) -> SuggestionGenerator:
         nkeys = 0
         ndrop = 0
+        budget = _room.MAX_DROPS_PER_CYCLE
+        # wanted_replicas(), with the Replicate policy looked up once per cycle
+        replicate = find_policy(self.manager, Replicate)
+        assert replicate is None or isinstance(replicate, Replicate)
         for ts in self.manager.scheduler.replicated_tasks:
-            desired = wanted_replicas(self.manager, ts)
+            if budget <= 0:
+                logger.debug("ReduceReplicas: drop budget spent; the rest next cycle")
+                break
+            desired = 1 if replicate is None else replicate.wanted_for(ts)
             assert ts.who_has
 
             # As upstream: keep a copy for each worker where a dependent waits, but
@@ -303,8 +313,11 @@ class ReduceReplicas(CountingPolicy, amm_module.ReduceReplicas):
             if ndrop_key > 0:
                 nkeys += 1
                 for _ in range(ndrop_key):
+                    if budget <= 0:
+                        break
                     ws = yield Suggestion("drop", ts)
                     if ws is not None:
+                        budget -= 1  # drops made, not asked: refusals must not starve others
                         ndrop += 1
                         self.count("replicas_dropped")
 
@@ -368,8 +381,8 @@ def register_wanted(
 
 def _managing_owner(dask_scheduler: Scheduler) -> dict[str, Any] | None:
     """The MemoryPolicy that configured this scheduler through the amm_core plugin."""
-    plugin = dask_scheduler.plugins.get("amm-core")
-    return getattr(plugin, "owner", None)
+    control = getattr(dask_scheduler.plugins.get("amm-core"), "control", None)
+    return getattr(control, "owner", None)
 
 
 def replicate(client: Client, futures: Any, n: Wanted = 2) -> Any:

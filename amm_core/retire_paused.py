@@ -72,6 +72,7 @@ from distributed.metrics import time
 
 from amm_core import retirement
 from amm_core._room import CountingPolicy, workers_with_room
+from amm_core.departures import downscaling_veto
 
 if TYPE_CHECKING:
     from distributed.scheduler import Scheduler, WorkerState
@@ -262,7 +263,8 @@ class RetirePaused(CountingPolicy):
         self._adopt(scheduler)
         self._track_retirements(scheduler)
 
-        for address, ws in scheduler.workers.items():
+        # dict.items: the scheduler's SortedDict iterates its own views in Python
+        for address, ws in dict.items(scheduler.workers):
             if address in self.retiring:
                 continue
             if ws.status == Status.paused:
@@ -278,7 +280,7 @@ class RetirePaused(CountingPolicy):
                 # It waits paused, as upstream's paused workers do; new shuffles do
                 # not pin outputs to a worker out of service (amm_core.departures).
                 ws = scheduler.workers[address]
-                if not retirement.downscaling_veto(scheduler, ws):
+                if not downscaling_veto(scheduler, ws):
                     self._retire(scheduler, ws)
 
         # This policy moves no key itself: RetireWorkerWithRoom does.

@@ -1,6 +1,6 @@
 """Graceful retirement of workers before their pods go: a non-blocking engine that
-copies away what only a retiring worker holds, through an Active Memory Manager of
-its own, and tells the caller (the dask-memory-operator, or a pod's preStop hook)
+copies away what only a retiring worker holds, in a cycle of its own on the
+scheduler's event loop, and tells the caller (the dask-memory-operator, or a pod's preStop hook)
 when the pod may go.
 
 Why not ``Scheduler.retire_workers``:
@@ -22,8 +22,9 @@ recipient of copies); tasks assigned to it that have not started are handed to
 workers in service through the work-stealing protocol (the worker itself confirms it
 has not started them; a private, never-balancing ``WorkStealing`` serves when the
 scheduler runs without work stealing); with ``drain`` the tasks it is running finish
-first. A :class:`RetireSafely` policy copies every key that is not *safe* (a copy on
-a worker in service: amm_core.departures) to workers in service with room
+first. The engine's cycle (:class:`RetireSafely`) copies every key that is not
+*safe* (a copy on a worker in service: amm_core.departures) to workers in service
+with room
 (:mod:`amm_core._room`, counting the copies still in flight). The record goes
 ``draining`` (tasks still running) -> ``moving`` (unsafe keys left) -> ``done``.
 
@@ -57,55 +58,124 @@ asked to retire that is not connected yet is *barred* for :data:`BAR_SECONDS`: a
 worker registering under it in the gap before its Deployment is deleted is kept out
 too.
 
+**Counted.** When a worker leaves, what the engine moved off it is *rescued* and
+what the scheduler lost with it is *lost*, with why (amm_core.savings); retirements
+started, done and aborted are marked in the memory history (amm_core.history).
+
 **Bounded.** Records end when their worker has left (or their retirement aborted)
 and are dropped :data:`RECORD_TTL` seconds later; at most :data:`MAX_RECORDS` are
 kept, the oldest ended ones going first.
 
-The policy runs in an AMM of the engine's own (like the ad-hoc one of
-``retire_workers`` when the main AMM is off), so that retirements go on whether the
-main AMM runs or not and whatever configs the operator applies to it.
+The cycle is the engine's own, not a policy of the main AMM, so that retirements go
+on whether the main AMM runs or not and whatever configs the operator applies to it
+(as ``retire_workers`` runs an ad-hoc AMM when the main one is off). It asks for the
+copies as an AMM does (``Scheduler.request_acquire_replicas``), without an AMM's
+per-suggestion bookkeeping, which would cost more than the rest of the cycle.
+
+**What a cycle costs.** It runs every :data:`RETIREMENT_INTERVAL` on the
+scheduler's event loop, so it is bounded: it walks the keys of the retiring workers
+(is each still unsafe?), asks each scheduler plugin once whether the workers may go,
+ranks the recipients once, and asks for at most :data:`MAX_COPIES_PER_CYCLE` copies
+(or for :data:`SLICE_SECONDS`); the unsafe keys beyond are found again and asked for
+by the next cycles, the next one coming soon (:data:`CONTINUE_AFTER`). A copy in
+flight (:class:`InFlight`) is asked for again only once its time is up
+(:data:`COPY_TIMEOUT` plus its bytes at :data:`SLOWEST_TRANSFER_RATE`), by no
+retirement, also not by another one that holds the same key. What lands, and what
+leaves memory, is heard as it happens (amm_core.totals), not looked for.
+
+Message shapes (plain data; each handler returns at once, the caller polls)::
+
+    amm_core_retire(workers: [name | address, ...], limit: seconds,
+                    drain: bool = True, reason: str = "", keep_out: bool = True)
+        -> {"retirements": [retirement, ...], "unknown": [name, ...]}
+        # idempotent: a worker already retiring or retired keeps its record;
+        # a refused one (actors, long-running tasks, a plugin's veto) comes back
+        # "aborted" with the reason
+    amm_core_retirements() -> [retirement, ...]
+    amm_core_cancel_retirement(workers) -> {"cancelled": [name, ...],
+                                            "kept": [{"worker", "reason"}, ...],
+                                            # done, or its pod is going
+                                            "retirements": [retirement, ...]}
+    amm_core_forget_retirement(workers) -> {"forgotten": [name, ...],
+                                            "kept": [{"worker", "reason"}, ...]}
+
+    retirement = {
+        "worker": name, "address": str,
+        "state": "draining" | "moving" | "done" | "aborted",
+        "reason": str,                   # why aborted, else the caller's reason
+        "requested": str,                # the caller's reason
+        "blocked": str,                  # why a leaving worker's retirement cannot
+                                         # finish now ("" if it can)
+        "keys_left": int, "bytes_left": int,   # keys only it holds (not safe)
+        "tasks_running": int, "keys_moved": int, "bytes_moved": int,
+        "wasted_tasks": int,             # tasks lost (or to be lost, drain=False)
+        "keys_lost": int, "bytes_lost": int,   # what the scheduler lost when the
+                                         # worker left (its remove-worker event)
+        "started": scheduler time, "seconds": float, "limit": float,
+        "drain": bool,
+        "left": bool,                    # the worker left the cluster
+        "rejoined": int,                 # re-registrations kept closing_gracefully
+        "keep_out": bool,                # False (a preStop hook): only a process of
+                                         # the same pod is kept out
+        "leaving": bool,                 # its pod is going: never back in service
+    }
+
+``amm_core_status`` (amm_core.status) also carries ``"retirements": [retirement, ...]``.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import math
+from operator import attrgetter
+from time import perf_counter
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import dask
-from distributed.active_memory_manager import (
-    ActiveMemoryManagerExtension,
-    ActiveMemoryManagerPolicy,
-    Suggestion,
-    SuggestionGenerator,
-)
+from dask.typing import Key
 from distributed.core import Status
 from distributed.metrics import time
 from distributed.stealing import WorkStealing
+from distributed.utils import log_errors
+from tornado.ioloop import PeriodicCallback
 
 from amm_core._room import pause_fraction, room
-from amm_core.departures import Departures, out_of_service, set_status
+from amm_core._workers import find_workers, worker_names
+from amm_core.departures import Departures, downscaling_vetoes, out_of_service, set_status
+from amm_core.totals import HeldData
+
+if TYPE_CHECKING:
+    from amm_core.history import Markers
+    from amm_core.savings import Savings, Why
 
 if TYPE_CHECKING:
     from distributed.scheduler import Scheduler, TaskState, WorkerState
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between cycles of the engine's AMM. Short, because the caller waits on the
+#: Seconds between the engine's cycles. Short, because the caller waits on the
 #: retirement to delete a pod and copies start only at a cycle; not shorter, because
 #: every cycle walks the keys of every retiring worker on the scheduler's event loop.
 RETIREMENT_INTERVAL = 0.5
+#: Copies asked for in one cycle at most, and seconds a cycle spends asking at most
+#: (a copy costs the event loop 5-10 us: choosing its recipient, and the scheduler's
+#: message to it); a cycle with more unsafe keys leaves the others to the next
+#: cycles, the next one coming after :data:`CONTINUE_AFTER`
+MAX_COPIES_PER_CYCLE = 2000
+SLICE_SECONDS = 0.02
+#: Seconds between a cycle cut short and the next one (the event loop serves others
+#: in between)
+CONTINUE_AFTER = 0.05
 #: Seconds after which a copy asked for and not landed is asked for again (its
 #: recipient may have been slow, or died without the scheduler knowing yet), plus the
 #: time its bytes take at the slowest transfer rate expected
 COPY_TIMEOUT = 10.0
 #: Bytes per second a copy is expected to move at, at the least
 SLOWEST_TRANSFER_RATE = 20e6
-#: Workers listed by ``amm_core_scaling`` (bounded: the caller refuses larger answers)
-MAX_SCALING_WORKERS = 1000
 #: Records kept at most (and reported at most); the oldest ended ones go first
 MAX_RECORDS = 500
 #: Seconds an ended record (aborted, or its worker left) is kept for its caller to read
@@ -132,22 +202,20 @@ def is_safe(ts: TaskState, retiring: set[WorkerState]) -> bool:
 
 def unsafe_keys(ws: WorkerState, retiring: set[WorkerState]) -> list[TaskState]:
     """The keys ``ws`` holds that would be lost if it went now, with ``retiring``
-    (whether or not ``ws`` is retiring yet)."""
+    (whether or not ``ws`` is retiring yet), in the order ``ws`` got them."""
     leaving = retiring | {ws}
-    return [ts for ts in ws.has_what if not is_safe(ts, leaving)]
+    # is_safe, inlined: this runs for every key of every retiring worker each cycle
+    return [
+        ts
+        for ts in ws.has_what
+        if ts.who_has is None or len(ts.who_has) == 1 or ts.who_has <= leaving
+    ]
 
 
 def process_of(ws: WorkerState) -> str:
     """What tells one pod's processes from another's: the nanny's address (it
     survives a worker restart inside the pod), else the host (the pod's IP)."""
     return ws.nanny or ws.host
-
-
-def _some(tasks: Iterable[TaskState], most: int = 5) -> str:
-    """A few keys for a message (messages are bounded: the operator reads them)."""
-    keys = sorted(str(ts.key)[:100] for ts in tasks)
-    more = f" and {len(keys) - most} more" if len(keys) > most else ""
-    return f"{keys[:most]}{more}"
 
 
 class Retirement:
@@ -204,8 +272,10 @@ class Retirement:
     leaving: bool
     #: :func:`process_of` the retired worker
     process: str
-    #: Copies asked for and not landed yet: key -> (recipient address, bytes, when)
-    copies: dict[Any, tuple[str, int, float]]
+    #: Of ``keys_moved``/``bytes_moved``, what was counted as rescued already (when
+    #: a process of the worker left; one that registered again may leave again)
+    rescued_keys: int
+    rescued_bytes: int
     #: Keys of tasks already offered to other workers (each is offered once: a task
     #: the worker refuses to give up is executing, and will finish)
     offered: set[Any]
@@ -229,9 +299,9 @@ class Retirement:
         self.keys_left = self.bytes_left = self.tasks_running = 0
         self.keys_moved = self.bytes_moved = self.wasted_tasks = 0
         self.keys_lost = self.bytes_lost = 0
+        self.rescued_keys = self.rescued_bytes = 0
         self.left = False
         self.rejoined = 0
-        self.copies = {}
         self.offered = set()
 
     def __repr__(self) -> str:
@@ -278,11 +348,63 @@ class Retirement:
         }
 
 
-class RetireSafely(ActiveMemoryManagerPolicy):
-    """Copy the unsafe keys of every retirement of ``engine`` still watched to workers
-    in service with room; update the records first (state, aborts)."""
+class Cycle:
+    """The engine's cycle on the scheduler's event loop, every
+    :data:`RETIREMENT_INTERVAL` while retirements are in progress; among the
+    scheduler's periodic callbacks, which stop with the scheduler."""
 
-    #: The engine whose retirements this policy serves
+    scheduler: Scheduler
+    #: What a cycle does
+    body: Callable[[], None]
+    #: Its key in ``Scheduler.periodic_callbacks``
+    name: str
+
+    def __init__(self, scheduler: Scheduler, body: Callable[[], None]):
+        self.scheduler = scheduler
+        self.body = body
+        self.name = f"amm-core-retirements-{id(self)}"
+
+    @property
+    def running(self) -> bool:
+        return self.name in self.scheduler.periodic_callbacks
+
+    def start(self) -> None:
+        if self.running:
+            return
+        # run_once looked up at each call (tests count cycles by wrapping it)
+        pc = PeriodicCallback(lambda: self.run_once(), RETIREMENT_INTERVAL * 1000)
+        self.scheduler.periodic_callbacks[self.name] = pc
+        pc.start()
+
+    def stop(self) -> None:
+        pc = self.scheduler.periodic_callbacks.pop(self.name, None)
+        if pc is not None:
+            pc.stop()
+
+    @log_errors
+    def run_once(self) -> None:
+        self.body()
+
+
+class RetireSafely:
+    """One cycle of the engine: update the records (state, aborts), then ask workers
+    in service with room for copies of the unsafe keys of every retirement still
+    watched.
+
+    A cycle costs the keys of the retiring workers (each is asked whether it is still
+    unsafe) and at most :data:`MAX_COPIES_PER_CYCLE` copies (or
+    :data:`SLICE_SECONDS` of asking): the unsafe keys beyond are asked for by the next
+    cycles, oldest retirement first. A key whose copy is in flight (:class:`InFlight`)
+    is not asked for again, by any retirement, before its time is up. The recipients
+    are ranked once per cycle, and only in a cycle that asks for a copy.
+
+    The copies are asked for as an AMM asks for them (``Scheduler.
+    request_acquire_replicas``, one message per recipient), without an AMM's
+    bookkeeping of every suggestion: each key asked for is known to be in memory and
+    held by no worker in service (unsafe), each recipient to be running, in service
+    and to have room, and no copy of the key to be pending (:class:`InFlight`)."""
+
+    #: The engine whose retirements this cycle serves
     engine: RetirementEngine
 
     def __init__(self, engine: RetirementEngine):
@@ -291,45 +413,201 @@ class RetireSafely(ActiveMemoryManagerPolicy):
     def __repr__(self) -> str:
         return "RetireSafely()"
 
-    def run(self) -> SuggestionGenerator:
+    def run(self) -> None:
         engine = self.engine
-        retiring = retiring_workers(engine.scheduler)
-        recipients = engine.scheduler.running - retiring
-        unsafe_by_record = [
-            (rt, engine.step(rt, retiring, recipients)) for rt in engine.in_progress()
-        ]
-        rooms = self._rooms(engine, recipients)
+        scheduler = engine.scheduler
         now = time()
+        retiring = retiring_workers(scheduler)
+        recipients = scheduler.running - retiring
+        engine.count_landed(now)
+        records = engine.in_progress()
+        # One question to each scheduler plugin for every retirement, not one each
+        vetoes = engine.vetoes(
+            [
+                rt.ws
+                for rt in records
+                if rt.state != "done" and scheduler.workers.get(rt.ws.address) is rt.ws
+            ]
+        )
+        unsafe_by_record = [
+            (rt, engine.step(rt, retiring, recipients, vetoes.get(rt.ws, "")))
+            for rt in records
+        ]
+        in_flight = engine.in_flight
+        copies = in_flight.copies
+        rooms: Rooms | None = None
+        asks: defaultdict[WorkerState, list[Key]] = defaultdict(list)
+        budget = MAX_COPIES_PER_CYCLE
+        until = perf_counter() + SLICE_SECONDS
         for rt, unsafe in unsafe_by_record:
             if not rt.watched:
                 continue
             for ts in unsafe:
-                asked = rt.copies.get(ts.key)
-                if asked is not None and now - asked[2] < engine.copy_timeout(asked[1]):
-                    continue
-                best = rooms.best(ts.nbytes)
+                copy = copies.get(ts.key)
+                if copy is not None and now < copy.deadline and copy.recipient in recipients:
+                    continue  # in flight to a worker still in service, its time not up
+                if ts.actor or ts.state != "memory":
+                    continue  # an actor is never copied (the AMM refuses it too)
+                if not budget or perf_counter() > until:
+                    budget = 0
+                    break  # the next cycle goes on from here
+                if rooms is None:
+                    rooms = self._rooms(engine, recipients)
+                nbytes = ts.get_nbytes()
+                best = rooms.best(nbytes)
                 if best is None:
                     engine.cannot_finish(rt, engine.no_room(ts, recipients))
                     break
-                choice = yield Suggestion("replicate", ts, {best})
-                if choice is not None:
-                    rooms.take(choice, ts.nbytes)
-                    rt.copies[ts.key] = (choice.address, ts.nbytes, now)
+                budget -= 1
+                rooms.take(best, nbytes)
+                in_flight.add(ts, best, now, rt.name, rt.ws)
+                asks[best].append(ts.key)
+        stimulus_id = f"amm-core-retirement-{now}"
+        for ws, keys in asks.items():
+            scheduler.request_acquire_replicas(ws.address, keys, stimulus_id=stimulus_id)
         if not engine.in_progress():
-            self.manager.stop()
+            in_flight.clear()  # nothing left to wait for: no worker kept referenced
+            engine.cycle.stop()
+        elif not budget:
+            engine.continue_soon()
 
     def _rooms(self, engine: RetirementEngine, recipients: set[WorkerState]) -> Rooms:
         """The room of each recipient, once for this cycle, less the copies asked for
         in earlier cycles and not landed: without them, retirements started in
         successive cycles (one per hook in a drain) could each fill the same
         recipient."""
-        in_flight = engine.bytes_in_flight()
-        memory = self.manager.workers_memory
+        in_flight = engine.in_flight.bytes_by_recipient()
         pause_at = pause_fraction() or 1.0
+        measure = engine.measure()
+        # No change of this cycle is pending in any AMM's workers_memory: an empty one
+        # says so (and spares building every worker's MemoryState)
         return Rooms(
-            (ws, room(ws, memory, self.manager.measure, pause_at) - in_flight.get(ws.address, 0))
+            (ws, room(ws, {}, measure, pause_at) - in_flight.get(ws, 0))
             for ws in recipients
         )
+
+
+@dataclass(slots=True)
+class Copy:
+    """A copy the engine asked for."""
+
+    #: The worker asked to fetch it (the very process: one registering again at the
+    #: same address is another)
+    recipient: WorkerState
+    nbytes: int
+    #: When it is asked for again if it has not landed (scheduler time)
+    deadline: float
+    #: The name of the record that asked
+    by: str
+    #: The retiring worker it is copied from
+    sender: WorkerState
+
+
+class InFlight:
+    """The copies the engine asked for and that have not landed yet, by key, whichever
+    retirement asked: each key is asked for once until it lands, leaves memory, or its
+    time is up (:meth:`timeout`: its recipient may have been slow, or died without the
+    scheduler knowing yet). Two retirements holding the same unsafe key (each other's
+    only copies) ask for one copy, not two.
+
+    What lands and what leaves memory is heard from the scheduler's replica
+    bookkeeping as it happens (:class:`amm_core.totals.HeldData` calls
+    :meth:`copied` and :meth:`gone`), and what times out is found in a heap of
+    deadlines: a cycle costs what changed, not a look at every copy in flight."""
+
+    copies: dict[Key, Copy]
+    #: Bytes in flight by recipient
+    in_flight_to: defaultdict[WorkerState, int]
+    #: Bytes in flight by the retiring worker they are copied from
+    in_flight_from: defaultdict[WorkerState, int]
+    #: Copies landed since the last cycle: (name of the record that asked, bytes)
+    landed: list[tuple[str, int]]
+    #: (deadline, order asked, key): a heap; an entry is stale when the key's copy
+    #: has another deadline, or none (the order keeps keys, of any type, from being
+    #: compared)
+    _deadlines: list[tuple[float, int, Key]]
+    _asked: Iterator[int]
+
+    def __init__(self) -> None:
+        self.copies = {}
+        self.in_flight_to = defaultdict(int)
+        self.in_flight_from = defaultdict(int)
+        self.landed = []
+        self._deadlines = []
+        self._asked = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self.copies)
+
+    @staticmethod
+    def timeout(nbytes: int) -> float:
+        """Seconds to wait for ``nbytes`` to arrive before asking for them again."""
+        return COPY_TIMEOUT + nbytes / SLOWEST_TRANSFER_RATE
+
+    def add(self, ts: TaskState, recipient: WorkerState, now: float, by: str,
+            sender: WorkerState) -> None:
+        """A copy of ``ts`` asked of ``recipient`` from ``sender`` (the retiring
+        worker): its time counts every byte queued from the same sender before it,
+        which one worker sends at its own pace, so that a big retirement's later
+        copies are not asked for again while they wait their turn."""
+        self._pop(ts.key)
+        nbytes = ts.get_nbytes()
+        self.in_flight_from[sender] += nbytes
+        deadline = now + self.timeout(self.in_flight_from[sender])
+        self.copies[ts.key] = Copy(recipient, nbytes, deadline, by, sender)
+        self.in_flight_to[recipient] += nbytes
+        heapq.heappush(self._deadlines, (deadline, next(self._asked), ts.key))
+
+    def clear(self) -> None:
+        self.copies.clear()
+        self.in_flight_to.clear()
+        self.in_flight_from.clear()
+        self.landed.clear()
+        self._deadlines.clear()
+
+    def copied(self, ts: TaskState, ws: WorkerState) -> None:
+        """The scheduler learnt that ``ws`` holds ``ts``."""
+        copy = self.copies.get(ts.key)
+        if copy is not None and copy.recipient is ws:
+            self._pop(ts.key)
+            self.landed.append((copy.by, ts.get_nbytes()))
+
+    def gone(self, ts: TaskState) -> None:
+        """The last copy of ``ts`` left: nothing will land."""
+        self._pop(ts.key)
+
+    def settle(self, now: float) -> list[tuple[str, int]]:
+        """Forget the copies whose time is up; return the landed ones since the last
+        call, as (name of the record that asked, bytes)."""
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            deadline, _, key = heapq.heappop(heap)
+            copy = self.copies.get(key)
+            if copy is not None and copy.deadline == deadline:
+                self._pop(key)
+        landed, self.landed = self.landed, []
+        return landed
+
+    def bytes_by_recipient(self) -> dict[WorkerState, int]:
+        """Bytes of the copies in flight, by recipient."""
+        return self.in_flight_to
+
+    def forget(self, by: str) -> None:
+        """Forget the copies a record asked for (its worker registered again: they
+        were asked from a process that is gone)."""
+        for key in [k for k, copy in self.copies.items() if copy.by == by]:
+            self._pop(key)
+
+    def _pop(self, key: Key) -> None:
+        copy = self.copies.pop(key, None)
+        if copy is None:
+            return
+        for by_worker, ws in ((self.in_flight_to, copy.recipient), (self.in_flight_from, copy.sender)):
+            left = by_worker[ws] - copy.nbytes
+            if left > 0:
+                by_worker[ws] = left
+            else:
+                del by_worker[ws]
 
 
 class Rooms:
@@ -356,8 +634,12 @@ class Rooms:
         return None
 
     def take(self, ws: WorkerState, nbytes: int) -> None:
-        self._room[ws] = self._room.get(ws, 0.0) - nbytes
-        heapq.heappush(self._heap, (-self._room[ws], ws.address, ws))
+        left = self._room[ws] = self._room.get(ws, 0.0) - nbytes
+        entry = (-left, ws.address, ws)
+        if self._heap and self._heap[0][2] is ws:
+            heapq.heapreplace(self._heap, entry)  # the usual case: the best took it
+        else:
+            heapq.heappush(self._heap, entry)
 
 
 class RetirementEngine:
@@ -378,27 +660,39 @@ class RetirementEngine:
     departures: Departures
     #: The memory measure of the main AMM, for room checks
     measure: Callable[[], str]
-    #: The engine's own AMM, running RetireSafely while retirements are in progress
-    amm: ActiveMemoryManagerExtension
+    #: The copies asked for and not landed yet, of every retirement
+    in_flight: InFlight
+    #: The next cycle, called early because the last one was cut short (None: none)
+    _continuation: object | None
+    #: The engine's cycle (RetireSafely), running while retirements are in progress
+    cycle: Cycle
+    #: Where what was rescued and lost is counted (amm_core.savings; None: nowhere)
+    savings: Savings | None
+    #: Where retirements that end are marked (amm_core.history; None: nowhere)
+    markers: Markers | None
 
     def __init__(
-        self, scheduler: Scheduler, plugin: object, measure: Callable[[], str]
+        self,
+        scheduler: Scheduler,
+        plugin: object,
+        measure: Callable[[], str],
+        held: HeldData,
+        savings: Savings | None = None,
+        markers: Markers | None = None,
     ):
         self.scheduler = scheduler
+        self.savings = savings
+        self.markers = markers
         self.plugin = plugin
         self.measure = measure
         self.records = {}
         self.bars = {}
         self._removals = {}
+        self.in_flight = InFlight()
+        held.watcher = self.in_flight  # what lands, as it lands
+        self._continuation = None
         self.departures = Departures.of(scheduler) or Departures(scheduler)
-        self.amm = ActiveMemoryManagerExtension(
-            scheduler,
-            policies={RetireSafely(self)},
-            measure=measure(),
-            register=False,
-            start=False,
-            interval=RETIREMENT_INTERVAL,
-        )
+        self.cycle = Cycle(scheduler, RetireSafely(self).run)
 
     def handlers(self) -> dict[str, Any]:
         return {
@@ -406,8 +700,6 @@ class RetirementEngine:
             "amm_core_retirements": self.reports,
             "amm_core_cancel_retirement": self.cancel,
             "amm_core_forget_retirement": self.forget,
-            "amm_core_retirement_candidates": self.candidates,
-            "amm_core_scaling": self.scaling,
         }
 
     def in_progress(self) -> list[Retirement]:
@@ -419,14 +711,6 @@ class RetirementEngine:
         first."""
         kept = sorted(self.records.values(), key=lambda rt: not rt.watched)[:MAX_RECORDS]
         return [rt.report() for rt in sorted(kept, key=lambda rt: rt.name)]
-
-    def bytes_in_flight(self) -> dict[str, int]:
-        """Bytes of copies asked for and not landed yet, by recipient address."""
-        out: defaultdict[str, int] = defaultdict(int)
-        for rt in self.in_progress():
-            for address, nbytes, _ in rt.copies.values():
-                out[address] += nbytes
-        return out
 
     # --- handlers -------------------------------------------------------------
 
@@ -441,7 +725,7 @@ class RetirementEngine:
         """Start retiring ``workers`` (names or addresses); return at once. With
         ``keep_out=False`` (a preStop hook) the pod is going whatever happens: see
         the module docstring. With ``keep_out=True`` a name not connected is barred."""
-        names = self._names(workers)
+        names = worker_names(workers)
         if (
             isinstance(limit, bool)
             or not isinstance(limit, (int, float))
@@ -455,8 +739,7 @@ class RetirementEngine:
             raise ValueError(f"reason must be a string, got {reason!r}")
         if not isinstance(keep_out, bool):
             raise ValueError(f"keep_out must be true or false, got {keep_out!r}")
-        self.amm.measure = self.measure()
-        found, unknown = self._lookup(names)
+        found, unknown = find_workers(self.scheduler, names)
         for ws in found:
             rt = self.records.get(str(ws.name))
             if rt is not None and rt.watched and rt.ws is ws:
@@ -471,8 +754,8 @@ class RetirementEngine:
         self._prune()
         if self.in_progress():
             # A first cycle now, so that the reply says where each one stands
-            self.amm.run_once()
-            self.amm.start()
+            self.cycle.run_once()
+            self.cycle.start()
         wanted = {str(ws.name) for ws in found}
         return {
             "retirements": [
@@ -485,7 +768,8 @@ class RetirementEngine:
         ws = rt.ws
         self.records[rt.name] = rt
         self.bars.pop(rt.name, None)
-        veto = self.veto(ws)
+        self.mark("retirement-started", rt.name)
+        veto = self.vetoes([ws]).get(ws, "")
         if veto and not rt.leaving:
             self.abort(rt, veto)  # nothing changed yet: nothing to put back
             return
@@ -507,7 +791,7 @@ class RetirementEngine:
         """Put workers whose retirement is in progress back in service; a done one,
         or one whose pod is going, is kept (listed with why)."""
         cancelled, kept = [], []
-        for name in self._names(workers):
+        for name in worker_names(workers):
             rt = self._record(name)
             if rt is None or not rt.watched:
                 continue
@@ -524,7 +808,7 @@ class RetirementEngine:
         """Drop the records of ended retirements (the pod is gone) and bars. A record
         whose worker is still connected and watched is kept."""
         forgotten, kept = [], []
-        for name in self._names(workers):
+        for name in worker_names(workers):
             if self.bars.pop(name, None) is not None:
                 forgotten.append(name)
             rt = self._record(name)
@@ -545,90 +829,6 @@ class RetirementEngine:
                 if rt.name not in forgotten:
                     forgotten.append(rt.name)
         return {"forgotten": forgotten, "kept": kept}
-
-    def candidates(self, workers: list[str], n: int) -> dict[str, Any]:
-        """The ``n`` workers among ``workers`` best retired now: the fewest unsafe
-        bytes, then the fewest tasks processing; the others, and why not."""
-        names = self._names(workers)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative integer, got {n!r}")
-        found, unknown = self._lookup(names)
-        excluded = [
-            {"worker": name, "reason": "not connected to the scheduler"}
-            for name in unknown
-        ]
-        retiring = retiring_workers(self.scheduler)
-        ranked = []
-        for ws in found:
-            name = str(ws.name)
-            rt = self.records.get(name)
-            why_not = ""
-            if rt is not None and rt.watched:
-                why_not = f"already retiring ({rt.state})"
-            elif ws in self.departures.leaving:
-                why_not = "its pod is going"
-            elif ws.status != Status.running:
-                why_not = f"status is {ws.status.name}"
-            else:
-                why_not = self.veto(ws)
-            if why_not:
-                excluded.append({"worker": name, "reason": why_not})
-                continue
-            unsafe = unsafe_keys(ws, retiring)
-            ranked.append(
-                (
-                    sum(ts.nbytes for ts in unsafe),
-                    len(ws.processing),
-                    name,
-                    len(unsafe),
-                    ws.address,
-                )
-            )
-        ranked.sort()
-        out = [
-            {
-                "worker": name,
-                "address": address,
-                "unique_bytes": nbytes,
-                "unique_keys": nkeys,
-                "tasks_running": ntasks,
-                "why": f"{nbytes} bytes only it holds ({nkeys} keys), "
-                f"{ntasks} task(s) processing",
-            }
-            for nbytes, ntasks, name, nkeys, address in ranked[:n]
-        ]
-        return {"candidates": out, "excluded": excluded}
-
-    def scaling(self) -> dict[str, Any]:
-        """What a caller that scales the cluster needs, in one answer: the
-        scheduler's ``adaptive_target``, the bytes of every key in memory counted
-        once, the pause threshold (this scheduler's config: workers of one image
-        share it), and each worker (at most MAX_SCALING_WORKERS)."""
-        seen: set[Any] = set()
-        data_bytes = 0
-        for ws in self.scheduler.workers.values():
-            for ts in ws.has_what:
-                if ts.key not in seen:
-                    seen.add(ts.key)
-                    data_bytes += ts.nbytes
-        pause = dask.config.get("distributed.worker.memory.pause")
-        workers = sorted(self.scheduler.workers.values(), key=lambda ws: str(ws.name))
-        return {
-            "target": int(self.scheduler.adaptive_target()),
-            "data_bytes": data_bytes,
-            "pause_fraction": float(pause) if pause else None,
-            "worker_states": [
-                {
-                    "name": str(ws.name),
-                    "address": ws.address,
-                    "status": ws.status.name,
-                    "memory_limit": int(ws.memory_limit or 0),
-                    "nbytes": int(ws.nbytes),
-                    "processing": len(ws.processing),
-                }
-                for ws in workers[:MAX_SCALING_WORKERS]
-            ],
-        }
 
     # --- plugin hooks ---------------------------------------------------------
 
@@ -651,7 +851,7 @@ class RetirementEngine:
         rt.ws = ws
         rt.left, rt.left_at = False, None
         rt.rejoined += 1
-        rt.copies.clear()
+        self.in_flight.forget(rt.name)
         rt.offered.clear()
         if rt.state == "aborted":  # a hook's retirement whose process died: go on
             rt.state, rt.abort_reason, rt.ended = "moving", "", None
@@ -665,7 +865,7 @@ class RetirementEngine:
             address,
             rt.state,
         )
-        self.amm.start()
+        self.cycle.start()
 
     def _keeps_out(self, rt: Retirement, ws: WorkerState) -> bool:
         if rt.keep_out:
@@ -681,7 +881,7 @@ class RetirementEngine:
         rt.leaving = True
         logger.info("Worker %s registered under a barred name: retiring it", rt.name)
         self._start(rt)
-        self.amm.start()
+        self.cycle.start()
 
     def status_changed(self, address: str, event: dict[str, Any]) -> None:
         """A worker's status changed (``handle_worker_status_change`` logs it, then
@@ -704,27 +904,34 @@ class RetirementEngine:
 
     def worker_removed(self, address: str, event: dict[str, Any]) -> None:
         """The scheduler's ``remove-worker`` event (logged before plugins hear of the
-        removal): what it lost, for :meth:`worker_left`."""
-        if not any(rt.ws.address == address for rt in self.records.values()):
-            return
+        removal, in the same event-loop step): what it lost, for :meth:`worker_left`
+        (of every worker: the savings count what any departure lost). Costs the keys
+        lost."""
         lost = [*event.get("lost-computed-tasks", ()), *event.get("lost-scattered-tasks", ())]
         tasks = self.scheduler.tasks
         nbytes = sum(tasks[k].nbytes for k in lost if k in tasks)
         self._removals[address] = (len(lost), nbytes, len(event.get("processing-tasks", ())))
 
-    def worker_left(self, address: str) -> None:
+    def worker_left(self, address: str, name: str | None = None) -> None:
         """The worker left: its records end. One not done yet ends ``done`` if the
-        scheduler lost nothing with it and it ran nothing, else ``aborted``."""
+        scheduler lost nothing with it and it ran nothing, else ``aborted``. ``name``:
+        the worker's (the scheduler has forgotten it by now), for the savings."""
         self.departures.worker_left(address)
         keys_lost, bytes_lost, processing = self._removals.pop(address, (None, 0, 0))
         now = time()
+        self.count_landed(now)  # copies that landed before it left were rescued
+        name = name or address
+        departed: Retirement | None = None
         for rt in self.records.values():
             if rt.ws.address != address or rt.left:
                 continue
+            name = rt.name
             was_watched = rt.watched
             rt.left, rt.left_at = True, now
             if not was_watched:
                 continue  # an aborted record: only its worker's leaving is news
+            departed = rt
+            self._count_rescued(rt)
             rt.wasted_tasks = max(rt.wasted_tasks, processing, rt.tasks_running)
             if keys_lost is not None:
                 rt.keys_lost, rt.bytes_lost = keys_lost, bytes_lost
@@ -732,6 +939,7 @@ class RetirementEngine:
                 continue
             if keys_lost == 0 and rt.wasted_tasks == 0:
                 rt.state, rt.ended = "done", now  # nothing went with it
+                self.mark("retirement-done", rt.name)
                 continue
             rt.state = "aborted"
             rt.ended = now
@@ -742,30 +950,37 @@ class RetirementEngine:
                 f"bytes) and {rt.wasted_tasks} task(s) running"
             )
             logger.warning("Retirement of %s: %s", rt.name, rt.abort_reason)
+            self.mark("retirement-aborted", rt.name)
+        if keys_lost is not None:
+            self._count_departure(name, address, keys_lost, bytes_lost, departed)
         self._prune()
 
+    def _count_rescued(self, rt: Retirement) -> None:
+        """``rt``'s worker left: what was moved off it since it was last counted is
+        rescued."""
+        keys = rt.keys_moved - rt.rescued_keys
+        nbytes = rt.bytes_moved - rt.rescued_bytes
+        rt.rescued_keys, rt.rescued_bytes = rt.keys_moved, rt.bytes_moved
+        if self.savings is not None:
+            self.savings.rescue(rt, keys, nbytes)
+
+    def _count_departure(
+        self, name: str, address: str, keys: int, nbytes: int, rt: Retirement | None
+    ) -> None:
+        """A worker left (its remove-worker event was heard): ``rt`` is the
+        retirement watching it then (None: none; a retirement aborted before, whose
+        pod the operator kept, is none either)."""
+        why: Why
+        if rt is None:
+            why = "killed"
+        elif rt.state == "done" and not rt.blocked:
+            why = "retired"
+        else:
+            why = "retirementAborted"
+        if self.savings is not None:
+            self.savings.departed(name, address, keys, nbytes, why, rt)
+
     # --- mechanics ------------------------------------------------------------
-
-    @staticmethod
-    def _names(workers: Any) -> list[str]:
-        if not isinstance(workers, (list, tuple)) or not all(
-            isinstance(w, str) for w in workers
-        ):
-            raise ValueError(f"workers must be a list of names or addresses, got {workers!r}")
-        return list(workers)
-
-    def _lookup(self, names: list[str]) -> tuple[list[WorkerState], list[str]]:
-        """Workers by name or address, in the given order; and the names not found."""
-        by_name = {str(ws.name): ws for ws in self.scheduler.workers.values()}
-        found: list[WorkerState] = []
-        unknown = []
-        for name in names:
-            ws = self.scheduler.workers.get(name) or by_name.get(name)
-            if ws is None:
-                unknown.append(name)
-            elif ws not in found:
-                found.append(ws)
-        return found, unknown
 
     def _record(self, name: str) -> Retirement | None:
         rt = self.records.get(name)
@@ -790,12 +1005,40 @@ class RetirementEngine:
         for name in [n for n, bar in self.bars.items() if bar[0] < now]:
             del self.bars[name]
 
+    def mark(self, kind: str, name: str) -> None:
+        if self.markers is not None:
+            self.markers.add(kind, name)
+
     def _make_leaving(self, rt: Retirement, why: str) -> None:
         rt.leaving = True
         self.departures.add(rt.ws, why)
 
-    def veto(self, ws: WorkerState) -> str:
-        return downscaling_veto(self.scheduler, ws, skip=self.plugin)
+    def vetoes(self, workers: list[WorkerState]) -> dict[WorkerState, str]:
+        """Why each of ``workers`` cannot go (amm_core.departures.downscaling_vetoes;
+        the plugin serving the engine is not asked)."""
+        return downscaling_vetoes(self.scheduler, workers, skip=self.plugin)
+
+    def continue_soon(self) -> None:
+        """A cycle stopped at its slice: the next one comes after CONTINUE_AFTER, not
+        a whole interval later (if the engine's cycle still runs then)."""
+        if self._continuation is not None:
+            return
+
+        def next_slice() -> None:
+            self._continuation = None
+            if self.cycle.running:
+                self.cycle.run_once()
+
+        self._continuation = self.scheduler.loop.call_later(CONTINUE_AFTER, next_slice)
+
+    def count_landed(self, now: float) -> None:
+        """Credit the copies that landed since the last cycle to the records that
+        asked for them."""
+        for name, nbytes in self.in_flight.settle(now):
+            rt = self.records.get(name)
+            if rt is not None:
+                rt.keys_moved += 1
+                rt.bytes_moved += nbytes
 
     def no_room(self, ts: TaskState, recipients: set[WorkerState]) -> str:
         if not recipients:
@@ -824,6 +1067,7 @@ class RetirementEngine:
         rt.state = "aborted"
         rt.abort_reason = why
         rt.ended = time()
+        self.mark("retirement-aborted", rt.name)
         ws = rt.ws
         if (
             rt.set_from is not None
@@ -834,9 +1078,14 @@ class RetirementEngine:
         logger.warning("Retirement of %s (%s) aborted: %s", rt.name, ws.address, why)
 
     def step(
-        self, rt: Retirement, retiring: set[WorkerState], recipients: set[WorkerState]
+        self,
+        rt: Retirement,
+        retiring: set[WorkerState],
+        recipients: set[WorkerState],
+        veto: str,
     ) -> list[TaskState]:
-        """Update ``rt`` at an AMM cycle; return the worker's unsafe keys."""
+        """Update ``rt`` at a cycle (``veto``: why its worker may not go, asked
+        this cycle; "" if it may); return the worker's unsafe keys."""
         ws = rt.ws
         if self.scheduler.workers.get(ws.address) is not ws:
             self.worker_left(ws.address)
@@ -845,17 +1094,16 @@ class RetirementEngine:
             rt.set_from = None  # not the engine's to put back any more
             self.abort(rt, f"someone else set the worker {ws.status.name}")
             return []
-        self._count_landed(rt)
         self._offer_queued(rt, recipients)
         unsafe = unsafe_keys(ws, retiring)
         rt.keys_left = len(unsafe)
-        rt.bytes_left = sum(ts.nbytes for ts in unsafe)
+        rt.bytes_left = sum(map(attrgetter("nbytes"), unsafe))
         rt.tasks_running = len(ws.processing)
         if not rt.drain:
             rt.wasted_tasks = rt.tasks_running
         if rt.state == "done":
             return unsafe  # committed: move what lands on it late, nothing else
-        blocker = self.veto(ws)
+        blocker = veto
         if not blocker and time() - rt.started > rt.limit:
             blocker = (
                 f"the limit of {rt.limit:g}s passed with {rt.keys_left} unsafe key(s) "
@@ -880,61 +1128,12 @@ class RetirementEngine:
             # The commit, in this same step: the worker is out of every recipient and
             # task set, and the drop guard pins its safe copies until it has left
             rt.ended = time()
+            self.mark("retirement-done", rt.name)
             self._make_leaving(rt, f"retirement done ({rt.requested or 'no reason'})")
         return unsafe
 
-    def _count_landed(self, rt: Retirement) -> None:
-        now = time()
-        for key, (address, nbytes, asked) in list(rt.copies.items()):
-            ts = self.scheduler.tasks.get(key)
-            if ts is None or ts.state != "memory":
-                del rt.copies[key]
-            elif any(ws.address == address for ws in ts.who_has or ()):
-                del rt.copies[key]
-                rt.keys_moved += 1
-                rt.bytes_moved += ts.nbytes
-            elif now - asked >= self.copy_timeout(nbytes):
-                del rt.copies[key]
-
-    @staticmethod
-    def copy_timeout(nbytes: int) -> float:
-        """Seconds to wait for a copy of ``nbytes`` before asking for it again."""
-        return COPY_TIMEOUT + nbytes / SLOWEST_TRANSFER_RATE
-
     def _offer_queued(self, rt: Retirement, recipients: set[WorkerState]) -> None:
         hand_back_queued(self.scheduler, rt.ws, rt.offered, recipients)
-
-
-def downscaling_veto(scheduler: Scheduler, ws: WorkerState, skip: object = None) -> str:
-    """Why ``ws`` cannot go without losing something ("" if it can): actors,
-    long-running tasks, or a scheduler plugin's valid_workers_downscaling (called
-    as Scheduler.workers_to_close does; ``skip``: the asking plugin)."""
-    if ws.actors:
-        return f"the worker holds actor(s) {_some(ws.actors)}, which cannot be moved"
-    if ws.long_running:
-        return (
-            f"the worker runs long-running (seceded) task(s) "
-            f"{_some(ws.long_running)}, which would be lost"
-        )
-    for name, plugin in list(scheduler.plugins.items()):
-        if plugin is skip:
-            continue
-        # Third-party code: whatever it raises must not break the handler or
-        # the AMM cycle; it counts as a veto.
-        try:
-            valid = plugin.valid_workers_downscaling(scheduler, [ws])
-        except Exception as e:
-            logger.exception("valid_workers_downscaling of plugin %r failed", name)
-            return (
-                f"scheduler plugin {name!r} failed to say whether the worker may "
-                f"go ({type(e).__name__}: {e})"
-            )
-        if ws not in valid:
-            return (
-                f"scheduler plugin {name!r} vetoes removing the worker "
-                "(valid_workers_downscaling; e.g. a P2P shuffle in progress on it)"
-            )
-    return ""
 
 
 def _stealing(scheduler: Scheduler) -> WorkStealing:

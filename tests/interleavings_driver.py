@@ -904,13 +904,10 @@ def short_name(policy: str) -> str:
 
 
 def engine_cycle(q: Sequence) -> None:
-    amm = getattr(q.cluster.plugin.retirement, "amm", None)
-    if amm is None:
-        return
     try:
-        amm.run_once()
+        q.cluster.plugin.retirement.cycle.run_once()
     except Exception as e:
-        q.error("the retirement engine's AMM cycle", e)
+        q.error("the retirement engine's cycle", e)
 
 
 def main_cycle(q: Sequence) -> None:

@@ -323,10 +323,7 @@ async def test_case8_room_counts_copies_still_in_flight() -> None:
             # no await between the two: the first copy cannot have landed
             handlers["amm_core_retire"](workers=["w0"], limit=30, **HOOK)
             handlers["amm_core_retire"](workers=["w1"], limit=30, **HOOK)
-            asked = [
-                address for rt in engine(s).records.values()
-                for address, _, _ in rt.copies.values()
-            ]
+            asked = [copy.recipient.address for copy in engine(s).in_flight.copies.values()]
         rec = records(s)
         assert asked.count(w2.address) == 1, (asked, rec, fraction, w2.memory)
         assert "room" in rec["w1"]["blocked"] or "room" in rec["w0"]["blocked"], rec

@@ -465,7 +465,7 @@ async def test_an_older_generation_of_the_owner_in_force_changes_nothing(
     before = configured(cl)
     amm = amm_of(cl)
 
-    with caplog.at_level("INFO", logger="amm_core.plugin"):
+    with caplog.at_level("INFO", logger="amm_core.control"):
         status = await scheduler_rpc.apply(
             addr, config(interval="5s", measure="managed"), owner(2)
         )

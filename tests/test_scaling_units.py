@@ -27,7 +27,7 @@ from test_retirement import cluster as retirement_cluster
 from test_retirement import scatter_to
 from test_scheduler_rpc import FakeScheduler, message
 
-from amm_core.retirement import MAX_SCALING_WORKERS
+from amm_core.scaling import MAX_SCALING_WORKERS
 from amm_testing import MB, until
 from dask_memory_operator import manifests
 from dask_memory_operator.api import scaling
