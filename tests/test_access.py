@@ -3,11 +3,14 @@ are written here as dask-kubernetes and the Deployment controller write them).""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
+from dask_memory_operator.controllers.workergroup import group_record
 from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
+from dask_memory_operator.watches import Watches, operator_kinds
 from dask_memory_operator.schedulers.locator import SchedulerAccessError, SchedulerLocator, SchedulerServiceMissing
 
 LABELS = {"dask.org/cluster-name": "demo", "dask.org/component": "scheduler"}
@@ -56,13 +59,13 @@ def api(tmp_path, monkeypatch):
         cluster_uid = _uid(stack, "/apis/kubernetes.dask.org/v1/namespaces/ns/daskclusters/demo")
         workload = {"replicas": 1, "selector": {"matchLabels": LABELS}, "template": _template()}
         stack.apply({"apiVersion": "apps/v1", "kind": "Deployment",
-                     "metadata": {"name": "demo-scheduler",
+                     "metadata": {"name": "demo-scheduler", "labels": LABELS,  # as dask-kubernetes labels it
                                   "ownerReferences": _owner("kubernetes.dask.org/v1", "DaskCluster", "demo",
                                                             cluster_uid)},
                      "spec": workload}, namespace="ns")
         deployment_uid = _uid(stack, "/apis/apps/v1/namespaces/ns/deployments/demo-scheduler")
         stack.apply({"apiVersion": "apps/v1", "kind": "ReplicaSet",
-                     "metadata": {"name": "demo-scheduler-5d9f",
+                     "metadata": {"name": "demo-scheduler-5d9f", "labels": LABELS,
                                   "ownerReferences": _owner("apps/v1", "Deployment", "demo-scheduler",
                                                             deployment_uid)},
                      "spec": workload}, namespace="ns")
@@ -187,3 +190,52 @@ async def test_look_alike_pods_cost_no_reads_after_their_first_refusal(api):
 async def test_an_ipv6_pod_ip_is_bracketed(api):
     make_pod(api, "demo-scheduler-5d9f-abcde", replicaset_owner(api), ip="fd00::7")
     assert await SchedulerLocator("pod-ip").address("ns", "demo") == "tcp://[fd00::7]:8786"
+
+
+async def test_with_the_caches_a_contact_reads_nothing(api):
+    """With the operator's caches (dask_memory_operator/watches.py), a contact asks
+    the API nothing, and a replaced scheduler pod is found from the watch's events:
+    the only read left is the new pod's DaskCluster, once (the end of its chain)."""
+    make_pod(api, "demo-scheduler-5d9f-abcde", replicaset_owner(api))
+    watches = Watches([k for k in operator_kinds(False, group_record) if k.plural != "daskworkergroups"])
+    assert await watches.start(10)
+    try:
+        locator = SchedulerLocator("pod-ip", watches=watches)
+        before = len(api.audit_events())
+        assert await locator.address("ns", "demo") == f"tcp://{POD_IP}:8786"
+        assert await locator.address("ns", "demo") == f"tcp://{POD_IP}:8786"
+        assert _reads(api, before) == ["list daskclusters"]
+        api.kubectl("delete", "pod", "demo-scheduler-5d9f-abcde", "-n", "ns", "--grace-period=0", "--force")
+        make_pod(api, "demo-scheduler-5d9f-fghij", replicaset_owner(api), ip="127.2.200.9")
+        before = len(api.audit_events())
+        for _ in range(100):  # until the watch's events are in
+            if await locator.address("ns", "demo") == "tcp://127.2.200.9:8786":
+                break
+            await asyncio.sleep(0.05)
+        assert await locator.address("ns", "demo") == "tcp://127.2.200.9:8786"
+        assert _reads(api, before) == ["list daskclusters"]
+    finally:
+        await watches.stop()
+
+
+async def test_with_the_caches_a_refusal_is_still_read_from_the_api(api):
+    """The cache is trusted for what it finds: a ReplicaSet it does not hold (not
+    labelled as the cluster's, or not seen yet) is asked of the API before the pod is
+    refused (refusals are remembered)."""
+    api.kubectl("label", "replicaset", "demo-scheduler-5d9f", "-n", "ns", "dask.org/cluster-name-")
+    make_pod(api, "demo-scheduler-5d9f-abcde", replicaset_owner(api))
+    watches = Watches([k for k in operator_kinds(False, group_record) if k.plural != "daskworkergroups"])
+    assert await watches.start(10)
+    try:
+        before = len(api.audit_events())
+        assert await SchedulerLocator("pod-ip", watches=watches).address("ns", "demo") == f"tcp://{POD_IP}:8786"
+        assert _reads(api, before) == ["list replicasets", "list daskclusters"]
+    finally:
+        await watches.stop()
+
+
+def _reads(stack: LocalStack, since: int) -> list[str]:
+    """The kr8s client's requests (not kubectl's) after the ``since``-th audit event."""
+    return [f"{e['verb']} {(e.get('objectRef') or {}).get('resource') or e['requestURI']}"
+            for e in stack.audit_events()[since:]
+            if e.get("userAgent", "").startswith("kr8s") and e["stage"] == "ResponseComplete"]

@@ -296,9 +296,12 @@ def test_default_rbac_is_one_clusterrole_bound_to_the_service_account():
     assert one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == FULLNAME
     assert grants(docs, "memorypolicies") == {"list", "watch", "patch"}
     assert grants(docs, "memorypolicies/status") == {"patch"}
-    assert grants(docs, "deployments") == {"list", "delete"}
-    assert grants(docs, "pods") == {"list"}  # the scheduler pods (and the webhook's counts)
-    assert grants(docs, "replicasets") == {"list"}  # a scheduler pod's ownership chain
+    assert grants(docs, "deployments") == {"list", "watch", "delete"}
+    # the caches of dask_memory_operator/watches.py: listed, then watched
+    assert grants(docs, "pods") == {"list", "watch"}  # the scheduler pods (and the webhook's counts)
+    assert grants(docs, "replicasets") == {"list", "watch"}  # a scheduler pod's ownership chain
+    assert grants(docs, "services") == {"list", "watch"}
+    assert grants(docs, "daskworkergroups") == {"list", "watch", "patch"}
     assert grants(docs, "customresourcedefinitions") == {"list", "watch"}
     # the namespace selector's index and watch of Namespaces; no peering when standalone
     assert grants(docs, "namespaces") == {"list", "watch"} and not grants(docs, "clusterkopfpeerings")
@@ -329,7 +332,7 @@ def test_namespaced_renders_roles_in_exactly_those_namespaces():
 
 def test_webhook_off_keeps_the_pods_rule_the_locator_needs():
     # the operator connects to the scheduler pod it lists, never through its Service
-    assert grants(render("webhook-off"), "pods") == {"list"}
+    assert grants(render("webhook-off"), "pods") == {"list", "watch"}
 
 
 def test_replicas_run_under_a_peering_of_their_own():

@@ -545,7 +545,7 @@ def test_port_forward_targets_the_pods_port(stack: LocalStack, clusters: str, mo
 
     async def target() -> tuple[str, int]:
         pod, port = await SchedulerLocator("port-forward").scheduler_pod(clusters, MATCHING)
-        return pod["metadata"]["labels"]["dask.org/cluster-name"], port
+        return pod.cluster, port
 
     assert asyncio.run(target()) == (MATCHING, 8786)
 

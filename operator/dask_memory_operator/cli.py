@@ -13,7 +13,8 @@ commands:
   check     exit 0 when the MemoryPolicy CRD is established and the operator is live
             (the Helm chart's test)
   sandbox   run an emulated Kubernetes API, dask-kubernetes, this operator and real
-            Dask processes on this machine, and the AMM dot-product demo on them
+            Dask processes on this machine, and the demos on them: the AMM's dot
+            product, and a busy scale-down with and without the MemoryPolicy
 """
 
 
@@ -101,8 +102,13 @@ def _add_sandbox(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sandbox", help="run the whole stack and the demo on this machine")
     p.add_argument("--keep", action="store_true",
                    help="stay up after the demo and print a kubeconfig for kubectl")
-    p.add_argument("--size", type=int, default=8000, help="matrix side of the demo")
-    p.add_argument("--chunk", type=int, default=1000, help="chunk side of the demo")
+    p.add_argument("--demo", choices=["amm", "scale-down", "all"], default="all",
+                   help="amm: a dot product with the AMM on and off; scale-down: a busy 6 -> 3 "
+                        "scale-down, Deployments deleted from outside, then through the policy")
+    p.add_argument("--size", type=int, default=8000, help="matrix side of the AMM demo")
+    p.add_argument("--chunk", type=int, default=1000, help="chunk side of the AMM demo")
+    p.add_argument("--rows", type=int, default=12_000,
+                   help="rows of the scale-down demo's data (x 2,000 float64, 8 MB a 1,000 rows)")
     p.add_argument("--state-dir", default=None, help="where logs and kubeconfig go")
 
 
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dask_memory_operator.schedulers.locator import SchedulerLocator
     from dask_memory_operator.controllers.config import OperatorConfig, WebhookConfig
-    from dask_memory_operator.controllers.registry import build_registry
+    from dask_memory_operator.controllers.registry import build_registry, operator_watches
     from dask_memory_operator.schedulers.converge import ClusterReconciler
 
     if args.peering == "default":
@@ -146,10 +152,12 @@ def run(args: argparse.Namespace) -> int:
     kopf.configure(verbose=args.verbose)
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address)
+    watches = operator_watches(args.namespace, webhook=config.webhook is not None)
     memo = kopf.Memo(
         config=config,
+        watches=watches,
         reconciler=ClusterReconciler(
-            SchedulerLocator(args.scheduler_access), rpc_timeout=args.rpc_timeout
+            SchedulerLocator(args.scheduler_access, watches=watches), rpc_timeout=args.rpc_timeout
         ),
         policy_locks=weakref.WeakValueDictionary(),
         cluster_labels={},

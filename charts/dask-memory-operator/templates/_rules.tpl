@@ -4,10 +4,10 @@ The ONE list of what the operator calls on the Kubernetes API, by who calls it
 it as a ClusterRole (cluster-wide), or as a Role in each of watchNamespaces plus a
 ClusterRole of the cluster-scoped part. No wildcard verb, resource or group.
 
-Reading by name with kr8s (`Service.get(name)`, `DaskWorkerGroup.get(name)`) is a
-LIST with the field selector metadata.name=NAME, hence `list` where one might expect
-`get`. Discovery (/api, /apis) is granted to every authenticated user by Kubernetes'
-own system:discovery role and is not repeated here.
+Reading by name (as kr8s does: `DaskWorkerGroup.get(name)`) is a LIST with the field
+selector metadata.name=NAME, hence `list` where one might expect `get`. Discovery
+(/api, /apis) is granted to every authenticated user by Kubernetes' own
+system:discovery role and is not repeated here.
 */}}
 
 {{/* Rules on objects in the watched namespaces. */}}
@@ -40,40 +40,50 @@ own system:discovery role and is not repeated here.
 - apiGroups: ["kubernetes.dask.org"]
   resources: ["daskautoscalers"]
   verbs: ["list", "watch"]
-# controllers/workergroup.py: read_group (kr8s get by name: a list) and set_replicas
-# (JSON patch of spec.worker.replicas and the scaling-ledger annotation).
+# dask_memory_operator/watches.py: the operator's cache of every DaskWorkerGroup (a
+# list, then a watch), which the scaling passes read (controllers/scaling.py);
+# controllers/workergroup.py: read_group (a list by name, when the cache cannot vouch
+# for the group) and set_replicas (JSON patch of spec.worker.replicas and the
+# scaling-ledger annotation).
 - apiGroups: ["kubernetes.dask.org"]
   resources: ["daskworkergroups"]
-  verbs: ["list", "patch"]
-# controllers/workergroup.py: cluster_deployments (list by labels) and
-# delete_deployment (the retired worker's Deployment, with a uid precondition);
-# schedulers/locator.py SchedulerLocator._refusal reads the scheduler Deployment (a
-# list by name) to check the scheduler pod's ownership.
+  verbs: ["list", "watch", "patch"]
+# dask_memory_operator/watches.py: the cache of Deployments labelled
+# dask.org/cluster-name (a list, then a watch): a cluster's worker Deployments for
+# the scaling passes, the scheduler Deployment for schedulers/locator.py's check of the
+# scheduler pod's ownership (both read from the API when the cache cannot vouch);
+# controllers/workergroup.py delete_deployment: the retired worker's Deployment,
+# with a uid precondition.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["list", "delete"]
-# schedulers/locator.py SchedulerLocator._refusal: the scheduler pod's ReplicaSet (a
-# list by name), the link from the pod to the scheduler Deployment.
+  verbs: ["list", "watch", "delete"]
+# dask_memory_operator/watches.py: the cache of ReplicaSets labelled
+# dask.org/cluster-name (a list, then a watch): the scheduler pod's ReplicaSet, the
+# link from the pod to the scheduler Deployment (schedulers/locator.py _refusal,
+# which reads it by name, a list, when the cache does not hold it).
 - apiGroups: ["apps"]
   resources: ["replicasets"]
-  verbs: ["list"]
-# schedulers/locator.py SchedulerLocator._comm_port: the scheduler Service's tcp-comm
-# targetPort, only when the pod names no tcp-comm port (a list by name).
+  verbs: ["list", "watch"]
+# dask_memory_operator/watches.py: the cache of Services labelled dask.org/cluster-name
+# (a list, then a watch): the scheduler Service's tcp-comm targetPort, read only when
+# the scheduler pod names no tcp-comm port (schedulers/locator.py _comm_port, a list
+# by name when the cache does not hold it).
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 # kopf.info/kopf.warn (observability/events.py, controllers/*) and
 # observability/events.py post_from_background (kr8s Event.create): core v1 Events.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-# schedulers/locator.py SchedulerLocator.scheduler_pod: the cluster's scheduler pods
-# (list by labels), whose pod IP the operator connects to; with the webhook on,
-# controllers/workergroup.py workers_without_hook (called by controllers/scaling.py
-# _hooks) counts worker pods created without the preStop hook.
+# dask_memory_operator/watches.py: the cache of Dask pods (a list, then a watch;
+# with the webhook on, worker pods too): schedulers/locator.py SchedulerLocator.
+# scheduler_pod connects to the cluster's scheduler pod's IP; controllers/scaling.py
+# _hooks counts worker pods created without the preStop hook. Both list them
+# (by labels) when the cache cannot vouch for them.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 {{- end }}
 
 {{/* Rules only kopf needs, at cluster scope. */}}

@@ -39,17 +39,41 @@ from dask_memory_operator.controllers.scaling import (
     daskautoscalers_by_cluster,
     scale_policy_clusters,
 )
+from dask_memory_operator.controllers.workergroup import group_record
+from dask_memory_operator.watches import Watches, operator_kinds
 
 #: Seconds between runs of each policy's scaling timer (each cluster's passes are
 #: paced by its adaptive interval)
 SCALING_TICK = 0.5
 
 
+#: Seconds the operator's start waits for its caches' first LIST (passes read the API
+#: for what a cache cannot vouch for: not waiting longer is only slower)
+WATCHES_SYNC_TIMEOUT = 30.0
+
+
+def operator_watches(namespaces: list[str], webhook: bool) -> Watches | None:
+    """The caches of the Dask objects passes read (:mod:`dask_memory_operator.watches`):
+    cluster-wide, or in each watched namespace; None (every read from the API) when a
+    namespace is a pattern, which only kopf resolves."""
+    if any(set(n) & set("*?[!") for n in namespaces):
+        logging.getLogger(__name__).warning(
+            "--namespace patterns: the Dask objects are read from the API on every pass (no watch-backed caches)")
+        return None
+    kinds = operator_kinds(worker_pods=webhook, group_record=group_record)
+    return Watches(kinds, namespaces or None)
+
+
 async def start_background_tasks(memo: kopf.Memo, **_: Any) -> None:
-    """Tasks of the whole operator, not of one object: the owed restores; and the
-    scaling controller, whose passes run as tasks of their own."""
+    """Tasks of the whole operator, not of one object: the caches' watches (filled
+    before any handler runs: kopf starts its watches after the startup handlers), the
+    owed restores, and the scaling controller, whose passes run as tasks of their own."""
     config: OperatorConfig = memo.config
-    memo.scaling = ScalingController(memo.reconciler, check_hooks=config.webhook is not None)
+    watches: Watches | None = getattr(memo, "watches", None)
+    if watches is not None and not await watches.start(WATCHES_SYNC_TIMEOUT):
+        logging.getLogger(__name__).warning("Some watches did not list within %gs: passes read the API meanwhile",
+                                            WATCHES_SYNC_TIMEOUT)
+    memo.scaling = ScalingController(memo.reconciler, check_hooks=config.webhook is not None, watches=watches)
     memo.background = [asyncio.create_task(settle_owed_restores(memo, config.resync_interval))]
 
 
@@ -61,6 +85,9 @@ async def stop_background_tasks(memo: kopf.Memo, **_: Any) -> None:
     await asyncio.gather(*passes, return_exceptions=True)
     await asyncio.gather(*getattr(memo, "background", ()), return_exceptions=True)
     await memo.reconciler.locator.close()
+    watches = getattr(memo, "watches", None)
+    if watches is not None:
+        await watches.stop()
 
 
 class _QuietScalingTimer(logging.Filter):

@@ -28,6 +28,12 @@ The reconcile runs in a task of its own per cluster (:meth:`ScalingController.ki
 started by the policy's scaling timer, so that one slow scheduler holds up only its
 own cluster; the timer writes each cluster's entry into ``status.scaling``.
 
+What the API holds is read from the operator's watch-backed caches
+(:mod:`dask_memory_operator.watches`): a pass of a cluster with nothing to do asks the
+API nothing. What a cache cannot vouch for (not synced; an object the controller wrote
+and whose write the watch has not shown yet) is read from the API: the pass after a
+replicas patch must not count the replicas of before.
+
 The operator is shared by tenants, so a tick costs what changed: the timer reads the
 namespace's assignment as computed once per change (:mod:`.assignment`), writes the
 status only when it changed, and a retirement record is reported (Event, metric,
@@ -61,6 +67,7 @@ from dask_memory_operator.observability import metrics
 from dask_memory_operator.observability.events import dask_cluster_ref, post_from_background
 from dask_memory_operator.schedulers import rpc
 from dask_memory_operator.schedulers.converge import ClusterReconciler, PASS_TIMEOUT_CALLS, error_outcome
+from dask_memory_operator.watches import Watches
 
 logger = logging.getLogger(__name__)
 
@@ -146,10 +153,12 @@ class ScalingController:
     #: Monotonic time of each policy's latest status.scaling write, by uid
     status_written: dict[str, float]
 
-    def __init__(self, reconciler: ClusterReconciler, check_hooks: bool = False):
+    def __init__(self, reconciler: ClusterReconciler, check_hooks: bool = False, watches: Watches | None = None):
         self.reconciler = reconciler
         #: The webhook is served: report worker pods without its hook
         self.check_hooks = check_hooks
+        #: The caches passes read (what they cannot vouch for is read from the API)
+        self.watches = watches
         self.clusters = {}
         self.status_written = {}
 
@@ -234,15 +243,52 @@ class ScalingController:
             status = await rpc.get_status(address, timeout=self.reconciler.rpc_timeout)
         except rpc.PluginMissing:
             return None
-        deployments = await workergroup.cluster_deployments(namespace, cluster)
+        deployments = await self._deployments(namespace, cluster)
         groups: dict[str, WorkerGroup] = {}
         names = {spec.adaptive.group(cluster)} if spec.adaptive else set()
         for name in sorted(names | {g for g, _ in deployments.values()}):
-            group = await workergroup.read_group(namespace, name)
+            group = await self._group(namespace, name)
             if group is not None:
                 groups[name] = group
         return Pass(namespace, cluster, cluster_uid, address, status, deployments, groups,
                     {"cluster": cluster})
+
+    # --- reads: the caches, or the API for what they cannot vouch for ----------------------
+
+    async def _deployments(self, namespace: str, cluster: str) -> dict[str, tuple[str, str]]:
+        records = self.watches.of_cluster("deployments", namespace, cluster) if self.watches else None
+        if records is None:
+            return await workergroup.cluster_deployments(namespace, cluster)
+        return workergroup.worker_deployments(records)
+
+    async def _group(self, namespace: str, name: str) -> WorkerGroup | None:
+        if self.watches is not None:
+            vouched, group = self.watches.get("daskworkergroups", namespace, name)
+            if vouched:
+                return workergroup.copy_of(group) if group is not None else None
+        return await workergroup.read_group(namespace, name)
+
+    async def _unhooked(self, namespace: str, cluster: str) -> list[str]:
+        records = self.watches.of_cluster("pods", namespace, cluster) if self.watches else None
+        if records is None:
+            return await workergroup.workers_without_hook(namespace, cluster)
+        return workergroup.unhooked_workers(records)
+
+    # --- writes: the caches are told, so that the next pass does not read what was before
+
+    async def _set_replicas(self, group: WorkerGroup, replicas: int, ledger: Ledger) -> bool:
+        if not await workergroup.set_replicas(group, replicas, ledger):
+            return False
+        if self.watches is not None:
+            self.watches.wrote("daskworkergroups", group.namespace, group.name, group.resource_version)
+        return True
+
+    async def _delete(self, namespace: str, name: str, uid: str) -> bool:
+        if not await workergroup.delete_deployment(namespace, name, uid):
+            return False
+        if self.watches is not None:
+            self.watches.deleted("deployments", namespace, name, uid)
+        return True
 
     # --- one pass -----------------------------------------------------------------
 
@@ -274,8 +320,8 @@ class ScalingController:
     async def _hooks(self, namespace: str, cluster: str, cluster_uid: str,
                      state: ClusterScaling) -> dict[str, Any]:
         """With the webhook served: how many worker pods lack the retirement hook (an
-        Event when more do than before); an API question only."""
-        missing = await workergroup.workers_without_hook(namespace, cluster)
+        Event when more do than before); a question of the pods cache only."""
+        missing = await self._unhooked(namespace, cluster)
         if len(missing) > state.entry.get("workersWithoutRetirementHook", 0):
             await post_from_background(dask_cluster_ref(namespace, cluster, cluster_uid),
                 "WorkersWithoutRetirementHook", (
@@ -297,7 +343,7 @@ class ScalingController:
             elif r["state"] == "done":
                 if uid is not None:
                     retiring.append(name)
-                    if await workergroup.delete_deployment(p.namespace, name, uid):
+                    if await self._delete(p.namespace, name, uid):
                         metrics.observe_retirement(p.namespace, p.cluster, "done", r.get("seconds", 0))
                         await p.event("WorkerRetired", (
                             f"Worker {name} retired in {r.get('seconds', 0):.1f}s: "
@@ -341,7 +387,7 @@ class ScalingController:
                 continue
             ledger = Ledger([*group.ledger.removed, *names],
                             [n for n in group.ledger.replacing if n not in names], group.ledger.deleting)
-            if await workergroup.set_replicas(group, _without(p, group, names), ledger):
+            if await self._set_replicas(group, _without(p, group, names), ledger):
                 forget.extend(names)
                 retiring = [n for n in retiring if n not in names]  # no longer counted
         # Reported once per transition: a record the scheduler reports again (it did
@@ -371,7 +417,7 @@ class ScalingController:
             dropped = [n for n in group.ledger.replacing if n in mine and n not in listed]
             gone = []
             for name in retired:
-                if await workergroup.delete_deployment(p.namespace, name, p.deployments[name][1]):
+                if await self._delete(p.namespace, name, p.deployments[name][1]):
                     gone.append(name)
                     del p.deployments[name]
                     await p.event("PausedWorkerReplaced", (
@@ -384,7 +430,7 @@ class ScalingController:
             # stale: deleted by an earlier pass whose replicas patch did not land
             # (or by someone else: _without does not take that replica off twice)
             ledger = Ledger([*group.ledger.removed, *gone, *stale], keep + add, group.ledger.deleting)
-            if await workergroup.set_replicas(group, _without(p, group, gone + stale) + len(add), ledger):
+            if await self._set_replicas(group, _without(p, group, gone + stale) + len(add), ledger):
                 for name in add:
                     await p.event("ReplacingPausedWorker", (
                         f"Worker {name} stayed paused: a replacement worker is added to "
@@ -459,7 +505,7 @@ class ScalingController:
             return
         gone = [n for n in group.ledger.deleting if n not in p.deployments]
         ledger = Ledger([*group.ledger.removed, *gone], group.ledger.replacing, [])
-        await workergroup.set_replicas(group, _without(p, group, gone), ledger)
+        await self._set_replicas(group, _without(p, group, gone), ledger)
 
     async def _scale_up(self, p: Pass, group: WorkerGroup, more: int, retiring: list[str]) -> None:
         """Cancel retirements under way first (their workers have their data), then
@@ -476,7 +522,7 @@ class ScalingController:
         more -= len(cancel)
         if more > 0:
             new = group.replicas + more
-            if await workergroup.set_replicas(group, new, group.ledger):
+            if await self._set_replicas(group, new, group.ledger):
                 await p.event("ScaledUp", f"{group.name}: replicas {new - more} -> {new}")
         p.entry.update(reason="ScalingUp", replicas=group.replicas)
 
@@ -499,9 +545,9 @@ class ScalingController:
                                       drain=retirement.drain, reason=reason, timeout=timeout)
             unknown = [n for n in answer.get("unknown", []) if n in p.deployments]
             intent = Ledger(group.ledger.removed, group.ledger.replacing, [*group.ledger.deleting, *unknown])
-            if unknown and await workergroup.set_replicas(group, group.replicas, intent):
+            if unknown and await self._set_replicas(group, group.replicas, intent):
                 for name in unknown:
-                    if await workergroup.delete_deployment(p.namespace, name, p.deployments[name][1]):
+                    if await self._delete(p.namespace, name, p.deployments[name][1]):
                         gone.append(name)
                         del p.deployments[name]
                 await self._settle_deletions(p, group)

@@ -27,8 +27,8 @@ from typing import Any
 
 import kopf
 import kr8s
-import kr8s.asyncio
 
+from dask_memory_operator import kubeclient
 from dask_memory_operator.api.memorypolicy import GROUP, PLURAL, VERSION
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def governed_or_gone(governed: Callable[..., bool] | None) -> Callable[..., bool
 
 async def _nudge_policies(namespace: str, governed: bool) -> None:
     """Annotate every MemoryPolicy of the namespace: kopf re-filters them on the event."""
-    api = await kr8s.asyncio.api()
+    api = await kubeclient.client()
     where = {"version": f"{GROUP}/{VERSION}", "base": "/apis", "namespace": namespace}
     async with api.call_api("GET", url=PLURAL, **where) as response:
         names = [p["metadata"]["name"] for p in response.json().get("items", [])]

@@ -15,10 +15,17 @@ that never connected, about to be deleted (written before the deletion). It is w
 safe to repeat after the operator is killed between two of its steps: a Deployment
 gone but not in the ledger still needs its replica taken off; one in the ledger does
 not. Everything else the controller needs is in the scheduler plugin's records.
+
+Reads: the controller reads groups, Deployments and pods from the operator's
+watch-backed caches (:mod:`dask_memory_operator.watches`, the same records as here);
+the reads here ask the API, for what a cache cannot vouch for. The writes' preconditions
+(the uid, the ``test`` of the replicas) are what keeps a read a moment old from
+deleting or overwriting anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -26,10 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kr8s
-import kr8s.asyncio
 from kr8s.asyncio.objects import new_class
 
+from dask_memory_operator import kubeclient
 from dask_memory_operator.api.memorypolicy import DASK_GROUP, DASK_VERSION, GROUP
+from dask_memory_operator.watches import DeploymentRecord, PodRecord, deployment_record, pod_record
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +49,7 @@ MAX_LEDGER_NAMES = 64
 MAX_LEDGER_TEXT = 32_768
 
 DaskWorkerGroup = new_class("DaskWorkerGroup", f"{DASK_GROUP}/{DASK_VERSION}", namespaced=True)
+DASK_API = f"{DASK_GROUP}/{DASK_VERSION}"
 
 
 @dataclass
@@ -85,7 +94,8 @@ class Ledger:
 
 @dataclass
 class WorkerGroup:
-    """A DaskWorkerGroup and its worker Deployments, as read at one moment."""
+    """A DaskWorkerGroup as read at one moment (from the API, or the watch's cache:
+    :func:`group_record` makes both)."""
 
     namespace: str
     name: str
@@ -96,44 +106,71 @@ class WorkerGroup:
     #: only if nothing changed since (else adding the annotations map would replace
     #: annotations written meanwhile, e.g. dask-kubernetes' kopf state)
     resource_version: str = ""
+    uid: str = ""
+    #: spec.cluster
+    cluster: str = ""
 
 
-async def read_group(namespace: str, name: str) -> WorkerGroup | None:
-    """The group, or None when it does not exist."""
-    try:
-        group = await DaskWorkerGroup.get(name, namespace=namespace)
-    except kr8s.NotFoundError:
-        return None
-    meta = group.raw.get("metadata", {})
-    replicas = (group.raw.get("spec", {}).get("worker") or {}).get("replicas", 0)
+def group_record(body: Mapping[str, Any]) -> WorkerGroup:
+    """What the controller reads of a DaskWorkerGroup (bounded: the ledger is)."""
+    meta = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    replicas = (spec.get("worker") or {}).get("replicas", 0) if isinstance(spec.get("worker"), Mapping) else 0
+    cluster = spec.get("cluster")
     return WorkerGroup(
-        namespace=namespace,
-        name=name,
-        replicas=int(replicas) if isinstance(replicas, int) else 0,
+        namespace=str(meta.get("namespace", "")),
+        name=str(meta.get("name", "")),
+        replicas=replicas if isinstance(replicas, int) and not isinstance(replicas, bool) else 0,
         ledger=Ledger.parse(meta.get("annotations") or {}),
         has_annotations=bool(meta.get("annotations")),
         resource_version=str(meta.get("resourceVersion", "")),
+        uid=str(meta.get("uid", "")),
+        cluster=cluster[:253] if isinstance(cluster, str) else "",
     )
+
+
+def copy_of(group: WorkerGroup) -> WorkerGroup:
+    """A pass's own copy of a cached group (a write updates the copy it made)."""
+    return dataclasses.replace(group, ledger=Ledger(list(group.ledger.removed), list(group.ledger.replacing),
+                                                    list(group.ledger.deleting)))
+
+
+async def read_group(namespace: str, name: str) -> WorkerGroup | None:
+    """The group from the API, or None when it does not exist (a LIST by name, as
+    kr8s reads by name and the chart grants)."""
+    items = await _list(DASK_API, namespace, "daskworkergroups", {"fieldSelector": f"metadata.name={name}"})
+    found = [i for i in items if (i.get("metadata") or {}).get("name") == name]
+    return group_record(found[0]) if found else None
 
 
 async def cluster_deployments(namespace: str, cluster: str) -> dict[str, tuple[str, str]]:
     """name -> (worker group, uid) of every worker Deployment of the cluster that is
-    not being deleted."""
-    found = {}
-    async for d in kr8s.asyncio.get(
-        "deployments", namespace=namespace,
-        label_selector={"dask.org/cluster-name": cluster, "dask.org/component": "worker"},
-    ):
-        if not d.metadata.get("deletionTimestamp"):
-            labels = d.metadata.get("labels") or {}
-            found[d.name] = (labels.get("dask.org/workergroup-name", ""), d.metadata["uid"])
-    return found
+    not being deleted, from the API."""
+    items = await _list("apps/v1", namespace, "deployments", {"labelSelector": _worker_selector(cluster)})
+    return worker_deployments([deployment_record(d) for d in items])
+
+
+def worker_deployments(records: list[DeploymentRecord]) -> dict[str, tuple[str, str]]:
+    """name -> (worker group, uid) of the worker Deployments not being deleted."""
+    return {d.name: (d.group, d.uid) for d in records if d.component == "worker" and not d.deleting}
+
+
+def _worker_selector(cluster: str) -> str:
+    return f"dask.org/cluster-name={cluster},dask.org/component=worker"
+
+
+async def _list(version: str, namespace: str, plural: str, params: dict[str, str]) -> list[dict[str, Any]]:
+    api = await kubeclient.client()
+    base = "/apis" if "/" in version else "/api"
+    async with api.call_api("GET", version=version, base=base, namespace=namespace, url=plural,
+                            params=params) as response:
+        return [i for i in response.json().get("items") or () if isinstance(i, dict)]
 
 
 async def delete_deployment(namespace: str, name: str, uid: str) -> bool:
     """Delete exactly that Deployment (the uid it had when read). False when it is
     gone already or another object holds the name now: nothing deleted twice."""
-    api = await kr8s.asyncio.api()
+    api = await kubeclient.client()
     body = {"propagationPolicy": "Background", "preconditions": {"uid": uid}}
     try:
         async with api.call_api(
@@ -163,7 +200,8 @@ async def set_replicas(group: WorkerGroup, replicas: int, ledger: Ledger) -> boo
         if group.resource_version:
             ops.insert(0, {"op": "test", "path": "/metadata/resourceVersion", "value": group.resource_version})
         ops.append({"op": "add", "path": "/metadata/annotations", "value": {LEDGER_ANNOTATION: ledger.dump()}})
-    obj = await DaskWorkerGroup({"metadata": {"name": group.name, "namespace": group.namespace}})
+    obj = DaskWorkerGroup({"metadata": {"name": group.name, "namespace": group.namespace}},
+                          api=await kubeclient.client())
     try:
         await obj.patch(ops, type="json")
     except kr8s.ServerError as e:
@@ -176,17 +214,13 @@ async def set_replicas(group: WorkerGroup, replicas: int, ledger: Ledger) -> boo
 
 
 async def workers_without_hook(namespace: str, cluster: str) -> list[str]:
-    """Worker pods of the cluster (not being deleted) without the retirement hook:
-    created while the webhook was down, or before a policy governed the cluster."""
-    from dask_memory_operator.webhook.mutation import has_retirement_hook
+    """Worker pods of the cluster (not being deleted) without the retirement hook,
+    from the API: created while the webhook was down, or before a policy governed
+    the cluster."""
+    items = await _list("v1", namespace, "pods", {"labelSelector": _worker_selector(cluster)})
+    return unhooked_workers([pod_record(p) for p in items])
 
-    found = [
-        pod.name
-        async for pod in kr8s.asyncio.get(
-            "pods", namespace=namespace,
-            label_selector={"dask.org/cluster-name": cluster, "dask.org/component": "worker"},
-        )
-        if not pod.metadata.get("deletionTimestamp")
-        and not any(has_retirement_hook(c) for c in pod.raw.get("spec", {}).get("containers") or ())
-    ]
-    return sorted(found)
+
+def unhooked_workers(pods: list[PodRecord]) -> list[str]:
+    """The names of the worker pods (not being deleted) without the retirement hook, sorted."""
+    return sorted(p.name for p in pods if p.component == "worker" and not p.hook and not p.deleting)

@@ -2,11 +2,18 @@
 
 It starts the local stack (an emulated Kubernetes API, the real dask-kubernetes
 operator, a process kubelet that turns Deployments into local Dask processes) and
-this operator, applies ``examples/`` with kubectl, and runs the AMM announcement's
-dot product twice on the resulting DaskCluster: once with the Active Memory
-Manager as the MemoryPolicy sets it, once with the policy switched to
-``enabled: false``. It prints the peak cluster memory of both runs and the
-policy's status, then stops everything (``--keep`` leaves it up for kubectl).
+this operator, applies ``examples/`` with kubectl, and runs two demos on the
+resulting DaskCluster (``--demo amm|scale-down|all``):
+
+- **amm**: the AMM announcement's dot product twice, once with the Active Memory
+  Manager as the MemoryPolicy sets it, once with the policy switched to
+  ``enabled: false``; the peak cluster memory of both runs;
+- **scale-down**: a busy 6 -> 3 scale-down twice, Deployments deleted from outside,
+  then through the MemoryPolicy (:mod:`.sandbox_scaledown`); keys lost, tasks re-run
+  and wall time of both.
+
+It prints the policy's status, then stops everything (``--keep`` leaves it up for
+kubectl).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from rich.table import Table
 
 from dask_memory_operator import manifests
 from dask_memory_operator.devstack.probes import amm_counters, amm_state
+from dask_memory_operator.devstack.sandbox_scaledown import Demo, scale_down_demo
 from dask_memory_operator.devstack.stack import LocalStack
 
 EXAMPLES = Path(str(manifests.EXAMPLES))
@@ -116,6 +124,25 @@ def _demo(console: Console, stack: LocalStack, args: argparse.Namespace) -> None
     console.print(f"[green]✓[/] MemoryPolicy {POLICY} applied: "
                   f"{client.run_on_scheduler(amm_state)}")
 
+    if args.demo in ("amm", "all"):
+        _amm_demo(console, stack, client, args)
+    if args.demo in ("scale-down", "all"):
+        scale_down_demo(console, Demo(stack, client, NAMESPACE, CLUSTER, POLICY, rows=args.rows))
+    console.print(stack.kubectl("get", "memorypolicy", "-n", NAMESPACE).stdout)
+    _print_policy_status(console, policy_status(stack), client.run_on_scheduler(amm_counters))
+    client.close()
+
+    if args.keep:
+        console.print(f"\nThe stack stays up. In another shell:\n"
+                      f"  export KUBECONFIG={stack.kubeconfig}\n"
+                      f"  kubectl get daskclusters,memorypolicies,pods\n"
+                      f"Press Ctrl-C to stop everything.")
+        _wait_for_interrupt()
+
+
+def _amm_demo(console: Console, stack: LocalStack, client: Client, args: argparse.Namespace) -> None:
+    """The dot product with the AMM on, then off (the policy patched); the policy is
+    left as it was."""
     sampler = MemorySampler()
     timings = {}
     with console.status(f"Dot product {args.size}² with the AMM as the policy sets it..."):
@@ -135,16 +162,11 @@ def _demo(console: Console, stack: LocalStack, args: argparse.Namespace) -> None
     console.print(f"[green]✓[/] AMM off: {timings['AMM off']:.1f}s")
 
     _print_results(console, sampler, timings)
-    console.print(stack.kubectl("get", "memorypolicy", "-n", NAMESPACE).stdout)
-    _print_policy_status(console, policy_status(stack), client.run_on_scheduler(amm_counters))
-    client.close()
 
-    if args.keep:
-        console.print(f"\nThe stack stays up. In another shell:\n"
-                      f"  export KUBECONFIG={stack.kubeconfig}\n"
-                      f"  kubectl get daskclusters,memorypolicies,pods\n"
-                      f"Press Ctrl-C to stop everything.")
-        _wait_for_interrupt()
+    with console.status("kubectl patch: activeMemoryManager.enabled=true ..."):
+        stack.kubectl("patch", "memorypolicy", POLICY, "-n", NAMESPACE, "--type=merge",
+                      "-p", '{"spec":{"activeMemoryManager":{"enabled":true}}}')
+        wait_policy_applied(stack, generation=3)
 
 
 def _try_address(stack: LocalStack) -> str | None:

@@ -33,6 +33,7 @@ from typing import Any
 import kopf
 from kr8s.asyncio.objects import Event
 
+from dask_memory_operator import kubeclient
 from dask_memory_operator.api.memorypolicy import DASK_GROUP, DASK_VERSION
 from dask_memory_operator.schedulers.converge import Outcome
 
@@ -235,6 +236,6 @@ async def _create(ref: Mapping[str, Any], reason: str, message: str, type_: str)
         "eventTime": now,
     }
     try:
-        await (await Event(body)).create()
+        await Event(body, api=await kubeclient.client()).create()
     except Exception as e:  # the report is lost, the work is done
         logger.warning("Could not post Event %s on %s %s: %s", reason, ref["kind"], meta["name"], e)

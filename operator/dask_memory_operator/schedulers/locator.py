@@ -30,12 +30,17 @@ anything else a tenant writes. A tenant's own scheduler pod may of course forwar
 it receives anywhere its network allows; NetworkPolicies keep it from reaching other
 tenants' schedulers.
 
-Reads: each contact lists the cluster's scheduler pods once (as the Service was read
-once before): pod IPs are reused, so a remembered address could by now be another
-tenant's pod. The ownership chain (ReplicaSet, Deployment, DaskCluster: three reads)
-and the port are checked once per scheduler pod (by uid) and kept until
+Reads: each contact looks the cluster's scheduler pods up in the operator's watch of
+pods (:mod:`dask_memory_operator.watches`), or, when that cache cannot vouch for them
+(not synced yet, its watch down) or there is none, lists them (one LIST, as the
+Service was read once before). Pod IPs are reused, so a remembered address could by
+now be another tenant's pod: a pod stops being a candidate with the event that marks
+it deleted, long before its IP is free. The ownership chain (ReplicaSet, Deployment,
+DaskCluster) and the port are checked once per scheduler pod (by uid) and kept until
 :meth:`SchedulerLocator.forget`, which the reconciler calls when the scheduler was
-unreachable.
+unreachable: the ReplicaSet, Deployment and Service from the caches when they hold
+the very object (by uid), from the API otherwise (a refusal is remembered, so it must
+not come from a cache a moment behind); the DaskCluster from the API.
 
 The mode (``--scheduler-access``) is explicit, never a chain of silent fallbacks:
 
@@ -54,13 +59,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import httpx
 import kr8s
-import kr8s.asyncio
 from kr8s.asyncio.objects import Pod
+
+from dask_memory_operator import kubeclient
+from dask_memory_operator.watches import (
+    Owner,
+    PodRecord,
+    ServiceRecord,
+    Watches,
+    deployment_record,
+    owned_record,
+    pod_record,
+    service_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -103,41 +120,6 @@ def scheduler_pod_labels(cluster: str) -> dict[str, str]:
     return {"dask.org/cluster-name": cluster, "dask.org/component": "scheduler"}
 
 
-def comm_port(service: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The Service's ``tcp-comm`` port entry."""
-    for port in service.get("spec", {}).get("ports") or ():
-        if port.get("name") == COMM_PORT_NAME:
-            return port
-    name = service.get("metadata", {}).get("name")
-    raise SchedulerServiceMissing(f"Service {name} has no port named {COMM_PORT_NAME}")
-
-
-def container_port(pod: Mapping[str, Any], port: int | str) -> int | None:
-    """A numeric port as it is, or the containerPort of that name in the pod."""
-    if isinstance(port, int) or str(port).isdigit():
-        return int(port)
-    for container in (pod.get("spec") or {}).get("containers") or ():
-        for entry in container.get("ports") or ():
-            if entry.get("name") == port and isinstance(entry.get("containerPort"), int):
-                return entry["containerPort"]
-    return None
-
-
-def controller_ref(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """The ownerReference with ``controller: true`` (the API allows at most one)."""
-    for ref in (obj.get("metadata") or {}).get("ownerReferences") or ():
-        if ref.get("controller"):
-            return ref
-    return None
-
-
-def _is_running_and_ready(pod: Mapping[str, Any]) -> bool:
-    status = pod.get("status") or {}
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or ())
-    return (status.get("phase") == "Running" and ready and bool(status.get("podIP"))
-            and not (pod.get("metadata") or {}).get("deletionTimestamp"))
-
-
 def in_cluster() -> bool:
     return "KUBERNETES_SERVICE_HOST" in os.environ
 
@@ -153,7 +135,7 @@ class SchedulerLocator:
     #: Open port-forwards by (namespace, cluster): (pod uid, forward, local port).
     _forwards: dict[tuple[str, str], tuple[str, Any, int]]
 
-    def __init__(self, mode: AccessMode = "auto"):
+    def __init__(self, mode: AccessMode = "auto", watches: Watches | None = None):
         if mode in DEPRECATED_MODES:
             logger.warning("--scheduler-access %s is deprecated: the operator connects to the scheduler "
                            "pod's own IP (%s), never through its Service", mode, DEPRECATED_MODES[mode])
@@ -163,48 +145,49 @@ class SchedulerLocator:
         if mode not in ("pod-ip", "port-forward"):
             raise ValueError(f"unknown scheduler access mode {mode!r}")
         self.mode = mode
+        #: The operator's caches of pods, Deployments, ReplicaSets and Services (None:
+        #: every read from the API)
+        self.watches = watches
         self._verified = {}
         self._refused = {}
         self._forwards = {}
-        self._api: tuple[asyncio.AbstractEventLoop, Any] | None = None
-
-    async def _client(self) -> Any:
-        """kr8s' client for this event loop, kept: ``kr8s.asyncio.api()`` asks the
-        server for its /version at every call, a second read per contact."""
-        loop = asyncio.get_running_loop()
-        if self._api is None or self._api[0] is not loop:
-            self._api = (loop, await kr8s.asyncio.api())
-        return self._api[1]
+        #: A lock per cluster while a contact looks its scheduler up (dropped by itself
+        #: once no contact holds or waits for it)
+        self._checking: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def address(self, namespace: str, cluster: str) -> str:
         pod, port = await self.scheduler_pod(namespace, cluster)
         if self.mode == "pod-ip":
-            ip = pod["status"]["podIP"]
-            return f"tcp://[{ip}]:{port}" if ":" in ip else f"tcp://{ip}:{port}"
+            return f"tcp://[{pod.ip}]:{port}" if ":" in pod.ip else f"tcp://{pod.ip}:{port}"
         return f"tcp://127.0.0.1:{await self._forward(namespace, cluster, pod, port)}"
 
-    async def scheduler_pod(self, namespace: str, cluster: str) -> tuple[dict[str, Any], int]:
+    async def scheduler_pod(self, namespace: str, cluster: str) -> tuple[PodRecord, int]:
         """The cluster's running scheduler pod, owned by its DaskCluster, and the port
         of its comm; SchedulerServiceMissing when there is none (yet), SchedulerAccessError
         when the only candidates are refused or the API cannot be read."""
         key = (namespace, cluster)
-        labels = scheduler_pod_labels(cluster)
-        selector = ",".join(f"{k}={v}" for k, v in labels.items())
-        pods = await self._list("v1", namespace, "pods", {"labelSelector": selector, "limit": MAX_SCHEDULER_PODS},
-                                f"the scheduler pods of DaskCluster {namespace}/{cluster}")
-        candidates = [p for p in pods if all(((p.get("metadata") or {}).get("labels") or {}).get(k) == v
-                                             for k, v in labels.items()) and _is_running_and_ready(p)]
+        lock = self._checking.get(key)
+        if lock is None:
+            lock = self._checking[key] = asyncio.Lock()
+        # one contact checks a new pod; the others (a resync and a scaling pass start
+        # together) find it checked
+        async with lock:
+            return await self._scheduler_pod(namespace, cluster)
+
+    async def _scheduler_pod(self, namespace: str, cluster: str) -> tuple[PodRecord, int]:
+        key = (namespace, cluster)
+        pods = await self._scheduler_pods(namespace, cluster)
+        candidates = [p for p in pods if p.cluster == cluster and p.component == "scheduler" and p.ready]
         # The newest first: during a replacement, the new scheduler is the one to configure.
-        candidates.sort(key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
+        candidates.sort(key=lambda p: p.created, reverse=True)
         refusals = []
         # A tenant may add look-alike pods: only the newest few are checked, and a
         # refusal is remembered until the pod changes, so they cost no reads per contact
         for pod in candidates[:MAX_CHECKED_PODS]:
-            uid, ip = pod["metadata"].get("uid", ""), pod["status"]["podIP"]
             known = self._verified.get(key)
-            if known is not None and known[:2] == (uid, ip):
+            if known is not None and known[:2] == (pod.uid, pod.ip):
                 return pod, known[2]
-            stamp = (uid, pod["metadata"].get("resourceVersion", ""))
+            stamp = (pod.uid, pod.resource_version)
             reason = self._refused.get(stamp)
             if reason is None:
                 reason = await self._refusal(namespace, cluster, pod)
@@ -214,9 +197,9 @@ class SchedulerLocator:
                     self._refused[stamp] = reason
             if reason is None:
                 port = await self._comm_port(namespace, cluster, pod)
-                self._verified[key] = (uid, ip, port)
+                self._verified[key] = (pod.uid, pod.ip, port)
                 return pod, port
-            refusals.append(f"pod {pod['metadata'].get('name')}: {reason}")
+            refusals.append(f"pod {pod.name}: {reason}")
         self._verified.pop(key, None)
         if refusals:
             raise SchedulerAccessError(
@@ -225,57 +208,91 @@ class SchedulerLocator:
             f"no running scheduler pod of DaskCluster {namespace}/{cluster} owned by DaskCluster {cluster} "
             "(scheduler not created or not ready yet?)")
 
-    async def _refusal(self, namespace: str, cluster: str, pod: Mapping[str, Any]) -> str | None:
+    async def _scheduler_pods(self, namespace: str, cluster: str) -> list[PodRecord]:
+        """The pods labelled as the cluster's scheduler: from the cache, else one LIST."""
+        cached = self.watches.of_cluster("pods", namespace, cluster) if self.watches else None
+        if cached is not None:
+            pods = [p for p in cached if p.component == "scheduler"]
+            if len(pods) > MAX_SCHEDULER_PODS:
+                raise SchedulerAccessError(f"more than {MAX_SCHEDULER_PODS} objects are the scheduler pods "
+                                           f"of DaskCluster {namespace}/{cluster}: refused")
+            return pods
+        selector = ",".join(f"{k}={v}" for k, v in scheduler_pod_labels(cluster).items())
+        items = await self._list("v1", namespace, "pods", {"labelSelector": selector, "limit": MAX_SCHEDULER_PODS},
+                                 f"the scheduler pods of DaskCluster {namespace}/{cluster}")
+        return [pod_record(p) for p in items]
+
+    async def _refusal(self, namespace: str, cluster: str, pod: PodRecord) -> str | None:
         """Why the pod is not the cluster's own scheduler; None when it is."""
-        if (pod.get("spec") or {}).get("hostNetwork"):
+        if pod.host_network:
             return "uses hostNetwork (its IP is the node's): refused"
-        ref = controller_ref(pod)
-        if ref is not None and ref.get("kind") == "ReplicaSet" and ref.get("apiVersion") == "apps/v1":
-            replicaset = await self._get("apps/v1", namespace, "replicasets", ref.get("name", ""))
-            if replicaset is None or replicaset["metadata"].get("uid") != ref.get("uid"):
-                return f"its ReplicaSet {ref.get('name')} is gone"
-            ref = controller_ref(replicaset)
+        ref = pod.owner
+        if ref is not None and ref.kind == "ReplicaSet" and ref.api_version == "apps/v1":
+            replicaset = await self._owner("apps/v1", namespace, "replicasets", ref, owned_record)
+            if replicaset is None:
+                return f"its ReplicaSet {ref.name} is gone"
+            ref = replicaset.owner
         deployment_name = scheduler_deployment_name(cluster)
-        if ref is None or ref.get("kind") != "Deployment" or ref.get("apiVersion") != "apps/v1" \
-                or ref.get("name") != deployment_name:
+        if ref is None or ref.kind != "Deployment" or ref.api_version != "apps/v1" or ref.name != deployment_name:
             return f"not controlled by Deployment {deployment_name}: refused"
-        deployment = await self._get("apps/v1", namespace, "deployments", deployment_name)
-        if deployment is None or deployment["metadata"].get("uid") != ref.get("uid"):
+        deployment = await self._owner("apps/v1", namespace, "deployments", ref, deployment_record)
+        if deployment is None:
             return f"its Deployment {deployment_name} is gone"
-        ref = controller_ref(deployment)
-        if ref is None or ref.get("kind") != "DaskCluster" or (ref.get("apiVersion") or "").split("/")[0] != DASK_GROUP \
-                or ref.get("name") != cluster:
+        ref = deployment.owner
+        if ref is None or ref.kind != "DaskCluster" or ref.api_version.split("/")[0] != DASK_GROUP \
+                or ref.name != cluster:
             return f"Deployment {deployment_name} is not controlled by DaskCluster {cluster}: refused"
-        daskcluster = await self._get(f"{DASK_GROUP}/v1", namespace, "daskclusters", cluster)
-        if daskcluster is None or daskcluster["metadata"].get("uid") != ref.get("uid"):
+        if await self._owner(f"{DASK_GROUP}/v1", namespace, "daskclusters", ref, owned_record) is None:
             return f"Deployment {deployment_name} belongs to a DaskCluster {cluster} that is gone"
         return None
 
-    async def _comm_port(self, namespace: str, cluster: str, pod: Mapping[str, Any]) -> int:
-        port = container_port(pod, COMM_PORT_NAME)
+    async def _owner(self, version: str, namespace: str, plural: str, ref: Owner,
+                     record: Callable[[Mapping[str, Any]], Any]) -> Any:
+        """The object ``ref`` names, if it is the one of that uid; None when not. The
+        cache is trusted for what it finds; what it does not is asked of the API (a
+        refusal is remembered: it must not come from a cache a moment behind)."""
+        if self.watches is not None:
+            vouched, found = self.watches.get(plural, namespace, ref.name)
+            if vouched and found is not None and found.uid == ref.uid:
+                return found
+        obj = await self._get(version, namespace, plural, ref.name)
+        found = record(obj) if obj is not None else None
+        return found if found is not None and found.uid == ref.uid else None
+
+    async def _comm_port(self, namespace: str, cluster: str, pod: PodRecord) -> int:
+        port = pod.port(COMM_PORT_NAME)
         if port is not None:
             return port
         # No named port in the pod: the Service says which of the pod's ports it is.
         name = scheduler_service_name(cluster)
-        service = await self._get("v1", namespace, "services", name)
+        service = await self._service(namespace, name)
         if service is None:
             raise SchedulerServiceMissing(
-                f"scheduler pod {pod['metadata'].get('name')} has no port named {COMM_PORT_NAME} "
+                f"scheduler pod {pod.name} has no port named {COMM_PORT_NAME} "
                 f"and Service {namespace}/{name} is not found")
-        entry = comm_port(service)
-        port = container_port(pod, entry.get("targetPort", entry.get("port")))
+        if service.comm_target is None:
+            raise SchedulerServiceMissing(f"Service {name} has no port named {COMM_PORT_NAME}")
+        port = pod.port(service.comm_target)
         if port is None:
             raise SchedulerServiceMissing(
-                f"scheduler pod {pod['metadata'].get('name')} has no port {entry.get('targetPort')} "
+                f"scheduler pod {pod.name} has no port {service.comm_target} "
                 f"(the targetPort of Service {name}'s {COMM_PORT_NAME})")
         return port
+
+    async def _service(self, namespace: str, name: str) -> ServiceRecord | None:
+        if self.watches is not None:
+            vouched, found = self.watches.get("services", namespace, name)
+            if vouched and found is not None:
+                return found
+        obj = await self._get("v1", namespace, "services", name)
+        return service_record(obj) if obj is not None else None
 
     async def _list(self, version: str, namespace: str, plural: str, params: dict[str, Any],
                     what: str) -> list[dict[str, Any]]:
         """One page of a namespaced LIST; more than ``params["limit"]`` is refused."""
         base = "/apis" if "/" in version else "/api"
         try:
-            api = await self._client()
+            api = await kubeclient.client()
             async with api.call_api("GET", version=version, base=base, namespace=namespace,
                                     url=plural, params=params) as response:
                 data = response.json()
@@ -293,21 +310,21 @@ class SchedulerLocator:
                                  f"{plural} {namespace}/{name}")
         return next((i for i in items if (i.get("metadata") or {}).get("name") == name), None)
 
-    async def _forward(self, namespace: str, cluster: str, pod: dict[str, Any], port: int) -> int:
+    async def _forward(self, namespace: str, cluster: str, pod: PodRecord, port: int) -> int:
         key = (namespace, cluster)
-        uid = pod["metadata"].get("uid", "")
         known = self._forwards.get(key)
         if known is not None:
-            if known[0] == uid:
+            if known[0] == pod.uid:
                 return known[2]
             await self.forget(namespace, cluster)  # the scheduler pod was replaced
         try:
-            forward = Pod(pod).portforward(port, local_port="auto")
+            target = Pod({"metadata": {"name": pod.name, "namespace": namespace}}, api=await kubeclient.client())
+            forward = target.portforward(port, local_port="auto")
             local_port = await forward.start()
         except (kr8s.ServerError, kr8s.APITimeoutError, httpx.HTTPError, OSError) as e:
             raise SchedulerAccessError(
-                f"cannot port-forward to scheduler pod {namespace}/{pod['metadata'].get('name')}: {e}") from None
-        self._forwards[key] = (uid, forward, local_port)
+                f"cannot port-forward to scheduler pod {namespace}/{pod.name}: {e}") from None
+        self._forwards[key] = (pod.uid, forward, local_port)
         return local_port
 
     async def forget(self, namespace: str, cluster: str) -> None:

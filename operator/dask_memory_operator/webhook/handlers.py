@@ -37,8 +37,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
-import kr8s.asyncio
 
+from dask_memory_operator import kubeclient
 from dask_memory_operator.api.memorypolicy import (
     DASK_GROUP,
     DASK_VERSION,
@@ -132,7 +132,7 @@ def _from_indexes(namespace: str, clusters_index: kopf.Index, policies_index: ko
 async def _from_api(namespace: str, cluster: str, memo: kopf.Memo) -> Known:
     """The namespace's policies and the pod's DaskCluster, read now, made into what
     the indexes would hold (by the index functions themselves)."""
-    api = await kr8s.asyncio.api()
+    api = await kubeclient.client()
     bodies = await _list(api, f"{GROUP}/{VERSION}", namespace, PLURAL, {"limit": MAX_POLICIES})
     policies = [info for b in bodies
                 for info in memorypolicies_by_namespace(body=kopf.Body(b), namespace=namespace,

@@ -67,10 +67,11 @@ class Storage:
     def _live_items(self, rtype: ResourceType | None = None,
                     namespace: str | None = None) -> list[tuple[ResourceType, dict[str, Any]]]:
         out = []
+        wanted = rtype.resource if rtype is not None else None  # (made anew at each access: once)
         for (res, ns, _), obj in self._objects.items():
             if obj.deleted:
                 continue
-            if rtype is not None and res != rtype.resource:
+            if wanted is not None and res != wanted:
                 continue
             if namespace is not None and ns != namespace:
                 continue

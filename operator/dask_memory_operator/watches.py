@@ -1,0 +1,568 @@
+"""Watch-backed caches of the Dask objects the operator reads on every pass.
+
+Every pass of every governed cluster used to list the cluster's scheduler pods, its
+worker Deployments and pods, and read its DaskWorkerGroups: on a real API server
+about 160 requests a minute per busy cluster and 36 per idle one (issue 16), enough
+for API Priority and Fairness to throttle the operator and its neighbours. Now one
+LIST and then one WATCH per kind fill a cache (:class:`Informer`) that the passes
+read; a pass of an idle cluster asks the API nothing.
+
+Why a list+watch of its own and not kopf indexes (which the policies and clusters
+use): kopf never forgets an index entry of an object deleted while its watch was
+down (a relist after 410 Gone, or a standby peer's pause): it feeds the relisted
+objects to the index and drops nothing it no longer sees (kopf 1.45, reactor/
+queueing.py); a deleted scheduler pod or Deployment would stay for good. Here a
+relist replaces the cache. kopf also pauses its watches on a standby peer, where
+restores owed by a formerly active replica still run: these caches stay live there.
+And a cache here can tell a reader when it cannot vouch for what it holds.
+
+Server-side label selectors keep the watches to Dask objects (``dask.org/cluster-name``
+present; scheduler pods only when the webhook is off, as only then worker pods are
+not read); DaskWorkerGroups are all watched (groups a user adds need not carry the
+label), one per cluster or so. Per object the cache keeps a small tuple of what the
+operator reads (the records below), never the body: every text in it is bounded (API
+names are; the rest is cut), so a tenant's many objects cost at most a few hundred
+bytes each.
+
+**Staleness never makes the operator act on stale data**:
+
+- Before the first LIST, while relisting, and from a watch failure until the next
+  LIST, a cache is not *synced*; right after the operator's own write to an object
+  (a group's replicas patch, a Deployment's deletion) until the watch shows it, the
+  object is *behind*. Either way the reader gets "cannot vouch" and asks the API, as
+  before. Without that, the pass after a scale-down would see the group's old
+  replicas, count one worker more than there is and retire another: the JSON-patch
+  test on the replicas refuses the group write, but a retirement starts over RPC.
+- Otherwise a cache is behind the API by the watch's latency (milliseconds), as any
+  read is a moment old when a pass acts on it, and the writes keep their
+  preconditions (a Deployment is deleted with its uid as read, the replicas are
+  patched with a ``test`` of the value read): a change someone else made in that
+  moment fails the write, which is read again at the next pass.
+- A look-up that would refuse something (the locator's ownership chain) trusts the
+  cache only for what it finds; what it does not find is asked of the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import httpx
+import kr8s
+
+from dask_memory_operator import kubeclient
+
+logger = logging.getLogger(__name__)
+
+CLUSTER_LABEL = "dask.org/cluster-name"
+COMPONENT_LABEL = "dask.org/component"
+GROUP_LABEL = "dask.org/workergroup-name"
+#: Seconds a watch stays open (the server closes it; it is resumed from where it was)
+WATCH_SECONDS = 120
+#: Seconds without a byte after which a watch is taken for dead (the server sends a
+#: bookmark before it closes one)
+WATCH_READ_TIMEOUT = WATCH_SECONDS + 30
+#: Objects per page of a LIST
+PAGE = 500
+#: Seconds between tries after a failure, doubling up to RETRY_CAP
+RETRY_BASE, RETRY_CAP = 1.0, 60.0
+#: Seconds an object stays behind the operator's write at most: past that the write's
+#: event is taken as missed (a relist showed a later state) and the cache trusted again
+BEHIND_TTL = 60.0
+#: Of each object: characters kept of a text, named container ports kept
+MAX_TEXT = 253
+MAX_PORTS = 16
+#: (key, resourceVersion) of recent events remembered, so a write whose event came
+#: before the write's answer is not waited for
+RECENT_EVENTS = 1024
+
+
+def _text(value: Any) -> str:
+    return value[:MAX_TEXT] if isinstance(value, str) else ""
+
+
+# --- records: what is kept of an object ------------------------------------------------
+
+
+class Owner(NamedTuple):
+    """An object's controller reference (``controller: true``)."""
+
+    kind: str
+    api_version: str
+    name: str
+    uid: str
+
+
+def controller_of(meta: Mapping[str, Any]) -> Owner | None:
+    """The ownerReference with ``controller: true`` (the API allows at most one)."""
+    for ref in meta.get("ownerReferences") or ():
+        if isinstance(ref, Mapping) and ref.get("controller"):
+            return Owner(_text(ref.get("kind")), _text(ref.get("apiVersion")), _text(ref.get("name")),
+                         _text(ref.get("uid")))
+    return None
+
+
+class PodRecord(NamedTuple):
+    namespace: str
+    name: str
+    uid: str
+    resource_version: str
+    created: str
+    cluster: str
+    component: str
+    #: Running, condition Ready, a pod IP, not being deleted
+    ready: bool
+    ip: str
+    host_network: bool
+    deleting: bool
+    owner: Owner | None
+    #: (name, containerPort) of the containers' named ports
+    ports: tuple[tuple[str, int], ...]
+    #: A worker pod with the retirement preStop hook (in any container)
+    hook: bool
+
+    def port(self, name: int | str) -> int | None:
+        """A numeric port as it is, or the containerPort of that name."""
+        if isinstance(name, int) or str(name).isdigit():
+            return int(name)
+        return next((p for n, p in self.ports if n == name), None)
+
+
+def is_running_and_ready(pod: Mapping[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    ready = any(isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True"
+                for c in status.get("conditions") or ())
+    return (status.get("phase") == "Running" and ready and bool(status.get("podIP"))
+            and not (pod.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def pod_record(pod: Mapping[str, Any]) -> PodRecord:
+    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+    labels = meta.get("labels") or {}
+    containers = [c for c in spec.get("containers") or () if isinstance(c, Mapping)]
+    component = _text(labels.get(COMPONENT_LABEL))
+    return PodRecord(
+        namespace=_text(meta.get("namespace")), name=_text(meta.get("name")), uid=_text(meta.get("uid")),
+        resource_version=_text(meta.get("resourceVersion")), created=_text(meta.get("creationTimestamp")),
+        cluster=_text(labels.get(CLUSTER_LABEL)), component=component, ready=is_running_and_ready(pod),
+        ip=_text((pod.get("status") or {}).get("podIP")), host_network=bool(spec.get("hostNetwork")),
+        deleting=bool(meta.get("deletionTimestamp")), owner=controller_of(meta), ports=_named_ports(containers),
+        hook=component == "worker" and _hooked(containers),
+    )
+
+
+def _named_ports(containers: Iterable[Mapping[str, Any]]) -> tuple[tuple[str, int], ...]:
+    ports = [(_text(p.get("name")), p["containerPort"]) for c in containers for p in c.get("ports") or ()
+             if isinstance(p, Mapping) and p.get("name") and isinstance(p.get("containerPort"), int)]
+    return tuple(ports[:MAX_PORTS])
+
+
+def _hooked(containers: list[Mapping[str, Any]]) -> bool:
+    from dask_memory_operator.webhook.mutation import has_retirement_hook
+
+    return any(has_retirement_hook(c) for c in containers)
+
+
+class DeploymentRecord(NamedTuple):
+    namespace: str
+    name: str
+    uid: str
+    resource_version: str
+    cluster: str
+    component: str
+    #: dask.org/workergroup-name (a worker Deployment's group)
+    group: str
+    deleting: bool
+    owner: Owner | None
+
+
+def deployment_record(deployment: Mapping[str, Any]) -> DeploymentRecord:
+    meta = deployment.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    return DeploymentRecord(
+        namespace=_text(meta.get("namespace")), name=_text(meta.get("name")), uid=_text(meta.get("uid")),
+        resource_version=_text(meta.get("resourceVersion")), cluster=_text(labels.get(CLUSTER_LABEL)),
+        component=_text(labels.get(COMPONENT_LABEL)), group=_text(labels.get(GROUP_LABEL)),
+        deleting=bool(meta.get("deletionTimestamp")), owner=controller_of(meta),
+    )
+
+
+class Owned(NamedTuple):
+    """What the locator reads of a ReplicaSet or a DaskCluster: who it is, who owns it."""
+
+    namespace: str
+    name: str
+    uid: str
+    resource_version: str
+    cluster: str
+    owner: Owner | None
+
+
+def owned_record(obj: Mapping[str, Any]) -> Owned:
+    meta = obj.get("metadata") or {}
+    return Owned(_text(meta.get("namespace")), _text(meta.get("name")), _text(meta.get("uid")),
+                 _text(meta.get("resourceVersion")), _text((meta.get("labels") or {}).get(CLUSTER_LABEL)),
+                 controller_of(meta))
+
+
+class ServiceRecord(NamedTuple):
+    namespace: str
+    name: str
+    uid: str
+    resource_version: str
+    cluster: str
+    #: The ``tcp-comm`` port's targetPort (or port), None when it has no such port
+    comm_target: int | str | None
+
+
+def service_record(service: Mapping[str, Any]) -> ServiceRecord:
+    meta = service.get("metadata") or {}
+    target = None
+    for port in (service.get("spec") or {}).get("ports") or ():
+        if isinstance(port, Mapping) and port.get("name") == "tcp-comm":
+            value = port.get("targetPort", port.get("port"))
+            target = value if isinstance(value, int) else _text(value) or None
+            break
+    return ServiceRecord(_text(meta.get("namespace")), _text(meta.get("name")), _text(meta.get("uid")),
+                         _text(meta.get("resourceVersion")), _text((meta.get("labels") or {}).get(CLUSTER_LABEL)),
+                         target)
+
+
+# --- one watched kind ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind the operator watches: where it is served, which objects, what is kept."""
+
+    version: str
+    plural: str
+    #: Label selector of the LIST and WATCH ("" for every object)
+    selector: str
+    #: The record kept of an object (a small tuple with namespace, name, uid,
+    #: resource_version and cluster)
+    extract: Callable[[Mapping[str, Any]], Any]
+
+    @property
+    def base(self) -> str:
+        return "/apis" if "/" in self.version else "/api"
+
+
+@dataclass
+class _Behind:
+    """An object the operator wrote, until the watch shows the write."""
+
+    #: The object's resourceVersion after the write (None for a deletion)
+    resource_version: str | None
+    #: The uid deleted (None for a write)
+    uid: str | None
+    #: The LIST count when it was noted: a LIST started later shows the write
+    lists: int
+    since: float
+
+
+class _Expired(Exception):
+    """410 Gone: the watch's resourceVersion is too old; list again."""
+
+
+Key = tuple[str, str]
+
+
+class Informer:
+    """The cache of one kind in one namespace (None: all), kept by list+watch."""
+
+    def __init__(self, kind: Kind, namespace: str | None = None):
+        self.kind = kind
+        self.namespace = namespace
+        self._objects: dict[Key, Any] = {}
+        #: (namespace, cluster) -> name -> record, of the objects naming a cluster
+        self._by_cluster: dict[Key, dict[str, Any]] = {}
+        self._behind: dict[Key, _Behind] = {}
+        self._recent: collections.OrderedDict[tuple[Key, str], None] = collections.OrderedDict()
+        self._synced = False
+        self._ever_synced: asyncio.Event | None = None
+        #: LISTs started, events applied (for tests and the benchmark)
+        self.lists = 0
+        self.events = 0
+
+    # -- reading ------------------------------------------------------------------------
+
+    @property
+    def synced(self) -> bool:
+        return self._synced
+
+    def get(self, namespace: str, name: str) -> tuple[bool, Any]:
+        """(vouched, record or None): not vouched when not synced or the object is
+        behind the operator's write (the caller asks the API)."""
+        key = (namespace, name)
+        if not self._synced or self._is_behind(key):
+            return False, None
+        return True, self._objects.get(key)
+
+    def of_cluster(self, namespace: str, cluster: str) -> list[Any] | None:
+        """The records of the objects labelled as the cluster's, None when not vouched."""
+        if not self._synced:
+            return None
+        members = self._by_cluster.get((namespace, cluster), {})
+        if any(self._is_behind(k) for k in list(self._behind) if k[0] == namespace and k[1] in members):
+            return None
+        return list(members.values())
+
+    async def wait_synced(self, timeout: float) -> bool:
+        """Whether it synced (once) within ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._first_sync().wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def refresh(self) -> None:
+        """List now: the cache is what the LIST finds (for a cache that is not
+        watching, e.g. in tests; :meth:`run` lists by itself)."""
+        await self._list()
+
+    def _first_sync(self) -> asyncio.Event:
+        if self._ever_synced is None:
+            self._ever_synced = asyncio.Event()
+        return self._ever_synced
+
+    # -- the operator's own writes -------------------------------------------------------
+
+    def wrote(self, namespace: str, name: str, resource_version: str) -> None:
+        """The operator changed the object, which now has ``resource_version``."""
+        key = (namespace, name)
+        stored = self._objects.get(key)
+        if (stored is not None and stored.resource_version == resource_version) \
+                or (key, resource_version) in self._recent:
+            return  # the watch was quicker than the write's answer
+        self._behind[key] = _Behind(resource_version, None, self.lists, time.monotonic())
+
+    def deleted(self, namespace: str, name: str, uid: str) -> None:
+        """The operator deleted the object that had ``uid``."""
+        key = (namespace, name)
+        stored = self._objects.get(key)
+        if stored is not None and stored.uid == uid:
+            self._behind[key] = _Behind(None, uid, self.lists, time.monotonic())
+
+    def _is_behind(self, key: Key) -> bool:
+        behind = self._behind.get(key)
+        if behind is None:
+            return False
+        if time.monotonic() - behind.since > BEHIND_TTL:
+            logger.warning("%s %s/%s: the watch did not show the operator's write within %gs; trusted again",
+                           self.kind.plural, *key, BEHIND_TTL)
+            del self._behind[key]
+            return False
+        return True
+
+    def _settle(self, key: Key) -> None:
+        """Drop the key's behind mark once the cache shows the write."""
+        behind = self._behind.get(key)
+        if behind is None:
+            return
+        stored = self._objects.get(key)
+        if behind.uid is not None:
+            done = stored is None or stored.uid != behind.uid
+        else:
+            done = stored is None or stored.resource_version == behind.resource_version
+        if done:
+            del self._behind[key]
+
+    # -- keeping it -------------------------------------------------------------------
+
+    def _put(self, record: Any) -> None:
+        key = (record.namespace, record.name)
+        self._drop(key)
+        self._objects[key] = record
+        if record.cluster:
+            self._by_cluster.setdefault((record.namespace, record.cluster), {})[record.name] = record
+
+    def _drop(self, key: Key) -> None:
+        old = self._objects.pop(key, None)
+        if old is not None and old.cluster:
+            members = self._by_cluster.get((old.namespace, old.cluster))
+            if members is not None:
+                members.pop(old.name, None)
+                if not members:
+                    del self._by_cluster[(old.namespace, old.cluster)]
+
+    def _apply(self, kind: str, obj: Mapping[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        key = (_text(meta.get("namespace")), _text(meta.get("name")))
+        if kind == "DELETED":
+            stored = self._objects.get(key)
+            if stored is not None and stored.uid == _text(meta.get("uid")):
+                self._drop(key)
+        else:
+            self._put(self.kind.extract(obj))
+        self._recent[(key, _text(meta.get("resourceVersion")))] = None
+        while len(self._recent) > RECENT_EVENTS:
+            self._recent.popitem(last=False)
+        self._settle(key)
+        self.events += 1
+
+    def _replace(self, items: list[Mapping[str, Any]], listed: int) -> None:
+        """The cache is what a LIST (the ``listed``-th) found, nothing else."""
+        self._objects.clear()
+        self._by_cluster.clear()
+        for obj in items:
+            # (an object the record cannot be made of fails the LIST: readers ask the API)
+            self._put(self.kind.extract(obj))
+        for key in [k for k, b in self._behind.items() if b.lists < listed]:
+            del self._behind[key]  # a LIST started after the write shows it
+        for key in list(self._behind):
+            self._settle(key)
+
+    # -- the list+watch loop ----------------------------------------------------------
+
+    async def run(self) -> None:
+        """List, then watch, for ever; list again after 410 Gone or a failure."""
+        failures = 0
+        while True:
+            try:
+                version = await self._list()
+                failures = 0
+                while True:
+                    version = await self._watch(version)
+            except _Expired:
+                self._synced = False
+            except asyncio.CancelledError:
+                self._synced = False
+                raise
+            except Exception as e:  # the API down, a refusal: readers ask the API meanwhile
+                self._synced = False
+                failures += 1
+                delay = min(RETRY_CAP, RETRY_BASE * 2 ** (failures - 1))
+                (logger.warning if failures in (1, 5) or delay == RETRY_CAP else logger.debug)(
+                    "Watching %s%s failed (%s: %s); readers ask the API; again in %gs", self.kind.plural,
+                    f" in {self.namespace}" if self.namespace else "", type(e).__name__, e, delay)
+                await asyncio.sleep(delay)
+
+    async def _list(self) -> str:
+        self._synced = False
+        self.lists += 1
+        listed = self.lists
+        items, version, token = [], "", ""
+        while True:
+            params = {"limit": PAGE, **({"continue": token} if token else {}), **self._selector()}
+            page = await self._request(params)
+            items += [i for i in page.get("items") or () if isinstance(i, Mapping)]
+            meta = page.get("metadata") or {}
+            version = version or str(meta.get("resourceVersion") or "")
+            token = meta.get("continue") or ""
+            if not token:
+                break
+        self._replace(items, listed)
+        self._synced = True
+        self._first_sync().set()
+        return version
+
+    def _selector(self) -> dict[str, str]:
+        return {"labelSelector": self.kind.selector} if self.kind.selector else {}
+
+    async def _request(self, params: dict[str, Any]) -> dict[str, Any]:
+        api = await kubeclient.client()
+        try:
+            async with api.call_api("GET", version=self.kind.version, base=self.kind.base,
+                                    namespace=self.namespace, url=self.kind.plural, params=params) as response:
+                return response.json()
+        except kr8s.ServerError as e:
+            if e.response is not None and e.response.status_code == 410:
+                raise _Expired() from None
+            raise
+
+    async def _watch(self, version: str) -> str:
+        """One watch from ``version`` until the server ends it; returns where it got to."""
+        api = await kubeclient.client()
+        params = {"watch": "true", "allowWatchBookmarks": "true", "resourceVersion": version,
+                  "timeoutSeconds": WATCH_SECONDS, **self._selector()}
+        timeout = httpx.Timeout(10.0, read=WATCH_READ_TIMEOUT)
+        async with api.call_api("GET", version=self.kind.version, base=self.kind.base, namespace=self.namespace,
+                                url=self.kind.plural, params=params, stream=True, timeout=timeout) as response:
+            async for line in response.aiter_lines():
+                if line.strip():
+                    version = self._event(json.loads(line), version)
+        return version
+
+    def _event(self, event: Mapping[str, Any], version: str) -> str:
+        kind, obj = event.get("type"), event.get("object") or {}
+        if kind == "ERROR":
+            if obj.get("code") == 410:
+                raise _Expired()
+            raise RuntimeError(f"watch error: {str(obj.get('message'))[:200]}")
+        version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+        if kind in ("ADDED", "MODIFIED", "DELETED"):
+            self._apply(kind, obj)
+        return version
+
+
+# --- the operator's caches -------------------------------------------------------------
+
+
+def operator_kinds(worker_pods: bool, group_record: Callable[[Mapping[str, Any]], Any]) -> list[Kind]:
+    """What the operator watches: Dask pods (workers only when ``worker_pods``: the
+    webhook is served and pods without its hook are reported), Deployments,
+    ReplicaSets and Services, and every DaskWorkerGroup (kept as ``group_record``
+    makes it)."""
+    dask = CLUSTER_LABEL
+    pods = dask if worker_pods else f"{dask},{COMPONENT_LABEL}=scheduler"
+    return [
+        Kind("v1", "pods", pods, pod_record),
+        Kind("apps/v1", "deployments", dask, deployment_record),
+        Kind("apps/v1", "replicasets", dask, owned_record),
+        Kind("v1", "services", dask, service_record),
+        Kind("kubernetes.dask.org/v1", "daskworkergroups", "", group_record),
+    ]
+
+
+class Watches:
+    """The operator's caches: each kind cluster-wide, or in each watched namespace."""
+
+    def __init__(self, kinds: Iterable[Kind], namespaces: Iterable[str] | None = None):
+        scopes: list[str | None] = list(namespaces) if namespaces is not None else [None]
+        self.informers: dict[tuple[str, str | None], Informer] = {
+            (kind.plural, ns): Informer(kind, ns) for kind in kinds for ns in scopes}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def informer(self, plural: str, namespace: str) -> Informer | None:
+        return self.informers.get((plural, namespace)) or self.informers.get((plural, None))
+
+    def get(self, plural: str, namespace: str, name: str) -> tuple[bool, Any]:
+        """(vouched, record or None) of one object; see :meth:`Informer.get`."""
+        informer = self.informer(plural, namespace)
+        return informer.get(namespace, name) if informer is not None else (False, None)
+
+    def of_cluster(self, plural: str, namespace: str, cluster: str) -> list[Any] | None:
+        informer = self.informer(plural, namespace)
+        return informer.of_cluster(namespace, cluster) if informer is not None else None
+
+    def wrote(self, plural: str, namespace: str, name: str, resource_version: str) -> None:
+        informer = self.informer(plural, namespace)
+        if informer is not None:
+            informer.wrote(namespace, name, resource_version)
+
+    def deleted(self, plural: str, namespace: str, name: str, uid: str) -> None:
+        informer = self.informer(plural, namespace)
+        if informer is not None:
+            informer.deleted(namespace, name, uid)
+
+    async def start(self, timeout: float) -> bool:
+        """Start every watch; True when all listed within ``timeout`` seconds (until
+        then, and for those that did not, readers ask the API)."""
+        self._tasks = [asyncio.create_task(i.run(), name=f"watch {p}{f' in {ns}' if ns else ''}")
+                       for (p, ns), i in self.informers.items()]
+        synced = await asyncio.gather(*(i.wait_synced(timeout) for i in self.informers.values()))
+        return all(synced)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
