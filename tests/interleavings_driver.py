@@ -467,22 +467,30 @@ class Cluster:
         address = w.address
         self.why_closed[address] = why
         if forced:
-            self.forced.add(address)
-            ws = self.s.workers.get(address)
-            if ws is not None:
-                self.crashed_copies.update(ts.key for ts in ws.has_what)
+            self.killed(address)
         try:
             await asyncio.wait_for(w.close(executor_wait=False, reason=why[:60]), CLOSE_TIMEOUT)
         except asyncio.TimeoutError:
             # In one process, a worker closing itself with executor_wait=True (the
             # scheduler's close op, a heartbeat answered "missing") holds distributed's
             # module-global threads_lock while it joins its task threads, and every
-            # other worker's close waits for it: an artefact of in-process workers
-            logger.warning("closing %s took over %gs; going on", address, CLOSE_TIMEOUT)
+            # other worker's close waits for it; and distributed's P2P worker plugin
+            # can wait forever in its teardown for a shuffle run closed mid-barrier.
+            # A kubelet SIGKILLs such a process at the end of its grace period:
+            logger.warning("closing %s took over %gs; killing it", address, CLOSE_TIMEOUT)
+            self.killed(address)
+            await kill_in_process(w)
         except Exception:
             logger.exception("closing %s", address)
         if wait:
             await poll(lambda: address not in self.s.workers, 5)
+
+    def killed(self, address: str) -> None:
+        """The worker at ``address`` dies without a goodbye: what only it held may go."""
+        self.forced.add(address)
+        ws = self.s.workers.get(address)
+        if ws is not None:
+            self.crashed_copies.update(ts.key for ts in ws.has_what)
 
     async def delete_pod(self, pod: Pod, why: str, forced: bool, keep_deployment: bool) -> None:
         pod.deleted = True
@@ -518,6 +526,25 @@ class Cluster:
 
     def reports(self) -> dict[str, dict[str, Any]]:
         return {r["worker"]: r for r in self.plugin.retirement.reports()}
+
+
+async def kill_in_process(w: Worker) -> None:
+    """What a SIGKILL does to a worker process, done to an in-process one whose close
+    hung: its timers stop, its connections break (the scheduler removes it as it
+    removes a dead worker), its background tasks end, and whoever waits for its close
+    goes on (else the event loop's shutdown waits for them forever)."""
+    for pc in w.periodic_callbacks.values():
+        pc.stop()
+    w.batched_stream.abort()
+    for comm in list(w._comms):
+        comm.abort()
+    await w.rpc.close()
+    try:
+        await asyncio.wait_for(w._ongoing_background_tasks.stop(), 2)
+    except asyncio.TimeoutError:
+        logger.warning("%s: background tasks still running after its kill", w.address)
+    w.status = Status.closed
+    w._event_finished.set()
 
 
 async def poll(cond: Callable[[], Any], timeout: float, step: float = 0.01) -> bool:

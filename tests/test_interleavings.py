@@ -18,7 +18,10 @@ the command that replays it.
 
 from __future__ import annotations
 
+import asyncio
+
 import interleavings_driver as driver
+from distributed import WorkerPlugin
 import pytest
 
 #: Sequences the suite runs (the issue asks for at least 200)
@@ -43,3 +46,32 @@ async def test_random_interleavings_lose_no_key_strand_no_worker_bound_records()
             pytrace=False,
         )
     assert summary.sequences == SEQUENCES
+
+
+class _HangingTeardown(WorkerPlugin):
+    """A worker plugin whose teardown never ends, as distributed's P2P worker plugin's
+    can when its worker closes in the middle of a shuffle barrier."""
+
+    name = "hangs-on-close"
+
+    async def teardown(self, worker) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_worker_whose_close_hangs_is_killed_and_leaves_nothing_waiting(monkeypatch) -> None:
+    """The driver SIGKILLs (by hand: in-process) a worker whose close outlives its
+    grace period: the scheduler removes it, its name is free for the next pod, what it
+    held may be lost, and nothing of it is left for the event loop's shutdown."""
+    monkeypatch.setattr(driver, "CLOSE_TIMEOUT", 0.5)
+    async with driver.Cluster() as cluster:
+        pod = await cluster.new_deployment()
+        address = pod.address
+        await pod.worker.plugin_add(_HangingTeardown())
+        await cluster.stop_process(pod, "its pod was deleted", forced=False)
+        assert address not in cluster.s.workers
+        assert address in cluster.forced
+        assert not cluster.registered(pod.name)
+        await cluster.next_pod(pod)  # the name is taken again
+        assert cluster.registered(pod.name)
+    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+    assert not left, left
