@@ -300,6 +300,10 @@ class Changes:
         await self.settle()
 
 
+#: Random changes per seed: every kind of change happens many times (checked below)
+STEPS = 150
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 async def test_running_totals_equal_a_walk_under_random_changes(seed: int) -> None:
     async with cluster(4) as (s, ws, c):
@@ -316,7 +320,7 @@ async def test_running_totals_equal_a_walk_under_random_changes(seed: int) -> No
         pc = PeriodicCallback(check, 2)
         pc.start()
         try:
-            for _ in range(300):
+            for _ in range(STEPS):
                 await changes.step()
                 assert_same_answers(s)
         finally:
