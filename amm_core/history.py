@@ -51,7 +51,7 @@ import dask
 from dask.utils import parse_timedelta
 from distributed.metrics import time
 from distributed.utils import log_errors
-from tornado.ioloop import PeriodicCallback
+from amm_core._cycle import Cycle
 
 if TYPE_CHECKING:
     from distributed.scheduler import Scheduler
@@ -163,8 +163,8 @@ class MemoryHistory:
     #: The averaged tiers, finest first
     tiers: list[Tier]
     markers: Markers
-    #: Its key in ``Scheduler.periodic_callbacks`` (stops with the scheduler)
-    name: str
+    #: Samples every ``interval``
+    cycle: Cycle
 
     def __init__(self, scheduler: Scheduler, interval: float | None = None):
         self.scheduler = scheduler
@@ -172,22 +172,16 @@ class MemoryHistory:
         self.raw = deque(maxlen=min(MAX_RAW, math.ceil(RAW_SECONDS / self.interval)))
         self.tiers = [Tier(step, keep) for step, keep in TIERS]
         self.markers = Markers()
-        self.name = f"amm-core-memory-history-{id(self)}"
+        self.cycle = Cycle(scheduler, self.sample, self.interval, "amm-core-memory-history")
 
     def handlers(self) -> dict[str, Any]:
         return {"amm_core_memory_history": self.report}
 
     def start(self) -> None:
-        if self.name in self.scheduler.periodic_callbacks:
-            return
-        pc = PeriodicCallback(lambda: self.sample(), self.interval * 1000)
-        self.scheduler.periodic_callbacks[self.name] = pc
-        pc.start()
+        self.cycle.start()
 
     def stop(self) -> None:
-        pc = self.scheduler.periodic_callbacks.pop(self.name, None)
-        if pc is not None:
-            pc.stop()
+        self.cycle.stop()
 
     @log_errors
     def sample(self, at: float | None = None) -> Row:

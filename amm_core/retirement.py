@@ -140,9 +140,8 @@ from dask.typing import Key
 from distributed.core import Status
 from distributed.metrics import time
 from distributed.stealing import WorkStealing
-from distributed.utils import log_errors
-from tornado.ioloop import PeriodicCallback
 
+from amm_core._cycle import Cycle
 from amm_core._room import pause_fraction, room
 from amm_core._workers import find_workers, worker_names
 from amm_core.departures import Departures, downscaling_vetoes, out_of_service, set_status
@@ -346,44 +345,6 @@ class Retirement:
             "keep_out": self.keep_out,
             "leaving": self.leaving,
         }
-
-
-class Cycle:
-    """The engine's cycle on the scheduler's event loop, every
-    :data:`RETIREMENT_INTERVAL` while retirements are in progress; among the
-    scheduler's periodic callbacks, which stop with the scheduler."""
-
-    scheduler: Scheduler
-    #: What a cycle does
-    body: Callable[[], None]
-    #: Its key in ``Scheduler.periodic_callbacks``
-    name: str
-
-    def __init__(self, scheduler: Scheduler, body: Callable[[], None]):
-        self.scheduler = scheduler
-        self.body = body
-        self.name = f"amm-core-retirements-{id(self)}"
-
-    @property
-    def running(self) -> bool:
-        return self.name in self.scheduler.periodic_callbacks
-
-    def start(self) -> None:
-        if self.running:
-            return
-        # run_once looked up at each call (tests count cycles by wrapping it)
-        pc = PeriodicCallback(lambda: self.run_once(), RETIREMENT_INTERVAL * 1000)
-        self.scheduler.periodic_callbacks[self.name] = pc
-        pc.start()
-
-    def stop(self) -> None:
-        pc = self.scheduler.periodic_callbacks.pop(self.name, None)
-        if pc is not None:
-            pc.stop()
-
-    @log_errors
-    def run_once(self) -> None:
-        self.body()
 
 
 class RetireSafely:
@@ -692,7 +653,7 @@ class RetirementEngine:
         held.watcher = self.in_flight  # what lands, as it lands
         self._continuation = None
         self.departures = Departures.of(scheduler) or Departures(scheduler)
-        self.cycle = Cycle(scheduler, RetireSafely(self).run)
+        self.cycle = Cycle(scheduler, RetireSafely(self).run, RETIREMENT_INTERVAL, "amm-core-retirements")
 
     def handlers(self) -> dict[str, Any]:
         return {
