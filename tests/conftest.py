@@ -21,8 +21,21 @@ Both need the stack's processes; tests that only need the units import the modul
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
+import sys
+from pathlib import Path
+
+# The tests exercise the checkout they are in, also when the venv's editable install
+# points at another one (a git worktree): its packages go first, for this process and
+# for every process the stack starts.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+_FIRST = [str(_CHECKOUT), str(_CHECKOUT / "operator")]
+sys.path[:0] = _FIRST
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    _FIRST + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in _FIRST]
+)
 
 import pytest
 
