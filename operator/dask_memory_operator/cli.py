@@ -12,9 +12,12 @@ commands:
   run       run the operator against the current kubeconfig or in-cluster config
   check     exit 0 when the MemoryPolicy CRD is established and the operator is live
             (the Helm chart's test)
+  report    write a cluster's memory report (memory over time, what the operator did,
+            what it saved) as a self-contained HTML page
   sandbox   run an emulated Kubernetes API, dask-kubernetes, this operator and real
             Dask processes on this machine, and the demos on them: the AMM's dot
-            product, and a busy scale-down with and without the MemoryPolicy
+            product, and a busy scale-down with and without the MemoryPolicy; then
+            writes the demo cluster's memory report
 """
 
 
@@ -98,6 +101,30 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
                    help="keep asking for this long before failing")
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report", help="write a DaskCluster's memory report (HTML)",
+        description="The memory of a governed DaskCluster over time, its workers, what the operator did "
+                    "(retirements, scale-ups and -downs, OOM kills, policy changes) and what it saved, "
+                    "as one self-contained HTML page; read from the cluster's scheduler and the "
+                    "Kubernetes API of the kubeconfig in use.")
+    p.add_argument("target", metavar="NAMESPACE/CLUSTER",
+                   help="the DaskCluster; with --policy, NAMESPACE alone for all its clusters")
+    p.add_argument("--policy", metavar="NAME",
+                   help="report every DaskCluster this MemoryPolicy governs, a section each on one page")
+    p.add_argument("--png", action="store_true", help="also write each cluster's figure as a PNG beside the page")
+    p.add_argument("-o", "--output", metavar="PATH", default=None,
+                   help="the page's path (default: memory-report-NAMESPACE-CLUSTER.html, or "
+                        "memory-report-NAMESPACE-policy-NAME.html, in the current directory)")
+    p.add_argument("--scheduler-access", choices=["auto", "pod-ip", "port-forward"], default="auto",
+                   help="how to reach the scheduler pod: port-forward through the API server (auto, "
+                        "outside a pod), or its pod IP (auto in a pod; the sandbox's pods are local)")
+    p.add_argument("--scheduler-address", metavar="tcp://HOST:PORT", default=None,
+                   help="reach the scheduler here instead (e.g. your own kubectl port-forward)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="for each call to the scheduler")
+
+
 def _add_sandbox(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sandbox", help="run the whole stack and the demo on this machine")
     p.add_argument("--keep", action="store_true",
@@ -109,6 +136,8 @@ def _add_sandbox(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk", type=int, default=1000, help="chunk side of the AMM demo")
     p.add_argument("--rows", type=int, default=12_000,
                    help="rows of the scale-down demo's data (x 2,000 float64, 8 MB a 1,000 rows)")
+    p.add_argument("--report", default="memory-report-default-demo.html", metavar="PATH",
+                   help="where the demo cluster's memory report is written")
     p.add_argument("--state-dir", default=None, help="where logs and kubeconfig go")
 
 
@@ -186,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_check(sub)
+    _add_report(sub)
     _add_sandbox(sub)
     return parser
 
@@ -198,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         from dask_memory_operator.check import main as check
 
         return check(args.crd, args.healthz, args.timeout)
+    if args.command == "report":
+        from dask_memory_operator.observability.report_data import main as report
+
+        return report(args)
     from dask_memory_operator.devstack.sandbox import sandbox
 
     return sandbox(args)

@@ -12,8 +12,9 @@ resulting DaskCluster (``--demo amm|scale-down|all``):
   then through the MemoryPolicy (:mod:`.sandbox_scaledown`); keys lost, tasks re-run
   and wall time of both.
 
-It prints the policy's status, then stops everything (``--keep`` leaves it up for
-kubectl).
+It prints the policy's status, writes the memory report of the demo cluster
+(``dask-memory-operator report``, ``--report PATH``) and prints its path, then stops
+everything (``--keep`` leaves it up for kubectl).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -112,7 +114,7 @@ def _demo(console: Console, stack: LocalStack, args: argparse.Namespace) -> None
         address = stack.wait_for(
             lambda: _try_address(stack), 120, f"the scheduler Service of {CLUSTER}"
         )
-        client = Client(address, timeout="60s")
+        client = stack.wait_for(lambda: _try_client(address), 120, f"a connection to {address}", interval=1)
         client.wait_for_workers(WORKERS, timeout=180)
     console.print(f"[green]✓[/] DaskCluster {CLUSTER} up at {address} with {WORKERS} workers")
 
@@ -131,11 +133,13 @@ def _demo(console: Console, stack: LocalStack, args: argparse.Namespace) -> None
     console.print(stack.kubectl("get", "memorypolicy", "-n", NAMESPACE).stdout)
     _print_policy_status(console, policy_status(stack), client.run_on_scheduler(amm_counters))
     client.close()
+    _write_report(console, stack, Path(args.report))
 
     if args.keep:
         console.print(f"\nThe stack stays up. In another shell:\n"
                       f"  export KUBECONFIG={stack.kubeconfig}\n"
                       f"  kubectl get daskclusters,memorypolicies,pods\n"
+                      f"  dask-memory-operator report {NAMESPACE}/{CLUSTER} --scheduler-access pod-ip\n"
                       f"Press Ctrl-C to stop everything.")
         _wait_for_interrupt()
 
@@ -167,6 +171,30 @@ def _amm_demo(console: Console, stack: LocalStack, client: Client, args: argpars
         stack.kubectl("patch", "memorypolicy", POLICY, "-n", NAMESPACE, "--type=merge",
                       "-p", '{"spec":{"activeMemoryManager":{"enabled":true}}}')
         wait_policy_applied(stack, generation=3)
+
+
+def _write_report(console: Console, stack: LocalStack, path: Path) -> None:
+    """``dask-memory-operator report`` of the demo cluster, run as a user would (the
+    stack's kubeconfig; pod IPs are local addresses here)."""
+    with console.status(f"dask-memory-operator report {NAMESPACE}/{CLUSTER} ..."):
+        done = subprocess.run(
+            [sys.executable, "-m", "dask_memory_operator.cli", "report", f"{NAMESPACE}/{CLUSTER}",
+             "--scheduler-access", "pod-ip", "-o", str(path)],
+            env=stack.process_env(), capture_output=True, text=True, timeout=300)
+    if done.returncode:
+        console.print(f"[red]✗[/] the memory report failed: {done.stderr.strip()}")
+        return
+    console.print(f"[green]✓[/] memory report of DaskCluster {CLUSTER} (memory over time, what the "
+                  f"operator did, what it saved): {done.stdout.strip()}")
+
+
+def _try_client(address: str) -> Client | None:
+    """A client of the scheduler, once it answers: its Service's proxy accepts a
+    connection, and closes it, while the scheduler is still starting."""
+    try:
+        return Client(address, timeout="10s")
+    except OSError:  # CommClosedError, and distributed's connect timeout
+        return None
 
 
 def _try_address(stack: LocalStack) -> str | None:

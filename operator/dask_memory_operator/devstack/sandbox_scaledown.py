@@ -12,11 +12,14 @@ A busy cluster of 6 workers goes to 3 in the middle of a job, twice:
 
 Each run persists fresh data, so that both start alike; what they lost, re-ran and
 took is read from the scheduler (:class:`~.probes.TaskLedger`), not from the results,
-which recomputation would also give.
+which recomputation would also give. After the table of both, the savings as the
+memory report shows them: the scheduler's counters (``amm_core_savings``, over the
+operator's RPC) and the policy's status.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -29,6 +32,9 @@ from rich.table import Table
 
 from dask_memory_operator.devstack.probes import TaskLedger, task_ledger
 from dask_memory_operator.devstack.stack import LocalStack
+from dask_memory_operator.observability.report import ReportData, savings_rows
+from dask_memory_operator.observability.report_data import scheduler_savings
+from dask_memory_operator.schedulers import rpc as scheduler_rpc
 
 FROM, TO = 6, 3
 #: What the MemoryPolicy run adds to the policy: the operator sizes the cluster, and
@@ -77,6 +83,9 @@ class Demo:
         return [d for d in self.stack.deployments(
             self.namespace, f"dask.org/cluster-name={self.cluster},dask.org/component=worker")
             if not d["metadata"].get("deletionTimestamp")]
+
+    def policy_status(self) -> dict[str, Any]:
+        return json.loads(self.kubectl("get", "memorypolicy", self.policy, "-o", "json")).get("status") or {}
 
     def settle(self, n: int, timeout: float = 180) -> None:
         self.stack.wait_for(lambda: self.workers() == n and len(self.deployments()) == n, timeout,
@@ -140,7 +149,7 @@ def scale_down_demo(console: Console, demo: Demo) -> list[ScaleDownRun]:
     with console.status(f"kubectl scale daskworkergroup {demo.group} --replicas={FROM} ..."):
         scale_up(demo)
     with console.status(f"Busy job; {FROM - TO} worker Deployments deleted from outside at {demo.at:g}s ..."):
-        runs.append(busy_run(demo, "Deployments deleted", delete_from_outside))
+        runs.append(busy_run(demo, "deleted from outside", delete_from_outside))
     console.print(f"[green]✓[/] {FROM} → {TO} by deleting Deployments: {runs[-1].lost_keys} keys lost")
 
     with console.status(f"The MemoryPolicy sizes the cluster: adaptive {FROM}..{FROM} ..."):
@@ -151,14 +160,37 @@ def scale_down_demo(console: Console, demo: Demo) -> list[ScaleDownRun]:
         demo.client.wait_for_workers(FROM, timeout=180)
         demo.settle(FROM)
     with console.status(f"Busy job; adaptive.maximum lowered to {TO} at {demo.at:g}s ..."):
-        runs.append(busy_run(demo, "MemoryPolicy (adaptive.maximum)", lower_maximum))
+        runs.append(busy_run(demo, "MemoryPolicy", lower_maximum))
     console.print(f"[green]✓[/] {FROM} → {TO} through the MemoryPolicy: {runs[-1].lost_keys} keys lost")
 
-    table = Table(title=f"A busy scale-down, {FROM} → {TO} workers, mid-job")
-    for column, justify in (("how", "left"), ("keys lost", "right"), ("tasks re-run", "right"),
-                            ("running tasks thrown away", "right"), ("wall s", "right")):
-        table.add_column(column, justify=justify)
+    _print_runs(console, runs)
+    _print_savings(console, demo)
+    return runs
+
+
+def _print_runs(console: Console, runs: list[ScaleDownRun]) -> None:
+    """The table, and its numbers on one line (for scripts and the tests)."""
+    table = Table(title=f"A busy scale-down, {FROM} → {TO} workers, mid-job (the scheduler's ledger)")
+    for column in ("how", "keys lost", "tasks re-run", "tasks cut short", "wall s"):
+        table.add_column(column, justify="left" if column == "how" else "right")
     for r in runs:
         table.add_row(r.how, str(r.lost_keys), str(r.rerun), str(r.wasted), f"{r.wall:.1f}")
     console.print(table)
-    return runs
+    for r in runs:
+        console.print(f"scale_down how={r.how.replace(' ', '_')} keys_lost={r.lost_keys} rerun={r.rerun} "
+                      f"cut_short={r.wasted} wall_s={r.wall:.1f}", highlight=False)
+
+
+def _print_savings(console: Console, demo: Demo) -> None:
+    """What the scheduler counted (over the operator's bounded RPC) and what the
+    policy's status reports, as the memory report's savings table has them."""
+    savings = asyncio.run(scheduler_rpc.savings(demo.client.scheduler.address))
+    entry = next((e for e in demo.policy_status().get("clusters") or () if e.get("name") == demo.cluster), {})
+    data = ReportData(demo.namespace, demo.cluster, demo.policy, scheduler_savings=scheduler_savings(savings),
+                      status_savings=entry.get("savings"))
+    table = Table(title=f"Savings on DaskCluster {demo.cluster} since its scheduler started")
+    for column in ("", "the scheduler counted", "the MemoryPolicy's status"):
+        table.add_column(column)
+    for what, scheduler, status, _ in savings_rows(data):
+        table.add_row(what, scheduler, status)
+    console.print(table)

@@ -161,10 +161,11 @@ async def _call(address: str, op: str, *, timeout: float | None, **msg: Any) -> 
 
 
 async def _call_with_cuts(
-    address: str, op: str, *, timeout: float | None, **msg: Any
+    address: str, op: str, *, timeout: float | None, max_items: int = 0, **msg: Any
 ) -> tuple[Any, list[tuple[str, int]]]:
-    """:func:`_call`, and the lists it cut: (top-level field, items it had). The
-    scheduler closes the connection after replying (``close``)."""
+    """:func:`_call`, and the lists it cut to ``max_items`` (MAX_STATUS_ITEMS unless
+    given): (top-level field, items it had). The scheduler closes the connection
+    after replying (``close``)."""
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
     host, port = tcp_host_port(address)
     request = frame({"op": op, "reply": True, "close": True, **msg})
@@ -172,7 +173,8 @@ async def _call_with_cuts(
         async with asyncio.timeout(timeout):
             reader, writer = await _open(address, host, port)
             try:
-                reply, cuts = await _exchange(reader, writer, address, op, request)
+                reply, cuts = await _exchange(reader, writer, address, op, request,
+                                              max_items or MAX_STATUS_ITEMS)
             finally:
                 # Nothing more is read from or sent to this scheduler
                 writer.transport.abort()
@@ -204,6 +206,7 @@ async def _exchange(
     address: str,
     op: str,
     request: bytes,
+    max_items: int,
 ) -> tuple[Any, list[tuple[str, int]]]:
     """Handshakes (ours out, theirs read strictly before anything else is sent), then
     the framed ``request`` out and its reply in (with the lists cut in it)."""
@@ -218,7 +221,7 @@ async def _exchange(
         writer.write(request)
         await writer.drain()
         try:
-            return await read_bounded_message(reader, OPAQUE_ERROR_FIELDS, MAX_STATUS_ITEMS)
+            return await read_bounded_message(reader, OPAQUE_ERROR_FIELDS, max_items)
         except Refused as e:
             raise _protocol_error(address, e, f"reply to {op!r}") from None
     except (OSError, asyncio.IncompleteReadError) as e:
@@ -247,9 +250,9 @@ def remote_error(reply: dict[str, Any], address: str, op: str) -> SchedulerCallF
 
 
 async def _plugin_call(
-    address: str, op: str, *, timeout: float | None, **msg: Any
+    address: str, op: str, *, timeout: float | None, max_items: int = 0, **msg: Any
 ) -> dict[str, Any]:
-    answer, cuts = await _call_with_cuts(address, op, timeout=timeout, **msg)
+    answer, cuts = await _call_with_cuts(address, op, timeout=timeout, max_items=max_items, **msg)
     if answer is None:
         raise PluginMissing(f"scheduler {address} has no amm_core plugin")
     if not isinstance(answer, dict):
@@ -262,7 +265,8 @@ async def _plugin_call(
     answer.pop(TRUNCATED, None)  # the operator's to say, not the scheduler's
     if cuts:
         answer[TRUNCATED] = {field or "(top)": n for field, n in cuts}
-        logger.warning("Scheduler %s answered %r with %s", address, op, truncation_note(answer))
+        logger.warning("Scheduler %s answered %r with %s", address, op,
+                       truncation_note(answer, max_items or MAX_STATUS_ITEMS))
     return checked_status(address, op, answer)
 
 
@@ -270,16 +274,15 @@ async def _plugin_call(
 TRUNCATED = "truncated"
 
 
-def truncation_note(answer: Mapping[str, Any]) -> str:
-    """What was cut from ``answer``, in a sentence; "" if nothing."""
+def truncation_note(answer: Mapping[str, Any], limit: int = 0) -> str:
+    """What was cut from ``answer`` (to ``limit`` items, MAX_STATUS_ITEMS unless
+    given), in a sentence; "" if nothing."""
     cuts = answer.get(TRUNCATED) or {}
     if not cuts:
         return ""
+    limit = limit or MAX_STATUS_ITEMS
     fields = ", ".join(f"{field!r} ({n} items)" for field, n in sorted(cuts.items()))
-    return (
-        f"lists longer than {MAX_STATUS_ITEMS} items, cut to their first "
-        f"{MAX_STATUS_ITEMS}: {fields}"
-    )
+    return f"lists longer than {limit} items, cut to their first {limit}: {fields}"
 
 
 # --- the status's shape ---------------------------------------------------------
@@ -474,3 +477,22 @@ async def retirement_candidates(
 async def scaling(address: str, *, timeout: float | None = None) -> dict[str, Any]:
     """The adaptive target, the data in memory and each worker; see amm_core.plugin."""
     return await _plugin_call(address, "amm_core_scaling", timeout=timeout)
+
+
+# --- the report's reads (amm_core.history, amm_core.savings) --------------------
+
+#: Rows of a memory history read at most: amm_core.history keeps up to 1,992 (raw
+#: samples and two averaged tiers); some 16,000 values, far inside the wire's bounds
+MAX_HISTORY_ROWS = 2500
+
+
+async def memory_history(address: str, *, timeout: float | None = None) -> dict[str, Any]:
+    """The cluster's memory over time and the scheduler's markers (see
+    amm_core.history for the shape); lists past MAX_HISTORY_ROWS are cut."""
+    return await _plugin_call(address, "amm_core_memory_history", timeout=timeout,
+                              max_items=MAX_HISTORY_ROWS)
+
+
+async def savings(address: str, *, timeout: float | None = None) -> dict[str, Any]:
+    """What the plugin counted as rescued, lost and dropped (see amm_core.savings)."""
+    return await _plugin_call(address, "amm_core_savings", timeout=timeout)
