@@ -1044,23 +1044,25 @@ def _free_port() -> int:
 @pytest.mark.timeout(240)
 def test_the_image_install_steps_and_entrypoint(tmp_path):
     source = _build_context(tmp_path / "src")
+    # an image's environment: nothing of this checkout on the path (its metadata would
+    # tell pip the package is installed already)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "KUBERNETES_SERVICE_HOST")}
     # builder: the same command as the Dockerfile's
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-cache-dir", "--no-deps",
-                    "--wheel-dir", str(tmp_path / "wheels"), str(source)], check=True, cwd=tmp_path)
+                    "--wheel-dir", str(tmp_path / "wheels"), str(source)], check=True, cwd=tmp_path, env=env)
     [wheel] = (tmp_path / "wheels").glob("dask_memory_operator-0.1.0-*.whl")
     # runtime: a fresh venv, the wheel with its dependencies (pip's cache may serve them)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env)
     subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", str(wheel)], check=True, cwd=tmp_path,
-                   capture_output=True)
+                   capture_output=True, env=env)
     installed = subprocess.run([str(venv / "bin" / "pip"), "list", "--format=json"], capture_output=True,
-                               text=True, check=True).stdout
+                               text=True, check=True, env=env).stdout
     names = {p["name"].lower().replace("_", "-") for p in json.loads(installed)}
     assert {"kopf", "kr8s", "distributed", "prometheus-client"} <= names
     assert not names & {"kmock", "dask-kubernetes", "kubernetes", "pytest", "matplotlib", "jsonschema"}
 
     entrypoint = venv / "bin" / "dask-memory-operator"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "KUBERNETES_SERVICE_HOST")}
     help_ = subprocess.run([str(entrypoint), "--help"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert help_.returncode == 0 and "run" in help_.stdout and "check" in help_.stdout
 

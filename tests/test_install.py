@@ -49,9 +49,12 @@ def _copy_source(dest: Path) -> Path:
 
 def test_a_wheel_install_finds_the_crd_and_examples_in_the_package(tmp_path: Path):
     source = _copy_source(tmp_path / "src")
+    # nothing of this checkout on the path (its metadata would tell pip the package
+    # is installed already)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "-w", str(wheels), str(source)], check=True, cwd=tmp_path)
+                    "-w", str(wheels), str(source)], check=True, cwd=tmp_path, env=env)
     [wheel] = wheels.glob("dask_memory_operator-*.whl")
 
     # A fresh venv; the dependencies come from this one's site-packages as a plain
@@ -63,9 +66,7 @@ def test_a_wheel_install_finds_the_crd_and_examples_in_the_package(tmp_path: Pat
                              capture_output=True, text=True, check=True).stdout.strip()
     Path(purelib, "_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
-                    "--no-index", str(wheel)], check=True, cwd=tmp_path)
-
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+                    "--no-index", str(wheel)], check=True, cwd=tmp_path, env=env)
     out = subprocess.run([str(python), "-c", CHECK], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout)
