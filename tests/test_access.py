@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from dask_memory_operator import kubeclient
 from dask_memory_operator.controllers.workergroup import group_record
 from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
 from dask_memory_operator.watches import Watches, operator_kinds
@@ -199,6 +200,7 @@ async def test_with_the_caches_a_contact_reads_nothing(api):
     make_pod(api, "demo-scheduler-5d9f-abcde", replicaset_owner(api))
     watches = Watches([k for k in operator_kinds(False, group_record) if k.plural != "daskworkergroups"])
     assert await watches.start(10)
+    await kubeclient.client()  # (its /version, once per process: the watches have a client of their own)
     try:
         locator = SchedulerLocator("pod-ip", watches=watches)
         before = len(api.audit_events())
@@ -226,6 +228,7 @@ async def test_with_the_caches_a_refusal_is_still_read_from_the_api(api):
     make_pod(api, "demo-scheduler-5d9f-abcde", replicaset_owner(api))
     watches = Watches([k for k in operator_kinds(False, group_record) if k.plural != "daskworkergroups"])
     assert await watches.start(10)
+    await kubeclient.client()  # (its /version, once per process: the watches have a client of their own)
     try:
         before = len(api.audit_events())
         assert await SchedulerLocator("pod-ip", watches=watches).address("ns", "demo") == f"tcp://{POD_IP}:8786"

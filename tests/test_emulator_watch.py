@@ -127,3 +127,21 @@ async def test_watch_window_flag_of_the_server_command(tmp_path: pathlib.Path) -
     finally:
         proc.terminate()
         assert await proc.wait() == 0
+
+
+async def test_periodic_bookmarks_of_a_watch_that_takes_them() -> None:
+    """As kube-apiserver's watch cache (about every minute, here every 0.1 s): a BOOKMARK
+    with only the resourceVersion, also when nothing changes; none without
+    allowWatchBookmarks."""
+    async with ApiServer(bookmark_interval=0.1) as srv, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        http = Http(srv.url, session)
+        _, listing = await http.get(CONFIGMAPS)
+        rv = listing['metadata']['resourceVersion']
+        events: list[dict[str, Any]] = []
+        await http.watch(CONFIGMAPS, events, resourceVersion=rv, allowWatchBookmarks='true', timeoutSeconds=1)
+        assert len(events) >= 3 and {e['type'] for e in events} == {'BOOKMARK'}
+        assert events[0]['object'] == {'kind': 'ConfigMap', 'apiVersion': 'v1', 'metadata': {'resourceVersion': rv}}
+        events = []
+        await http.watch(CONFIGMAPS, events, resourceVersion=rv, timeoutSeconds=1)
+        assert events == []

@@ -19,20 +19,26 @@ And a cache here can tell a reader when it cannot vouch for what it holds.
 Server-side label selectors keep the watches to Dask objects (``dask.org/cluster-name``
 present; scheduler pods only when the webhook is off, as only then worker pods are
 not read); DaskWorkerGroups are all watched (groups a user adds need not carry the
-label), one per cluster or so. Per object the cache keeps a small tuple of what the
+label), one per cluster or so (a namespace with more than MAX_PER_NAMESPACE of a kind
+is read from the API instead). Per object the cache keeps a small tuple of what the
 operator reads (the records below), never the body: every text in it is bounded (API
 names are; the rest is cut), so a tenant's many objects cost at most a few hundred
 bytes each.
 
 **Staleness never makes the operator act on stale data**:
 
-- Before the first LIST, while relisting, and from a watch failure until the next
-  LIST, a cache is not *synced*; right after the operator's own write to an object
-  (a group's replicas patch, a Deployment's deletion) until the watch shows it, the
-  object is *behind*. Either way the reader gets "cannot vouch" and asks the API, as
-  before. Without that, the pass after a scale-down would see the group's old
+- Before the first LIST, while relisting, from a watch failure until the watch is
+  resumed, and when the watch showed no sign of life (an event, a bookmark) for
+  WATCH_FRESH seconds (a connection dead without a word), a cache is not *synced*; in
+  a namespace where an object could not be kept, it vouches for nothing there; right
+  after the operator's own write to an object (a group's replicas patch, a
+  Deployment's deletion, also one whose answer never came) until the watch shows it,
+  the object is *behind*. Either way the reader gets "cannot vouch" and asks the API,
+  as before. Without that, the pass after a scale-down would see the group's old
   replicas, count one worker more than there is and retire another: the JSON-patch
-  test on the replicas refuses the group write, but a retirement starts over RPC.
+  test on the replicas refuses the group write, but a retirement starts over RPC. A
+  write the watch does not show within BEHIND_TTL makes the cache list anew: a missed
+  write is never turned into trust.
 - Otherwise a cache is behind the API by the watch's latency (milliseconds), as any
   read is a moment old when a pass acts on it, and the writes keep their
   preconditions (a Deployment is deleted with its uid as read, the replicas are
@@ -48,15 +54,13 @@ import asyncio
 import collections
 import json
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import httpx
-import kr8s
-
-from dask_memory_operator import kubeclient
+from dask_memory_operator.kubeclient import ApiStatus, WatchHttp
 
 logger = logging.getLogger(__name__)
 
@@ -65,21 +69,36 @@ COMPONENT_LABEL = "dask.org/component"
 GROUP_LABEL = "dask.org/workergroup-name"
 #: Seconds a watch stays open (the server closes it; it is resumed from where it was)
 WATCH_SECONDS = 120
-#: Seconds without a byte after which a watch is taken for dead (the server sends a
-#: bookmark before it closes one)
-WATCH_READ_TIMEOUT = WATCH_SECONDS + 30
+#: Seconds since the watch last showed a sign of life (its start, an event, a
+#: BOOKMARK: kube-apiserver sends one about every minute to a watch that takes them)
+#: within which the cache vouches for what it holds: a watch on a connection that died
+#: without a word (a hung TCP peer) shows no error, only silence
+WATCH_FRESH = 70.0
+#: Seconds without a byte after which a watch is taken for dead and resumed
+WATCH_READ_TIMEOUT = 75.0
+#: Seconds one LIST page may take: a hung LIST is tried again, not waited for
+LIST_TIMEOUT = 60.0
 #: Objects per page of a LIST
 PAGE = 500
-#: Seconds between tries after a failure, doubling up to RETRY_CAP
+#: Seconds between tries after a failure, doubling up to RETRY_CAP, each cut by a
+#: random part of up to a half (informers failing together do not retry together)
 RETRY_BASE, RETRY_CAP = 1.0, 60.0
-#: Seconds an object stays behind the operator's write at most: past that the write's
-#: event is taken as missed (a relist showed a later state) and the cache trusted again
+#: A watch that lasted this many seconds, or showed an event or a bookmark, was good:
+#: the next failure waits RETRY_BASE again
+HEALTHY_WATCH = 30.0
+#: Seconds an object stays behind the operator's write before the write's event is
+#: taken as missed: the cache is then listed anew (never trusted again without a LIST
+#: started after the write)
 BEHIND_TTL = 60.0
+#: Records kept per namespace at most (of each kind): past that, the namespace's
+#: objects are read from the API until the next LIST (a tenant's thousands of objects
+#: do not grow the operator)
+MAX_PER_NAMESPACE = 5000
 #: Of each object: characters kept of a text, named container ports kept
 MAX_TEXT = 253
 MAX_PORTS = 16
-#: (key, resourceVersion) of recent events remembered, so a write whose event came
-#: before the write's answer is not waited for
+#: Recent events remembered ((key, resourceVersion) of each, (key, uid) of deletions),
+#: so that a write whose event came before the write's answer is not waited for
 RECENT_EVENTS = 1024
 
 
@@ -258,7 +277,8 @@ class Kind:
 class _Behind:
     """An object the operator wrote, until the watch shows the write."""
 
-    #: The object's resourceVersion after the write (None for a deletion)
+    #: The object's resourceVersion after the write (None for a deletion, and for a
+    #: write whose outcome is unknown: only a LIST started later settles that)
     resource_version: str | None
     #: The uid deleted (None for a write)
     uid: str | None
@@ -267,52 +287,155 @@ class _Behind:
     since: float
 
 
-class _Expired(Exception):
-    """410 Gone: the watch's resourceVersion is too old; list again."""
+class _Relist(Exception):
+    """The cache must be made anew by a LIST: 410 Gone (the watch's resourceVersion is
+    too old), or a write of the operator the watch never showed."""
 
 
 Key = tuple[str, str]
 
 
-class Informer:
-    """The cache of one kind in one namespace (None: all), kept by list+watch."""
+def _metadata(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, Mapping) else {}
 
-    def __init__(self, kind: Kind, namespace: str | None = None):
+
+def _key(obj: Mapping[str, Any]) -> Key:
+    meta = _metadata(obj)
+    return _text(meta.get("namespace")), _text(meta.get("name"))
+
+
+def _backoff(failures: int) -> float:
+    return min(RETRY_CAP, RETRY_BASE * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+
+
+class _Store:
+    """What one informer holds: the records by key and by (namespace, cluster), and
+    the namespaces it cannot vouch for (an object there it could not make a record of;
+    more objects there than MAX_PER_NAMESPACE). A LIST fills a new one, swapped in
+    whole, so that a LIST that fails leaves the cache as it was."""
+
+    def __init__(self) -> None:
+        self.objects: dict[Key, Any] = {}
+        #: (namespace, cluster) -> name -> record, of the objects naming a cluster
+        self.by_cluster: dict[Key, dict[str, Any]] = {}
+        self.counts: collections.Counter[str] = collections.Counter()
+        #: namespace -> names of the objects that the extractor refused
+        self.refused: dict[str, set[str]] = {}
+        #: namespaces past MAX_PER_NAMESPACE (nothing kept of them)
+        self.full: set[str] = set()
+
+    def vouches_for(self, namespace: str) -> bool:
+        return namespace not in self.full and namespace not in self.refused
+
+    def put(self, record: Any) -> None:
+        key = (record.namespace, record.name)
+        self.drop(key)
+        if record.namespace in self.full:
+            return
+        self.objects[key] = record
+        self.counts[record.namespace] += 1
+        if record.cluster:
+            self.by_cluster.setdefault((record.namespace, record.cluster), {})[record.name] = record
+        if self.counts[record.namespace] > MAX_PER_NAMESPACE:
+            self._overflow(record.namespace)
+
+    def drop(self, key: Key) -> None:
+        old = self.objects.pop(key, None)
+        if old is None:
+            return
+        self.counts[old.namespace] -= 1
+        if old.cluster:
+            members = self.by_cluster.get((old.namespace, old.cluster))
+            if members is not None:
+                members.pop(old.name, None)
+                if not members:
+                    del self.by_cluster[(old.namespace, old.cluster)]
+
+    def refuse(self, key: Key) -> bool:
+        """The object at ``key`` has no record; True when it had one until now."""
+        self.drop(key)
+        names = self.refused.setdefault(key[0], set())
+        new = key[1] not in names
+        names.add(key[1])
+        return new
+
+    def accept(self, key: Key) -> None:
+        names = self.refused.get(key[0])
+        if names is not None:
+            names.discard(key[1])
+            if not names:
+                del self.refused[key[0]]
+
+    def _overflow(self, namespace: str) -> None:
+        logger.warning("More than %d objects of one kind in namespace %s: read from the API until the next LIST",
+                       MAX_PER_NAMESPACE, namespace)
+        for key in [k for k in self.objects if k[0] == namespace]:
+            self.drop(key)
+        self.full.add(namespace)
+
+
+class Informer:
+    """The cache of one kind in one namespace (None: all), kept by list+watch.
+
+    It vouches for what it holds (:attr:`synced`) only after a LIST, while its watch
+    (or the LIST just done) showed a sign of life within WATCH_FRESH seconds, and not
+    for a namespace where it could not keep every object, nor for an object behind the
+    operator's own write."""
+
+    def __init__(self, kind: Kind, namespace: str | None, http: WatchHttp):
         self.kind = kind
         self.namespace = namespace
-        self._objects: dict[Key, Any] = {}
-        #: (namespace, cluster) -> name -> record, of the objects naming a cluster
-        self._by_cluster: dict[Key, dict[str, Any]] = {}
+        self._http = http
+        self._store = _Store()
         self._behind: dict[Key, _Behind] = {}
-        self._recent: collections.OrderedDict[tuple[Key, str], None] = collections.OrderedDict()
-        self._synced = False
+        self._recent: collections.OrderedDict[tuple[Key, str, str], None] = collections.OrderedDict()
+        #: A LIST under way
+        self._listing = False
+        #: Where the cache is as of (the LIST's or the last event's resourceVersion); None: to be listed
+        self._version: str | None = None
+        #: Listed, and the watch open or about to be resumed
+        self._live = False
+        #: When the server last showed the watch (or the LIST) alive
+        self._heard = 0.0
+        #: When the current watch opened (None: none since the last try)
+        self._opened: float | None = None
+        #: Ends the current watch from outside (:meth:`_restart`)
+        self._interrupt: asyncio.Timeout | None = None
+        #: What the last failure logged was (logged once, until it is over)
+        self._failing: str | None = None
         self._ever_synced: asyncio.Event | None = None
-        #: LISTs started, events applied (for tests and the benchmark)
+        #: LISTs started, events applied, events and bookmarks received (for tests and the benchmark)
         self.lists = 0
         self.events = 0
+        self.signs = 0
 
     # -- reading ------------------------------------------------------------------------
 
     @property
     def synced(self) -> bool:
-        return self._synced
+        return self._live and time.monotonic() - self._heard <= WATCH_FRESH
 
     def get(self, namespace: str, name: str) -> tuple[bool, Any]:
-        """(vouched, record or None): not vouched when not synced or the object is
-        behind the operator's write (the caller asks the API)."""
+        """(vouched, record or None): not vouched when not synced, in a namespace it
+        cannot vouch for, or when the object is behind the operator's write (the
+        caller asks the API)."""
         key = (namespace, name)
-        if not self._synced or self._is_behind(key):
+        if not self._vouches_for(namespace) or self._is_behind(key):
             return False, None
-        return True, self._objects.get(key)
+        return True, self._store.objects.get(key)
 
     def of_cluster(self, namespace: str, cluster: str) -> list[Any] | None:
         """The records of the objects labelled as the cluster's, None when not vouched."""
-        if not self._synced:
+        if not self._vouches_for(namespace):
             return None
-        members = self._by_cluster.get((namespace, cluster), {})
+        members = self._store.by_cluster.get((namespace, cluster), {})
         if any(self._is_behind(k) for k in list(self._behind) if k[0] == namespace and k[1] in members):
             return None
         return list(members.values())
+
+    def _vouches_for(self, namespace: str) -> bool:
+        return self.synced and self._store.vouches_for(namespace)
 
     async def wait_synced(self, timeout: float) -> bool:
         """Whether it synced (once) within ``timeout`` seconds."""
@@ -335,86 +458,99 @@ class Informer:
 
     # -- the operator's own writes -------------------------------------------------------
 
-    def wrote(self, namespace: str, name: str, resource_version: str) -> None:
-        """The operator changed the object, which now has ``resource_version``."""
+    def wrote(self, namespace: str, name: str, resource_version: str | None) -> None:
+        """The operator changed the object, which now has ``resource_version`` (None:
+        the write's outcome is unknown, a timeout or a connection lost)."""
         key = (namespace, name)
-        stored = self._objects.get(key)
-        if (stored is not None and stored.resource_version == resource_version) \
-                or (key, resource_version) in self._recent:
+        stored = self._store.objects.get(key)
+        if resource_version is not None and (
+                (stored is not None and stored.resource_version == resource_version)
+                or (key, "rv", resource_version) in self._recent):
             return  # the watch was quicker than the write's answer
         self._behind[key] = _Behind(resource_version, None, self.lists, time.monotonic())
 
     def deleted(self, namespace: str, name: str, uid: str) -> None:
-        """The operator deleted the object that had ``uid``."""
+        """The operator deleted (or may have deleted) the object that had ``uid``:
+        noted while the cache holds it, and also when it does not but a LIST is under
+        way, which began before the deletion and may bring it back."""
         key = (namespace, name)
-        stored = self._objects.get(key)
-        if stored is not None and stored.uid == uid:
+        stored = self._store.objects.get(key)
+        if (key, "uid", uid) in self._recent:
+            return  # the watch showed the deletion already
+        if self._listing or (stored is not None and stored.uid == uid):
             self._behind[key] = _Behind(None, uid, self.lists, time.monotonic())
 
     def _is_behind(self, key: Key) -> bool:
         behind = self._behind.get(key)
         if behind is None:
             return False
-        if time.monotonic() - behind.since > BEHIND_TTL:
-            logger.warning("%s %s/%s: the watch did not show the operator's write within %gs; trusted again",
+        if time.monotonic() - behind.since > BEHIND_TTL and self._live:
+            logger.warning("%s %s/%s: the watch did not show the operator's write within %gs; listing again",
                            self.kind.plural, *key, BEHIND_TTL)
-            del self._behind[key]
-            return False
+            self._restart()
         return True
+
+    def _restart(self) -> None:
+        """Vouch for nothing until a new LIST, and end the watch so that it comes."""
+        self._live = False
+        self._version = None
+        if self._interrupt is not None:
+            self._interrupt.reschedule(asyncio.get_running_loop().time())
 
     def _settle(self, key: Key) -> None:
         """Drop the key's behind mark once the cache shows the write."""
         behind = self._behind.get(key)
         if behind is None:
             return
-        stored = self._objects.get(key)
+        stored = self._store.objects.get(key)
         if behind.uid is not None:
             done = stored is None or stored.uid != behind.uid
-        else:
+        elif behind.resource_version is not None:
             done = stored is None or stored.resource_version == behind.resource_version
+        else:
+            done = False  # an outcome unknown: only a LIST started later tells
         if done:
             del self._behind[key]
 
     # -- keeping it -------------------------------------------------------------------
 
-    def _put(self, record: Any) -> None:
-        key = (record.namespace, record.name)
-        self._drop(key)
-        self._objects[key] = record
-        if record.cluster:
-            self._by_cluster.setdefault((record.namespace, record.cluster), {})[record.name] = record
-
-    def _drop(self, key: Key) -> None:
-        old = self._objects.pop(key, None)
-        if old is not None and old.cluster:
-            members = self._by_cluster.get((old.namespace, old.cluster))
-            if members is not None:
-                members.pop(old.name, None)
-                if not members:
-                    del self._by_cluster[(old.namespace, old.cluster)]
+    def _keep(self, store: _Store, obj: Mapping[str, Any]) -> None:
+        """The object's record into ``store``; an object it cannot be made of is left
+        out, and its namespace not vouched for (the operator never fails on one)."""
+        key = _key(obj)
+        try:
+            record = self.kind.extract(obj)
+        except Exception as e:
+            if store.refuse(key):
+                logger.warning("%s %s/%s left out of the cache (%s: %s); its namespace is read from the API",
+                               self.kind.plural, *key, type(e).__name__, str(e)[:200])
+            return
+        store.accept(key)
+        store.put(record)
 
     def _apply(self, kind: str, obj: Mapping[str, Any]) -> None:
-        meta = obj.get("metadata") or {}
-        key = (_text(meta.get("namespace")), _text(meta.get("name")))
+        key, meta = _key(obj), _metadata(obj)
         if kind == "DELETED":
-            stored = self._objects.get(key)
-            if stored is not None and stored.uid == _text(meta.get("uid")):
-                self._drop(key)
+            uid = _text(meta.get("uid"))
+            stored = self._store.objects.get(key)
+            if stored is not None and stored.uid == uid:
+                self._store.drop(key)
+            self._store.accept(key)
+            self._remember((key, "uid", uid))
         else:
-            self._put(self.kind.extract(obj))
-        self._recent[(key, _text(meta.get("resourceVersion")))] = None
-        while len(self._recent) > RECENT_EVENTS:
-            self._recent.popitem(last=False)
+            self._keep(self._store, obj)
+        self._remember((key, "rv", _text(meta.get("resourceVersion"))))
         self._settle(key)
         self.events += 1
 
-    def _replace(self, items: list[Mapping[str, Any]], listed: int) -> None:
+    def _remember(self, token: tuple[Key, str, str]) -> None:
+        self._recent[token] = None
+        while len(self._recent) > RECENT_EVENTS:
+            self._recent.popitem(last=False)
+
+    def _replace(self, store: _Store, listed: int) -> None:
         """The cache is what a LIST (the ``listed``-th) found, nothing else."""
-        self._objects.clear()
-        self._by_cluster.clear()
-        for obj in items:
-            # (an object the record cannot be made of fails the LIST: readers ask the API)
-            self._put(self.kind.extract(obj))
+        self._store = store
         for key in [k for k, b in self._behind.items() if b.lists < listed]:
             del self._behind[key]  # a LIST started after the write shows it
         for key in list(self._behind):
@@ -423,85 +559,129 @@ class Informer:
     # -- the list+watch loop ----------------------------------------------------------
 
     async def run(self) -> None:
-        """List, then watch, for ever; list again after 410 Gone or a failure."""
+        """List, then watch, for ever. A watch that ends (the server's timeout, a
+        network failure) is resumed from where it got to: only 410 Gone, or a write
+        of the operator never shown, lists again. After a failure, or a watch the
+        server ended at once, it waits longer each time until a watch is good."""
         failures = 0
         while True:
+            self._opened, signs = None, self.signs
             try:
-                version = await self._list()
-                failures = 0
-                while True:
-                    version = await self._watch(version)
-            except _Expired:
-                self._synced = False
+                if self._version is None:
+                    await self._list()
+                await self._watch()
+                error = None
             except asyncio.CancelledError:
-                self._synced = False
+                self._live = False
                 raise
             except Exception as e:  # the API down, a refusal: readers ask the API meanwhile
-                self._synced = False
-                failures += 1
-                delay = min(RETRY_CAP, RETRY_BASE * 2 ** (failures - 1))
-                (logger.warning if failures in (1, 5) or delay == RETRY_CAP else logger.debug)(
-                    "Watching %s%s failed (%s: %s); readers ask the API; again in %gs", self.kind.plural,
-                    f" in {self.namespace}" if self.namespace else "", type(e).__name__, e, delay)
-                await asyncio.sleep(delay)
+                error = e
+            if isinstance(error, _Relist) or (isinstance(error, ApiStatus) and error.code == 410):
+                self._restart()
+            good = self._opened is not None and (
+                time.monotonic() - self._opened >= HEALTHY_WATCH or self.signs > signs)
+            if good:
+                failures = 0
+                self._recovered()
+                if error is None or self._version is None:
+                    continue  # resumed (or listed) at once
+            self._live = False
+            failures += 1
+            delay = _backoff(failures)
+            self._failed(error, delay)
+            await asyncio.sleep(delay)
 
-    async def _list(self) -> str:
-        self._synced = False
-        self.lists += 1
-        listed = self.lists
-        items, version, token = [], "", ""
-        while True:
-            params = {"limit": PAGE, **({"continue": token} if token else {}), **self._selector()}
-            page = await self._request(params)
-            items += [i for i in page.get("items") or () if isinstance(i, Mapping)]
-            meta = page.get("metadata") or {}
-            version = version or str(meta.get("resourceVersion") or "")
-            token = meta.get("continue") or ""
-            if not token:
-                break
-        self._replace(items, listed)
-        self._synced = True
-        self._first_sync().set()
-        return version
+    def _failed(self, error: Exception | None, delay: float) -> None:
+        """Logged once (a warning) until it is over or changes, not at every try."""
+        what = ("the server ended the watch at once" if error is None
+                else f"{type(error).__name__}: {str(error)[:300]}")
+        kind = f"{type(error).__name__} {getattr(error, 'code', '')}"
+        where = f"{self.kind.plural}{f' in {self.namespace}' if self.namespace else ''}"
+        (logger.warning if kind != self._failing else logger.debug)(
+            "Watching %s failed (%s); readers ask the API; again in %.1fs", where, what, delay)
+        self._failing = kind
+
+    def _recovered(self) -> None:
+        if self._failing is not None:
+            logger.info("Watching %s%s again", self.kind.plural, f" in {self.namespace}" if self.namespace else "")
+            self._failing = None
+
+    def _path(self) -> str:
+        scope = f"/namespaces/{self.namespace}" if self.namespace else ""
+        return f"{self.kind.base}/{self.kind.version}{scope}/{self.kind.plural}"
 
     def _selector(self) -> dict[str, str]:
         return {"labelSelector": self.kind.selector} if self.kind.selector else {}
 
-    async def _request(self, params: dict[str, Any]) -> dict[str, Any]:
-        api = await kubeclient.client()
+    async def _list(self) -> None:
+        """Page by page into a new store (each page's bodies dropped once it is
+        records), swapped in at the end."""
+        self._live, self._listing = False, True
+        self.lists += 1
+        listed = self.lists
+        store, version, token = _Store(), "", ""
         try:
-            async with api.call_api("GET", version=self.kind.version, base=self.kind.base,
-                                    namespace=self.namespace, url=self.kind.plural, params=params) as response:
-                return response.json()
-        except kr8s.ServerError as e:
-            if e.response is not None and e.response.status_code == 410:
-                raise _Expired() from None
-            raise
+            while True:
+                page = await self._page({"limit": PAGE, **({"continue": token} if token else {}), **self._selector()})
+                for obj in page.get("items") or ():
+                    if isinstance(obj, Mapping):
+                        self._keep(store, obj)
+                meta = _metadata(page)
+                version = version or str(meta.get("resourceVersion") or "")
+                token = str(meta.get("continue") or "")
+                if not token:
+                    break
+        finally:
+            self._listing = False
+        self._replace(store, listed)
+        self._version, self._live, self._heard = version, True, time.monotonic()
+        self._first_sync().set()
 
-    async def _watch(self, version: str) -> str:
-        """One watch from ``version`` until the server ends it; returns where it got to."""
-        api = await kubeclient.client()
-        params = {"watch": "true", "allowWatchBookmarks": "true", "resourceVersion": version,
+    async def _page(self, params: dict[str, Any]) -> Mapping[str, Any]:
+        async with asyncio.timeout(LIST_TIMEOUT), \
+                self._http.get(self._path(), params, read_timeout=LIST_TIMEOUT) as response:
+            page = response.json()
+        if not isinstance(page, Mapping):
+            raise ValueError(f"a LIST answered {type(page).__name__}")
+        return page
+
+    async def _watch(self) -> None:
+        """One watch from where the cache is until the server ends it (or
+        :meth:`_restart` does: :class:`_Relist`)."""
+        params = {"watch": "true", "allowWatchBookmarks": "true", "resourceVersion": self._version,
                   "timeoutSeconds": WATCH_SECONDS, **self._selector()}
-        timeout = httpx.Timeout(10.0, read=WATCH_READ_TIMEOUT)
-        async with api.call_api("GET", version=self.kind.version, base=self.kind.base, namespace=self.namespace,
-                                url=self.kind.plural, params=params, stream=True, timeout=timeout) as response:
-            async for line in response.aiter_lines():
-                if line.strip():
-                    version = self._event(json.loads(line), version)
-        return version
+        interrupt = self._interrupt = asyncio.timeout(None)
+        try:
+            async with interrupt, self._http.get(self._path(), params, read_timeout=WATCH_READ_TIMEOUT,
+                                                 stream=True) as response:
+                self._opened = self._heard = time.monotonic()
+                self._live = True
+                async for line in response.aiter_lines():
+                    if line.strip():
+                        self._event(json.loads(line))
+        except TimeoutError:
+            if interrupt.expired():
+                raise _Relist("restarted") from None
+            raise
+        finally:
+            self._interrupt = None
 
-    def _event(self, event: Mapping[str, Any], version: str) -> str:
-        kind, obj = event.get("type"), event.get("object") or {}
+    def _event(self, event: Any) -> None:
+        if not isinstance(event, Mapping):
+            raise ValueError(f"a watch event of type {type(event).__name__}")
+        kind, obj = event.get("type"), event.get("object")
+        obj = obj if isinstance(obj, Mapping) else {}
         if kind == "ERROR":
             if obj.get("code") == 410:
-                raise _Expired()
+                raise _Relist("410 Gone")
             raise RuntimeError(f"watch error: {str(obj.get('message'))[:200]}")
-        version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+        self._heard = time.monotonic()
+        self.signs += 1
+        version = _metadata(obj).get("resourceVersion")
         if kind in ("ADDED", "MODIFIED", "DELETED"):
             self._apply(kind, obj)
-        return version
-
+        if version:
+            self._version = str(version)
 
 # --- the operator's caches -------------------------------------------------------------
 
@@ -518,17 +698,22 @@ def operator_kinds(worker_pods: bool, group_record: Callable[[Mapping[str, Any]]
         Kind("apps/v1", "deployments", dask, deployment_record),
         Kind("apps/v1", "replicasets", dask, owned_record),
         Kind("v1", "services", dask, service_record),
+        # no selector: a group a user adds need not carry the cluster label; what a
+        # namespace holds is bounded by MAX_PER_NAMESPACE
         Kind("kubernetes.dask.org/v1", "daskworkergroups", "", group_record),
     ]
 
 
 class Watches:
-    """The operator's caches: each kind cluster-wide, or in each watched namespace."""
+    """The operator's caches: each kind cluster-wide, or in each watched namespace,
+    listed and watched through one HTTP client of their own (:class:`WatchHttp`)."""
 
     def __init__(self, kinds: Iterable[Kind], namespaces: Iterable[str] | None = None):
         scopes: list[str | None] = list(namespaces) if namespaces is not None else [None]
+        kinds = list(kinds)
+        self.http = WatchHttp(streams=len(kinds) * len(scopes))
         self.informers: dict[tuple[str, str | None], Informer] = {
-            (kind.plural, ns): Informer(kind, ns) for kind in kinds for ns in scopes}
+            (kind.plural, ns): Informer(kind, ns, self.http) for kind in kinds for ns in scopes}
         self._tasks: list[asyncio.Task[None]] = []
 
     def informer(self, plural: str, namespace: str) -> Informer | None:
@@ -543,7 +728,8 @@ class Watches:
         informer = self.informer(plural, namespace)
         return informer.of_cluster(namespace, cluster) if informer is not None else None
 
-    def wrote(self, plural: str, namespace: str, name: str, resource_version: str) -> None:
+    def wrote(self, plural: str, namespace: str, name: str, resource_version: str | None) -> None:
+        """See :meth:`Informer.wrote` (``resource_version`` None: outcome unknown)."""
         informer = self.informer(plural, namespace)
         if informer is not None:
             informer.wrote(namespace, name, resource_version)
@@ -554,10 +740,12 @@ class Watches:
             informer.deleted(namespace, name, uid)
 
     async def start(self, timeout: float) -> bool:
-        """Start every watch; True when all listed within ``timeout`` seconds (until
-        then, and for those that did not, readers ask the API)."""
-        self._tasks = [asyncio.create_task(i.run(), name=f"watch {p}{f' in {ns}' if ns else ''}")
-                       for (p, ns), i in self.informers.items()]
+        """Start every watch (once: a startup handler tried again finds them running);
+        True when all listed within ``timeout`` seconds (until then, and for those that
+        did not, readers ask the API)."""
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(i.run(), name=f"watch {p}{f' in {ns}' if ns else ''}")
+                           for (p, ns), i in self.informers.items()]
         synced = await asyncio.gather(*(i.wait_synced(timeout) for i in self.informers.values()))
         return all(synced)
 
@@ -566,3 +754,4 @@ class Watches:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        await self.http.aclose()

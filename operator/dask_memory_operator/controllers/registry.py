@@ -67,7 +67,8 @@ def operator_watches(namespaces: list[str], webhook: bool) -> Watches | None:
 async def start_background_tasks(memo: kopf.Memo, **_: Any) -> None:
     """Tasks of the whole operator, not of one object: the caches' watches (filled
     before any handler runs: kopf starts its watches after the startup handlers), the
-    owed restores, and the scaling controller, whose passes run as tasks of their own."""
+    owed restores, and the scaling controller, whose passes run as tasks of their own.
+    kopf runs it again when it failed: the watches are started once (``Watches.start``)."""
     config: OperatorConfig = memo.config
     watches: Watches | None = getattr(memo, "watches", None)
     if watches is not None and not await watches.start(WATCHES_SYNC_TIMEOUT):
@@ -84,10 +85,12 @@ async def stop_background_tasks(memo: kopf.Memo, **_: Any) -> None:
         task.cancel()
     await asyncio.gather(*passes, return_exceptions=True)
     await asyncio.gather(*getattr(memo, "background", ()), return_exceptions=True)
-    await memo.reconciler.locator.close()
     watches = getattr(memo, "watches", None)
-    if watches is not None:
-        await watches.stop()
+    try:
+        await memo.reconciler.locator.close()
+    finally:  # the watches end also when the locator's close fails
+        if watches is not None:
+            await watches.stop()
 
 
 class _QuietScalingTimer(logging.Filter):

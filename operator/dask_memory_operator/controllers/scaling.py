@@ -276,19 +276,26 @@ class ScalingController:
 
     # --- writes: the caches are told, so that the next pass does not read what was before
 
+    # (told also when the write raised: a timeout or a lost connection may have
+    # written, and the cache must not vouch for the state before it)
+
     async def _set_replicas(self, group: WorkerGroup, replicas: int, ledger: Ledger) -> bool:
-        if not await workergroup.set_replicas(group, replicas, ledger):
-            return False
-        if self.watches is not None:
-            self.watches.wrote("daskworkergroups", group.namespace, group.name, group.resource_version)
-        return True
+        written: bool | None = None  # None: unknown
+        try:
+            written = await workergroup.set_replicas(group, replicas, ledger)
+            return written
+        finally:
+            if self.watches is not None and written is not False:
+                self.watches.wrote("daskworkergroups", group.namespace, group.name,
+                                   group.resource_version if written else None)
 
     async def _delete(self, namespace: str, name: str, uid: str) -> bool:
-        if not await workergroup.delete_deployment(namespace, name, uid):
-            return False
-        if self.watches is not None:
-            self.watches.deleted("deployments", namespace, name, uid)
-        return True
+        try:
+            return await workergroup.delete_deployment(namespace, name, uid)
+        finally:
+            # whatever the answer, no object with that uid is (or soon will be) there
+            if self.watches is not None:
+                self.watches.deleted("deployments", namespace, name, uid)
 
     # --- one pass -----------------------------------------------------------------
 

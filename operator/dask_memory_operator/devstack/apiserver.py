@@ -47,10 +47,11 @@ class ApiServer:
 
     def __init__(self, port: int = 0, *, host: str = '127.0.0.1', service_cidr: str = '127.1.0.0/16',
                  crd_dirs: Iterable[str | os.PathLike[str]] = (), watch_window: int = 10_000,
-                 audit_log_path: str | os.PathLike[str] | None = None,
+                 bookmark_interval: float = 60.0, audit_log_path: str | os.PathLike[str] | None = None,
                  admission_control_config_file: str | os.PathLike[str] | None = None) -> None:
         #: The emulator: its ``objects`` and ``resources`` are there for assertions.
         self.emulator: KubeEmulator = KubeEmulator(service_cidr=service_cidr, watch_window=watch_window,
+                                                   bookmark_interval=bookmark_interval,
                                                    audit_log_path=audit_log_path)
         self.emulator.configure_admission(admission_control_config_file)
         self._host: str = host

@@ -58,7 +58,10 @@ API server behaves (status codes, ``Status`` objects with reason, message and
   Watch-list watches (``sendInitialEvents=true``, ``resourceVersionMatch=NotOlderThan``,
   as client-go 0.35's reflectors, hence Helm 4's waiters, send them): the current
   objects, then a BOOKMARK annotated ``k8s.io/initial-events-end``; invalid combinations
-  are the 422 of ``ListOptions`` validation.
+  are the 422 of ``ListOptions`` validation. With ``allowWatchBookmarks=true``, a
+  BOOKMARK (the kind with only ``metadata.resourceVersion``) every
+  ``bookmark_interval`` seconds (a minute, as kube-apiserver's watch cache) and one
+  when the watch reaches its timeout.
   Lists carry ``kind: <Kind>List``, ``apiVersion`` and ``metadata.resourceVersion``,
   and are paged with ``limit``/``continue`` (the pages show the current objects, at
   the resourceVersion of the first page, not an exact snapshot).
@@ -122,8 +125,7 @@ Not emulated: server-side apply, validating admission webhooks, authentication b
 service-account tokens (a request without credentials is the unrestricted admin), TLS
 (client-go sends a bearer token only over HTTPS: put a TLS listener in front, as
 tests/test_emulator_rbac.py does), TokenReview and SubjectAccessReview, ``pods/binding``,
-CEL rules, most of the validation code of built-in kinds, periodic watch bookmarks (one
-is sent when a watch reaches its timeout), the controllers but the garbage collector,
+CEL rules, most of the validation code of built-in kinds, the controllers but the garbage collector,
 the serviceaccount controller and the
 disruption controller (no Deployment makes a pod: a kubelet's job), CBOR request bodies,
 and protobuf bodies of kinds other than those ``protobuf.KINDS`` knows (answered 415):

@@ -58,6 +58,9 @@ class KubeEmulator(Auditing, Authentication, Authorization, Admission, ServiceAc
     #: How many watch events are kept: a watch (or a list's continue token) from an older
     #: resourceVersion gets 410 Expired, and clients relist (the watch cache's window).
     watch_window: int = 10_000
+    #: Seconds between the BOOKMARK events of a watch that takes them (kube-apiserver's
+    #: watch cache: about a minute), besides the one before the watch's timeout.
+    bookmark_interval: float = 60.0
     #: The audiences a service-account token must name to be accepted (``--api-audiences``).
     api_audiences: list[str] = attrs.field(factory=lambda: [ISSUER])
     #: Where the audit log's JSON lines go (``--audit-log-path``); None: in memory only.

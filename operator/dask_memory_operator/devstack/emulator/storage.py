@@ -221,11 +221,16 @@ class Storage:
         deadline = loop.time() + timeout if timeout is not None else None
         as_table = 'as=Table' in request.headers.get('Accept', '')
         first = True
+        next_bookmark = loop.time() + self.bookmark_interval
+
+        def bookmark(rv: int) -> dict[str, Any]:
+            # An object of the kind with nothing but its resourceVersion.
+            return {'kind': rtype.kind, 'apiVersion': rtype.api_version, 'metadata': {'resourceVersion': str(rv)}}
 
         def encode(etype: str, obj: dict[str, Any]) -> bytes:
             # kubectl get -w asks for tables: each event carries a one-row Table.
             nonlocal first
-            if as_table and etype != 'ERROR':
+            if as_table and etype not in ('ERROR', 'BOOKMARK'):
                 obj = to_table(rtype, [obj], None)
                 if not first:
                     obj['columnDefinitions'] = []  # as the API server: only the first event has them
@@ -286,10 +291,16 @@ class Storage:
                 if remaining is not None and remaining <= 0:
                     if params.get('allowWatchBookmarks') == 'true':
                         # As the API server does before closing a watch at its timeout.
-                        bookmark = {'kind': rtype.kind, 'apiVersion': rtype.api_version,
-                                    'metadata': {'resourceVersion': str(cursor)}}
-                        await response.write(json.dumps({'type': 'BOOKMARK', 'object': bookmark}).encode() + b'\n')
+                        await response.write(encode('BOOKMARK', bookmark(cursor)))
                     break
+                if bookmarks and loop.time() >= next_bookmark:
+                    # As the watch cache does about every minute (bookmarkFrequency): a
+                    # client can tell a live watch from a connection that died silently.
+                    await response.write(encode('BOOKMARK', bookmark(cursor)))
+                    next_bookmark = loop.time() + self.bookmark_interval
+                    continue
+                if bookmarks:
+                    remaining = min(next_bookmark - loop.time(), remaining if remaining is not None else float('inf'))
                 await asyncio.wait([self._tick], timeout=remaining)
             await response.write_eof()
         except ConnectionError:
