@@ -31,7 +31,7 @@ def api(tmp_path, monkeypatch) -> Iterator[LocalStack]:
 
 
 def kinds(*plurals: str) -> list[Any]:
-    return [k for k in operator_kinds(worker_pods=True, group_record=group_record) if k.plural in plurals]
+    return [k for k in operator_kinds(group_record=group_record) if k.plural in plurals]
 
 
 def deployment(stack: LocalStack, name: str) -> str:

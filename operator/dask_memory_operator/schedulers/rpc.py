@@ -161,10 +161,11 @@ async def _call(address: str, op: str, *, timeout: float | None, **msg: Any) -> 
 
 
 async def _call_with_cuts(
-    address: str, op: str, *, timeout: float | None, **msg: Any
+    address: str, op: str, *, timeout: float | None, max_items: int | None = None, **msg: Any
 ) -> tuple[Any, list[tuple[str, int]]]:
     """:func:`_call`, and the lists it cut: (top-level field, items it had). The
-    scheduler closes the connection after replying (``close``)."""
+    scheduler closes the connection after replying (``close``). ``max_items``: the
+    items of a list kept (MAX_STATUS_ITEMS by default)."""
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
     host, port = tcp_host_port(address)
     request = frame({"op": op, "reply": True, "close": True, **msg})
@@ -172,7 +173,8 @@ async def _call_with_cuts(
         async with asyncio.timeout(timeout):
             reader, writer = await _open(address, host, port)
             try:
-                reply, cuts = await _exchange(reader, writer, address, op, request)
+                reply, cuts = await _exchange(reader, writer, address, op, request,
+                                              MAX_STATUS_ITEMS if max_items is None else max_items)
             finally:
                 # Nothing more is read from or sent to this scheduler
                 writer.transport.abort()
@@ -204,6 +206,7 @@ async def _exchange(
     address: str,
     op: str,
     request: bytes,
+    max_items: int,
 ) -> tuple[Any, list[tuple[str, int]]]:
     """Handshakes (ours out, theirs read strictly before anything else is sent), then
     the framed ``request`` out and its reply in (with the lists cut in it)."""
@@ -218,7 +221,7 @@ async def _exchange(
         writer.write(request)
         await writer.drain()
         try:
-            return await read_bounded_message(reader, OPAQUE_ERROR_FIELDS, MAX_STATUS_ITEMS)
+            return await read_bounded_message(reader, OPAQUE_ERROR_FIELDS, max_items)
         except Refused as e:
             raise _protocol_error(address, e, f"reply to {op!r}") from None
     except (OSError, asyncio.IncompleteReadError) as e:
@@ -247,9 +250,9 @@ def remote_error(reply: dict[str, Any], address: str, op: str) -> SchedulerCallF
 
 
 async def _plugin_call(
-    address: str, op: str, *, timeout: float | None, **msg: Any
+    address: str, op: str, *, timeout: float | None, max_items: int | None = None, **msg: Any
 ) -> dict[str, Any]:
-    answer, cuts = await _call_with_cuts(address, op, timeout=timeout, **msg)
+    answer, cuts = await _call_with_cuts(address, op, timeout=timeout, max_items=max_items, **msg)
     if answer is None:
         raise PluginMissing(f"scheduler {address} has no amm_core plugin")
     if not isinstance(answer, dict):
@@ -362,6 +365,44 @@ _WORKER_STATE = _map_with({
 _CANDIDATE = _map_with({"worker": _text, "address": _text, "unique_bytes": _number,
                         "unique_keys": _number, "tasks_running": _number})
 _WHY_NOT = _map_with({"worker": _text, "reason": lambda v: isinstance(v, str) and len(v) <= MAX_ERROR_TEXT})
+
+
+def _count(value: Any) -> bool:
+    return _number(value) and value >= 0
+
+
+def _exactly(fields: dict[str, Any]) -> Any:
+    """A map with every one of these fields, each passing its check (others ignored)."""
+    return lambda value: isinstance(value, dict) and all(k in value and check(value[k])
+                                                         for k, check in fields.items())
+
+
+_COUNTS = _exactly({"workers": _count, "keys": _count, "bytes": _count})
+#: amm_core.savings: who asked for a retirement, why a worker's keys were lost
+SAVINGS_WHO = ("operator", "hook")
+SAVINGS_WHY = ("killed", "retirementAborted", "retired")
+#: The counters of amm_core.savings (in every status, and in amm_core_savings)
+_SAVINGS_COUNTERS = _exactly({
+    "id": _text,
+    "started": _number,
+    "seq": _count,
+    "rescued": _exactly(dict.fromkeys(SAVINGS_WHO, _COUNTS)),
+    "lost": _exactly(dict.fromkeys(SAVINGS_WHY, _COUNTS)),
+    "duplicates_dropped": _exactly({"replicas": _count, "bytes": _count}),
+})
+_DEPARTURE_FIELDS = _exactly({
+    "seq": _count, "worker": _text, "address": _text, "at": _number,
+    "keys": _count, "bytes": _count,
+    "why": lambda v: v in SAVINGS_WHY,
+    "retirement": lambda v: v is None or v in SAVINGS_WHO,
+})
+_MOVED = _map_with({"moved_keys": _count, "moved_bytes": _count})  # (not from older plugins)
+
+
+def _DEPARTURE(value: Any) -> bool:
+    return _DEPARTURE_FIELDS(value) and _MOVED(value)
+#: Departures read of an amm_core_savings answer at most (amm_core.savings keeps 64)
+MAX_DEPARTURES = 64
 #: The fields of the plugin's answers the operator reads, and what each must be
 STATUS_SHAPE: dict[str, _Shape] = {
     "source": _Shape(lambda v: v in ("preload", "live"), '"preload" or "live"'),
@@ -385,6 +426,8 @@ STATUS_SHAPE: dict[str, _Shape] = {
     "worker_states": _Shape(_list_of(
         lambda v: _WORKER_STATE(v) and {"name", "status", "memory_limit"} <= v.keys()),
         "a list of workers"),
+    # amm_core.savings' counters, in the status (an older plugin has none)
+    "savings": _Shape(_SAVINGS_COUNTERS, "the savings counters"),
 }
 
 
@@ -469,6 +512,22 @@ async def retirement_candidates(
     {"candidates", "excluded"}."""
     return await _plugin_call(address, "amm_core_retirement_candidates", timeout=timeout,
                               workers=list(workers), n=n)
+
+
+async def savings(address: str, *, timeout: float | None = None) -> dict[str, Any]:
+    """What the scheduler rescued, lost and dropped, with its latest departures
+    (amm_core.savings): ``{"counters": <as in the status>, "now": scheduler time,
+    "departures": [...]}``, every departure checked, at most MAX_DEPARTURES of
+    them read. Asked only when the status's ``savings.seq`` moved."""
+    answer = await _plugin_call(address, "amm_core_savings", timeout=timeout, max_items=MAX_DEPARTURES)
+    departures = answer.get("departures")
+    if not (_SAVINGS_COUNTERS(answer) and _number(answer.get("now"))
+            and isinstance(departures, list) and all(map(_DEPARTURE, departures))):
+        raise SchedulerProtocolError(
+            f"scheduler {address} answered 'amm_core_savings' with something else than "
+            f"the savings counters and departures (or too large); refused")
+    return {"counters": {k: answer[k] for k in ("id", "started", "seq", "rescued", "lost", "duplicates_dropped")},
+            "now": answer["now"], "departures": departures}
 
 
 async def scaling(address: str, *, timeout: float | None = None) -> dict[str, Any]:
