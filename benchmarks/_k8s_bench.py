@@ -17,7 +17,12 @@ benchmark, which is a trusted client: it is pickled by value):
   started (``processing-tasks`` of the event minus those) are counted apart as
   *reassigned*: no work is lost on them;
 - per removed worker: when it left, when it was first seen ``closing_gracefully``
-  (sampled every 100 ms), the bytes of the keys only it held at that moment.
+  (sampled every 100 ms), the bytes of the keys only it held at that moment;
+- **rescued** (the benchmark's own measure of what the operator reports as rescued):
+  the keys only a worker held at any moment of its retirement (those it held alone
+  when its status turned ``closing_gracefully``, heard synchronously from the
+  scheduler's ``worker-status-change`` event, and those it computed afterwards) that
+  still had another holder when it was removed, and their ``nbytes``.
 
 Bytes moved and the transfer rate come from the surviving workers'
 ``transfer_incoming_log`` (see :func:`transfers`).
@@ -88,6 +93,8 @@ class Ledger(SchedulerPlugin):
         self.counts: list[tuple[float, int]] = []
         #: address -> worker name, of every worker seen
         self.names: dict[str, str] = {}
+        #: address of a retiring worker -> key -> nbytes of the keys only it held since
+        self.retiring: dict[str, dict[str, int]] = {}
 
     async def start(self, scheduler: Any) -> None:
         from tornado.ioloop import PeriodicCallback
@@ -114,10 +121,21 @@ class Ledger(SchedulerPlugin):
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         if start == "processing" and finish == "memory":
             self.computed[str(key)] += 1
+            held = self.retiring.get(kwargs.get("worker"))
+            ts = self.scheduler.tasks.get(key)
+            if held is not None and ts is not None:
+                held[key] = ts.nbytes  # computed there during its retirement: only there
 
     def log_event(self, topic: str, msg: Any) -> None:
         if topic == STARTED_TOPIC:
             self.started[msg["key"]] += 1
+            return
+        if isinstance(msg, dict) and msg.get("action") == "worker-status-change":
+            ws = self.scheduler.workers.get(topic)
+            # logged once the status is set, before the scheduler acts on it: nothing
+            # has moved yet
+            if ws is not None and msg.get("status") == "closing_gracefully" and topic not in self.retiring:
+                self.retiring[topic] = {ts.key: ts.nbytes for ts in ws.has_what if len(ts.who_has or ()) == 1}
             return
         if topic != "all" or not isinstance(msg, dict) or msg.get("action") != "remove-worker":
             return
@@ -125,6 +143,9 @@ class Ledger(SchedulerPlugin):
         # still say what the removed worker held and ran.
         tasks = self.scheduler.tasks
         lost = list(msg["lost-computed-tasks"]) + list(msg["lost-scattered-tasks"])
+        held = self.retiring.pop(msg["worker"], {})
+        rescued = {k: n for k, n in held.items()
+                   if k in tasks and any(w.address != msg["worker"] for w in tasks[k].who_has or ())}
         self.removals.append({
             "worker": msg["worker"],
             "name": self.names.get(msg["worker"], msg["worker"]),
@@ -133,6 +154,8 @@ class Ledger(SchedulerPlugin):
             "processing": [str(k) for k in msg["processing-tasks"]],
             "lost": len(lost),
             "lost_bytes": sum(tasks[k].nbytes for k in lost if k in tasks),
+            "rescued": len(rescued),
+            "rescued_bytes": sum(rescued.values()),
         })
 
     def report(self) -> dict[str, Any]:
@@ -148,6 +171,8 @@ class Ledger(SchedulerPlugin):
             "reassigned": max(0, len(processing) - wasted),
             "lost": sum(r["lost"] for r in self.removals),
             "lost_bytes": sum(r["lost_bytes"] for r in self.removals),
+            "rescued": sum(r["rescued"] for r in self.removals),
+            "rescued_bytes": sum(r["rescued_bytes"] for r in self.removals),
             "removals": [{k: v for k, v in r.items() if k != "processing"} for r in self.removals],
             "closing": self.closing,
             "counts": self.counts,
@@ -341,6 +366,11 @@ def policy_scaling(stack: LocalStack, ns: str, name: str) -> list[dict[str, Any]
     if out.returncode:
         return []
     return (json.loads(out.stdout).get("status") or {}).get("scaling") or []
+
+
+def policy_savings(stack: LocalStack, ns: str, name: str, cluster: str) -> dict[str, Any]:
+    """``status.clusters[cluster].savings`` of the policy ({} when none)."""
+    return scaling_probes.savings_entry(stack, ns, name, cluster)
 
 
 def wait_policy_observed(stack: LocalStack, ns: str, name: str, timeout: float = 60) -> None:

@@ -107,17 +107,20 @@ def zero() -> dict[str, Any]:
 
 def from_scheduler(counters: Mapping[str, Any]) -> dict[str, Any]:
     """The plugin's counters (checked by rpc: every field there) in the status's form."""
-    dropped = counters.get("duplicates_dropped") or {}
-    return {"rescued": {w: _counts((counters.get("rescued") or {}).get(w)) for w in WHO},
-            "lost": {w: _counts((counters.get("lost") or {}).get(w)) for w in SCHEDULER_WHY},
+    dropped = _map(counters.get("duplicates_dropped"))
+    return {"rescued": {w: _counts(_map(counters.get("rescued")).get(w)) for w in WHO},
+            "lost": {w: _counts(_map(counters.get("lost")).get(w)) for w in SCHEDULER_WHY},
             "duplicatesDropped": {"replicas": _int(dropped.get("replicas")), "bytes": _int(dropped.get("bytes"))}}
+
+
+def _map(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
 
 
 def _normal(value: Any) -> dict[str, Any]:
     """Counters as stored (whatever a user wrote into the status), in shape."""
-    value = value if isinstance(value, Mapping) else {}
-    rescued, lost = value.get("rescued") or {}, value.get("lost") or {}
-    dropped = value.get("duplicatesDropped") or {}
+    value = _map(value)
+    rescued, lost, dropped = _map(value.get("rescued")), _map(value.get("lost")), _map(value.get("duplicatesDropped"))
     return {"rescued": {w: _counts(rescued.get(w)) for w in WHO},
             "lost": {w: _counts(lost.get(w)) for w in SCHEDULER_WHY},
             "duplicatesDropped": {"replicas": _int(dropped.get("replicas")), "bytes": _int(dropped.get("bytes"))}}
@@ -163,9 +166,9 @@ def fold(saved: Mapping[str, Any], report: Mapping[str, Any]) -> dict[str, Any]:
 
 def totals(saved: Mapping[str, Any]) -> dict[str, Any]:
     """The shown fields (rescued, lost by reason, duplicates dropped) of ``saved``."""
-    source = saved.get("source") if isinstance(saved.get("source"), Mapping) else {}
+    source = _map(saved.get("source"))
     t = add(saved.get("base"), source.get("counters"))
-    oom = _counts(((saved.get("lost") or {}).get("byReason") or {}).get("oomKilled"))
+    oom = _counts(_map(_map(saved.get("lost")).get("byReason")).get("oomKilled"))
     by = {w: dict(t["lost"][w]) for w in SCHEDULER_WHY}
     # oomKilled departures are killed ones the scheduler counted as such
     by["killed"] = {k: max(0, by["killed"][k] - oom[k]) for k in oom}
@@ -259,13 +262,13 @@ def seen_source(saved: Mapping[str, Any] | None) -> tuple[str, int] | None:
 def update(previous: Mapping[str, Any] | None, seen: Seen) -> Result:
     """The cluster's new ``savings`` from its previous one and what a pass read."""
     saved: dict[str, Any] = copy.deepcopy(dict(previous)) if isinstance(previous, Mapping) else {}
-    saved.setdefault("since", iso(seen.now))
-    saved.setdefault("base", zero())
-    lost = saved.setdefault("lost", {})
-    by = lost.setdefault("byReason", {}) if isinstance(lost, dict) else {}
-    oom_lost = _counts(by.get("oomKilled"))
-    kills_state = saved.get("oomKills") if isinstance(saved.get("oomKills"), Mapping) else {}
-    recent = [k for k in kills_state.get("recent") or () if isinstance(k, Mapping)][-MAX_KILLS:]
+    if epoch(saved.get("since")) is None:
+        saved["since"] = iso(seen.now)
+    saved["base"] = _normal(saved.get("base"))
+    oom_lost = _counts(_map(_map(saved.get("lost")).get("byReason")).get("oomKilled"))
+    kills_state = _map(saved.get("oomKills"))
+    listed = kills_state.get("recent")
+    recent = [k for k in listed if isinstance(k, Mapping)][-MAX_KILLS:] if isinstance(listed, list) else []
     count = _int(kills_state.get("count"))
     result = Result(saved)
 
@@ -400,12 +403,16 @@ def _worker_seconds(saved: dict[str, Any], seen: Seen) -> tuple[float, float]:
         end = min(epoch(r.ended) or gone_at, gone_at) if r.ended else gone_at
         ran += _overlap(epoch(r.created) or start, end, start, now)
     maximum = _int(old.get("maximum"))
-    adaptive = float(old.get("adaptive") or 0.0) + ran
-    at_max = float(old.get("atMaximum") or 0.0) + maximum * (now - start)
+    adaptive = _number(old.get("adaptive")) + ran
+    at_max = _number(old.get("atMaximum")) + maximum * (now - start)
     if came or went or maximum != seen.maximum or now - start >= WORKER_SECONDS_REFRESH:
         saved["workerSeconds"] = {"adaptive": round(adaptive, 1), "atMaximum": round(at_max, 1),
                                   "asOf": iso(now), "maximum": seen.maximum}
     return adaptive, at_max
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 0.0
 
 
 def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
@@ -420,7 +427,8 @@ def oom_floor(savings: Mapping[str, Any] | None, group: str, now: float | None =
     (OOM_FLOOR_SECONDS) still runs, the largest size first; None when none does."""
     now = time.time() if now is None else now
     best = None
-    for k in ((savings or {}).get("oomKills") or {}).get("recent") or ():
+    recent = _map(_map(savings).get("oomKills")).get("recent")
+    for k in recent if isinstance(recent, list) else ():
         if not isinstance(k, Mapping) or k.get("group") != group:
             continue
         at = epoch(k.get("at"))
