@@ -19,10 +19,13 @@ benchmark, which is a trusted client: it is pickled by value):
 - per removed worker: when it left, when it was first seen ``closing_gracefully``
   (sampled every 100 ms), the bytes of the keys only it held at that moment;
 - **rescued** (the benchmark's own measure of what the operator reports as rescued):
-  the keys only a worker held at any moment of its retirement (those it held alone
-  when its status turned ``closing_gracefully``, heard synchronously from the
-  scheduler's ``worker-status-change`` event, and those it computed afterwards) that
-  still had another holder when it was removed, and their ``nbytes``.
+  the keys a retiring worker held that a plain deletion would have lost, and that
+  were still in memory on a worker that never retired when it was removed, each
+  counted once, with their ``nbytes``. At risk: a key whose every holder, when the
+  worker's status turned ``closing_gracefully`` (heard synchronously from the
+  scheduler's ``worker-status-change`` event, before anything moved), was a worker
+  that retired (itself, or others leaving with it, as in a drain), and a key it
+  computed during its retirement.
 
 Bytes moved and the transfer rate come from the surviving workers'
 ``transfer_incoming_log`` (see :func:`transfers`).
@@ -93,8 +96,12 @@ class Ledger(SchedulerPlugin):
         self.counts: list[tuple[float, int]] = []
         #: address -> worker name, of every worker seen
         self.names: dict[str, str] = {}
-        #: address of a retiring worker -> key -> nbytes of the keys only it held since
-        self.retiring: dict[str, dict[str, int]] = {}
+        #: address of a retiring worker -> key -> (nbytes, its holders when it turned
+        #: closing_gracefully), of the keys it held then or computed since
+        self.retiring: dict[str, dict[str, tuple[int, frozenset[str]]]] = {}
+        #: every worker that went closing_gracefully; the keys counted as rescued
+        self.ever_retiring: set[str] = set()
+        self.rescued_keys: set[str] = set()
 
     async def start(self, scheduler: Any) -> None:
         from tornado.ioloop import PeriodicCallback
@@ -121,10 +128,11 @@ class Ledger(SchedulerPlugin):
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         if start == "processing" and finish == "memory":
             self.computed[str(key)] += 1
-            held = self.retiring.get(kwargs.get("worker"))
+            worker = kwargs.get("worker")
+            held = self.retiring.get(worker)
             ts = self.scheduler.tasks.get(key)
             if held is not None and ts is not None:
-                held[key] = ts.nbytes  # computed there during its retirement: only there
+                held[key] = (ts.nbytes, frozenset([worker]))  # computed there: only there
 
     def log_event(self, topic: str, msg: Any) -> None:
         if topic == STARTED_TOPIC:
@@ -135,7 +143,9 @@ class Ledger(SchedulerPlugin):
             # logged once the status is set, before the scheduler acts on it: nothing
             # has moved yet
             if ws is not None and msg.get("status") == "closing_gracefully" and topic not in self.retiring:
-                self.retiring[topic] = {ts.key: ts.nbytes for ts in ws.has_what if len(ts.who_has or ()) == 1}
+                self.ever_retiring.add(topic)
+                self.retiring[topic] = {ts.key: (ts.nbytes, frozenset(w.address for w in ts.who_has or ()))
+                                        for ts in ws.has_what}
             return
         if topic != "all" or not isinstance(msg, dict) or msg.get("action") != "remove-worker":
             return
@@ -144,8 +154,14 @@ class Ledger(SchedulerPlugin):
         tasks = self.scheduler.tasks
         lost = list(msg["lost-computed-tasks"]) + list(msg["lost-scattered-tasks"])
         held = self.retiring.pop(msg["worker"], {})
-        rescued = {k: n for k, n in held.items()
-                   if k in tasks and any(w.address != msg["worker"] for w in tasks[k].who_has or ())}
+        rescued = {}
+        for k, (n, holders) in held.items():
+            ts = tasks.get(k)
+            if ts is None or k in self.rescued_keys or not holders <= self.ever_retiring:
+                continue  # gone, counted, or safe anyway on a worker that stayed
+            if any(w.address not in self.ever_retiring for w in ts.who_has or ()):
+                rescued[k] = n
+                self.rescued_keys.add(k)
         self.removals.append({
             "worker": msg["worker"],
             "name": self.names.get(msg["worker"], msg["worker"]),

@@ -130,12 +130,18 @@ def test_a_status_someone_broke_is_read_as_far_as_it_goes():
 
 def test_wants_departures_only_when_seq_moved():
     s = update(None, Seen(T0, counters("a", seq=4))).savings
-    assert s["source"]["seq"] == 4  # first sight: past departures are not told again
+    assert s["source"]["seq"] == 0  # first sight: its departures are news
+    assert sv.wants_departures(s, counters("a", seq=4))
+    deps = [departure(i, f"w{i}", why="retired", retirement="hook", at=T0 - 1200 + 300 * i) for i in (1, 2, 3, 4)]
+    r = update(s, Seen(T0 + 1, counters("a", seq=4), departures=deps, scheduler_now=T0))
+    # handled, and told only when recent (not the history of before the operator looked)
+    assert r.savings["source"]["seq"] == 4 and [d["seq"] for d in r.hook_departures] == [2, 3, 4]
+    s = r.savings
     assert not sv.wants_departures(s, counters("a", seq=4))
     assert sv.wants_departures(s, counters("a", seq=5))
     assert not sv.wants_departures(s, counters("b", seq=0))
     assert sv.wants_departures(s, counters("b", seq=1))
-    assert not sv.wants_departures(None, counters("a", seq=9))
+    assert sv.wants_departures(None, counters("a", seq=9)) and not sv.wants_departures(None, counters("a"))
 
 
 def test_each_hook_retirement_is_told_once():
@@ -267,6 +273,9 @@ def test_worker_seconds_add_what_ran_since_and_are_written_on_change():
     # p0: 100..190, p1: 100..200, p2: 170..200
     assert r.worker_seconds == (90 + 100 + 30, 400.0)
     assert r.savings["workerSeconds"] == {"adaptive": 220.0, "atMaximum": 400.0, "asOf": at(200), "maximum": 4}
+    # a pass later in the same second adds nothing twice (asOf is in whole seconds)
+    same = update(r.savings, Seen(T0 + 200.7, pods=[pods[1], third], gone=[(T0 + 190, pods[0])], **seen))
+    assert same.worker_seconds == (220.0, 400.0) and same.savings == r.savings
     # written: the next pass starts from there (the gone pod is not counted again)
     r = update(r.savings, Seen(T0 + 210, pods=[pods[1], third], gone=[(T0 + 190, pods[0])], **seen))
     assert r.worker_seconds == (240.0, 440.0)

@@ -159,3 +159,40 @@ async def test_a_stale_cache_deletes_nothing(api):
     await controller._finish_retirements(p, ClusterScaling())
     assert api.get_json(f"/apis/apps/v1/namespaces/{NS}/deployments/c-default-worker-a")["metadata"]["uid"] == new
 
+
+
+def worker_pod(stack: LocalStack, name: str) -> None:
+    """A worker pod of cluster c with a memory limit (no kubelet runs it)."""
+    stack.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": LABELS},
+                 "spec": {"containers": [{"name": "worker", "image": "dask",
+                                          "env": [{"name": "DASK_WORKER_NAME", "value": f"{name}-w"}],
+                                          "resources": {"limits": {"memory": "1Gi"}}}]}}, namespace=NS)
+
+
+async def test_pods_that_go_are_kept_a_while_with_when(api):
+    """The savings count a worker pod's seconds until it went: the pods cache keeps the
+    last record of each pod that went, from its deletion event or from a relist that
+    no longer finds it, with when."""
+    import time
+
+    watches = Watches(kinds("pods"))
+    informer = watches.informer("pods", NS)
+    assert await watches.start(10)
+    try:
+        worker_pod(api, "p1")
+        await until(lambda: watches.of_cluster("pods", NS, "c"), "the pod")
+        [p1] = watches.of_cluster("pods", NS, "c")
+        assert (p1.worker, p1.group, p1.memory_limit, p1.restarts, p1.last_exit) == ("p1-w", "c-default", 2**30, 0, None)
+        before = time.time()
+        api.kubectl("delete", "pod", "p1", "-n", NS, "--grace-period=0", "--force")
+        await until(lambda: watches.gone("pods", NS, "c", 0), "the pod gone")
+        [(when, record)] = watches.gone("pods", NS, "c", 0)
+        assert record.name == "p1" and before - 1 <= when <= time.time()
+        assert watches.gone("pods", NS, "c", when) == []
+    finally:
+        await watches.stop()
+    worker_pod(api, "p2")
+    await informer.refresh()
+    api.kubectl("delete", "pod", "p2", "-n", NS, "--grace-period=0", "--force")
+    await informer.refresh()  # nothing watched in between: the relist finds it gone
+    assert [r.name for _, r in watches.gone("pods", NS, "c", 0)] == ["p1", "p2"]

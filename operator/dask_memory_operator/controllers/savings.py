@@ -15,7 +15,9 @@ Where the numbers come from:
   taken as they are, not added). What a plugin counted between the operator's last
   read and its restart is not known to anyone: at most one resync interval's worth.
 - **departures**: ``amm_core_savings`` (read only when the status's ``seq`` moved
-  past ``source.seq``) lists the latest workers that left, each once by its ``seq``:
+  past ``source.seq``, or at the first sight of a plugin that has some) lists the
+  latest workers that left, each handled once by its ``seq`` (those older than
+  :data:`TELL_HORIZON` when first read are counted, not told):
   a preStop hook's retirement gets an Event on the DaskCluster (what moved, what was
   lost), and a worker that left without a retirement (``killed``) is matched with an
   OOM kill the pod shows (same worker name or pod IP, within :data:`MATCH_WINDOW`):
@@ -60,6 +62,9 @@ MATCH_WINDOW = 30.0
 MAX_KILLS = 16
 #: Seconds at most between two writes of the worker-seconds to the status
 WORKER_SECONDS_REFRESH = 300.0
+#: Departures older than this (by the scheduler's clock) when first read are counted
+#: but not told in an Event (a plugin's history from before the operator looked)
+TELL_HORIZON = 600.0
 
 WHO = ("operator", "hook")
 #: Why the scheduler lost keys (amm_core.savings)
@@ -155,12 +160,11 @@ def fold(saved: Mapping[str, Any], report: Mapping[str, Any]) -> dict[str, Any]:
         return out
     if source is not None:
         out["base"] = add(saved.get("base"), source.get("counters"))
-        seq = 0  # every departure of the new plugin is news
     else:
         out["base"] = _normal(saved.get("base"))
-        # first sight of the cluster: its past departures are not told again
-        seq = _int(report.get("seq"))
-    out["source"] = {"id": rid, "seq": seq, "counters": counters}
+    # every departure of a plugin seen for the first time is news (those older than
+    # TELL_HORIZON are not told: history of before the operator looked)
+    out["source"] = {"id": rid, "seq": 0, "counters": counters}
     return out
 
 
@@ -242,10 +246,12 @@ class Result:
 def wants_departures(saved: Mapping[str, Any] | None, counters: Mapping[str, Any] | None) -> bool:
     """Whether the plugin's departures hold something not handled yet: read
     ``amm_core_savings`` only then (never on an idle pass)."""
-    if not saved or not counters or not isinstance(saved.get("source"), Mapping):
+    if not counters:
         return False
-    source = saved["source"]
     seq = _int(counters.get("seq"))
+    if not saved or not isinstance(saved.get("source"), Mapping):
+        return seq > 0  # first sight: its departures are news too
+    source = saved["source"]
     if source.get("id") != counters.get("id"):
         return seq > 0
     return seq > _int(source.get("seq"))
@@ -355,7 +361,7 @@ def _handle_departures(saved: dict[str, Any], seen: Seen, kills: list[Kill], oom
                 oom_lost["bytes"] += int(dep["bytes"])
             elif now - float(dep["at"]) < MATCH_WINDOW:
                 break
-        if dep.get("retirement") == "hook":
+        if dep.get("retirement") == "hook" and now - float(dep["at"]) <= TELL_HORIZON:
             result.hook_departures.append(dep)
         handled = dep["seq"]
     source["seq"] = handled
@@ -380,12 +386,13 @@ def _worker_seconds(saved: dict[str, Any], seen: Seen) -> tuple[float, float]:
     it, see the module docstring)."""
     assert seen.pods is not None and seen.maximum is not None
     old = saved.get("workerSeconds") if isinstance(saved.get("workerSeconds"), Mapping) else None
+    # in whole seconds, as asOf holds it: a pass in the same second adds nothing twice
+    now = float(int(seen.now))
     if old is None or epoch(old.get("asOf")) is None:
-        saved["workerSeconds"] = {"adaptive": 0.0, "atMaximum": 0.0, "asOf": iso(seen.now),
-                                  "maximum": seen.maximum}
+        saved["workerSeconds"] = {"adaptive": 0.0, "atMaximum": 0.0, "asOf": iso(now), "maximum": seen.maximum}
         return 0.0, 0.0
-    start = epoch(old["asOf"]) or seen.now
-    now = max(seen.now, start)
+    start = epoch(old["asOf"]) or now
+    now = max(now, start)
     ran, came = 0.0, False
     live_uids = set()
     for r in seen.pods:
