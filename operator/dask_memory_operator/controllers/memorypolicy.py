@@ -150,8 +150,13 @@ async def _reconcile_policy(
         post_outcome(body, clusters[cluster], outcome, previous)
         metrics.observe(namespace, name, outcome)
         entry = cluster_entry(outcome, name)
-        entry["savings"] = await _savings(memo, namespace, name, spec, clusters[cluster], outcome,
-                                          saved.get(cluster))
+        try:
+            entry["savings"] = await _savings(memo, namespace, name, spec, clusters[cluster], outcome,
+                                              saved.get(cluster))
+        except Exception:  # a bug must not stop the pass (nor lose what was counted)
+            logger.exception("Could not count the savings of DaskCluster %s/%s", namespace, cluster)
+            if saved.get(cluster) is not None:
+                entry["savings"] = saved[cluster]
         others = [p.name for p in a.contenders if p.uid != uid]
         if others:
             entry["conflictMessage"] = (
@@ -191,7 +196,8 @@ async def _savings(
             pods = await workergroup.worker_pods(namespace, name)
         except Exception as e:  # the API at fault: the pods are looked at next pass
             logger.info("Could not read the worker pods of %s/%s: %s", namespace, name, e)
-    since = savings_module.epoch(((previous or {}).get("workerSeconds") or {}).get("asOf")) or now
+    ws = (previous or {}).get("workerSeconds")
+    since = savings_module.epoch(ws.get("asOf") if isinstance(ws, Mapping) else None) or now
     gone = watches.gone("pods", namespace, name, min(since, now - savings_module.MATCH_WINDOW)) \
         if watches is not None else []
     seen = savings_module.Seen(

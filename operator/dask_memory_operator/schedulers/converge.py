@@ -322,7 +322,7 @@ class ClusterReconciler:
         try:
             address = await self.address(namespace, cluster, "savings")
             answer = await scheduler_rpc.savings(address, timeout=self.rpc_timeout)
-        except scheduler_rpc.SchedulerRPCError as e:
+        except (scheduler_rpc.SchedulerRPCError, SchedulerAccessError, SchedulerServiceMissing) as e:
             logger.info("Could not read the departures of DaskCluster %s/%s: %s", namespace, cluster, e)
             return
         # the same plugin's counters, as of the departures (a restart in between: its)
