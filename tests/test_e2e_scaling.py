@@ -230,7 +230,8 @@ def test_target_scales_up_at_once_and_back_down_after_the_wait_count(stack: Loca
         # after the two new workers joined
         futures = client.map(lambda i: time.sleep(2) or i, range(20))
         stack.wait_for(lambda: replicas(stack, ns, cluster) == 3, 60, "replicas raised to maximum")
-        assert events(stack, ns, "ScaledUp")
+        # posted right after the replicas are written
+        stack.wait_for(lambda: events(stack, ns, "ScaledUp"), 30, "the ScaledUp Event")
         client.wait_for_workers(3, timeout=120)
         assert client.gather(futures) == list(range(20))
         del futures
