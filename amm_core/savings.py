@@ -23,9 +23,16 @@ them instead of taking a drop for a negative saving.
   bytes, counted where the AMM enacts its drops (amm_core.control): the cost follows
   the drops, never the keys.
 - *departures*: the last :data:`MAX_DEPARTURES` workers that left, each with what
-  the scheduler lost with it and why, numbered by a ``seq`` that only grows: the
-  operator attributes a ``killed`` one to an OOM kill it saw on the pod, and counts
-  each record once (a gap in ``seq`` says records were missed).
+  the scheduler lost with it and why, and what was moved off it (``moved_keys``,
+  ``moved_bytes``: rescued, when it retired), numbered by a ``seq`` that only grows:
+  the operator attributes a ``killed`` one to an OOM kill it saw on the pod, posts an
+  Event for a preStop hook's retirement, and handles each record once (a gap in
+  ``seq`` says records were missed).
+
+The counters without the departures (:meth:`Savings.counters`, a few dozen numbers)
+are also part of every ``amm_core_status`` answer, so that the operator, which asks
+for the status on every pass anyway, reads ``amm_core_savings`` only when ``seq``
+says a worker left since it last looked.
 
 Both messages of this module and of amm_core.history stay far inside the
 operator's wire bounds (dask_memory_operator.schedulers.wire: a few thousand values).
@@ -50,8 +57,11 @@ Message shape (plain data)::
         # left for that reason, whether they lost anything or not (zero shown as zero)
     departure = {"seq": int, "worker": name, "address": str, "at": scheduler time,
                  "keys": int, "bytes": int,   # lost with it
+                 "moved_keys": int, "moved_bytes": int,   # moved off it before it left
                  "why": "retired" | "retirementAborted" | "killed",
                  "retirement": "operator" | "hook" | None}
+
+    amm_core_status()["savings"] = the answer above without "departures" and "now"
 """
 
 from __future__ import annotations
@@ -131,7 +141,8 @@ class Savings:
         why: Why,
         rt: Retirement | None,
     ) -> None:
-        """A worker left; the scheduler lost ``keys`` (``nbytes``) with it."""
+        """A worker left; the scheduler lost ``keys`` (``nbytes``) with it; ``rt``: the
+        retirement watching it (what it moved is in the record)."""
         self.lost[why].add(keys, nbytes)
         self.seq += 1
         self.departures.append(
@@ -142,24 +153,33 @@ class Savings:
                 "at": time(),
                 "keys": keys,
                 "bytes": nbytes,
+                "moved_keys": 0 if rt is None else rt.keys_moved,
+                "moved_bytes": 0 if rt is None else rt.bytes_moved,
                 "why": why,
                 "retirement": None if rt is None else ("operator" if rt.keep_out else "hook"),
             }
         )
 
-    def report(self, replicas_dropped: int, bytes_dropped: int) -> dict[str, Any]:
-        """The answer to ``amm_core_savings`` (plain data, bounded), with the drops
-        counted by the AMM control."""
+    def counters(self, replicas_dropped: int, bytes_dropped: int) -> dict[str, Any]:
+        """The counters alone (no departures): a fixed few dozen numbers, part of every
+        ``amm_core_status`` answer."""
         return {
             "id": self.id,
             "started": self.started,
-            "now": time(),
             "rescued": {who: c.report() for who, c in self.rescued.items()},
             "lost": {why: c.report() for why, c in self.lost.items()},
             "duplicates_dropped": {
                 "replicas": replicas_dropped,
                 "bytes": bytes_dropped,
             },
-            "departures": [dict(d) for d in self.departures],
             "seq": self.seq,
+        }
+
+    def report(self, replicas_dropped: int, bytes_dropped: int) -> dict[str, Any]:
+        """The answer to ``amm_core_savings`` (plain data, bounded), with the drops
+        counted by the AMM control."""
+        return {
+            **self.counters(replicas_dropped, bytes_dropped),
+            "now": time(),
+            "departures": [dict(d) for d in self.departures],
         }

@@ -36,6 +36,10 @@ Message shape (plain data)::
         "policy_reports": [policy.report(), ...],
         "replace": [entry, ...],         # report()["replace"] of all policies
         "retirements": [retirement, ...],   # amm_core.retirement (not when inert)
+        "savings": counters,             # amm_core.savings: Savings.counters() (not
+                                         # when inert): its "seq" grows when a worker
+                                         # leaves, so the operator reads
+                                         # amm_core_savings' departures only then
     }
 """
 
@@ -150,6 +154,7 @@ def status(plugin: MemoryPolicyPlugin) -> dict[str, Any]:
         "replace": replace,
         # Looked up at each call: tests put another reports() in its place
         "retirements": plugin.retirement.reports(),
+        "savings": plugin.savings.counters(control.replicas_dropped, control.bytes_dropped),
     }
 
 

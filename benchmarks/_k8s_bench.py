@@ -17,7 +17,15 @@ benchmark, which is a trusted client: it is pickled by value):
   started (``processing-tasks`` of the event minus those) are counted apart as
   *reassigned*: no work is lost on them;
 - per removed worker: when it left, when it was first seen ``closing_gracefully``
-  (sampled every 100 ms), the bytes of the keys only it held at that moment.
+  (sampled every 100 ms), the bytes of the keys only it held at that moment;
+- **rescued** (the benchmark's own measure of what the operator reports as rescued):
+  the keys a retiring worker held that a plain deletion would have lost, and that
+  were still in memory on a worker that never retired when it was removed, each
+  counted once, with their ``nbytes``. At risk: a key whose every holder, when the
+  worker's status turned ``closing_gracefully`` (heard synchronously from the
+  scheduler's ``worker-status-change`` event, before anything moved), was a worker
+  that retired (itself, or others leaving with it, as in a drain), and a key it
+  computed during its retirement.
 
 Bytes moved and the transfer rate come from the surviving workers'
 ``transfer_incoming_log`` (see :func:`transfers`).
@@ -88,6 +96,12 @@ class Ledger(SchedulerPlugin):
         self.counts: list[tuple[float, int]] = []
         #: address -> worker name, of every worker seen
         self.names: dict[str, str] = {}
+        #: address of a retiring worker -> key -> (nbytes, its holders when it turned
+        #: closing_gracefully), of the keys it held then or computed since
+        self.retiring: dict[str, dict[str, tuple[int, frozenset[str]]]] = {}
+        #: every worker that went closing_gracefully; the keys counted as rescued
+        self.ever_retiring: set[str] = set()
+        self.rescued_keys: set[str] = set()
 
     async def start(self, scheduler: Any) -> None:
         from tornado.ioloop import PeriodicCallback
@@ -114,10 +128,24 @@ class Ledger(SchedulerPlugin):
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         if start == "processing" and finish == "memory":
             self.computed[str(key)] += 1
+            worker = kwargs.get("worker")
+            held = self.retiring.get(worker)
+            ts = self.scheduler.tasks.get(key)
+            if held is not None and ts is not None:
+                held[key] = (ts.nbytes, frozenset([worker]))  # computed there: only there
 
     def log_event(self, topic: str, msg: Any) -> None:
         if topic == STARTED_TOPIC:
             self.started[msg["key"]] += 1
+            return
+        if isinstance(msg, dict) and msg.get("action") == "worker-status-change":
+            ws = self.scheduler.workers.get(topic)
+            # logged once the status is set, before the scheduler acts on it: nothing
+            # has moved yet
+            if ws is not None and msg.get("status") == "closing_gracefully" and topic not in self.retiring:
+                self.ever_retiring.add(topic)
+                self.retiring[topic] = {ts.key: (ts.nbytes, frozenset(w.address for w in ts.who_has or ()))
+                                        for ts in ws.has_what}
             return
         if topic != "all" or not isinstance(msg, dict) or msg.get("action") != "remove-worker":
             return
@@ -125,6 +153,15 @@ class Ledger(SchedulerPlugin):
         # still say what the removed worker held and ran.
         tasks = self.scheduler.tasks
         lost = list(msg["lost-computed-tasks"]) + list(msg["lost-scattered-tasks"])
+        held = self.retiring.pop(msg["worker"], {})
+        rescued = {}
+        for k, (n, holders) in held.items():
+            ts = tasks.get(k)
+            if ts is None or k in self.rescued_keys or not holders <= self.ever_retiring:
+                continue  # gone, counted, or safe anyway on a worker that stayed
+            if any(w.address not in self.ever_retiring for w in ts.who_has or ()):
+                rescued[k] = n
+                self.rescued_keys.add(k)
         self.removals.append({
             "worker": msg["worker"],
             "name": self.names.get(msg["worker"], msg["worker"]),
@@ -133,6 +170,8 @@ class Ledger(SchedulerPlugin):
             "processing": [str(k) for k in msg["processing-tasks"]],
             "lost": len(lost),
             "lost_bytes": sum(tasks[k].nbytes for k in lost if k in tasks),
+            "rescued": len(rescued),
+            "rescued_bytes": sum(rescued.values()),
         })
 
     def report(self) -> dict[str, Any]:
@@ -148,6 +187,8 @@ class Ledger(SchedulerPlugin):
             "reassigned": max(0, len(processing) - wasted),
             "lost": sum(r["lost"] for r in self.removals),
             "lost_bytes": sum(r["lost_bytes"] for r in self.removals),
+            "rescued": sum(r["rescued"] for r in self.removals),
+            "rescued_bytes": sum(r["rescued_bytes"] for r in self.removals),
             "removals": [{k: v for k, v in r.items() if k != "processing"} for r in self.removals],
             "closing": self.closing,
             "counts": self.counts,
@@ -341,6 +382,11 @@ def policy_scaling(stack: LocalStack, ns: str, name: str) -> list[dict[str, Any]
     if out.returncode:
         return []
     return (json.loads(out.stdout).get("status") or {}).get("scaling") or []
+
+
+def policy_savings(stack: LocalStack, ns: str, name: str, cluster: str) -> dict[str, Any]:
+    """``status.clusters[cluster].savings`` of the policy ({} when none)."""
+    return scaling_probes.savings_entry(stack, ns, name, cluster)
 
 
 def wait_policy_observed(stack: LocalStack, ns: str, name: str, timeout: float = 60) -> None:

@@ -64,7 +64,13 @@ Measured, all from the scheduler (``_k8s_bench.Ledger``) unless said otherwise:
   union of its fetches' intervals), summed over senders;
 - **goal**: per retirement (a worker seen ``closing_gracefully``, sampled every 0.1 s,
   until it left): done within 1.5 x (bytes moved from it / rate) + 2 AMM intervals.
-  Printed as met/retirements; ``-`` when no worker went through retirement.
+  Printed as met/retirements; ``-`` when no worker went through retirement;
+- **rescued**: keys (and MB) only a retiring worker held, at the start of its
+  retirement or computed during it, that had another holder when it left
+  (``_k8s_bench.Ledger``); and, in the modes with a MemoryPolicy (``operator`` and
+  the hook modes), **reported**: what the operator reported as rescued in the
+  policy's status (``status.clusters[].savings.rescued``, from the scheduler
+  plugin's own count), read once the status shows every removed worker.
 
 The table shows median [min, max] over the rounds. The last line is::
 
@@ -73,7 +79,15 @@ The table shows median [min, max] over the rounds. The last line is::
 with the ratio of the medians of wall time (operator / dask-kubernetes), and the
 counts of the operator mode summed over all its runs (``nan`` when a mode is missing),
 followed by ``hook_lost_keys=<n> hook_rerun_tasks=<n> hook_wasted_tasks=<n>``: the same
-counts summed over the runs of both hook modes.
+counts summed over the runs of both hook modes, then
+``rescued_reported_vs_measured=<bytes ratio> rescued_keys_reported_vs_measured=<ratio>``:
+what the operator reported as rescued over what the benchmark measured, summed over
+the runs of the modes where the operator's retirements move the data (``operator``
+and ``deleted+hook``; they must agree within 5 %: ``rescued_agree=yes|no``). In
+``dask-kubernetes+hook`` dask-kubernetes' own ``retire_workers`` moves the data
+before the pods go, so the hooks find nothing left to move: the operator reports
+(about) nothing rescued there, truthfully, and the benchmark measures what
+dask-kubernetes moved.
 
 Usage::
 
@@ -109,6 +123,9 @@ RETIREMENT = {"timeLimit": "2m", "maxConcurrent": 3, "drain": True}
 #: The hook modes' policy: the preStop hook's limit; no adaptive (nothing scaled by the operator)
 HOOK_RETIREMENT = {"timeLimit": "2m", "drain": True}
 FROM, TO = 6, 3
+#: The modes where the operator's retirements (its own, or its hooks') move the data:
+#: what it reports as rescued must agree with what the benchmark measures
+AGREE_MODES = ("operator", "deleted+hook")
 
 
 def work(chunk: Any, p: int, seconds: float) -> float:
@@ -134,6 +151,11 @@ class Run(kb.BaseRun):
     goal_met: int = 0
     goal_of: int = 0
     workers_after: int = 0
+    rescued: int = 0
+    rescued_bytes: int = 0
+    #: What the operator reported in the policy's status (-1: no policy in this mode)
+    reported: int = -1
+    reported_bytes: int = -1
 
 
 def scale_down(stack: kb.LocalStack, ns: str, mode: str, client: Client) -> None:
@@ -212,6 +234,7 @@ def measure(stack: kb.LocalStack, ns: str, mode: str, client: Client, run: Run, 
         run.notes.append(f"{len(missing)} chunks of the persisted array not in memory at the end")
     run.rerun, run.wasted, run.reassigned = report["rerun"], report["wasted"], report["reassigned"]
     run.lost, run.lost_bytes = report["lost"], report["lost_bytes"]
+    run.rescued, run.rescued_bytes = report["rescued"], report["rescued_bytes"]
     moves = kb.transfers(client, since=acted or start)
     run.rate = moves["rate"]
     if acted is not None:
@@ -235,6 +258,30 @@ def measure(stack: kb.LocalStack, ns: str, mode: str, client: Client, run: Run, 
                              f"(bound {bound:.1f} s), held {c['unique_bytes'] / MB:.0f} MB unique")
         if mode == "operator":
             run.notes.append(f"status.scaling: {kb.policy_scaling(stack, ns, POLICY)}")
+    if mode == "operator" or kb.is_hook_mode(mode):
+        read_reported(stack, ns, run, len({r["name"] for r in report["removals"]}))
+
+
+def read_reported(stack: kb.LocalStack, ns: str, run: Run, removed: int) -> None:
+    """What the operator reported as rescued, once its status counts every worker that
+    left (it reads the scheduler at each resync)."""
+    def settled() -> dict[str, Any] | None:
+        saved = kb.policy_savings(stack, ns, POLICY, CLUSTER)
+        rescued, lost = saved.get("rescued") or {}, (saved.get("lost") or {}).get("byReason") or {}
+        seen = sum(rescued.get(w, {}).get("workers", 0) for w in ("operator", "hook")) \
+            + sum(c.get("workers", 0) for r, c in lost.items() if r != "retired")
+        return saved if saved and seen >= removed else None
+
+    try:
+        saved = stack.wait_for(settled, 30, "the policy's savings to count every removed worker", interval=0.5)
+    except TimeoutError as exc:
+        run.notes.append(str(exc))
+        saved = kb.policy_savings(stack, ns, POLICY, CLUSTER)
+    rescued = saved.get("rescued") or {}
+    run.reported, run.reported_bytes = rescued.get("keys", 0), rescued.get("bytes", 0)
+    run.notes.append(f"savings: rescued {run.reported} keys ({run.reported_bytes / MB:.0f} MB) reported, "
+                     f"{run.rescued} keys ({run.rescued_bytes / MB:.0f} MB) measured; "
+                     f"lost {saved.get('lost', {}).get('keys', 0)} keys reported, {run.lost} measured")
 
 
 def print_table(console: Console, runs: list[Run], modes: list[str]) -> None:
@@ -252,18 +299,30 @@ def print_table(console: Console, runs: list[Run], modes: list[str]) -> None:
             kb.stat([r.moved / MB for r in ok], ".0f"),
             kb.stat([r.rate / MB for r in ok if not math.isnan(r.rate)], ".0f"),
             goal,
+            kb.stat([r.rescued_bytes / MB for r in ok], ".0f"),
+            kb.stat([r.reported_bytes / MB for r in ok if r.reported >= 0], ".0f"),
         ]
 
     console.print(kb.mode_table(
         f"Scale-down {FROM} -> {TO} workers mid-job: median [min, max] over rounds",
         ("wall s", "re-run", "lost keys", "lost MB", "wasted", "reassigned", "retire s", "moved MB",
-         "rate MB/s", "goal"), runs, modes, cells))
+         "rate MB/s", "goal", "rescued MB", "reported MB"), runs, modes, cells))
 
 
 def describe(run: Run) -> str:
     return (f"wall {run.wall:5.1f} s  re-run {run.rerun}  lost {run.lost} ({run.lost_bytes / MB:.0f} MB)  "
             f"wasted {run.wasted}  reassigned {run.reassigned}  retire {run.retire_s:.1f} s  "
-            f"moved {run.moved / MB:.0f} MB  rate {run.rate / MB:.0f} MB/s  workers after {run.workers_after}")
+            f"moved {run.moved / MB:.0f} MB  rate {run.rate / MB:.0f} MB/s  workers after {run.workers_after}  "
+            f"rescued {run.rescued} ({run.rescued_bytes / MB:.0f} MB)"
+            + (f"  reported {run.reported} ({run.reported_bytes / MB:.0f} MB)" if run.reported >= 0 else ""))
+
+
+def agreement(runs: list[Run]) -> tuple[float, float]:
+    """(bytes, keys): reported over measured rescued, summed over the runs with a policy."""
+    mine = [r for r in runs if r.reported >= 0]
+    measured, reported = sum(r.rescued_bytes for r in mine), sum(r.reported_bytes for r in mine)
+    keys, reported_keys = sum(r.rescued for r in mine), sum(r.reported for r in mine)
+    return (reported / measured if measured else math.nan, reported_keys / keys if keys else math.nan)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -292,10 +351,15 @@ def main(argv: list[str] | None = None) -> None:
     ours, theirs = kb.ok_runs(runs, "operator"), kb.ok_runs(runs, "dask-kubernetes")
     ratio = kb.median(r.wall for r in ours) / kb.median(r.wall for r in theirs) if ours and theirs else math.nan
     hooked = [r for m in HOOK_MODES if m in modes for r in kb.ok_runs(runs, m)]
+    with_policy = [r for m in modes if m in AGREE_MODES for r in kb.ok_runs(runs, m)]
+    by_bytes, by_keys = agreement(with_policy)
+    agree = "yes" if abs(by_bytes - 1) <= 0.05 and abs(by_keys - 1) <= 0.05 else "no"
     print(f"wall_ratio_vs_dask_kubernetes={ratio:.3f} lost_keys={kb.total(ours, 'lost')} "
           f"rerun_tasks={kb.total(ours, 'rerun')} wasted_tasks={kb.total(ours, 'wasted')} "
           f"hook_lost_keys={kb.total(hooked, 'lost')} hook_rerun_tasks={kb.total(hooked, 'rerun')} "
-          f"hook_wasted_tasks={kb.total(hooked, 'wasted')}")
+          f"hook_wasted_tasks={kb.total(hooked, 'wasted')} "
+          f"rescued_reported_vs_measured={by_bytes:.3f} rescued_keys_reported_vs_measured={by_keys:.3f} "
+          f"rescued_agree={agree}")
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ async def test_with_the_caches_a_contact_reads_nothing(api):
     the API nothing, and a replaced scheduler pod is found from the watch's events:
     the only read left is the new pod's DaskCluster, once (the end of its chain)."""
     make_pod(api, "demo-scheduler-5d9f-abcde", replicaset_owner(api))
-    watches = Watches([k for k in operator_kinds(False, group_record) if k.plural != "daskworkergroups"])
+    watches = Watches([k for k in operator_kinds(group_record) if k.plural != "daskworkergroups"])
     assert await watches.start(10)
     await kubeclient.client()  # (its /version, once per process: the watches have a client of their own)
     try:
@@ -226,7 +226,7 @@ async def test_with_the_caches_a_refusal_is_still_read_from_the_api(api):
     refused (refusals are remembered)."""
     api.kubectl("label", "replicaset", "demo-scheduler-5d9f", "-n", "ns", "dask.org/cluster-name-")
     make_pod(api, "demo-scheduler-5d9f-abcde", replicaset_owner(api))
-    watches = Watches([k for k in operator_kinds(False, group_record) if k.plural != "daskworkergroups"])
+    watches = Watches([k for k in operator_kinds(group_record) if k.plural != "daskworkergroups"])
     assert await watches.start(10)
     await kubeclient.client()  # (its /version, once per process: the watches have a client of their own)
     try:

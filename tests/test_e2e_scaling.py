@@ -21,8 +21,10 @@ import pytest
 from distributed import wait
 from prometheus_client.parser import text_string_to_metric_families
 
-from dask_memory_operator.devstack.probes import task_ledger, worker_statuses
+from dask_memory_operator.devstack.probes import amm_savings, grow_memory, task_ledger, worker_statuses
 from dask_memory_operator.devstack.scaling_probes import (
+    OPERATOR,
+    PRELOAD,
     assert_consistent,
     assert_nothing_lost,
     busy_job,
@@ -32,12 +34,13 @@ from dask_memory_operator.devstack.scaling_probes import (
     make_cluster,
     policy,
     replicas,
+    savings_entry,
     scaling_entry,
     set_adaptive,
     start_operator,
     worker_deployments,
 )
-from dask_memory_operator.devstack.stack import LocalStack
+from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +63,16 @@ def retirement_metric(port: int, name: str, **labels: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def counts(c: dict) -> dict:
+    return {k: c[k] for k in ("workers", "keys", "bytes")}
+
+
+def wait_savings(stack: LocalStack, ns: str, cluster: str, check, what: str, policy: str = "scale") -> dict:
+    """Wait until the policy's status.clusters[cluster].savings passes ``check``."""
+    return stack.wait_for(lambda: (s := savings_entry(stack, ns, policy, cluster)) and check(s) and s,
+                          60, what)
 
 
 def wait_scaled(stack: LocalStack, ns: str, cluster: str, workers: int, policy: str = "scale") -> dict:
@@ -106,6 +119,24 @@ def test_lowering_maximum_retires_busy_workers_and_loses_nothing(stack: LocalSta
                                  namespace=ns, cluster=cluster, outcome="done") == 2
         assert retirement_metric(metrics_port, "dask_memory_operator_retirement_duration_seconds_count",
                                  outcome="done") >= 2
+
+        # The savings: what the scheduler counted as moved off the two retired workers,
+        # in the policy's status and the metrics; the keys are those the Events told
+        counted = client.run_on_scheduler(amm_savings)["rescued"]["operator"]
+        told = sum(int(e["message"].split(": ", 1)[1].split()[0]) for e in retired)
+        assert counted["workers"] == 2 and counted["keys"] == told > 0 and counted["bytes"] > 0
+        saved = wait_savings(stack, ns, cluster, lambda s: s["rescued"]["operator"] == counts(counted),
+                             "the savings of the scale-down in the status")
+        assert saved["rescued"]["keys"] == told and saved["rescued"]["bytes"] == counted["bytes"]
+        assert saved["rescued"]["hook"]["keys"] == 0
+        assert saved["lost"]["keys"] == 0 and saved["lost"]["bytes"] == 0
+        assert saved["oomKills"]["count"] == 0
+        assert saved["workerSeconds"]["adaptive"] >= 0 and saved["workerSeconds"]["maximum"] == 2
+        assert retirement_metric(metrics_port, "dask_memory_operator_rescued_bytes", namespace=ns,
+                                 cluster=cluster, by="operator") == counted["bytes"]
+        assert retirement_metric(metrics_port, "dask_memory_operator_lost_keys", namespace=ns, cluster=cluster) == 0
+        assert retirement_metric(metrics_port, "dask_memory_operator_worker_seconds", namespace=ns,
+                                 cluster=cluster, run="at_maximum") > 0
 
 
 def test_retirement_without_room_keeps_the_worker_and_says_why(stack: LocalStack, namespace: str,
@@ -176,6 +207,12 @@ def test_operator_killed_mid_retirement_finishes_it_after_restart(stack: LocalSt
                    for line in stack.logs("dask-memory-operator").splitlines()
                    if prefix in line and f"/namespaces/{ns}/deployments/" in line and line.endswith('200 OK"')]
         assert len(deletes) == 2 and len(set(deletes)) == 2, deletes
+        # The savings survive the restart and are not counted twice: the status says
+        # what the scheduler counted, whichever operator read it
+        counted = client.run_on_scheduler(amm_savings)["rescued"]["operator"]
+        assert counted["workers"] == 2 and counted["bytes"] > 0
+        wait_savings(stack, ns, cluster, lambda s: s["rescued"]["operator"] == counts(counted),
+                     "the savings of both retirements in the status")
 
 
 def test_target_scales_up_at_once_and_back_down_after_the_wait_count(stack: LocalStack, namespace: str,
@@ -193,7 +230,8 @@ def test_target_scales_up_at_once_and_back_down_after_the_wait_count(stack: Loca
         # after the two new workers joined
         futures = client.map(lambda i: time.sleep(2) or i, range(20))
         stack.wait_for(lambda: replicas(stack, ns, cluster) == 3, 60, "replicas raised to maximum")
-        assert events(stack, ns, "ScaledUp")
+        # posted right after the replicas are written
+        stack.wait_for(lambda: events(stack, ns, "ScaledUp"), 30, "the ScaledUp Event")
         client.wait_for_workers(3, timeout=120)
         assert client.gather(futures) == list(range(20))
         del futures
@@ -284,3 +322,80 @@ def test_workers_that_never_connected_go_first_without_a_retirement(stack: Local
         assert ledger["deleting"] == [] and len(ledger["removed"]) == 2
         assert replicas(stack, ns, cluster) == 1
         assert set(client.run_on_scheduler(worker_statuses).values()) == {"running"}
+
+
+def test_an_oom_killed_worker_is_counted_told_and_holds_the_floor(stack: LocalStack, namespace: str,
+                                                                   metrics_port: int, memory_operator):
+    """A worker whose process outgrows its pod's 400Mi limit is OOM-killed (the process
+    kubelet kills its container as the kernel would, and reports OOMKilled): the
+    policy's status counts it once, with the keys the scheduler lost with it (as
+    oomKilled, not killed), a Warning Event on the DaskCluster names the worker and its
+    limit, the metric counts it; adaptive does not scale the group below the size it
+    was killed at although its minimum is lowered; and a restarted operator neither
+    counts it again nor forgets the floor."""
+    ns, cluster = namespace, "oom"
+    manifest = daskcluster_manifest(
+        cluster, workers=3, scheduler_env=PRELOAD, worker_args=("--nthreads", "1", "--memory-limit", "400MB"),
+        # the nanny does not restart its worker first: the container's limit is reached
+        worker_env={"DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE": "False"},
+        worker_pod_extra={"terminationGracePeriodSeconds": 5})
+    manifest["spec"]["worker"]["spec"]["containers"][0]["resources"] = {"limits": {"memory": "400Mi"}}
+    stack.apply(manifest, namespace=ns)
+    with client_of(stack, ns, cluster, 3) as client:
+        stack.apply(policy("scale", cluster, adaptive={"minimum": 3, "maximum": 3, "interval": "500ms",
+                                                       "waitCount": 2}), namespace=ns)
+        wait_scaled(stack, ns, cluster, 3)
+        wait_savings(stack, ns, cluster, lambda s: "source" in s, "the savings to start")
+        victim, info = sorted(client.scheduler_info(n_workers=-1)["workers"].items())[0]
+        name = info["name"]
+        data = client.scatter([bytes(2_000_000) + bytes([i]) for i in range(5)], workers=[victim])
+        client.run(grow_memory, workers=[victim])
+
+        saved = wait_savings(stack, ns, cluster, lambda s: s["oomKills"]["count"] == 1, "the OOM kill counted")
+        [kill] = saved["oomKills"]["recent"]
+        assert kill["worker"] == name and kill["group"] == f"{cluster}-default", kill
+        assert kill["memoryLimit"] == 400 * 2**20 and kill["workers"] == 3
+        [left] = [d for d in client.run_on_scheduler(amm_savings)["departures"]
+                  if d["worker"] == name and d["why"] == "killed"]
+        assert left["keys"] >= 5 and left["bytes"] >= 10_000_000  # the scattered keys, at least
+        assert kill["matched"] and (kill["keys"], kill["bytes"]) == (left["keys"], left["bytes"])
+        assert saved["lost"]["byReason"]["oomKilled"] == {"workers": 1, "keys": left["keys"], "bytes": left["bytes"]}
+        assert saved["lost"]["byReason"]["killed"]["keys"] == 0
+        assert saved["lost"]["keys"] == left["keys"]
+        del data
+
+        told = [e for e in events(stack, ns, "OOMKilled") if e["involvedObject"]["kind"] == "DaskCluster"]
+        assert len(told) == 1 and told[0]["type"] == "Warning", told
+        message = told[0]["message"]
+        assert f"Worker {name} " in message and "memory limit of 419 MB" in message, message
+        assert f"lost {left['keys']} keys" in message and "at 3 workers or more until" in message, message
+        def oom_metric() -> float:
+            try:
+                return retirement_metric(metrics_port, "dask_memory_operator_oom_kills", namespace=ns,
+                                         cluster=cluster)
+            except OSError:  # a new operator not serving its metrics yet
+                return -1
+        assert oom_metric() == 1
+        assert retirement_metric(metrics_port, "dask_memory_operator_lost_keys", namespace=ns,
+                                 cluster=cluster, reason="oomKilled") == left["keys"]
+
+        # the floor: minimum 1 would let the idle cluster go to 1; the kill holds it at 3
+        client.wait_for_workers(3, timeout=120)  # the killed container restarted
+        set_adaptive(stack, ns, "scale", minimum=1, maximum=3)
+        entry = stack.wait_for(lambda: (e := scaling_entry(stack, ns, "scale", cluster)).get("reason")
+                               == "HeldByOOMKill" and e, 60, "the OOM floor to hold the group")
+        assert entry["oomFloor"] == 3 and entry["desired"] == 3 and entry["target"] < 3, entry
+        assert f"worker {name} was OOM-killed at 3 workers" in entry["message"]
+        time.sleep(3)  # several looks past waitCount: nothing retires
+        assert replicas(stack, ns, cluster) == 3 and not events(stack, ns, "RetirementStarted")
+
+        # a new operator: the kill, still in the pod's lastState, is not counted again
+        stack.stop_process(OPERATOR)
+        start_operator(stack, metrics_port)
+        stack.wait_for(lambda: oom_metric() == 1, 60, "the new operator's savings metrics")
+        time.sleep(3)  # passes of the new operator
+        after = savings_entry(stack, ns, "scale", cluster)
+        assert after["oomKills"] == saved["oomKills"] and after["lost"] == saved["lost"]
+        assert len([e for e in events(stack, ns, "OOMKilled") if e["involvedObject"]["kind"] == "DaskCluster"]) == 1
+        assert scaling_entry(stack, ns, "scale", cluster).get("reason") == "HeldByOOMKill"
+        assert replicas(stack, ns, cluster) == 3

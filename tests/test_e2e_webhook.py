@@ -249,6 +249,23 @@ def test_a_worker_pod_deleted_from_outside_retires_first_and_loses_nothing(stack
         assert ledger["lost"] == {} and ledger["rerun"] == {}, ledger
         if how != "scale":  # dask-kubernetes' own retirement does not wait for running tasks
             assert ledger["wasted"] == {}, ledger
+        if how == "delete-pod":
+            # the hook's retirement is told on the DaskCluster at the policy's next pass
+            # (a change of its spec here: its resync is 10 minutes in this module), and
+            # counted as rescued by a hook
+            stack.kubectl("patch", "memorypolicy", "born", "-n", ns, "--type", "merge",
+                          "-p", json.dumps({"spec": {"retirement": {"timeLimit": "61s"}}}))
+            told = stack.wait_for(lambda: [e for e in stack.get_json(f"/api/v1/namespaces/{ns}/events")["items"]
+                                           if e["reason"] == "WorkerRetiredByHook"
+                                           and e["involvedObject"]["kind"] == "DaskCluster"], 60,
+                                  "the hook's retirement told")
+            assert len(told) == 1 and told[0]["message"].startswith(f"Worker {info['name']} retired by its "
+                                                                    "preStop hook: "), told
+            moved = int(told[0]["message"].split(": ", 1)[1].split()[0])
+            assert moved >= 20 and told[0]["message"].endswith("nothing lost")
+            [entry] = stack.get_json(f"/apis/amm.dask.org/v1alpha1/namespaces/{ns}/memorypolicies/born")[
+                "status"]["clusters"]
+            assert entry["savings"]["rescued"]["hook"]["keys"] == moved
         final = 3 if how in ("delete-pod", "evict") else 2  # a new pod of the same Deployment
         stack.wait_for(lambda: len(client.run_on_scheduler(worker_statuses)) == final
                        and set(client.run_on_scheduler(worker_statuses).values()) == {"running"},

@@ -46,7 +46,7 @@ def api(tmp_path, monkeypatch) -> Iterator[LocalStack]:
 
 
 def kinds(*plurals: str) -> list[Any]:
-    return [k for k in operator_kinds(worker_pods=True, group_record=group_record) if k.plural in plurals]
+    return [k for k in operator_kinds(group_record=group_record) if k.plural in plurals]
 
 
 def deployment(stack: LocalStack, name: str) -> str:
@@ -466,3 +466,40 @@ async def test_started_once_and_stopped_also_when_the_locator_fails_to_close(api
     with pytest.raises(RuntimeError):
         await stop_background_tasks(memo)
     assert watches._tasks == [] and not informer.synced
+
+
+def worker_pod(stack: LocalStack, name: str) -> None:
+    """A worker pod of cluster c with a memory limit (no kubelet runs it)."""
+    stack.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": LABELS},
+                 "spec": {"containers": [{"name": "worker", "image": "dask",
+                                          "env": [{"name": "DASK_WORKER_NAME", "value": f"{name}-w"}],
+                                          "resources": {"limits": {"memory": "1Gi"}}}]}}, namespace=NS)
+
+
+async def test_pods_that_go_are_kept_a_while_with_when(api):
+    """The savings count a worker pod's seconds until it went: the pods cache keeps the
+    last record of each pod that went, from its deletion event or from a relist that
+    no longer finds it, with when."""
+    import time
+
+    watches = Watches(kinds("pods"))
+    informer = watches.informer("pods", NS)
+    assert await watches.start(10)
+    try:
+        worker_pod(api, "p1")
+        await until(lambda: watches.of_cluster("pods", NS, "c"), "the pod")
+        [p1] = watches.of_cluster("pods", NS, "c")
+        assert (p1.worker, p1.group, p1.memory_limit, p1.restarts, p1.last_exit) == ("p1-w", "c-default", 2**30, 0, None)
+        before = time.time()
+        api.kubectl("delete", "pod", "p1", "-n", NS, "--grace-period=0", "--force")
+        await until(lambda: watches.gone("pods", NS, "c", 0), "the pod gone")
+        [(when, record)] = watches.gone("pods", NS, "c", 0)
+        assert record.name == "p1" and before - 1 <= when <= time.time()
+        assert watches.gone("pods", NS, "c", when) == []
+    finally:
+        await watches.stop()
+    worker_pod(api, "p2")
+    await informer.refresh()
+    api.kubectl("delete", "pod", "p2", "-n", NS, "--grace-period=0", "--force")
+    await informer.refresh()  # nothing watched in between: the relist finds it gone
+    assert [r.name for _, r in watches.gone("pods", NS, "c", 0)] == ["p1", "p2"]

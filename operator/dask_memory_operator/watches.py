@@ -17,13 +17,15 @@ restores owed by a formerly active replica still run: these caches stay live the
 And a cache here can tell a reader when it cannot vouch for what it holds.
 
 Server-side label selectors keep the watches to Dask objects (``dask.org/cluster-name``
-present; scheduler pods only when the webhook is off, as only then worker pods are
-not read); DaskWorkerGroups are all watched (groups a user adds need not carry the
-label), one per cluster or so (a namespace with more than MAX_PER_NAMESPACE of a kind
-is read from the API instead). Per object the cache keeps a small tuple of what the
-operator reads (the records below), never the body: every text in it is bounded (API
-names are; the rest is cut), so a tenant's many objects cost at most a few hundred
-bytes each.
+present: schedulers and workers; a worker pod's OOM kills and its lifetime are the
+savings' (controllers/savings.py)); DaskWorkerGroups are all watched (groups a user
+adds need not carry the label), one per cluster or so (a namespace with more than
+MAX_PER_NAMESPACE of a kind is read from the API instead). Per object the cache keeps
+a small tuple of what the operator reads (the records below), never the body: every
+text in it is bounded (API names are; the rest is cut), so a tenant's many objects
+cost at most a few hundred bytes each. Of pods, the last :data:`GONE_PER_CLUSTER`
+that went are kept per cluster a while (:meth:`Informer.gone`), with when they went:
+a worker's seconds end there.
 
 **Staleness never makes the operator act on stale data**:
 
@@ -100,6 +102,10 @@ MAX_PORTS = 16
 #: Recent events remembered ((key, resourceVersion) of each, (key, uid) of deletions),
 #: so that a write whose event came before the write's answer is not waited for
 RECENT_EVENTS = 1024
+#: Of a kind that keeps them: records of objects gone from the API kept per cluster
+#: (the latest), and for how many seconds a cluster's are kept after its latest
+GONE_PER_CLUSTER = 64
+GONE_TTL = 3600.0
 
 
 def _text(value: Any) -> str:
@@ -145,6 +151,21 @@ class PodRecord(NamedTuple):
     ports: tuple[tuple[str, int], ...]
     #: A worker pod with the retirement preStop hook (in any container)
     hook: bool
+    # Of the worker container (the one named "worker", or the first), for the savings'
+    # OOM kills and worker-seconds (controllers/savings.py):
+    #: dask.org/workergroup-name
+    group: str = ""
+    #: The Dask worker's name: its DASK_WORKER_NAME (dask-kubernetes sets the
+    #: Deployment's name), else the Deployment's name from the owner ReplicaSet's
+    worker: str = ""
+    #: resources.limits.memory in bytes (0: none, or not a quantity understood)
+    memory_limit: int = 0
+    restarts: int = 0
+    #: (reason, finishedAt) of the container's latest end: ``state.terminated``, else
+    #: ``lastState.terminated``; None if it never ended
+    last_exit: tuple[str, str] | None = None
+    #: finishedAt of a pod whose containers ended for good (Succeeded or Failed); ""
+    ended: str = ""
 
     def port(self, name: int | str) -> int | None:
         """A numeric port as it is, or the containerPort of that name."""
@@ -173,7 +194,74 @@ def pod_record(pod: Mapping[str, Any]) -> PodRecord:
         ip=_text((pod.get("status") or {}).get("podIP")), host_network=bool(spec.get("hostNetwork")),
         deleting=bool(meta.get("deletionTimestamp")), owner=controller_of(meta), ports=_named_ports(containers),
         hook=component == "worker" and _hooked(containers),
+        **(_worker_fields(pod, containers) if component == "worker" else {}),
     )
+
+
+def _worker_fields(pod: Mapping[str, Any], containers: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """What the savings read of a worker pod (see PodRecord)."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    labels = meta.get("labels") or {}
+    main = next((c for c in containers if c.get("name") == "worker"), containers[0] if containers else {})
+    cstatus = next((c for c in status.get("containerStatuses") or ()
+                    if isinstance(c, Mapping) and c.get("name") == main.get("name")), {})
+    terminated = ((cstatus.get("state") or {}).get("terminated")
+                  or (cstatus.get("lastState") or {}).get("terminated"))
+    last_exit = None
+    if isinstance(terminated, Mapping):
+        last_exit = (_text(terminated.get("reason")), _text(terminated.get("finishedAt")))
+    ended = ""
+    if status.get("phase") in ("Succeeded", "Failed"):
+        ended = _text(((cstatus.get("state") or {}).get("terminated") or {}).get("finishedAt")) \
+            or _text(meta.get("deletionTimestamp")) or "?"
+    restarts = cstatus.get("restartCount")
+    return {
+        "group": _text(labels.get(GROUP_LABEL)),
+        "worker": _worker_name(meta, main),
+        "memory_limit": parse_quantity(((main.get("resources") or {}).get("limits") or {}).get("memory")),
+        "restarts": restarts if isinstance(restarts, int) and not isinstance(restarts, bool) else 0,
+        "last_exit": last_exit,
+        "ended": ended,
+    }
+
+
+def _worker_name(meta: Mapping[str, Any], container: Mapping[str, Any]) -> str:
+    for env in container.get("env") or ():
+        if isinstance(env, Mapping) and env.get("name") == "DASK_WORKER_NAME":
+            value = env.get("value")
+            if isinstance(value, str) and value and "$(" not in value:
+                return _text(value)
+    owner = controller_of(meta)
+    template = (meta.get("labels") or {}).get("pod-template-hash")
+    if owner is not None and owner.kind == "ReplicaSet" and isinstance(template, str) \
+            and owner.name.endswith(f"-{template}"):
+        return owner.name.removesuffix(f"-{template}")
+    return _text(meta.get("name"))
+
+
+_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+             "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "m": 1e-3}
+
+
+def parse_quantity(value: Any) -> int:
+    """Bytes of a Kubernetes memory quantity ("400Mi", "1.5G", "1e9", 1000); 0 when
+    absent or not understood (never raises: it comes from a tenant's pod)."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, (int, float)):
+        return max(0, int(value))
+    if not isinstance(value, str) or not 0 < len(value) <= 64:
+        return 0
+    number, factor = value, 1.0
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if value.endswith(suffix) and not value.endswith(f"e{suffix}"):
+            number, factor = value[: -len(suffix)], _SUFFIXES[suffix]
+            break
+    try:
+        amount = float(number) * factor
+    except ValueError:
+        return 0
+    return int(amount) if 0 <= amount < 2**63 else 0
 
 
 def _named_ports(containers: Iterable[Mapping[str, Any]]) -> tuple[tuple[str, int], ...]:
@@ -267,6 +355,8 @@ class Kind:
     #: The record kept of an object (a small tuple with namespace, name, uid,
     #: resource_version and cluster)
     extract: Callable[[Mapping[str, Any]], Any]
+    #: Keep the last records of objects that went, with when (Informer.gone)
+    keep_gone: bool = False
 
     @property
     def base(self) -> str:
@@ -404,6 +494,9 @@ class Informer:
         self._interrupt: asyncio.Timeout | None = None
         #: What the last failure logged was (logged once, until it is over)
         self._failing: str | None = None
+        #: (namespace, cluster) -> the latest (wall time gone, record) of its objects
+        self._gone: dict[Key, collections.deque[tuple[float, Any]]] = {}
+        self._next_gone_prune = 0.0
         self._ever_synced: asyncio.Event | None = None
         #: LISTs started, events applied, events and bookmarks received (for tests and the benchmark)
         self.lists = 0
@@ -436,6 +529,25 @@ class Informer:
 
     def _vouches_for(self, namespace: str) -> bool:
         return self.synced and self._store.vouches_for(namespace)
+
+    def gone(self, namespace: str, cluster: str, since: float) -> list[tuple[float, Any]]:
+        """(wall time, last record) of the cluster's objects that left the API (their
+        deletion seen, or not found by a relist) after ``since`` (wall time), oldest
+        first; only of a kind that keeps them, the latest GONE_PER_CLUSTER."""
+        return [(t, r) for t, r in self._gone.get((namespace, cluster), ()) if t > since]
+
+    def _went(self, record: Any, when: float) -> None:
+        if not self.kind.keep_gone or not record.cluster:
+            return
+        key = (record.namespace, record.cluster)
+        gone = self._gone.get(key)
+        if gone is None:
+            gone = self._gone[key] = collections.deque(maxlen=GONE_PER_CLUSTER)
+        gone.append((when, record))
+        if when >= self._next_gone_prune:  # at most once a minute: clusters long quiet go
+            self._next_gone_prune = when + 60.0
+            for k in [k for k, d in self._gone.items() if d[-1][0] < when - GONE_TTL]:
+                del self._gone[k]
 
     async def wait_synced(self, timeout: float) -> bool:
         """Whether it synced (once) within ``timeout`` seconds."""
@@ -535,6 +647,8 @@ class Informer:
             stored = self._store.objects.get(key)
             if stored is not None and stored.uid == uid:
                 self._store.drop(key)
+                # its last state (a pod's final container status) with when it went
+                self._went(self._last_record(obj, stored), time.time())
             self._store.accept(key)
             self._remember((key, "uid", uid))
         else:
@@ -543,6 +657,16 @@ class Informer:
         self._settle(key)
         self.events += 1
 
+    def _last_record(self, obj: Mapping[str, Any], stored: Any) -> Any:
+        """The record of a deleted object as the deletion shows it (a pod's final
+        container status), for a kind that keeps them; else the stored one."""
+        if not self.kind.keep_gone:
+            return stored
+        try:
+            return self.kind.extract(obj)
+        except Exception:
+            return stored
+
     def _remember(self, token: tuple[Key, str, str]) -> None:
         self._recent[token] = None
         while len(self._recent) > RECENT_EVENTS:
@@ -550,7 +674,13 @@ class Informer:
 
     def _replace(self, store: _Store, listed: int) -> None:
         """The cache is what a LIST (the ``listed``-th) found, nothing else."""
+        before = self._store.objects if self.kind.keep_gone and self.lists > 1 else {}
         self._store = store
+        now = time.time()
+        for key, record in before.items():  # gone while the watch was down
+            found = store.objects.get(key)
+            if found is None or found.uid != record.uid:
+                self._went(record, now)
         for key in [k for k, b in self._behind.items() if b.lists < listed]:
             del self._behind[key]  # a LIST started after the write shows it
         for key in list(self._behind):
@@ -683,18 +813,19 @@ class Informer:
         if version:
             self._version = str(version)
 
+
 # --- the operator's caches -------------------------------------------------------------
 
 
-def operator_kinds(worker_pods: bool, group_record: Callable[[Mapping[str, Any]], Any]) -> list[Kind]:
-    """What the operator watches: Dask pods (workers only when ``worker_pods``: the
-    webhook is served and pods without its hook are reported), Deployments,
+def operator_kinds(group_record: Callable[[Mapping[str, Any]], Any]) -> list[Kind]:
+    """What the operator watches: Dask pods (schedulers, to find them; workers, for
+    their OOM kills, their worker-seconds and, with the webhook, their hooks: the
+    pods that went are kept a while, for the worker-seconds), Deployments,
     ReplicaSets and Services, and every DaskWorkerGroup (kept as ``group_record``
     makes it)."""
     dask = CLUSTER_LABEL
-    pods = dask if worker_pods else f"{dask},{COMPONENT_LABEL}=scheduler"
     return [
-        Kind("v1", "pods", pods, pod_record),
+        Kind("v1", "pods", dask, pod_record, keep_gone=True),
         Kind("apps/v1", "deployments", dask, deployment_record),
         Kind("apps/v1", "replicasets", dask, owned_record),
         Kind("v1", "services", dask, service_record),
@@ -727,6 +858,10 @@ class Watches:
     def of_cluster(self, plural: str, namespace: str, cluster: str) -> list[Any] | None:
         informer = self.informer(plural, namespace)
         return informer.of_cluster(namespace, cluster) if informer is not None else None
+
+    def gone(self, plural: str, namespace: str, cluster: str, since: float) -> list[tuple[float, Any]]:
+        informer = self.informer(plural, namespace)
+        return informer.gone(namespace, cluster, since) if informer is not None else []
 
     def wrote(self, plural: str, namespace: str, name: str, resource_version: str | None) -> None:
         """See :meth:`Informer.wrote` (``resource_version`` None: outcome unknown)."""

@@ -9,7 +9,9 @@ a few at a time per cluster, letting its running tasks finish (``drain``) or not
 between ``minimum`` and ``maximum``: up at once, down after the scheduler's
 ``adaptive_target`` has asked for fewer workers ``waitCount`` checks in a row (as
 distributed's ``Adaptive`` does with ``distributed.adaptive.wait-count``), and never
-below the memory floor (:func:`memory_floor`). Lowering ``maximum`` under the current
+below the memory floor (:func:`memory_floor`), nor, for 10 minutes after an OOM kill
+of one of its workers, below the size it was killed at
+(dask_memory_operator.controllers.savings.OOM_FLOOR_SECONDS). Lowering ``maximum`` under the current
 size scales down at once, without waiting.
 
 The CRD (``crds/memorypolicy.yaml``) holds the same limits as its schema; a test keeps

@@ -11,22 +11,25 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import copy
+import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from dask_memory_operator.api.memorypolicy import InvalidPolicy, index_body, parse_spec
+from dask_memory_operator.api.scaling import parse_scaling
 from dask_memory_operator.api.selection import PolicyInfo, selects
+from dask_memory_operator.controllers import savings as savings_module, workergroup
 from dask_memory_operator.controllers.assignment import ASSIGNMENTS, policy_clusters
 from dask_memory_operator.controllers.config import OperatorConfig
 from dask_memory_operator.controllers.daskcluster import RESTORE_TIMEOUT_CALLS
 from dask_memory_operator.controllers.scaling import RETIREPAUSED, autoscalers_of
 from dask_memory_operator.controllers.status import cluster_entry, invalid_status, policy_status
 from dask_memory_operator.observability import metrics
-from dask_memory_operator.observability.events import post, post_outcome
+from dask_memory_operator.observability.events import dask_cluster_ref, post, post_outcome
 from dask_memory_operator.schedulers.converge import (
     ClusterReconciler,
     Outcome,
@@ -125,10 +128,12 @@ async def _reconcile_policy(
                                      memorypolicies_by_namespace)
     governed = [c for c, a in mine.items() if a.governor.uid == uid]
     limit = asyncio.Semaphore(CONCURRENT_CLUSTERS)
+    saved = {e.get("name"): e.get("savings") for e in previous.get("clusters") or ()
+             if isinstance(e, dict) and isinstance(e.get("savings"), dict)}
 
     async def converge(cluster: str) -> Outcome:
         async with limit:
-            return await reconciler.converge(namespace, cluster, wanted, owner)
+            return await reconciler.converge(namespace, cluster, wanted, owner, saved.get(cluster))
 
     outcomes = dict(zip(governed, await asyncio.gather(*map(converge, governed))))
     entries = []
@@ -145,6 +150,13 @@ async def _reconcile_policy(
         post_outcome(body, clusters[cluster], outcome, previous)
         metrics.observe(namespace, name, outcome)
         entry = cluster_entry(outcome, name)
+        try:
+            entry["savings"] = await _savings(memo, namespace, name, spec, clusters[cluster], outcome,
+                                              saved.get(cluster))
+        except Exception:  # a bug must not stop the pass (nor lose what was counted)
+            logger.exception("Could not count the savings of DaskCluster %s/%s", namespace, cluster)
+            if saved.get(cluster) is not None:
+                entry["savings"] = saved[cluster]
         others = [p.name for p in a.contenders if p.uid != uid]
         if others:
             entry["conflictMessage"] = (
@@ -161,6 +173,47 @@ async def _reconcile_policy(
 
     await _release_unselected(body, namespace, uid, previous, entries, clusters, reconciler, memo)
     _patch_status(patch, previous, policy_status(generation, entries, previous))
+
+
+async def _savings(
+    memo: kopf.Memo, namespace: str, policy: str, spec: Mapping[str, Any], cluster: Mapping[str, Any],
+    outcome: Outcome, previous: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The cluster's new ``savings`` (controllers/savings.py), its Events (an OOM kill,
+    a preStop hook's retirement) and metrics. The pods are the cache's; read from the
+    API only when the cache cannot vouch for them."""
+    name = cluster["name"]
+    now = time.time()
+    try:
+        adaptive = parse_scaling(spec).adaptive
+    except InvalidPolicy:
+        adaptive = None
+    group = adaptive.group(name) if adaptive is not None else None
+    watches = getattr(memo, "watches", None)
+    pods = watches.of_cluster("pods", namespace, name) if watches is not None else None
+    if pods is None:
+        try:
+            pods = await workergroup.worker_pods(namespace, name)
+        except Exception as e:  # the API at fault: the pods are looked at next pass
+            logger.info("Could not read the worker pods of %s/%s: %s", namespace, name, e)
+    ws = (previous or {}).get("workerSeconds")
+    since = savings_module.epoch(ws.get("asOf") if isinstance(ws, Mapping) else None) or now
+    gone = watches.gone("pods", namespace, name, min(since, now - savings_module.MATCH_WINDOW)) \
+        if watches is not None else []
+    seen = savings_module.Seen(
+        now=now, report=outcome.savings, departures=outcome.departures, scheduler_now=outcome.scheduler_now,
+        pods=pods, gone=gone, group=group, maximum=adaptive.maximum if adaptive is not None else None)
+    result = savings_module.update(previous, seen)
+    ref = dask_cluster_ref(namespace, name, cluster["uid"])
+    floor_group = group if adaptive is not None and adaptive.memory_floor else None
+    for kill in result.kills:
+        post(ref, "OOMKilled", savings_module.kill_message(kill, floor_group), "Warning")
+        logger.warning("DaskCluster %s/%s: %s", namespace, name, savings_module.kill_message(kill, floor_group))
+    for dep in result.hook_departures:
+        reason, message, warning = savings_module.hook_message(dep)
+        post(ref, reason, message, "Warning" if warning else "Normal")
+    metrics.observe_savings(namespace, policy, name, result.savings, result.worker_seconds)
+    return result.savings
 
 
 def _patch_status(patch: kopf.Patch, previous: Mapping[str, Any], new: Mapping[str, Any]) -> None:

@@ -52,15 +52,16 @@ SCALING_TICK = 0.5
 WATCHES_SYNC_TIMEOUT = 30.0
 
 
-def operator_watches(namespaces: list[str], webhook: bool) -> Watches | None:
+def operator_watches(namespaces: list[str], webhook: bool = False) -> Watches | None:
     """The caches of the Dask objects passes read (:mod:`dask_memory_operator.watches`):
     cluster-wide, or in each watched namespace; None (every read from the API) when a
-    namespace is a pattern, which only kopf resolves."""
+    namespace is a pattern, which only kopf resolves. (``webhook`` is not used any
+    more: worker pods are watched either way, for their OOM kills and worker-seconds.)"""
     if any(set(n) & set("*?[!") for n in namespaces):
         logging.getLogger(__name__).warning(
             "--namespace patterns: the Dask objects are read from the API on every pass (no watch-backed caches)")
         return None
-    kinds = operator_kinds(worker_pods=webhook, group_record=group_record)
+    kinds = operator_kinds(group_record=group_record)
     return Watches(kinds, namespaces or None)
 
 

@@ -19,7 +19,10 @@ thing under way:
    gives: more at once (cancelling retirements under way first, then raising
    replicas), fewer after ``waitCount`` looks (at once when ``maximum`` was
    lowered): pending workers (a Deployment whose worker has not connected) first,
-   then the engine's candidates, at most ``maxConcurrent`` retiring at once.
+   then the engine's candidates, at most ``maxConcurrent`` retiring at once. With
+   ``memoryFloor``, an OOM kill of a worker of the group (counted in the policy's
+   status, :mod:`.savings`) is pressure too: the group is not scaled below the size it
+   was killed at for :data:`~.savings.OOM_FLOOR_SECONDS` (``HeldByOOMKill``).
 
 Because every fact lives in the scheduler or the API, an operator restarted at any
 point carries on where the last one stopped, and deletes nothing twice.
@@ -62,6 +65,7 @@ from dask_memory_operator.api.scaling import (
 )
 from dask_memory_operator.controllers import workergroup
 from dask_memory_operator.controllers.assignment import policy_clusters
+from dask_memory_operator.controllers.savings import oom_floor
 from dask_memory_operator.controllers.workergroup import Ledger, WorkerGroup
 from dask_memory_operator.observability import metrics
 from dask_memory_operator.observability.events import dask_cluster_ref, post_from_background
@@ -119,6 +123,9 @@ class ClusterScaling:
     #: The transitions (see :func:`_transition`) of the records the latest pass read:
     #: those already reported
     reported: set[tuple[Any, ...]] = field(default_factory=set)
+    #: (workers, worker, until wall time) of the OOM kill in the adaptive group whose
+    #: hold runs (controllers/savings.py: read from the policy's status at each tick)
+    oom_floor: tuple[int, str, float] | None = None
 
     @property
     def busy(self) -> bool:
@@ -467,8 +474,14 @@ class ScalingController:
         retiring = [n for n in p.entry.get("retiring", []) if n in members]
         replacing = [n for n in p.entry.get("replacing", []) if n in members]
         effective = group.replicas - len(retiring) - len(replacing)
-        want = wanted_workers(adaptive, target, floor, group.replicas)
+        # a recent OOM kill in the group: not below the size it was killed at, a while
+        oom = state.oom_floor if adaptive.memory_floor and state.oom_floor \
+            and state.oom_floor[2] > time.time() else None
+        held_by_oom = oom is not None and oom[0] > floor
+        want = wanted_workers(adaptive, target, max(floor, oom[0]) if oom else floor, group.replicas)
         p.entry.update(replicas=group.replicas, target=target, desired=want.workers, memoryFloor=floor)
+        if oom is not None:
+            p.entry["oomFloor"] = oom[0]
         now = time.monotonic()
         # passes run faster while retirements go on; the wait count counts looks
         look = now >= state.next_look
@@ -498,11 +511,16 @@ class ScalingController:
                                        connected, spec, want.workers)
         else:
             state.down_looks = 0
-            held = {"MemoryFloor": "HeldByMemoryFloor", "Minimum": "HeldByMinimum"}.get(want.reason)
+            held = {"MemoryFloor": "HeldByOOMKill" if held_by_oom else "HeldByMemoryFloor",
+                    "Minimum": "HeldByMinimum"}.get(want.reason)
             p.entry.setdefault("reason", "Retiring" if retiring else held or "Steady")
             if held == "HeldByMemoryFloor" and "message" not in p.entry:
                 p.entry["message"] = (f"the data in memory needs {floor} workers under the pause "
                                       f"threshold; the target asks for {info.get('target', 0)}")
+            elif held == "HeldByOOMKill" and oom is not None and "message" not in p.entry:
+                until = time.strftime("%H:%M:%S UTC", time.gmtime(oom[2]))
+                p.entry["message"] = (f"worker {oom[1]} was OOM-killed at {oom[0]} workers: not scaled "
+                                      f"below {oom[0]} until {until}; the target asks for {info.get('target', 0)}")
 
     async def _settle_deletions(self, p: Pass, group: WorkerGroup) -> None:
         """Take the replicas of the ledger's ``deleting`` Deployments that are gone off
@@ -661,8 +679,12 @@ async def scale_policy_clusters(
                                      memorypolicies_by_namespace)
     governed = [c for c, a in mine.items() if a.governor.uid == uid]
     active = scaling.adaptive is not None or any(p.cls == RETIREPAUSED for p in amm.policies)
+    savings = {e.get("name"): e.get("savings") for e in status.get("clusters") or ()
+               if isinstance(e, Mapping) and isinstance(e.get("savings"), Mapping)}
     for cluster in governed:
         state = controller.state(namespace, cluster)
+        state.oom_floor = oom_floor(savings.get(cluster), scaling.adaptive.group(cluster)) \
+            if scaling.adaptive is not None else None
         every = pass_interval(state, scaling, active, memo.config.resync_interval)
         autoscalers = autoscalers_of(daskautoscalers_by_cluster, namespace, cluster)
         controller.kick(namespace, cluster, clusters[cluster]["uid"], scaling, amm,

@@ -221,6 +221,12 @@ async def workers_without_hook(namespace: str, cluster: str) -> list[str]:
     return unhooked_workers([pod_record(p) for p in items])
 
 
+async def worker_pods(namespace: str, cluster: str) -> list[PodRecord]:
+    """The cluster's worker pods from the API, as the pods cache keeps them."""
+    items = await _list("v1", namespace, "pods", {"labelSelector": _worker_selector(cluster)})
+    return [pod_record(p) for p in items]
+
+
 def unhooked_workers(pods: list[PodRecord]) -> list[str]:
     """The names of the worker pods (not being deleted) without the retirement hook, sorted."""
     return sorted(p.name for p in pods if p.component == "worker" and not p.hook and not p.deleting)

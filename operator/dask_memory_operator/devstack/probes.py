@@ -53,6 +53,32 @@ def amm_dropped(dask_scheduler: Any) -> int:
     return dask_scheduler.plugins["amm-core"].status()["amm"]["replicas_dropped"]
 
 
+def amm_savings(dask_scheduler: Any) -> dict[str, Any]:
+    """Run on the scheduler: what the amm_core plugin counted as rescued, lost and
+    dropped, with its latest departures (its ``amm_core_savings`` answer)."""
+    return dask_scheduler.plugins["amm-core"].savings_report()
+
+
+def grow_memory(step: int = 10 * 2**20, every: float = 0.1, most: int = 4 * 2**30, dask_worker: Any = None) -> int:
+    """Run on a worker (``client.run``): a thread that holds ``step`` more bytes every
+    ``every`` seconds, outside of what Dask manages (up to ``most``), as a task's
+    library leaking would: past its container's memory limit the kernel (or the
+    process kubelet) OOM-kills the pod's processes. Returns the worker's pid."""
+    import os
+    import threading
+    import time
+
+    def grow() -> None:
+        held = []
+        while len(held) * step < most:
+            held.append(b"x" * step)  # written: resident (zeroed pages would not be)
+            time.sleep(every)
+        time.sleep(3600)
+
+    threading.Thread(target=grow, daemon=True, name="grow-memory").start()
+    return os.getpid()
+
+
 def set_pause_fraction(fraction: float, dask_worker: Any = None) -> None:
     """Run on a worker (``client.run``): pause it once its memory passes ``fraction``
     of its limit, as if it had filled up."""

@@ -114,6 +114,13 @@ def scaling_entry(stack: LocalStack, ns: str, name: str, cluster: str) -> dict:
     return next((e for e in (body.get("status") or {}).get("scaling") or () if e["cluster"] == cluster), {})
 
 
+def savings_entry(stack: LocalStack, ns: str, name: str, cluster: str) -> dict:
+    """``status.clusters[cluster].savings`` of the policy ({} when none yet)."""
+    body = stack.get_json(f"/apis/amm.dask.org/v1alpha1/namespaces/{ns}/memorypolicies/{name}") or {}
+    entry = next((e for e in (body.get("status") or {}).get("clusters") or () if e.get("name") == cluster), {})
+    return entry.get("savings") or {}
+
+
 def events(stack: LocalStack, ns: str, reason: str | None = None) -> list[dict]:
     items = (stack.get_json(f"/api/v1/namespaces/{ns}/events") or {}).get("items", [])
     return [e for e in items if reason is None or e.get("reason") == reason]

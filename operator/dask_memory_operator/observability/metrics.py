@@ -2,13 +2,16 @@
 
 Served by ``dask-memory-operator run --metrics-port``. The gauges mirror the
 scheduler's own counters as of the last reconcile (the policy's status leaves them
-out: they change on every cycle). The series of a cluster end when its policy stops
+out: they change on every cycle), and each cluster's savings (rescued, lost by
+reason, duplicates dropped, OOM kills, worker-seconds under ``adaptive``) as its
+policy's status holds them. The series of a cluster end when its policy stops
 governing it, the cluster is deleted or the policy is deleted (:func:`forget`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -39,7 +42,7 @@ SCHEDULER_CHANGES = Counter(
     "Changes the operator made to schedulers (apply, restore, plugin install)",
     _LABELS,
 )
-CONTACT_PURPOSES = ("converge", "release", "orphan-check", "scale")
+CONTACT_PURPOSES = ("converge", "release", "orphan-check", "scale", "savings")
 SCHEDULER_CONTACTS = Counter(
     "dask_memory_operator_scheduler_contacts",
     "Times the operator set out to ask a scheduler something, by purpose "
@@ -62,8 +65,43 @@ RETIREMENT_DURATION = Histogram(
     buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600),
 )
 
+# The savings (controllers/savings.py): totals since the operator started counting for
+# the cluster, as the policy's status holds them (they survive restarts of the
+# operator and of the scheduler): gauges of cumulative values, read with increase()
+RESCUED_BYTES = Gauge(
+    "dask_memory_operator_rescued_bytes",
+    "Bytes moved off workers before their pods went (what a plain deletion would have lost), "
+    "by who retired them (operator, hook)", _LABELS + ("by",))
+RESCUED_KEYS = Gauge(
+    "dask_memory_operator_rescued_keys", "Keys moved off workers before their pods went, by who retired them",
+    _LABELS + ("by",))
+LOST_BYTES = Gauge(
+    "dask_memory_operator_lost_bytes",
+    "Bytes the scheduler lost when a governed worker left, by reason (killed, oomKilled, "
+    "retirementAborted, retired)", _LABELS + ("reason",))
+LOST_KEYS = Gauge(
+    "dask_memory_operator_lost_keys", "Keys the scheduler lost when a governed worker left, by reason",
+    _LABELS + ("reason",))
+DUPLICATES_DROPPED_BYTES = Gauge(
+    "dask_memory_operator_duplicates_dropped_bytes", "Bytes of extra copies of keys the AMM's policies dropped",
+    _LABELS)
+OOM_KILLS = Gauge(
+    "dask_memory_operator_oom_kills", "Worker containers of the cluster OOM-killed at their memory limit",
+    _LABELS)
+WORKER_SECONDS = Gauge(
+    "dask_memory_operator_worker_seconds",
+    "Seconds of worker pods of the group adaptive scales (run: what ran; at_maximum: what "
+    "its maximum would have run over the same time)", _LABELS + ("run",))
+SAVINGS_BY = ("operator", "hook")
+SAVINGS_REASONS = ("killed", "oomKilled", "retirementAborted", "retired")
+WORKER_SECONDS_RUNS = ("adaptive", "at_maximum")
+
 STATES = ("Applied", "Pending", "Degraded", "Conflict")
-_PER_CLUSTER = (AMM_CYCLES, REPLICAS_COPIED, REPLICAS_DROPPED, CLUSTER_MEMORY, SCHEDULER_CHANGES)
+_PER_CLUSTER = (AMM_CYCLES, REPLICAS_COPIED, REPLICAS_DROPPED, CLUSTER_MEMORY, SCHEDULER_CHANGES,
+                DUPLICATES_DROPPED_BYTES, OOM_KILLS)
+#: Per cluster, with one more label, and its values
+_PER_CLUSTER_BY = ((RESCUED_BYTES, SAVINGS_BY), (RESCUED_KEYS, SAVINGS_BY), (LOST_BYTES, SAVINGS_REASONS),
+                   (LOST_KEYS, SAVINGS_REASONS), (WORKER_SECONDS, WORKER_SECONDS_RUNS))
 
 #: Label values of every (namespace, policy, cluster) with series, for forget()
 _series: set[tuple[str, str, str]] = set()
@@ -83,6 +121,30 @@ def observe(namespace: str, policy: str, outcome: Outcome) -> None:
         SCHEDULER_CHANGES.labels(*labels).inc(len(outcome.actions))
 
 
+def observe_savings(namespace: str, policy: str, cluster: str, savings: Mapping[str, Any],
+                    worker_seconds: tuple[float, float] | None) -> None:
+    """The cluster's savings, as its status entry holds them, and its worker-seconds
+    as of now (None: no adaptive)."""
+    labels = (namespace, policy, cluster)
+    _series.add(labels)
+    rescued = savings.get("rescued") or {}
+    for by in SAVINGS_BY:
+        RESCUED_BYTES.labels(*labels, by).set((rescued.get(by) or {}).get("bytes", 0))
+        RESCUED_KEYS.labels(*labels, by).set((rescued.get(by) or {}).get("keys", 0))
+    reasons = (savings.get("lost") or {}).get("byReason") or {}
+    for reason in SAVINGS_REASONS:
+        LOST_BYTES.labels(*labels, reason).set((reasons.get(reason) or {}).get("bytes", 0))
+        LOST_KEYS.labels(*labels, reason).set((reasons.get(reason) or {}).get("keys", 0))
+    DUPLICATES_DROPPED_BYTES.labels(*labels).set((savings.get("duplicatesDropped") or {}).get("bytes", 0))
+    OOM_KILLS.labels(*labels).set((savings.get("oomKills") or {}).get("count", 0))
+    if worker_seconds is not None:
+        for run, value in zip(WORKER_SECONDS_RUNS, worker_seconds):
+            WORKER_SECONDS.labels(*labels, run).set(value)
+    else:
+        for run in WORKER_SECONDS_RUNS:
+            _remove(WORKER_SECONDS, *labels, run)
+
+
 def observe_retirement(namespace: str, cluster: str, outcome: str, seconds: float) -> None:
     RETIREMENTS.labels(namespace, cluster, outcome).inc()
     if outcome != "cancelled":
@@ -98,6 +160,9 @@ def forget(namespace: str, policy: str | None = None, cluster: str | None = None
             _remove(CLUSTER_STATE, *labels, state)
         for metric in _PER_CLUSTER:
             _remove(metric, *labels)
+        for metric, values in _PER_CLUSTER_BY:
+            for value in values:
+                _remove(metric, *labels, value)
     if policy is None and cluster is not None:
         for purpose in CONTACT_PURPOSES:
             _remove(SCHEDULER_CONTACTS, namespace, cluster, purpose)

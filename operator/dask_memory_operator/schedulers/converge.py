@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dask_memory_operator.controllers import savings as savings_module
 from dask_memory_operator.observability import metrics
 from dask_memory_operator.schedulers import install, rpc as scheduler_rpc
 from dask_memory_operator.schedulers.locator import SchedulerAccessError, SchedulerLocator, SchedulerServiceMissing
@@ -49,6 +50,12 @@ class Outcome:
     #: Why a Degraded cluster is degraded, as a condition reason: Unreachable,
     #: ProtocolError, Rejected, CallFailed, AccessDenied, DidNotTake, Unexpected
     cause: str = ""
+    #: The plugin's savings counters (amm_core.savings; None: not read, or an older
+    #: plugin), and its latest departures with the scheduler's time, when read (only
+    #: when the counters' seq moved past what the caller had handled)
+    savings: dict[str, Any] | None = None
+    departures: list[dict[str, Any]] | None = None
+    scheduler_now: float | None = None
 
     def __post_init__(self) -> None:
         # Texts quote schedulers (errors, names in their status) and end up in logs,
@@ -276,21 +283,27 @@ class ClusterReconciler:
         return lock
 
     async def converge(
-        self, namespace: str, cluster: str, wanted: AMMConfig, owner: dict[str, Any]
+        self, namespace: str, cluster: str, wanted: AMMConfig, owner: dict[str, Any],
+        savings: Mapping[str, Any] | None = None,
     ) -> Outcome:
         """Make the cluster's scheduler run ``wanted``, tagged with ``owner``. Never
-        raises: what goes wrong is the returned outcome."""
+        raises: what goes wrong is the returned outcome. ``savings``: the cluster's
+        savings as the policy's status holds them: the scheduler's departures are read
+        when its counters say some are not handled yet."""
         key = (namespace, cluster)
         tag = (owner["uid"], owner["generation"])
         self._prune_backoffs()
         backoff = self._backoffs.setdefault(key, Backoff())
         if backoff.waiting and backoff.last is not None and backoff.tag == tag:
-            return dataclasses.replace(backoff.last, actions=[])  # nothing done this time
+            # nothing done (nor read) this time
+            return dataclasses.replace(backoff.last, actions=[], savings=None, departures=None)
         async with self._lock(key):
             try:
                 # each call has its own timeout; this bounds the whole pass
                 async with asyncio.timeout(PASS_TIMEOUT_CALLS * self.rpc_timeout):
                     outcome = await self._converge(namespace, cluster, wanted, owner)
+                    if outcome.savings is not None and savings_module.wants_departures(savings, outcome.savings):
+                        await self._read_departures(namespace, cluster, outcome)
             except TimeoutError:
                 outcome = Outcome(cluster, "Degraded", f"scheduler too slow: a pass took over "
                                   f"{PASS_TIMEOUT_CALLS * self.rpc_timeout:g}s", cause="Unreachable")
@@ -303,6 +316,20 @@ class ClusterReconciler:
                 self._backoffs.pop(key, None)
             return outcome
 
+    async def _read_departures(self, namespace: str, cluster: str, outcome: Outcome) -> None:
+        """The plugin's latest departures, onto ``outcome``; a failure leaves them
+        unread (the counters stand; the next pass asks again)."""
+        try:
+            address = await self.address(namespace, cluster, "savings")
+            answer = await scheduler_rpc.savings(address, timeout=self.rpc_timeout)
+        except (scheduler_rpc.SchedulerRPCError, SchedulerAccessError, SchedulerServiceMissing) as e:
+            logger.info("Could not read the departures of DaskCluster %s/%s: %s", namespace, cluster, e)
+            return
+        # the same plugin's counters, as of the departures (a restart in between: its)
+        outcome.savings = answer["counters"]
+        outcome.departures = answer["departures"]
+        outcome.scheduler_now = answer["now"]
+
     async def _converge(
         self, namespace: str, cluster: str, wanted: AMMConfig, owner: dict[str, Any]
     ) -> Outcome:
@@ -313,7 +340,8 @@ class ClusterReconciler:
             # a pass of an older generation, late: the newer one's pass owns the scheduler
             return Outcome(cluster, "Applied", scheduler_rpc.truncation_note(status),
                            plugin_source=status.get("source"),
-                           applied_generation=tag["generation"], amm=amm_summary(status))
+                           applied_generation=tag["generation"], amm=amm_summary(status),
+                           savings=status.get("savings"))
         same_owner = tag.get("uid") == owner["uid"] and tag.get("generation") == owner["generation"]
         reason = None if same_owner else "not configured by this policy generation"
         reason = reason or drift(wanted, status)
@@ -328,6 +356,7 @@ class ClusterReconciler:
                 return Outcome(
                     cluster, "Degraded", f"configuration did not take: {left}", cause="DidNotTake",
                     plugin_source=status.get("source"), amm=amm_summary(status), actions=actions,
+                    savings=status.get("savings"),
                 )
         return Outcome(
             cluster,
@@ -340,6 +369,7 @@ class ClusterReconciler:
             applied_generation=owner["generation"],
             amm=amm_summary(status),
             actions=actions,
+            savings=status.get("savings"),
         )
 
     async def release(self, namespace: str, cluster: str, owner_uid: str) -> Outcome | None:

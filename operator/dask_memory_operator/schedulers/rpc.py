@@ -365,6 +365,46 @@ _WORKER_STATE = _map_with({
 _CANDIDATE = _map_with({"worker": _text, "address": _text, "unique_bytes": _number,
                         "unique_keys": _number, "tasks_running": _number})
 _WHY_NOT = _map_with({"worker": _text, "reason": lambda v: isinstance(v, str) and len(v) <= MAX_ERROR_TEXT})
+
+
+def _count(value: Any) -> bool:
+    return _number(value) and value >= 0
+
+
+def _exactly(fields: dict[str, Any]) -> Any:
+    """A map with every one of these fields, each passing its check (others ignored)."""
+    return lambda value: isinstance(value, dict) and all(k in value and check(value[k])
+                                                         for k, check in fields.items())
+
+
+_COUNTS = _exactly({"workers": _count, "keys": _count, "bytes": _count})
+#: amm_core.savings: who asked for a retirement, why a worker's keys were lost
+SAVINGS_WHO = ("operator", "hook")
+SAVINGS_WHY = ("killed", "retirementAborted", "retired")
+#: The counters of amm_core.savings (in every status, and in amm_core_savings)
+_SAVINGS_COUNTERS = _exactly({
+    "id": _text,
+    "started": _number,
+    "seq": _count,
+    "rescued": _exactly(dict.fromkeys(SAVINGS_WHO, _COUNTS)),
+    "lost": _exactly(dict.fromkeys(SAVINGS_WHY, _COUNTS)),
+    "duplicates_dropped": _exactly({"replicas": _count, "bytes": _count}),
+})
+_DEPARTURE_FIELDS = _exactly({
+    "seq": _count, "worker": _text, "address": _text, "at": _number,
+    "keys": _count, "bytes": _count,
+    "why": lambda v: v in SAVINGS_WHY,
+    "retirement": lambda v: v is None or v in SAVINGS_WHO,
+})
+_MOVED = _map_with({"moved_keys": _count, "moved_bytes": _count})  # (not from older plugins)
+
+
+def _DEPARTURE(value: Any) -> bool:
+    return _DEPARTURE_FIELDS(value) and _MOVED(value)
+
+
+#: Departures read of an amm_core_savings answer at most (amm_core.savings keeps 64)
+MAX_DEPARTURES = 64
 #: The fields of the plugin's answers the operator reads, and what each must be
 STATUS_SHAPE: dict[str, _Shape] = {
     "source": _Shape(lambda v: v in ("preload", "live"), '"preload" or "live"'),
@@ -388,6 +428,8 @@ STATUS_SHAPE: dict[str, _Shape] = {
     "worker_states": _Shape(_list_of(
         lambda v: _WORKER_STATE(v) and {"name", "status", "memory_limit"} <= v.keys()),
         "a list of workers"),
+    # amm_core.savings' counters, in the status (an older plugin has none)
+    "savings": _Shape(_SAVINGS_COUNTERS, "the savings counters"),
 }
 
 
@@ -474,12 +516,28 @@ async def retirement_candidates(
                               workers=list(workers), n=n)
 
 
+async def savings(address: str, *, timeout: float | None = None) -> dict[str, Any]:
+    """What the scheduler rescued, lost and dropped, with its latest departures
+    (amm_core.savings): ``{"counters": <as in the status>, "now": scheduler time,
+    "departures": [...]}``, every departure checked, at most MAX_DEPARTURES of
+    them read. Asked only when the status's ``savings.seq`` moved."""
+    answer = await _plugin_call(address, "amm_core_savings", timeout=timeout, max_items=MAX_DEPARTURES)
+    departures = answer.get("departures")
+    if not (_SAVINGS_COUNTERS(answer) and _number(answer.get("now"))
+            and isinstance(departures, list) and all(map(_DEPARTURE, departures))):
+        raise SchedulerProtocolError(
+            f"scheduler {address} answered 'amm_core_savings' with something else than "
+            f"the savings counters and departures (or too large); refused")
+    return {"counters": {k: answer[k] for k in ("id", "started", "seq", "rescued", "lost", "duplicates_dropped")},
+            "now": answer["now"], "departures": departures}
+
+
 async def scaling(address: str, *, timeout: float | None = None) -> dict[str, Any]:
     """The adaptive target, the data in memory and each worker; see amm_core.plugin."""
     return await _plugin_call(address, "amm_core_scaling", timeout=timeout)
 
 
-# --- the report's reads (amm_core.history, amm_core.savings) --------------------
+# --- the report's read (amm_core.history; the savings are read above) -----------
 
 #: Rows of a memory history read at most: amm_core.history keeps up to 1,992 (raw
 #: samples and two averaged tiers); some 16,000 values, far inside the wire's bounds
@@ -492,7 +550,3 @@ async def memory_history(address: str, *, timeout: float | None = None) -> dict[
     return await _plugin_call(address, "amm_core_memory_history", timeout=timeout,
                               max_items=MAX_HISTORY_ROWS)
 
-
-async def savings(address: str, *, timeout: float | None = None) -> dict[str, Any]:
-    """What the plugin counted as rescued, lost and dropped (see amm_core.savings)."""
-    return await _plugin_call(address, "amm_core_savings", timeout=timeout)
