@@ -14,6 +14,7 @@ import struct
 import pytest
 from test_scheduler_rpc import FakeScheduler, message, wire
 
+from amm_core.savings import Savings
 from dask_memory_operator.observability import report_data
 from dask_memory_operator.observability.report import (
     NOT_REPORTED,
@@ -161,7 +162,9 @@ def history_of(rows: int) -> dict:
 
 
 def answers(history: bytes):
-    return lambda msg: history if msg["op"] == "amm_core_memory_history" else message({"started": T0})
+    """``history`` to the history's op, a fresh plugin's savings to the savings' op."""
+    savings = message({**Savings().report(0, 0), "started": T0})
+    return lambda msg: history if msg["op"] == "amm_core_memory_history" else savings
 
 
 async def test_a_history_of_too_many_rows_is_read_in_part_and_says_so():

@@ -165,9 +165,9 @@ async def _scheduler(address: str, namespace: str, cluster: str,
                      timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """The memory history and the savings counters (plain, bounded answers)."""
     try:
+        history = await rpc.memory_history(address, timeout=timeout)
         savings = await rpc.savings(address, timeout=timeout)
-        return (await rpc.memory_history(address, timeout=timeout),
-                {**savings["counters"], "departures": savings["departures"]})
+        return history, {**savings["counters"], "departures": savings["departures"]}
     except rpc.PluginMissing:
         raise ReportError(f"the scheduler of DaskCluster {namespace}/{cluster} ({address}) has no amm_core "
                           "plugin: no MemoryPolicy has governed it yet") from None
