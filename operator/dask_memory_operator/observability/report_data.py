@@ -63,6 +63,8 @@ EVENT_KINDS = {
     "RetirementStarted": "scale-down",
     "PendingWorkersRemoved": "scale-down",
     "WorkerRetired": "retirement",
+    "WorkerRetiredByHook": "retirement",
+    "WorkerLeftMidRetirement": "lost",
     "PausedWorkerReplaced": "retirement",
     "RetiringWorkerLost": "lost",
     "RetirementAborted": "aborted",
