@@ -154,14 +154,16 @@ class Ledger(SchedulerPlugin):
         tasks = self.scheduler.tasks
         lost = list(msg["lost-computed-tasks"]) + list(msg["lost-scattered-tasks"])
         held = self.retiring.pop(msg["worker"], {})
-        rescued = {}
+        rescued, each = {}, 0
         for k, (n, holders) in held.items():
             ts = tasks.get(k)
-            if ts is None or k in self.rescued_keys or not holders <= self.ever_retiring:
-                continue  # gone, counted, or safe anyway on a worker that stayed
+            if ts is None or not holders <= self.ever_retiring:
+                continue  # gone, or safe anyway on a worker that stayed
             if any(w.address not in self.ever_retiring for w in ts.who_has or ()):
-                rescued[k] = n
-                self.rescued_keys.add(k)
+                each += 1  # (a key saved off two leaving workers counts for each)
+                if k not in self.rescued_keys:
+                    rescued[k] = n
+                    self.rescued_keys.add(k)
         self.removals.append({
             "worker": msg["worker"],
             "name": self.names.get(msg["worker"], msg["worker"]),
@@ -172,6 +174,7 @@ class Ledger(SchedulerPlugin):
             "lost_bytes": sum(tasks[k].nbytes for k in lost if k in tasks),
             "rescued": len(rescued),
             "rescued_bytes": sum(rescued.values()),
+            "rescued_each": each,
         })
 
     def report(self) -> dict[str, Any]:
@@ -189,6 +192,7 @@ class Ledger(SchedulerPlugin):
             "lost_bytes": sum(r["lost_bytes"] for r in self.removals),
             "rescued": sum(r["rescued"] for r in self.removals),
             "rescued_bytes": sum(r["rescued_bytes"] for r in self.removals),
+            "rescued_each": sum(r["rescued_each"] for r in self.removals),
             "removals": [{k: v for k, v in r.items() if k != "processing"} for r in self.removals],
             "closing": self.closing,
             "counts": self.counts,

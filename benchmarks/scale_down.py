@@ -260,6 +260,8 @@ def measure(stack: kb.LocalStack, ns: str, mode: str, client: Client, run: Run, 
             run.notes.append(f"status.scaling: {kb.policy_scaling(stack, ns, POLICY)}")
     if mode == "operator" or kb.is_hook_mode(mode):
         read_reported(stack, ns, run, len({r["name"] for r in report["removals"]}))
+        run.notes.append(f"measured per leaving worker (a key saved off two counts twice): "
+                         f"{report['rescued_each']} keys")
 
 
 def read_reported(stack: kb.LocalStack, ns: str, run: Run, removed: int) -> None:
