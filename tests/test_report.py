@@ -51,8 +51,12 @@ def known_data() -> ReportData:
                  "retired": {"workers": 0, "keys": 0, "bytes": 0}},
         "duplicates_dropped": {"replicas": 80, "bytes": 640 * MiB},
     }
-    # the policy's status as the operator may report it: some fields, not all
-    status = {"rescued": {"keys": 24, "bytes": 192 * MiB}, "oomKills": 0}
+    # the policy's status as the operator reports it (controllers/savings.py), some
+    # fields left out
+    status = {"rescued": {"keys": 24, "bytes": 192 * MiB,
+                          "operator": {"workers": 3, "keys": 24, "bytes": 192 * MiB},
+                          "hook": {"workers": 0, "keys": 0, "bytes": 0}},
+              "oomKills": {"count": 0, "recent": []}}
     return ReportData("default", "demo", "analytics", samples, markers, savings, status, started=T0)
 
 
@@ -94,14 +98,22 @@ def test_the_page_has_the_series_the_markers_and_the_savings_and_nothing_externa
 def test_savings_rows_say_not_reported_per_field_and_per_source():
     data = known_data()
     rows = {what: (scheduler, status) for what, scheduler, status, _ in savings_rows(data)}
-    assert rows["Rescued"] == ("24 keys, 192.00 MiB (operator: 24 keys, 3 workers)",
-                               "24 keys, 192.00 MiB")
+    assert rows["Rescued"] == ("24 keys, 192.00 MiB (operator: 24 keys, 3 workers)",) * 2
     assert rows["OOM kills"] == ("—", "0")  # a zero is a zero
     assert rows["Lost"][1] == rows["Worker-hours"][1] == NOT_REPORTED
     data.status_savings = None
     assert {status for _, _, status, _ in savings_rows(data)} == {NOT_REPORTED}
-    data.status_savings = {"workerSeconds": {"run": 7200, "atMaximum": 14400}}
-    assert dict((w, s) for w, _, s, _ in savings_rows(data))["Worker-hours"] == "run: 2.00 h; atMaximum: 4.00 h"
+    data.status_savings = {
+        "workerSeconds": {"adaptive": 7200, "atMaximum": 14400, "asOf": "2026-12-06T00:00:00Z", "maximum": 6},
+        "lost": {"keys": 40, "bytes": 310 * MiB, "byReason": {
+            "killed": {"workers": 3, "keys": 38, "bytes": 304 * MiB},
+            "oomKilled": {"workers": 1, "keys": 2, "bytes": 6 * MiB},
+            "retirementAborted": {"workers": 0, "keys": 0, "bytes": 0}}},
+        "oomKills": {"count": 1, "recent": [{"pod": "demo-default-worker-a-1"}]}}
+    reported = {w: s for w, _, s, _ in savings_rows(data)}
+    assert reported["Worker-hours"] == "2.00 h under adaptive, 4.00 h at its maximum (50% saved)"
+    assert reported["Lost"] == "40 keys, 310.00 MiB (killed: 38 keys, 3 workers; oomKilled: 2 keys, 1 workers)"
+    assert reported["OOM kills"] == "1"
 
 
 def test_png_and_a_page_of_several_clusters():

@@ -220,18 +220,18 @@ def _utc(at: float) -> Any:
 
 # --- the savings table --------------------------------------------------------------
 
-#: (row, the scheduler's field, the status's field, unit, meaning)
+#: (row, the scheduler's field, the status's field, meaning)
 SAVINGS = (
-    ("Rescued", "rescued", "rescued", "keys",
+    ("Rescued", "rescued", "rescued",
      "moved off workers before their pods went: what a plain deletion would have lost"),
-    ("Lost", "lost", "lost", "keys",
+    ("Lost", "lost", "lost",
      "held only by a worker that left, by why: killed (deleted or crashed without retirement), "
-     "retirementAborted, retired"),
-    ("Duplicates dropped", "duplicates_dropped", "duplicatesDropped", "copies",
+     "oomKilled, retirementAborted, retired"),
+    ("Duplicates dropped", "duplicates_dropped", "duplicatesDropped",
      "extra copies of keys the AMM's policies dropped"),
-    ("OOM kills", None, "oomKills", "count",
+    ("OOM kills", None, "oomKills",
      "worker containers the kernel killed at their memory limit (the scheduler cannot tell)"),
-    ("Worker-hours", None, "workerSeconds", "seconds",
+    ("Worker-hours", None, "workerSeconds",
      "run under adaptive, and what the group's maximum would have run over the same time"),
 )
 
@@ -241,42 +241,78 @@ def savings_rows(data: ReportData) -> list[tuple[str, str, str, str]]:
     savings table; a zero shown as a zero, a missing number as "not reported"."""
     status = data.status_savings
     rows = []
-    for what, ours, theirs, unit, meaning in SAVINGS:
-        scheduler = _scheduler_amount(data.scheduler_savings.get(ours), unit) if ours else "—"
-        reported = NOT_REPORTED if status is None else amount(status.get(theirs), unit)
+    for what, ours, theirs, meaning in SAVINGS:
+        scheduler = counts_by_part(data.scheduler_savings.get(ours)) if ours else "—"
+        reported = NOT_REPORTED if status is None else _STATUS_AMOUNT[theirs](status.get(theirs))
         rows.append((what, scheduler, reported, meaning))
     return rows
 
 
-def _scheduler_amount(value: Any, unit: str) -> str:
-    """The scheduler's counts: a total over who/why, each part with its workers."""
+def counts_by_part(value: Any) -> str:
+    """Counts ({keys or replicas, bytes}) in words; of counts by part (the scheduler's
+    by who or why, the status's ``byReason``), their total and each part that is not
+    zero, with its workers."""
     if not isinstance(value, Mapping):
         return NOT_REPORTED
     parts = {k: v for k, v in value.items() if isinstance(v, Mapping)}
     if not parts:
-        return amount(value, unit)
+        return amount(value)
     total = {f: sum(_num(p.get(f)) for p in parts.values()) for f in ("keys", "bytes")}
     detail = "; ".join(f"{k}: {_num(p.get('keys')):,.0f} keys, {_num(p.get('workers')):,.0f} workers"
                        for k, p in parts.items() if _num(p.get("keys")))
-    return amount(total, unit) + (f" ({detail})" if detail else "")
+    return amount(total) + (f" ({detail})" if detail else "")
 
 
-def amount(value: Any, unit: str, depth: int = 0) -> str:
-    """A number, or a map of counts (keys or copies and bytes, or parts by reason) as
-    the policy's status may give it, in words (three maps deep at most)."""
+def _status_rescued(value: Any) -> str:
+    if not isinstance(value, Mapping):
+        return NOT_REPORTED
+    return counts_by_part({k: value.get(k) for k in ("operator", "hook") if isinstance(value.get(k), Mapping)}
+                          or value)
+
+
+def _status_lost(value: Any) -> str:
+    if not isinstance(value, Mapping):
+        return NOT_REPORTED
+    by_reason = value.get("byReason")
+    return counts_by_part(by_reason if isinstance(by_reason, Mapping) else value)
+
+
+def _status_oom_kills(value: Any) -> str:
+    if isinstance(value, Mapping):
+        value = value.get("count")
+    return amount(value)
+
+
+def _status_worker_seconds(value: Any) -> str:
+    """Hours under adaptive and at the group's maximum, and the share saved."""
+    if not isinstance(value, Mapping):
+        return NOT_REPORTED
+    ran, at_maximum = _num(value.get("adaptive")), _num(value.get("atMaximum"))
+    text = f"{ran / 3600:,.2f} h under adaptive, {at_maximum / 3600:,.2f} h at its maximum"
+    return text + (f" ({1 - ran / at_maximum:.0%} saved)" if at_maximum > 0 else "")
+
+
+#: How each of the status's savings fields reads (see controllers/savings.py)
+_STATUS_AMOUNT = {
+    "rescued": _status_rescued,
+    "lost": _status_lost,
+    "duplicatesDropped": lambda v: amount(v) if isinstance(v, Mapping) else NOT_REPORTED,
+    "oomKills": _status_oom_kills,
+    "workerSeconds": _status_worker_seconds,
+}
+
+
+def amount(value: Any) -> str:
+    """A count, or counts ({keys or replicas, bytes}), in words."""
     if value is None:
         return NOT_REPORTED
-    if isinstance(value, bool) or not isinstance(value, (int, float, Mapping)) or depth > 2:
+    if isinstance(value, bool) or not isinstance(value, (int, float, Mapping)):
         return "?"
     if not isinstance(value, Mapping):
-        return f"{value / 3600:,.2f} h" if unit == "seconds" else f"{value:,.0f}"
-    main = [f"{_num(value[k]):,.0f} {'copies' if k == 'replicas' else k}" for k in ("keys", "replicas") if k in value]
-    main += [format_bytes(_num(value["bytes"]))] if "bytes" in value else []
-    rest = [f"{k}: {amount(v, unit, depth + 1)}" for k, v in value.items() if k not in ("keys", "replicas", "bytes")]
-    text = ", ".join(main)
-    if rest:
-        text += f" ({'; '.join(rest)})" if text else "; ".join(rest)
-    return text or "0"
+        return f"{value:,.0f}"
+    text = [f"{_num(value[k]):,.0f} {'copies' if k == 'replicas' else k}" for k in ("keys", "replicas") if k in value]
+    text += [format_bytes(_num(value["bytes"]))] if "bytes" in value else []
+    return ", ".join(text) or "0"
 
 
 def _num(value: Any) -> float:
