@@ -186,7 +186,7 @@ def _print_savings(console: Console, demo: Demo) -> None:
     policy's status reports, as the memory report's savings table has them."""
     savings = asyncio.run(scheduler_rpc.savings(demo.client.scheduler.address))
     entry = next((e for e in demo.policy_status().get("clusters") or () if e.get("name") == demo.cluster), {})
-    data = ReportData(demo.namespace, demo.cluster, demo.policy, scheduler_savings=scheduler_savings(savings),
+    data = ReportData(demo.namespace, demo.cluster, demo.policy, scheduler_savings=scheduler_savings(savings["counters"]),
                       status_savings=entry.get("savings"))
     table = Table(title=f"Savings on DaskCluster {demo.cluster} since its scheduler started")
     for column in ("", "the scheduler counted", "the MemoryPolicy's status"):

@@ -289,7 +289,8 @@ def _status_worker_seconds(value: Any) -> str:
         return NOT_REPORTED
     ran, at_maximum = _num(value.get("adaptive")), _num(value.get("atMaximum"))
     text = f"{ran / 3600:,.2f} h under adaptive, {at_maximum / 3600:,.2f} h at its maximum"
-    return text + (f" ({1 - ran / at_maximum:.0%} saved)" if at_maximum > 0 else "")
+    # (a maximum lowered under a larger group makes it less than what ran: no saving)
+    return text + (f" ({1 - ran / at_maximum:.0%} saved)" if ran < at_maximum else "")
 
 
 #: How each of the status's savings fields reads (see controllers/savings.py)
