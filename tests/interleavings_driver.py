@@ -368,6 +368,8 @@ class Cluster:
         self.why_closed: dict[str, str] = {}
         #: The name of every worker process ever started, by address
         self.names: dict[str, str] = {}
+        #: Every worker process ever started
+        self.processes: list[Worker] = []
         #: Keys running on a worker when a retirement that does not drain started
         #: (upstream retire_workers, amm_core's with drain=False), by address
         self.undrained: dict[str, set[Any]] = {}
@@ -400,6 +402,16 @@ class Cluster:
         try:
             for pod in list(self.pods.values()):
                 await self.stop_process(pod, "the cluster closes", forced=True, wait=False)
+            # a worker that closed itself (the scheduler's close op, a heartbeat
+            # answered "missing") and hangs there is no pod's any more: killed too, or
+            # the event loop's shutdown waits for it for ever
+            for w in self.processes:
+                if not w._event_finished.is_set():
+                    try:
+                        await asyncio.wait_for(w.finished(), CLOSE_TIMEOUT)
+                    except asyncio.TimeoutError:
+                        logger.warning("%s still closing as the cluster closes; killing it", w.address)
+                        await kill_in_process(w)
             if getattr(self, "client", None) is not None:
                 await self.client.close()
             if getattr(self, "s", None) is not None:
@@ -432,6 +444,7 @@ class Cluster:
             self.s.address, name=pod.name, nthreads=1, memory_limit=MEMORY_LIMIT, host=pod.host
         )
         pod.worker = w
+        self.processes.append(w)
         self.names[w.address] = pod.name
         if pod.deleted:
             # The pod was deleted while the process started: it gets the SIGTERM too

@@ -48,6 +48,15 @@ async def test_random_interleavings_lose_no_key_strand_no_worker_bound_records()
     assert summary.sequences == SEQUENCES
 
 
+async def assert_loop_can_end() -> None:
+    """What the event loop's shutdown does: every task left is cancelled, and ends."""
+    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+    for task in left:
+        task.cancel()
+    done, pending = await asyncio.wait(left, timeout=5) if left else (set(), set())
+    assert not pending, pending
+
+
 class _HangingTeardown(WorkerPlugin):
     """A worker plugin whose teardown never ends, as distributed's P2P worker plugin's
     can when its worker closes in the middle of a shuffle barrier."""
@@ -73,5 +82,19 @@ async def test_a_worker_whose_close_hangs_is_killed_and_leaves_nothing_waiting(m
         assert not cluster.registered(pod.name)
         await cluster.next_pod(pod)  # the name is taken again
         assert cluster.registered(pod.name)
-    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
-    assert not left, left
+    await assert_loop_can_end()
+
+
+async def test_a_worker_hung_in_its_own_close_is_killed_when_the_cluster_closes(monkeypatch) -> None:
+    """A worker that closes itself (the scheduler's close op) and hangs there is no
+    pod's any more; the cluster's close kills it too, so that the event loop can end."""
+    monkeypatch.setattr(driver, "CLOSE_TIMEOUT", 0.5)
+    async with driver.Cluster() as cluster:
+        pod = await cluster.new_deployment()
+        w = pod.worker
+        await w.plugin_add(_HangingTeardown())
+        await cluster.s.retire_workers([w.address], close_workers=True)
+        pod.worker = None  # the pod's process is gone for the driver; its close hangs
+        assert await driver.poll(lambda: w.status.name == "closing", 5)
+    assert w._event_finished.is_set()
+    await assert_loop_can_end()
