@@ -42,15 +42,6 @@ import pytest
 from dask_memory_operator.devstack.stack import LocalStack
 
 
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (``--dist loadgroup``), every test on the local stack runs in
-    one worker, which starts the one stack; the tests that need no stack (in-process
-    schedulers, units, the chart) run beside them in the other workers."""
-    for item in items:
-        if "stack" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("stack"))
-
-
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     """Record each phase's report on the item, so fixtures can tell a failed test."""
