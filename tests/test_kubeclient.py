@@ -5,23 +5,10 @@ awaited, so the operator's reads, writes and Events share one client, made once
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
+from test_watches import NS, api  # noqa: F401  (the emulated API alone, a fixture)
 
 from dask_memory_operator.controllers import workergroup
-from dask_memory_operator.devstack.stack import LocalStack
 from dask_memory_operator.observability.events import dask_cluster_ref, post_from_background
-
-NS = "ns"
-
-
-@pytest.fixture
-def api(tmp_path, monkeypatch) -> Iterator[LocalStack]:
-    with LocalStack(tmp_path, dask_operator=False, kubelet=False) as stack:
-        monkeypatch.setenv("KUBECONFIG", str(stack.kubeconfig))
-        stack.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-        yield stack
 
 
 async def test_the_server_version_is_asked_once(api):
