@@ -24,6 +24,7 @@ import yaml
 import dask_kubernetes
 from dask_memory_operator.devstack.apiserver import ApiServer
 from dask_memory_operator.devstack.emulator import human_duration, parse_label_selector
+from dask_memory_operator.devstack.emulator.services import next_free_ip
 
 KUBECTL = '/usr/bin/kubectl'
 DASK_CRDS = pathlib.Path(dask_kubernetes.__file__).parent / 'operator/deployment/helm/dask-kubernetes-operator/crds'
@@ -680,6 +681,25 @@ async def test_service_cidr_is_configurable() -> None:
         status, s = await Http(server.url, session).post(SERVICES, {'metadata': {'name': 's'},
                                                                    'spec': {'ports': [{'port': 80}]}})
         assert s['spec']['clusterIP'].startswith('127.7.0.')
+
+
+async def test_cluster_ips_are_picked_at_random_from_the_upper_band_first() -> None:
+    """As kube-apiserver's allocator: the lower 16 addresses of a /24 are kept for static
+    clusterIPs while the upper band has room, and a released address is not simply the
+    next one handed out (the lowest-free scan that did so let a new scheduler Service
+    inherit the address the proxy still routed to a deleted one)."""
+    async with ApiServer(service_cidr='127.7.0.0/24') as server, aiohttp.ClientSession() as session:
+        http = Http(server.url, session)
+        ips = []
+        for i in range(40):
+            status, s = await http.post(SERVICES, {'metadata': {'name': f's{i}'}, 'spec': {'ports': [{'port': 80}]}})
+            ips.append(int(s['spec']['clusterIP'].rsplit('.', 1)[1]))
+        assert min(ips) > 16
+        assert ips != sorted(ips)
+    # the lower band once the upper one is full
+    assert next_free_ip(ipaddress.ip_network('10.0.0.0/24'), {f'10.0.0.{h}' for h in range(17, 255)}) in \
+        {f'10.0.0.{h}' for h in range(1, 17)}
+    assert next_free_ip(ipaddress.ip_network('10.0.0.0/30'), {'10.0.0.1', '10.0.0.2'}) is None
 
 
 async def test_table_output(widgets: Http) -> None:

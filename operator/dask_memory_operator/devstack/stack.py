@@ -64,6 +64,7 @@ import yaml
 
 from dask_memory_operator import manifests
 from dask_memory_operator.devstack import dns
+from dask_memory_operator.devstack.proxy import SERVICE_NAME_LABEL, slice_endpoints
 
 T = TypeVar("T")
 
@@ -524,26 +525,41 @@ class LocalStack:
 
     def scheduler_address(self, namespace: str, cluster: str) -> str:
         """``tcp://<clusterIP>:<port>`` of a DaskCluster's scheduler Service (port ``tcp-comm``)."""
+        svc = self._scheduler_service(namespace, cluster)
+        return f"tcp://{svc['spec']['clusterIP']}:{self._comm_port(svc)['port']}"
+
+    def wait_scheduler_address(self, namespace: str, cluster: str, timeout: float = 120) -> str:
+        """:meth:`scheduler_address`, once the Service has a ready endpoint (a scheduler
+        that answers its readinessProbe): a client that connects before then may reach
+        the proxy while it still routes the address elsewhere."""
+        def found() -> str | None:
+            try:
+                svc = self._scheduler_service(namespace, cluster)
+            except LookupError:
+                return None
+            name = svc["metadata"]["name"]
+            slices = self.get_json(f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
+                                   labelSelector=f"{SERVICE_NAME_LABEL}={name}") or {}
+            port = self._comm_port(svc)
+            if not slice_endpoints(namespace, name, port.get("name", ""), slices.get("items") or ()):
+                return None
+            return f"tcp://{svc['spec']['clusterIP']}:{port['port']}"
+        return self.wait_for(found, timeout, f"{cluster}'s scheduler Service and a ready endpoint")
+
+    def _scheduler_service(self, namespace: str, cluster: str) -> dict[str, Any]:
         svc = self.get_json(f"/api/v1/namespaces/{namespace}/services/{cluster}-scheduler")
         if svc is None:
             raise LookupError(f"no Service {cluster}-scheduler in {namespace}")
-        [port] = [p["port"] for p in svc["spec"]["ports"] if p.get("name") in ("tcp-comm", svc["metadata"]["name"])]
-        return f"tcp://{svc['spec']['clusterIP']}:{port}"
+        return svc
 
-    def wait_scheduler_address(self, namespace: str, cluster: str, timeout: float = 120) -> str:
-        """:meth:`scheduler_address`, once the Service exists."""
-        def found() -> str | None:
-            try:
-                return self.scheduler_address(namespace, cluster)
-            except LookupError:
-                return None
-        return self.wait_for(found, timeout, f"{cluster}'s scheduler Service")
+    @staticmethod
+    def _comm_port(svc: dict[str, Any]) -> dict[str, Any]:
+        [port] = [p for p in svc["spec"]["ports"] if p.get("name") in ("tcp-comm", svc["metadata"]["name"])]
+        return port
 
     def dashboard_address(self, namespace: str, cluster: str) -> str:
         """``http://<clusterIP>:<port>`` of a DaskCluster's dashboard (port ``http-dashboard``)."""
-        svc = self.get_json(f"/api/v1/namespaces/{namespace}/services/{cluster}-scheduler")
-        if svc is None:
-            raise LookupError(f"no Service {cluster}-scheduler in {namespace}")
+        svc = self._scheduler_service(namespace, cluster)
         [port] = [p["port"] for p in svc["spec"]["ports"] if p.get("name") == "http-dashboard"]
         return f"http://{svc['spec']['clusterIP']}:{port}"
 
