@@ -17,7 +17,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dask_memory_operator.api.conditions import condition
-from dask_memory_operator.schedulers.converge import LIVE_COUNTERS, Outcome
+from dask_memory_operator.schedulers.converge import LIVE_COUNTERS
+from dask_memory_operator.schedulers.outcome import Outcome
 from dask_memory_operator.untrusted import describe
 
 

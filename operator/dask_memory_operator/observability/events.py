@@ -35,7 +35,7 @@ from kr8s.asyncio.objects import Event
 
 from dask_memory_operator import kubeclient
 from dask_memory_operator.api.memorypolicy import DASK_GROUP, DASK_VERSION
-from dask_memory_operator.schedulers.converge import Outcome
+from dask_memory_operator.schedulers.outcome import Outcome
 
 logger = logging.getLogger(__name__)
 

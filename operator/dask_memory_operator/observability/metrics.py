@@ -11,12 +11,11 @@ governing it, the cluster is deleted or the policy is deleted (:func:`forget`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-if TYPE_CHECKING:
-    from dask_memory_operator.schedulers.converge import Outcome
+from dask_memory_operator.schedulers.outcome import Outcome
 
 _LABELS = ("namespace", "policy", "cluster")
 
