@@ -438,8 +438,10 @@ class Cluster:
         return f"127.1.{n // 250}.{n % 250 + 2}"
 
     async def start_process(self, pod: Pod) -> Worker:
-        """Start the pod's worker process (once the name is free at the scheduler)."""
-        await poll(lambda: not self.registered(pod.name), 5)
+        """Start the pod's worker process once the name is free at the scheduler: a
+        process of the same name still closing (from the last sequence's wind-down) is
+        gone within CLOSE_TIMEOUT, killed if need be (else "name taken")."""
+        await poll(lambda: not self.registered(pod.name), CLOSE_TIMEOUT + 5)
         w = await Worker(
             self.s.address, name=pod.name, nthreads=1, memory_limit=MEMORY_LIMIT, host=pod.host
         )

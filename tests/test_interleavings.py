@@ -85,6 +85,24 @@ async def test_a_worker_whose_close_hangs_is_killed_and_leaves_nothing_waiting(m
     await assert_loop_can_end()
 
 
+async def test_a_pod_restarted_under_its_name_waits_for_its_old_process_to_go(monkeypatch) -> None:
+    """The next pod of a Deployment, under the same name, starts while the old process
+    is still closing (left so by the last sequence's wind-down): it registers once the
+    old one is gone, killed at the end of its grace period, not "name taken" (seen in
+    CI: a close hung in P2P teardown outlived the 5 s the driver waited)."""
+    monkeypatch.setattr(driver, "CLOSE_TIMEOUT", 6.0)
+    async with driver.Cluster() as cluster:
+        pod = await cluster.new_deployment()
+        await pod.worker.plugin_add(_HangingTeardown())
+        pod.deleted = True
+        closing = asyncio.create_task(cluster.stop_process(pod, "its pod was deleted", forced=False, wait=False))
+        assert await driver.poll(lambda: cluster.s.workers and not pod.worker, 5)
+        new = await cluster.next_pod(pod)
+        assert cluster.registered(pod.name) and new.worker is not None
+        await closing
+    await assert_loop_can_end()
+
+
 async def test_a_worker_hung_in_its_own_close_is_killed_when_the_cluster_closes(monkeypatch) -> None:
     """A worker that closes itself (the scheduler's close op) and hangs there is no
     pod's any more; the cluster's close kills it too, so that the event loop can end."""
