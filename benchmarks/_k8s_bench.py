@@ -53,8 +53,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dask_memory_operator.devstack import scaling_probes
-from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
+from dmo_devstack import scaling_probes
+from dmo_devstack.stack import LocalStack, daskcluster_manifest
 
 MB = 10**6
 GB = 10**9
@@ -279,7 +279,7 @@ def bench_stack(with_operator: bool, state_dir: str | None = None, webhook: bool
                 from pathlib import Path
 
                 from dask_memory_operator.webhook.certs import write_webhook_certs
-                from dask_memory_operator.devstack.scaling_probes import free_port
+                from dmo_devstack.scaling_probes import free_port
                 from dask_memory_operator.webhook.configuration import mutating_webhook_configuration
 
                 port, certs = free_port(), Path(stack.state_dir) / "webhook-certs"

@@ -6,7 +6,7 @@ downscale an adaptive cluster before it's completely idle; this will potentially
 result in substantial monetary savings whenever a job features an initial burst of
 parallelism followed by a long 'tail' of serial tasks".
 
-Everything runs on the local stack (``dask_memory_operator.devstack.stack``: the
+Everything runs on the local stack (``dmo_devstack.stack``: the
 emulated Kubernetes API, the process kubelet, the real dask-kubernetes operator).
 Each run gets a fresh namespace and DaskCluster of ``--start-workers`` (6: the
 cluster is at its maximum when the job comes, as after a previous burst) workers x 1

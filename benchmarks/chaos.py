@@ -1,7 +1,7 @@
 """The long chaos run: ``--rounds`` rounds of random ``adaptive`` bound changes on a
 busy cluster, some of them killing (SIGKILL) and restarting the operator, on the local
 stack with the real dask-kubernetes operator; or, with ``--mode drain``, node drains.
-The driver is :mod:`dask_memory_operator.devstack.chaos` (the suite's
+The driver is :mod:`dmo_devstack.chaos` (the suite's
 tests/test_chaos.py runs a few rounds of each).
 
 Prints a row per round as it ends (bounds, the size before, whether the operator was
@@ -35,8 +35,8 @@ import random
 import sys
 import tempfile
 
-from dask_memory_operator.devstack import chaos
-from dask_memory_operator.devstack.stack import LocalStack
+from dmo_devstack import chaos
+from dmo_devstack.stack import LocalStack
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,7 +62,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _k8s_bench as kb  # noqa: E402
-from dask_memory_operator.devstack import scaling_probes  # noqa: E402
+from dmo_devstack import scaling_probes  # noqa: E402
 from dask_memory_operator.schedulers import rpc  # noqa: E402
 
 OPERATOR = "dask-memory-operator"

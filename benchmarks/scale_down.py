@@ -6,7 +6,7 @@ AMM would make it possible "to gracefully retire a worker on a busy cluster, whi
 jobs are running on it". This measures what that takes on Kubernetes today, and
 what this project's operator does instead.
 
-Everything runs on the local stack (``dask_memory_operator.devstack.stack``: the
+Everything runs on the local stack (``dmo_devstack.stack``: the
 emulated Kubernetes API, the process kubelet, the real dask-kubernetes operator).
 Each run gets a fresh namespace and DaskCluster of 6 workers x 1 thread
 (``--memory-limit`` each), the AMM on at 2 s in every mode. It persists a random

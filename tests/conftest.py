@@ -1,6 +1,6 @@
 """Shared fixtures for the end-to-end tests on the local Kubernetes stack.
 
-- ``stack`` (session): one :class:`~dask_memory_operator.devstack.stack.LocalStack`
+- ``stack`` (session): one :class:`~dmo_devstack.stack.LocalStack`
   (emulated API server, process kubelet, the real dask-kubernetes operator) for the
   whole run. Tests isolate themselves by namespace, not by stack.
 - ``namespace`` (function): a fresh Namespace for one test. At teardown its pods
@@ -31,7 +31,7 @@ from pathlib import Path
 # points at another one (a git worktree): its packages go first, for this process and
 # for every process the stack starts.
 _CHECKOUT = Path(__file__).resolve().parent.parent
-_FIRST = [str(_CHECKOUT), str(_CHECKOUT / "operator")]
+_FIRST = [str(_CHECKOUT), str(_CHECKOUT / "operator"), str(_CHECKOUT / "devstack")]
 sys.path[:0] = _FIRST
 os.environ["PYTHONPATH"] = os.pathsep.join(
     _FIRST + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in _FIRST]
@@ -39,7 +39,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 import pytest
 
-from dask_memory_operator.devstack.stack import LocalStack
+from dmo_devstack.stack import LocalStack
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

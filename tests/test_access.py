@@ -10,7 +10,7 @@ import pytest
 
 from dask_memory_operator import kubeclient
 from dask_memory_operator.controllers.workergroup import group_record
-from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
+from dmo_devstack.stack import LocalStack, daskcluster_manifest
 from dask_memory_operator.watches import Watches, operator_kinds
 from dask_memory_operator.schedulers.locator import SchedulerAccessError, SchedulerLocator, SchedulerServiceMissing
 

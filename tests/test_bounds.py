@@ -31,7 +31,7 @@ from distributed.core import Server
 
 from amm_core.config import class_allowed, policy_class
 from dask_memory_operator.api.memorypolicy import InvalidPolicy, index_body, parse_spec, resolve_policy_class
-from dask_memory_operator.devstack.apiserver import ApiServer
+from dmo_devstack.apiserver import ApiServer
 from dask_memory_operator.schedulers import rpc as scheduler_rpc
 from dask_memory_operator.schedulers.converge import error_outcome
 from dask_memory_operator.untrusted import describe, raise_recursion_limit

@@ -1,5 +1,5 @@
 """The chaos tests, a few seeded rounds each (the driver is
-:mod:`dask_memory_operator.devstack.chaos`; the long runs are ``benchmarks/chaos.py
+:mod:`dmo_devstack.chaos`; the long runs are ``benchmarks/chaos.py
 --rounds 20`` and ``benchmarks/chaos.py --mode drain --rounds 20``):
 
 - random ``adaptive`` bound changes on a busy cluster, the operator killed (SIGKILL)
@@ -17,8 +17,8 @@ import random
 
 import pytest
 
-from dask_memory_operator.devstack import chaos
-from dask_memory_operator.devstack.stack import LocalStack
+from dmo_devstack import chaos
+from dmo_devstack.stack import LocalStack
 
 SEED = 7
 ROUNDS = 4

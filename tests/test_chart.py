@@ -50,8 +50,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID
 
 from dask_memory_operator.cli import build_parser
-from dask_memory_operator.devstack.apiserver import ApiServer, write_kubeconfig
-from dask_memory_operator.devstack.helm import helm_binary
+from dmo_devstack.apiserver import ApiServer, write_kubeconfig
+from dmo_devstack.helm import helm_binary
 from dask_memory_operator.webhook import configuration
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1068,7 +1068,7 @@ def test_the_image_install_steps_and_entrypoint(tmp_path):
 
     # `run` (the image's CMD) against an emulated API, until it answers its liveness URL
     kubeconfig = tmp_path / "kubeconfig"
-    api = subprocess.Popen([sys.executable, "-m", "dask_memory_operator.devstack.apiserver", "--port", "0",
+    api = subprocess.Popen([sys.executable, "-m", "dmo_devstack.apiserver", "--port", "0",
                             "--kubeconfig", str(kubeconfig), "--crds", str(ROOT / "crds"),
                             "--crds", str(DASK_CRDS)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     operator = None

@@ -30,8 +30,8 @@ import sys
 import pytest
 from distributed import Client
 
-from dask_memory_operator.devstack.probes import amm_state
-from dask_memory_operator.devstack.stack import KubectlError, LocalStack, ManagedProcess, daskcluster_manifest
+from dmo_devstack.probes import amm_state
+from dmo_devstack.stack import KubectlError, LocalStack, ManagedProcess, daskcluster_manifest
 
 AMM_OFF = {"DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False"}
 PROCESS = "dmo-bounds"

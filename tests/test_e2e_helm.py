@@ -30,10 +30,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dask_memory_operator.devstack.emulator.rbac import attributes_of_audit_event, rule_allows
-from dask_memory_operator.devstack.helm import helm
-from dask_memory_operator.devstack.probes import amm_state, task_ledger
-from dask_memory_operator.devstack.scaling_probes import (
+from dmo_devstack.emulator.rbac import attributes_of_audit_event, rule_allows
+from dmo_devstack.helm import helm
+from dmo_devstack.probes import amm_state, task_ledger
+from dmo_devstack.scaling_probes import (
     assert_consistent,
     assert_nothing_lost,
     busy_job,
@@ -45,7 +45,7 @@ from dask_memory_operator.devstack.scaling_probes import (
     set_adaptive,
     wait_policy_reconciled,
 )
-from dask_memory_operator.devstack.stack import LocalStack
+from dmo_devstack.stack import LocalStack
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "dask-memory-operator"
 #: The chart's default namespace selector (values.yaml namespaceSelector)

@@ -36,14 +36,14 @@ from distributed import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from amm_core.replicate import replicate
-from dask_memory_operator.devstack.probes import (
+from dmo_devstack.probes import (
     amm_cycles,
     amm_dropped,
     amm_state,
     replica_counts,
     set_pause_fraction,
 )
-from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
+from dmo_devstack.stack import LocalStack, daskcluster_manifest
 from dask_memory_operator.schedulers.locator import SchedulerLocator
 
 MATCHING, OTHER = "matching", "other"

@@ -2,7 +2,7 @@
 retired through the scheduler first.
 
 On the local stack with the real dask-kubernetes operator. "Nothing lost" is asserted
-from the scheduler: a :class:`~dask_memory_operator.devstack.probes.TaskLedger` there
+from the scheduler: a :class:`~dmo_devstack.probes.TaskLedger` there
 counts tasks computed twice, keys lost with a leaving worker and running tasks whose
 worker left under them. Every test ends with the cluster consistent: the worker
 group's replicas equal its Deployments and no worker is left closing_gracefully.
@@ -21,8 +21,8 @@ import pytest
 from distributed import wait
 from prometheus_client.parser import text_string_to_metric_families
 
-from dask_memory_operator.devstack.probes import amm_savings, grow_memory, task_ledger, worker_statuses
-from dask_memory_operator.devstack.scaling_probes import (
+from dmo_devstack.probes import amm_savings, grow_memory, task_ledger, worker_statuses
+from dmo_devstack.scaling_probes import (
     OPERATOR,
     PRELOAD,
     assert_consistent,
@@ -40,7 +40,7 @@ from dask_memory_operator.devstack.scaling_probes import (
     start_operator,
     worker_deployments,
 )
-from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
+from dmo_devstack.stack import LocalStack, daskcluster_manifest
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dask_memory_operator.devstack.scaling_probes import wait_policy_reconciled
-from dask_memory_operator.devstack.stack import LocalStack
+from dmo_devstack.scaling_probes import wait_policy_reconciled
+from dmo_devstack.stack import LocalStack
 
 PEERING_CRDS = Path(__file__).resolve().parents[1] / "charts" / "dask-memory-operator" / "crds" / "kopf-peering.yaml"
 FINALIZER = "amm.dask.org/restore-schedulers"

@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dask_memory_operator.devstack.scaling_probes import free_port, make_cluster, policy, scaling_entry
-from dask_memory_operator.devstack.stack import LocalStack
+from dmo_devstack.scaling_probes import free_port, make_cluster, policy, scaling_entry
+from dmo_devstack.stack import LocalStack
 from dask_memory_operator.schedulers import rpc
 
 OPERATOR = "dmo-watches"

@@ -26,9 +26,9 @@ import pytest
 from distributed import Client
 
 from dask_memory_operator.webhook.certs import write_client_ca, write_client_cert, write_webhook_certs
-from dask_memory_operator.devstack.probes import amm_config
-from dask_memory_operator.devstack.scaling_probes import OPERATOR, free_port, wait_policy_reconciled
-from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
+from dmo_devstack.probes import amm_config
+from dmo_devstack.scaling_probes import OPERATOR, free_port, wait_policy_reconciled
+from dmo_devstack.stack import LocalStack, daskcluster_manifest
 from dask_memory_operator.webhook.configuration import mutating_webhook_configuration
 
 AMM_OFF = {"DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False"}
@@ -209,8 +209,8 @@ def test_a_worker_pod_deleted_from_outside_retires_first_and_loses_nothing(stack
     through the scheduler's plugin before its SIGTERM. Scattered data (which nothing
     could recompute) is intact, no key is lost and no task computed twice (from the
     scheduler's TaskLedger); running tasks whose worker left are counted and printed."""
-    from dask_memory_operator.devstack.probes import task_ledger, worker_statuses
-    from dask_memory_operator.devstack.scaling_probes import client_of, make_cluster
+    from dmo_devstack.probes import task_ledger, worker_statuses
+    from dmo_devstack.scaling_probes import client_of, make_cluster
 
     ns, cluster = namespace, "hooked"
     stack.apply({**policy(ns), "spec": {**policy(ns)["spec"], "retirement": {"timeLimit": "60s"}}}, namespace=ns)

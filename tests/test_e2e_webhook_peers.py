@@ -26,8 +26,8 @@ import jsonpatch
 import pytest
 import yaml
 
-from dask_memory_operator.devstack.scaling_probes import free_port, wait_policy_reconciled
-from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
+from dmo_devstack.scaling_probes import free_port, wait_policy_reconciled
+from dmo_devstack.stack import LocalStack, daskcluster_manifest
 from dask_memory_operator.webhook.certs import write_webhook_certs
 from dask_memory_operator.webhook.handlers import HANDLER_ID
 

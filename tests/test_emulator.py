@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 import dask_kubernetes
-from dask_memory_operator.devstack.apiserver import ApiServer
-from dask_memory_operator.devstack.emulator import human_duration, parse_label_selector
-from dask_memory_operator.devstack.emulator.services import next_free_ip
+from dmo_devstack.apiserver import ApiServer
+from dmo_devstack.emulator import human_duration, parse_label_selector
+from dmo_devstack.emulator.services import next_free_ip
 
 KUBECTL = '/usr/bin/kubectl'
 DASK_CRDS = pathlib.Path(dask_kubernetes.__file__).parent / 'operator/deployment/helm/dask-kubernetes-operator/crds'
@@ -896,7 +896,7 @@ async def test_kopf_operator(widgets: Http) -> None:
 @pytest.fixture(scope='module')
 def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
     path = tmp_path_factory.mktemp('kube') / 'config'
-    proc = subprocess.Popen([sys.executable, '-m', 'dask_memory_operator.devstack.apiserver', '--port', '0',
+    proc = subprocess.Popen([sys.executable, '-m', 'dmo_devstack.apiserver', '--port', '0',
                              '--kubeconfig', str(path), '--crds', str(DASK_CRDS)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from dask_memory_operator.devstack.apiserver import ApiServer, write_kubeconfig
+from dmo_devstack.apiserver import ApiServer, write_kubeconfig
 from test_emulator import KUBECTL, Http, http, kubectl_env, server
 
 __all__ = ['http', 'server']  # fixtures used here

@@ -24,10 +24,10 @@ import aiohttp
 import pytest
 import yaml
 
-from dask_memory_operator.devstack.apiserver import ApiServer, write_kubeconfig
-from dask_memory_operator.devstack.emulator.patches import apply_patch, strategic_merge_patch
-from dask_memory_operator.devstack.emulator.protobuf import decode_body
-from dask_memory_operator.devstack.helm import helm_binary
+from dmo_devstack.apiserver import ApiServer, write_kubeconfig
+from dmo_devstack.emulator.patches import apply_patch, strategic_merge_patch
+from dmo_devstack.emulator.protobuf import decode_body
+from dmo_devstack.helm import helm_binary
 from test_emulator import CONFIGMAPS, Http, holds, wait_for
 
 PROTOBUF = {'Content-Type': 'application/vnd.kubernetes.protobuf'}

@@ -20,9 +20,9 @@ import aiohttp.web
 import yaml
 
 from test_emulator import KUBECTL, Http, http, server, wait_for
-from dask_memory_operator.devstack.apiserver import ApiServer, write_kubeconfig
-from dask_memory_operator.devstack.emulator.authn import UserInfo
-from dask_memory_operator.devstack.emulator.rbac import (
+from dmo_devstack.apiserver import ApiServer, write_kubeconfig
+from dmo_devstack.emulator.authn import UserInfo
+from dmo_devstack.emulator.rbac import (
     RequestAttributes, attributes_of_audit_event, request_attributes, rule_allows)
 from dask_memory_operator.webhook.certs import write_webhook_certs
 
@@ -559,7 +559,7 @@ def test_attributes_of_audit_events() -> None:
 
 
 def test_local_stack_writes_the_audit_log(tmp_path: pathlib.Path) -> None:
-    from dask_memory_operator.devstack.stack import LocalStack
+    from dmo_devstack.stack import LocalStack
 
     with LocalStack(tmp_path, crd_dirs=[], dask_operator=False, kubelet=False) as stack:
         assert stack.audit_log_path == tmp_path.resolve() / 'audit.log'

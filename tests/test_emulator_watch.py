@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 import yaml
 
-from dask_memory_operator.devstack.apiserver import ApiServer
+from dmo_devstack.apiserver import ApiServer
 from test_emulator import CONFIGMAPS, CRDS, WIDGET_CRD, WIDGETS, Http, holds, wait_for, widget
 
 WINDOW = 3
@@ -112,7 +112,7 @@ async def test_kopf_relists_after_its_watch_expired(tiny_server: ApiServer, tiny
 async def test_watch_window_flag_of_the_server_command(tmp_path: pathlib.Path) -> None:
     kubeconfig = tmp_path / 'config'
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, '-m', 'dask_memory_operator.devstack.apiserver', '--port', '0', '--kubeconfig',
+        sys.executable, '-m', 'dmo_devstack.apiserver', '--port', '0', '--kubeconfig',
         str(kubeconfig), '--watch-window', '1', stdout=asyncio.subprocess.DEVNULL)
     try:
         await wait_for(lambda: holds(kubeconfig.exists()), timeout=60)  # written once serving

@@ -17,8 +17,8 @@ import aiohttp.web
 import pytest
 import yaml
 
-from dask_memory_operator.devstack.apiserver import ApiServer
-from dask_memory_operator.devstack.emulator.admission import resolve_webhook_user, webhook_kubeconfig_path
+from dmo_devstack.apiserver import ApiServer
+from dmo_devstack.emulator.admission import resolve_webhook_user, webhook_kubeconfig_path
 from dask_memory_operator.webhook.certs import write_client_ca, write_client_cert, write_webhook_certs
 from test_emulator import Http
 from test_emulator_admission import PODS, add_label, configure, hook, pod

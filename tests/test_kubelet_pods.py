@@ -20,9 +20,9 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from dask_memory_operator.devstack.kubelet import Kubelet, PodRunner, ProcessTable, kill_processes
-from dask_memory_operator.devstack.stack import LocalStack
-from dask_memory_operator.devstack.volumes import PodVolumes, write_atomic
+from dmo_devstack.kubelet import Kubelet, PodRunner, ProcessTable, kill_processes
+from dmo_devstack.stack import LocalStack
+from dmo_devstack.volumes import PodVolumes, write_atomic
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ from dask_memory_operator.controllers.workergroup import (
     DaskWorkerGroup,
     Ledger,
 )
-from dask_memory_operator.devstack.apiserver import ApiServer
+from dmo_devstack.apiserver import ApiServer
 from dask_memory_operator.schedulers import rpc
 from dask_memory_operator.schedulers.rpc import MAX_STATUS_ITEMS, SchedulerProtocolError
 

@@ -27,9 +27,9 @@ import psutil
 import pytest
 from distributed import Client
 
-from dask_memory_operator.devstack import dns
-from dask_memory_operator.devstack.kubelet import UnsupportedContainer, container_argv, container_env, expand
-from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
+from dmo_devstack import dns
+from dmo_devstack.kubelet import UnsupportedContainer, container_argv, container_env, expand
+from dmo_devstack.stack import LocalStack, daskcluster_manifest
 
 # ---------------------------------------------------------------------------------
 # Units: no stack needed

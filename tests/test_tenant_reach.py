@@ -25,8 +25,8 @@ from collections.abc import Iterator
 import pytest
 from distributed import Client
 
-from dask_memory_operator.devstack.probes import amm_state
-from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
+from dmo_devstack.probes import amm_state
+from dmo_devstack.stack import LocalStack, daskcluster_manifest
 
 AMM_OFF = {"DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False"}
 #: the policy A applies, and what a scheduler it configured reports

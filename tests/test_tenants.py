@@ -35,7 +35,7 @@ from dask_memory_operator.controllers.config import OperatorConfig
 from dask_memory_operator.controllers.daskcluster import _settle_once, daskclusters_by_namespace
 from dask_memory_operator.controllers.memorypolicy import memorypolicies_by_namespace, policy_clusters
 from dask_memory_operator.controllers.scaling import TAG, ClusterScaling, ScalingController
-from dask_memory_operator.devstack.apiserver import ApiServer
+from dmo_devstack.apiserver import ApiServer
 from dask_memory_operator.observability import events
 from dask_memory_operator.schedulers import rpc
 from dask_memory_operator.schedulers.converge import ClusterReconciler, PendingRestore

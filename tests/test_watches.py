@@ -28,8 +28,8 @@ from dask_memory_operator import watches as watches_module
 from dask_memory_operator.controllers.registry import stop_background_tasks
 from dask_memory_operator.controllers.scaling import TAG, ClusterScaling, Pass, ScalingController
 from dask_memory_operator.controllers.workergroup import Ledger, group_record
-from dask_memory_operator.devstack.apiserver import ApiServer, write_kubeconfig
-from dask_memory_operator.devstack.stack import LocalStack
+from dmo_devstack.apiserver import ApiServer, write_kubeconfig
+from dmo_devstack.stack import LocalStack
 from dask_memory_operator.watches import CLUSTER_LABEL, Kind, Watches, deployment_record, operator_kinds
 
 NS = "ns"

@@ -232,8 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         from dask_memory_operator.observability.report_data import main as report
 
         return report(args)
-    from dask_memory_operator.devstack.sandbox import sandbox
-
+    try:
+        from dmo_devstack.sandbox import sandbox
+    except ModuleNotFoundError as exc:
+        if exc.name != "dmo_devstack":
+            raise
+        print("dask-memory-operator sandbox: the sandbox is the project's dev stack, not part of the operator: "
+              "from a checkout, `pip install -e . -e ./devstack`", file=sys.stderr)
+        return 2
     return sandbox(args)
 
 

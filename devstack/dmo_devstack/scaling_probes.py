@@ -1,5 +1,5 @@
 """What the end-to-end scaling tests and the chaos driver share: this project's
-operator as a process of a :class:`~dask_memory_operator.devstack.stack.LocalStack`,
+operator as a process of a :class:`~dmo_devstack.stack.LocalStack`,
 a DaskCluster whose scheduler preloads the amm_core plugin, a MemoryPolicy with
 ``adaptive`` and ``retirement``, and what the API and the scheduler say of the
 cluster (replicas, worker Deployments, the policy's status entry, Events), a busy job,
@@ -18,8 +18,8 @@ from contextlib import contextmanager
 import dask.array as da
 from distributed import Client, wait
 
-from dask_memory_operator.devstack.probes import TaskLedger, task_ledger, worker_statuses
-from dask_memory_operator.devstack.stack import LocalStack, daskcluster_manifest
+from dmo_devstack.probes import TaskLedger, task_ledger, worker_statuses
+from dmo_devstack.stack import LocalStack, daskcluster_manifest
 
 PRELOAD = {"DASK_DISTRIBUTED__SCHEDULER__PRELOAD": "amm_core.plugin"}
 OPERATOR_ARGS = ["--scheduler-access", "pod-ip", "--resync-interval", "2", "--rpc-timeout", "3"]

@@ -66,7 +66,7 @@ cluster, through EndpointSlices:
   (allocated by the API server from 127.1.0.0/16) and forwards each connection to a
   ready endpoint of ALL the slices labelled with the Service's name, hand-written
   ones included, as kube-proxy does.
-- Names resolve through :mod:`dask_memory_operator.devstack.dns`: the kubelet writes
+- Names resolve through :mod:`dmo_devstack.dns`: the kubelet writes
   the hosts file of all Services (name -> clusterIP) and starts every process with
   that resolver installed.
 
@@ -144,9 +144,9 @@ import kr8s.asyncio
 from kr8s.asyncio.objects import ConfigMap, Deployment, Pod, Secret, Service, new_class
 from kubernetes.utils.quantity import parse_quantity
 
-from dask_memory_operator.devstack import dns
-from dask_memory_operator.devstack import volumes as pod_volumes
-from dask_memory_operator.devstack.proxy import SERVICE_NAME_LABEL, UserspaceProxy, service_ports
+from dmo_devstack import dns
+from dmo_devstack import volumes as pod_volumes
+from dmo_devstack.proxy import SERVICE_NAME_LABEL, UserspaceProxy, service_ports
 
 logger = logging.getLogger("dask_memory_operator.kubelet")
 

@@ -1,7 +1,7 @@
 """
 Run the Kubernetes API emulator over HTTP: in-process (``ApiServer``) or as a command.
 
-    python -m dask_memory_operator.devstack.apiserver --port 0 --kubeconfig PATH [--crds DIR ...]
+    python -m dmo_devstack.apiserver --port 0 --kubeconfig PATH [--crds DIR ...]
         [--service-cidr CIDR] [--watch-window EVENTS] [--audit-log-path PATH]
         [--admission-control-config-file PATH]
 
@@ -33,7 +33,7 @@ import aiohttp
 import kmock
 import yaml
 
-from dask_memory_operator.devstack.emulator import KubeEmulator
+from dmo_devstack.emulator import KubeEmulator
 
 
 def _client_session(url: Any) -> aiohttp.ClientSession:

@@ -12,7 +12,7 @@ The job runs throughout: ``CHUNKS`` chunks of integers are computed once and hel
 (persisted data, ~2 MB each), and every round adds a batch of slow tasks that each sum
 one chunk; their results stay held too. Every answer is known in advance (sums of
 ``arange`` segments), so the result is checked exactly. A
-:class:`~dask_memory_operator.devstack.probes.TaskLedger` on the scheduler tells
+:class:`~dmo_devstack.probes.TaskLedger` on the scheduler tells
 whether a key was computed twice, lost with a leaving worker, or whether a running
 task's worker left under it.
 
@@ -48,8 +48,8 @@ from typing import Any
 import numpy as np
 from distributed import Client, Event, Future
 
-from dask_memory_operator.devstack.probes import task_ledger, worker_statuses
-from dask_memory_operator.devstack.scaling_probes import (
+from dmo_devstack.probes import task_ledger, worker_statuses
+from dmo_devstack.scaling_probes import (
     OPERATOR,
     client_of,
     events,
@@ -63,7 +63,7 @@ from dask_memory_operator.devstack.scaling_probes import (
     wait_policy_reconciled,
     worker_deployments,
 )
-from dask_memory_operator.devstack.stack import LocalStack
+from dmo_devstack.stack import LocalStack
 
 
 MAX_WORKERS = 4

@@ -34,9 +34,9 @@ from rich.console import Console
 from rich.table import Table
 
 from dask_memory_operator import manifests
-from dask_memory_operator.devstack.probes import amm_counters, amm_state
-from dask_memory_operator.devstack.sandbox_scaledown import Demo, scale_down_demo
-from dask_memory_operator.devstack.stack import LocalStack
+from dmo_devstack.probes import amm_counters, amm_state
+from dmo_devstack.sandbox_scaledown import Demo, scale_down_demo
+from dmo_devstack.stack import LocalStack
 
 EXAMPLES = Path(str(manifests.EXAMPLES))
 CLUSTER = "demo"

@@ -4,10 +4,10 @@ The end-to-end tests and the sandbox need what a cluster gives a Dask operator: 
 API server, dask-kubernetes turning DaskClusters into Deployments and Services, and
 something that runs those Deployments. Here that is three local processes:
 
-1. ``dask_memory_operator.devstack.apiserver``: the emulated Kubernetes API (HTTP on
+1. ``dmo_devstack.apiserver``: the emulated Kubernetes API (HTTP on
    127.0.0.1), started with the CRDs of dask-kubernetes (from its helm chart in the
    installed package) and of this project (``crds/`` of the repository).
-2. ``dask_memory_operator.devstack.kubelet``: runs each Deployment's pods as local
+2. ``dmo_devstack.kubelet``: runs each Deployment's pods as local
    ``dask scheduler``/``dask worker`` processes (see its docstring for networking).
 3. The dask-kubernetes operator, unmodified from its package, run as its image runs
    it: ``kopf run --all-namespaces -m dask_kubernetes.operator.controller`` (standalone,
@@ -63,8 +63,8 @@ import psutil
 import yaml
 
 from dask_memory_operator import manifests
-from dask_memory_operator.devstack import dns
-from dask_memory_operator.devstack.proxy import SERVICE_NAME_LABEL, slice_endpoints
+from dmo_devstack import dns
+from dmo_devstack.proxy import SERVICE_NAME_LABEL, slice_endpoints
 
 T = TypeVar("T")
 
@@ -305,7 +305,7 @@ class LocalStack:
             "plugins": [{"name": "MutatingAdmissionWebhook", "configuration": {
                 "apiVersion": "apiserver.config.k8s.io/v1", "kind": "WebhookAdmission",
                 "kubeConfigFile": str(self.webhook_kubeconfig)}}]}))
-        argv = [sys.executable, "-m", "dask_memory_operator.devstack.apiserver", "--port", "0",
+        argv = [sys.executable, "-m", "dmo_devstack.apiserver", "--port", "0",
                 "--kubeconfig", str(self.kubeconfig), "--service-cidr", self.service_cidr,
                 "--audit-log-path", str(self.audit_log_path), "--admission-control-config-file", str(admission)]
         for d in self.crd_dirs:
@@ -322,7 +322,7 @@ class LocalStack:
             ready = kubelet_dir / "kubelet.ready"
             ready.unlink(missing_ok=True)
             kubelet = self.start_process("kubelet", [
-                sys.executable, "-m", "dask_memory_operator.devstack.kubelet",
+                sys.executable, "-m", "dmo_devstack.kubelet",
                 "--kubeconfig", str(self.kubeconfig), "--state-dir", str(kubelet_dir),
                 "--log-dir", str(self.pod_log_dir), "--pod-cidr", self.pod_cidr,
             ])
@@ -646,7 +646,7 @@ def daskcluster_manifest(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m dask_memory_operator.devstack.stack [STATE_DIR]``: run the stack until Ctrl-C."""
+    """``python -m dmo_devstack.stack [STATE_DIR]``: run the stack until Ctrl-C."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Run the local Kubernetes stack until interrupted.")

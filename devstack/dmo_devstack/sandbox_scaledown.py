@@ -30,8 +30,8 @@ from distributed import Client, futures_of, wait
 from rich.console import Console
 from rich.table import Table
 
-from dask_memory_operator.devstack.probes import TaskLedger, task_ledger
-from dask_memory_operator.devstack.stack import LocalStack
+from dmo_devstack.probes import TaskLedger, task_ledger
+from dmo_devstack.stack import LocalStack
 from dask_memory_operator.observability.report import ReportData, savings_rows
 from dask_memory_operator.observability.report_data import scheduler_savings
 from dask_memory_operator.schedulers import rpc as scheduler_rpc
