@@ -485,3 +485,24 @@ def test_a_dask_worker_past_its_memory_limit_is_oom_killed_with_its_nanny(stack,
     killed = json.loads(logs.split("OOM kill at ", 1)[1].split(" in pids ", 1)[1].split(" > ", 1)[0])
     assert killed[0] == nanny and worker_pid in killed
     assert not stack.pod_processes(namespace, "worker")
+
+
+def test_pod_ips_go_round_robin_not_lowest_free(tmp_path):
+    """As CNI's host-local IPAM: a released pod IP is not the next one handed out (a
+    worker of a deleted cluster, still reconnecting to its scheduler's IP, would reach
+    the next scheduler there); the range wraps around to what is free."""
+    kubelet = Kubelet(None, tmp_path, tmp_path, pod_cidr="127.2.250.0/29")  # 6 hosts
+    first = kubelet._allocate_ip()
+    kubelet.ips_in_use[first] = None
+    second = kubelet._allocate_ip()
+    kubelet.ips_in_use[second] = None
+    del kubelet.ips_in_use[first]
+    third = kubelet._allocate_ip()
+    kubelet.ips_in_use[third] = None
+    assert (first, second, third) == ("127.2.250.1", "127.2.250.2", "127.2.250.3")
+    for _ in range(3):
+        kubelet.ips_in_use[kubelet._allocate_ip()] = None
+    assert kubelet._allocate_ip() == first  # wrapped around: the only one free
+    kubelet.ips_in_use[first] = None
+    with pytest.raises(RuntimeError, match="no pod IP left"):
+        kubelet._allocate_ip()

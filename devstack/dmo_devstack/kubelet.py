@@ -1218,6 +1218,7 @@ class Kubelet:
         self._stopping_uids: set[str | None] = set()
         self.ips_in_use = {}
         self.pod_cidr = ipaddress.ip_network(pod_cidr)
+        self._next_ip_index = 0
         self.shutting_down = False
         self._wake = asyncio.Event()
         self._hosts_written: list[tuple[str, str, str]] | None = None
@@ -1350,9 +1351,16 @@ class Kubelet:
     # -- reconciling -----------------------------------------------------------
 
     def _allocate_ip(self) -> str:
-        for host in self.pod_cidr.hosts():
-            ip = str(host)
+        """The next free pod IP after the last one handed out, as CNI's host-local IPAM
+        allocates (round robin): an address just released is not handed out again at
+        once, while clients of the pod that had it may still be trying to reach it."""
+        first = int(self.pod_cidr.network_address) + 1
+        size = self.pod_cidr.num_addresses - 2  # without the network and broadcast addresses
+        for i in range(size):
+            index = (self._next_ip_index + i) % size
+            ip = str(ipaddress.ip_address(first + index))
             if ip not in self.ips_in_use and not ip.endswith(".255"):
+                self._next_ip_index = index + 1
                 return ip
         raise RuntimeError(f"no pod IP left in {self.pod_cidr}")
 
