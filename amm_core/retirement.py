@@ -271,8 +271,12 @@ class Retirement:
     leaving: bool
     #: :func:`process_of` the retired worker
     process: str
-    #: Of ``keys_moved``/``bytes_moved``, what was counted as rescued already (when
-    #: a process of the worker left; one that registered again may leave again)
+    #: Keys only this worker held, as the engine saw them (at the start and at each
+    #: cycle): what of them another worker holds when it leaves is rescued, whoever
+    #: made the copy (the engine, or a task that fetched it while the worker stayed)
+    at_risk: set[Any]
+    #: What was counted as rescued (at each time a process of the worker left; one
+    #: that registered again may leave again)
     rescued_keys: int
     rescued_bytes: int
     #: Keys of tasks already offered to other workers (each is offered once: a task
@@ -298,6 +302,7 @@ class Retirement:
         self.keys_left = self.bytes_left = self.tasks_running = 0
         self.keys_moved = self.bytes_moved = self.wasted_tasks = 0
         self.keys_lost = self.bytes_lost = 0
+        self.at_risk = set()
         self.rescued_keys = self.rescued_bytes = 0
         self.left = False
         self.rejoined = 0
@@ -734,6 +739,7 @@ class RetirementEngine:
         if veto and not rt.leaving:
             self.abort(rt, veto)  # nothing changed yet: nothing to put back
             return
+        rt.at_risk.update(ts.key for ts in unsafe_keys(ws, retiring_workers(self.scheduler)))
         if ws.status in (Status.running, Status.paused):
             rt.set_from = ws.status
             set_status(self.scheduler, ws, Status.closing_gracefully)
@@ -917,11 +923,19 @@ class RetirementEngine:
         self._prune()
 
     def _count_rescued(self, rt: Retirement) -> None:
-        """``rt``'s worker left: what was moved off it since it was last counted is
-        rescued."""
-        keys = rt.keys_moved - rt.rescued_keys
-        nbytes = rt.bytes_moved - rt.rescued_bytes
-        rt.rescued_keys, rt.rescued_bytes = rt.keys_moved, rt.bytes_moved
+        """``rt``'s worker left (the scheduler has dropped its copies): what only it
+        held during the retirement and another worker holds now is rescued, the data a
+        plain deletion would have lost. Costs the keys at risk, once."""
+        tasks = self.scheduler.tasks
+        keys = nbytes = 0
+        for key in rt.at_risk:
+            ts = tasks.get(key)
+            if ts is not None and ts.state == "memory" and ts.who_has:
+                keys += 1
+                nbytes += ts.get_nbytes()
+        rt.at_risk.clear()
+        rt.rescued_keys += keys
+        rt.rescued_bytes += nbytes
         if self.savings is not None:
             self.savings.rescue(rt, keys, nbytes)
 
@@ -1028,6 +1042,7 @@ class RetirementEngine:
         rt.state = "aborted"
         rt.abort_reason = why
         rt.ended = time()
+        rt.at_risk.clear()  # an aborted retirement rescues nothing when its worker leaves
         self.mark("retirement-aborted", rt.name)
         ws = rt.ws
         if (
@@ -1057,6 +1072,7 @@ class RetirementEngine:
             return []
         self._offer_queued(rt, recipients)
         unsafe = unsafe_keys(ws, retiring)
+        rt.at_risk.update(ts.key for ts in unsafe)
         rt.keys_left = len(unsafe)
         rt.bytes_left = sum(map(attrgetter("nbytes"), unsafe))
         rt.tasks_running = len(ws.processing)

@@ -8,11 +8,14 @@ since the plugin started; ``id`` and ``started`` change when the scheduler (or t
 plugin) restarts, so that a reader keeping its own totals adds the new counters to
 them instead of taking a drop for a negative saving.
 
-- *rescued*: keys and bytes the retirement engine (amm_core.retirement) copied off a
-  retiring worker, counted when that worker leaves the cluster (a copy off a worker
-  that stays saved nothing yet), by who asked: ``operator`` (``keep_out=True``) or
-  ``hook`` (a preStop hook, ``keep_out=False``). A worker whose process registered
-  again and left again is counted once for each copy.
+- *rescued*: keys and bytes only a retiring worker held during its retirement (as
+  the engine (amm_core.retirement) saw them) that another worker holds when it
+  leaves the cluster: the data a plain deletion would have lost. Most are the
+  engine's copies; a key a task fetched while the worker stayed counts too. Counted
+  when the worker leaves (a copy off a worker that stays saved nothing yet), by who
+  asked: ``operator`` (``keep_out=True``) or ``hook`` (a preStop hook,
+  ``keep_out=False``). A worker whose process registered again and left again is
+  counted again for what was at risk since.
 - *lost*: keys and bytes the scheduler lost when a worker left (lost computed and
   lost scattered keys of its ``remove-worker`` event), by why:
   ``retirementAborted`` (its retirement was aborted or blocked when it left),
@@ -24,7 +27,7 @@ them instead of taking a drop for a negative saving.
   the drops, never the keys.
 - *departures*: the last :data:`MAX_DEPARTURES` workers that left, each with what
   the scheduler lost with it and why, and what was moved off it (``moved_keys``,
-  ``moved_bytes``: rescued, when it retired), numbered by a ``seq`` that only grows:
+  ``moved_bytes``: what it rescued), numbered by a ``seq`` that only grows:
   the operator attributes a ``killed`` one to an OOM kill it saw on the pod, posts an
   Event for a preStop hook's retirement, and handles each record once (a gap in
   ``seq`` says records were missed).
@@ -57,7 +60,7 @@ Message shape (plain data)::
         # left for that reason, whether they lost anything or not (zero shown as zero)
     departure = {"seq": int, "worker": name, "address": str, "at": scheduler time,
                  "keys": int, "bytes": int,   # lost with it
-                 "moved_keys": int, "moved_bytes": int,   # moved off it before it left
+                 "moved_keys": int, "moved_bytes": int,   # rescued from it
                  "why": "retired" | "retirementAborted" | "killed",
                  "retirement": "operator" | "hook" | None}
 
@@ -153,8 +156,8 @@ class Savings:
                 "at": time(),
                 "keys": keys,
                 "bytes": nbytes,
-                "moved_keys": 0 if rt is None else rt.keys_moved,
-                "moved_bytes": 0 if rt is None else rt.bytes_moved,
+                "moved_keys": 0 if rt is None else rt.rescued_keys,
+                "moved_bytes": 0 if rt is None else rt.rescued_bytes,
                 "why": why,
                 "retirement": None if rt is None else ("operator" if rt.keep_out else "hook"),
             }

@@ -68,6 +68,30 @@ async def test_a_scripted_retirement_counts_what_it_moved_as_rescued() -> None:
         assert [d["seq"] for d in out["departures"]] == [1, 2]
 
 
+async def test_a_key_at_risk_that_a_task_fetched_counts_as_rescued() -> None:
+    """Rescued is what only the retiring worker held and another holds when it leaves,
+    whoever made the copy: here the engine has no room to copy into, and a task on w1
+    fetches the key while w0 stays for its retirement. A plain deletion of w0 at the
+    start would have lost it; the engine's own copies alone would count nothing."""
+    async with cluster(2) as (s, ws, c):
+        [x] = await scatter_to(c, ws[0], 1, MB, 0)
+        nbytes = s.tasks[x.key].nbytes
+        with dask.config.set({"distributed.worker.memory.pause": 1e-6}):  # the scheduler's room check only
+            await call(s, "amm_core_retire", workers=["w0"], limit=30, keep_out=False)
+            await until(lambda: records(s)["w0"]["blocked"], "blocked: no room")
+            y = c.submit(len, x, workers=[ws[1].address], pure=False)
+            assert await y == MB
+            await until(lambda: len(s.tasks[x.key].who_has or ()) == 2, "w1 holding x")
+            assert records(s)["w0"]["keys_moved"] == 0
+            await ws[0].close()
+            await until(lambda: len(s.workers) == 1, "w0 gone")
+        out = await call(s, "amm_core_savings")
+        assert out["rescued"]["hook"] == {"workers": 1, "keys": 1, "bytes": nbytes}
+        [dep] = out["departures"]
+        assert dep["keys"] == 0 and (dep["moved_keys"], dep["moved_bytes"]) == (1, nbytes)
+        assert await c.gather(x) == blob(0, MB)
+
+
 async def test_a_blocked_hook_retirement_that_leaves_counts_as_aborted() -> None:
     async with cluster(2) as (s, ws, c):
         futs = await scatter_to(c, ws[0], 2, MB, 0)
