@@ -120,14 +120,16 @@ def test_lowering_maximum_retires_busy_workers_and_loses_nothing(stack: LocalSta
         assert retirement_metric(metrics_port, "dask_memory_operator_retirement_duration_seconds_count",
                                  outcome="done") >= 2
 
-        # The savings: what the scheduler counted as moved off the two retired workers,
-        # in the policy's status and the metrics; the keys are those the Events told
+        # The savings: what the scheduler counted as rescued from the two retired
+        # workers (only they held it, another worker did when they left), in the
+        # policy's status and the metrics. The Events tell the copies the engine made:
+        # a key a task fetched first is rescued without one, and one released before
+        # the worker left is not rescued
         counted = client.run_on_scheduler(amm_savings)["rescued"]["operator"]
-        told = sum(int(e["message"].split(": ", 1)[1].split()[0]) for e in retired)
-        assert counted["workers"] == 2 and counted["keys"] == told > 0 and counted["bytes"] > 0
+        assert counted["workers"] == 2 and counted["keys"] > 0 and counted["bytes"] > 0
         saved = wait_savings(stack, ns, cluster, lambda s: s["rescued"]["operator"] == counts(counted),
                              "the savings of the scale-down in the status")
-        assert saved["rescued"]["keys"] == told and saved["rescued"]["bytes"] == counted["bytes"]
+        assert saved["rescued"]["keys"] == counted["keys"] and saved["rescued"]["bytes"] == counted["bytes"]
         assert saved["rescued"]["hook"]["keys"] == 0
         assert saved["lost"]["keys"] == 0 and saved["lost"]["bytes"] == 0
         assert saved["oomKills"]["count"] == 0

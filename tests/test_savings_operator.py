@@ -153,7 +153,7 @@ def test_each_hook_retirement_is_told_once():
     assert [d["seq"] for d in r.hook_departures] == [1, 2]
     assert r.savings["source"]["seq"] == 2
     reason, text, warning = sv.hook_message(r.hook_departures[0])
-    assert reason == "WorkerRetiredByHook" and not warning and "3 keys (3 MB) moved" in text
+    assert reason == "WorkerRetiredByHook" and not warning and "3 keys (3 MB) rescued" in text
     reason, text, warning = sv.hook_message(r.hook_departures[1])
     assert reason == "WorkerLeftMidRetirement" and warning and "2 keys (2 kB) lost" in text
     # the same departures again (read again): nothing told twice

@@ -471,7 +471,7 @@ def kill_message(kill: Kill, floor_group: str | None) -> str:
 def hook_message(dep: Mapping[str, Any]) -> tuple[str, str, bool]:
     """(reason, message, warning) of the Event of a worker a preStop hook retired."""
     worker = describe(str(dep.get("worker", "")), 253)
-    moved = f"{_int(dep.get('moved_keys'))} keys ({nbytes(_int(dep.get('moved_bytes')))}) moved off it"
+    moved = f"{_int(dep.get('moved_keys'))} keys ({nbytes(_int(dep.get('moved_bytes')))}) rescued from it"
     lost = _int(dep.get("keys"))
     if dep.get("why") == "retired" and not lost:
         return "WorkerRetiredByHook", f"Worker {worker} retired by its preStop hook: {moved}, nothing lost", False
