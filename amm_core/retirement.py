@@ -924,15 +924,25 @@ class RetirementEngine:
 
     def _count_rescued(self, rt: Retirement) -> None:
         """``rt``'s worker left (the scheduler has dropped its copies): what only it
-        held during the retirement and another worker holds now is rescued, the data a
-        plain deletion would have lost. Costs the keys at risk, once."""
+        held during the retirement and a worker in service holds now is rescued, the
+        data a plain deletion would have lost. A key another retiring worker still
+        holds at risk is left for that one to count, so that a key is rescued once.
+        Costs the keys at risk, once."""
         tasks = self.scheduler.tasks
+        gone = out_of_service(self.scheduler)
+        others = {r.ws: r for r in self.records.values() if r is not rt and r.watched}
         keys = nbytes = 0
         for key in rt.at_risk:
             ts = tasks.get(key)
-            if ts is not None and ts.state == "memory" and ts.who_has:
-                keys += 1
-                nbytes += ts.get_nbytes()
+            if ts is None or ts.state != "memory" or not ts.who_has:
+                continue
+            holders = ts.who_has
+            if all(ws in gone for ws in holders):
+                continue  # only on workers that go too: not saved yet
+            if any(key in others[ws].at_risk for ws in holders if ws in others):
+                continue  # at risk on another retiring worker too: counted when it leaves
+            keys += 1
+            nbytes += ts.get_nbytes()
         rt.at_risk.clear()
         rt.rescued_keys += keys
         rt.rescued_bytes += nbytes

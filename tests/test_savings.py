@@ -92,6 +92,24 @@ async def test_a_key_at_risk_that_a_task_fetched_counts_as_rescued() -> None:
         assert await c.gather(x) == blob(0, MB)
 
 
+async def test_a_key_rescued_off_two_retiring_workers_counts_once() -> None:
+    """A key only two leaving workers hold is one key saved, counted when the last of
+    them leaves; the benchmark's ledger counts it so too."""
+    async with cluster(3) as (s, ws, c):
+        [x] = await c.scatter([blob(0, MB)], workers=[ws[0].address, ws[1].address], broadcast=True, hash=False)
+        await until(lambda: len(s.tasks[x.key].who_has or ()) == 2, "x on w0 and w1")
+        await call(s, "amm_core_retire", workers=["w0", "w1"], limit=30, keep_out=False)
+        await until(lambda: all(records(s)[w]["state"] == "done" for w in ("w0", "w1")), "both done")
+        await ws[0].close()
+        await until(lambda: len(s.workers) == 2, "w0 gone")
+        assert (await call(s, "amm_core_savings"))["rescued"]["hook"]["keys"] == 0  # w1 still holds it at risk
+        await ws[1].close()
+        await until(lambda: len(s.workers) == 1, "w1 gone")
+        out = await call(s, "amm_core_savings")
+        assert out["rescued"]["hook"] == {"workers": 1, "keys": 1, "bytes": s.tasks[x.key].nbytes}
+        assert await c.gather(x) == blob(0, MB)
+
+
 async def test_a_blocked_hook_retirement_that_leaves_counts_as_aborted() -> None:
     async with cluster(2) as (s, ws, c):
         futs = await scatter_to(c, ws[0], 2, MB, 0)
