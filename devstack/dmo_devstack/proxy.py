@@ -21,7 +21,11 @@ A Service port without a ready endpoint gets no listener, so connections are
 refused, as kube-proxy's iptables mode rejects them (the userspace mode accepted and
 closed them; clients such as Dask's take a refusal for "not up yet" and retry, a
 reset for a failure); between the last endpoint going and the next ``sync`` a
-connection is accepted and closed.
+connection is accepted and closed. An endpoint can be ready and still refuse: a
+Dask scheduler whose readinessProbe is the dashboard's ``/health`` (dask-kubernetes'
+documented one) answers it before its comm port listens. Through iptables the pod's
+refusal reaches the client, which retries; here the connection is accepted already,
+so the proxy retries for it (``REFUSED_RETRY_SECONDS``), then closes it.
 
 Approximated: TCP only (no UDP or SCTP); IPv4 slices only; no ``sessionAffinity``,
 no ``internalTrafficPolicy``/topology hints, no fallback to serving-terminating
@@ -46,6 +50,10 @@ Endpoints = Callable[[], list[Address]]
 CONNECT_TIMEOUT = 3.0
 #: Bytes per read when copying.
 CHUNK = 256 * 1024
+#: Seconds a connection accepted while every endpoint refuses is held, trying them
+#: again every step (see the module docstring).
+REFUSED_RETRY_SECONDS = 10.0
+REFUSED_RETRY_STEP = 0.1
 
 
 #: The label tying an EndpointSlice to its Service, and the port a slice gives to a Service port.
@@ -131,23 +139,33 @@ class _Listener:
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REFUSED_RETRY_SECONDS
+        while True:
+            upstream = await self._connect()
+            if upstream is not None:
+                break
+            if loop.time() > deadline:
+                logger.info("proxy %s %s:%d: no endpoint took the connection, closing it", self.name, *self.address)
+                return
+            await asyncio.sleep(REFUSED_RETRY_STEP)
+        up_reader, up_writer = upstream
+        try:
+            await asyncio.gather(_copy(reader, up_writer), _copy(up_reader, writer))
+        finally:
+            up_writer.close()
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """A connection to one of the ready endpoints, in round robin; None if all refuse."""
         candidates = self.endpoints()
-        if not candidates:
-            logger.info("proxy %s %s:%d: no ready endpoint, closing the connection", self.name, *self.address)
-            return
         start = next(self._turn)
         for i in range(len(candidates)):
             ip, port = candidates[(start + i) % len(candidates)]
             try:
-                up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(ip, port), CONNECT_TIMEOUT)
+                return await asyncio.wait_for(asyncio.open_connection(ip, port), CONNECT_TIMEOUT)
             except (OSError, TimeoutError) as exc:
                 logger.info("proxy %s: endpoint %s:%d refused (%s), trying the next", self.name, ip, port, exc)
-                continue
-            try:
-                await asyncio.gather(_copy(reader, up_writer), _copy(up_reader, writer))
-            finally:
-                up_writer.close()
-            return
+        return None
 
 
 async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
