@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -133,7 +134,9 @@ async def _reconcile_policy(
 
     async def converge(cluster: str) -> Outcome:
         async with limit:
-            return await reconciler.converge(namespace, cluster, wanted, owner, saved.get(cluster))
+            return await reconciler.converge(
+                namespace, cluster, wanted, owner,
+                functools.partial(savings_module.wants_departures, saved.get(cluster)))
 
     outcomes = dict(zip(governed, await asyncio.gather(*map(converge, governed))))
     entries = []

@@ -16,11 +16,10 @@ import math
 import time
 import weakref
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dask_memory_operator.controllers import savings as savings_module
 from dask_memory_operator.observability import metrics
 from dask_memory_operator.schedulers import install, rpc as scheduler_rpc
 from dask_memory_operator.schedulers.locator import SchedulerAccessError, SchedulerLocator, SchedulerServiceMissing
@@ -243,12 +242,12 @@ class ClusterReconciler:
 
     async def converge(
         self, namespace: str, cluster: str, wanted: AMMConfig, owner: dict[str, Any],
-        savings: Mapping[str, Any] | None = None,
+        wants_departures: Callable[[Mapping[str, Any]], bool] | None = None,
     ) -> Outcome:
         """Make the cluster's scheduler run ``wanted``, tagged with ``owner``. Never
-        raises: what goes wrong is the returned outcome. ``savings``: the cluster's
-        savings as the policy's status holds them: the scheduler's departures are read
-        when its counters say some are not handled yet."""
+        raises: what goes wrong is the returned outcome. ``wants_departures``: told
+        the plugin's savings counters, whether its departures hold something the
+        caller has not handled (they are read only then)."""
         key = (namespace, cluster)
         tag = (owner["uid"], owner["generation"])
         self._prune_backoffs()
@@ -261,7 +260,8 @@ class ClusterReconciler:
                 # each call has its own timeout; this bounds the whole pass
                 async with asyncio.timeout(PASS_TIMEOUT_CALLS * self.rpc_timeout):
                     outcome = await self._converge(namespace, cluster, wanted, owner)
-                    if outcome.savings is not None and savings_module.wants_departures(savings, outcome.savings):
+                    if outcome.savings is not None and wants_departures is not None \
+                            and wants_departures(outcome.savings):
                         await self._read_departures(namespace, cluster, outcome)
             except TimeoutError:
                 outcome = Outcome(cluster, "Degraded", f"scheduler too slow: a pass took over "
