@@ -145,6 +145,7 @@ from amm_core._cycle import Cycle
 from amm_core._room import pause_fraction, room
 from amm_core._workers import find_workers, worker_names
 from amm_core.departures import Departures, downscaling_vetoes, out_of_service, set_status
+from amm_core.rescue import AtRisk
 from amm_core.totals import HeldData
 
 if TYPE_CHECKING:
@@ -271,12 +272,9 @@ class Retirement:
     leaving: bool
     #: :func:`process_of` the retired worker
     process: str
-    #: Keys only this worker held, as the engine saw them (at the start and at each
-    #: cycle): what of them another worker holds when it leaves is rescued, whoever
-    #: made the copy (the engine, or a task that fetched it while the worker stayed)
+    #: Keys at risk with this worker (amm_core.rescue: only leaving workers hold them)
     at_risk: set[Any]
-    #: What was counted as rescued (at each time a process of the worker left; one
-    #: that registered again may leave again)
+    #: What it rescued when its worker last left (amm_core.rescue)
     rescued_keys: int
     rescued_bytes: int
     #: Keys of tasks already offered to other workers (each is offered once: a task
@@ -655,10 +653,26 @@ class RetirementEngine:
         self.bars = {}
         self._removals = {}
         self.in_flight = InFlight()
-        held.watcher = self.in_flight  # what lands, as it lands
+        self.at_risk = AtRisk()
+        held.watcher = self  # what lands, as it lands, and what goes
         self._continuation = None
         self.departures = Departures.of(scheduler) or Departures(scheduler)
         self.cycle = Cycle(scheduler, RetireSafely(self).run, RETIREMENT_INTERVAL, "amm-core-retirements")
+
+    def copied(self, ts: TaskState, ws: WorkerState) -> None:
+        """The scheduler learnt that ``ws`` holds ``ts`` (amm_core.totals.Watcher)."""
+        self.in_flight.copied(ts, ws)
+        if self.records and len(ts.who_has or ()) == 1:
+            # a key computed on a retiring worker is at risk at once, not from the
+            # next cycle (a task elsewhere may fetch it before then)
+            rt = self.records.get(str(ws.name))
+            if rt is not None and rt.ws is ws and rt.watched:
+                self.at_risk.add(rt, (ts,))
+
+    def gone(self, ts: TaskState) -> None:
+        """The last copy of ``ts`` went (amm_core.totals.Watcher)."""
+        self.in_flight.gone(ts)
+        self.at_risk.gone(ts)
 
     def handlers(self) -> dict[str, Any]:
         return {
@@ -739,7 +753,6 @@ class RetirementEngine:
         if veto and not rt.leaving:
             self.abort(rt, veto)  # nothing changed yet: nothing to put back
             return
-        rt.at_risk.update(ts.key for ts in unsafe_keys(ws, retiring_workers(self.scheduler)))
         if ws.status in (Status.running, Status.paused):
             rt.set_from = ws.status
             set_status(self.scheduler, ws, Status.closing_gracefully)
@@ -792,7 +805,7 @@ class RetirementEngine:
                     }
                 )
             else:
-                del self.records[rt.name]
+                self._delete(rt.name)
                 if rt.name not in forgotten:
                     forgotten.append(rt.name)
         return {"forgotten": forgotten, "kept": kept}
@@ -812,7 +825,7 @@ class RetirementEngine:
             return
         if rt is None or not self._keeps_out(rt, ws):
             if rt is not None and rt.left and not rt.keep_out:
-                del self.records[name]  # the Deployment's next pod: welcome
+                self._delete(name)  # the Deployment's next pod: welcome
             self._join_barred(ws)
             return
         rt.ws = ws
@@ -923,31 +936,11 @@ class RetirementEngine:
         self._prune()
 
     def _count_rescued(self, rt: Retirement) -> None:
-        """``rt``'s worker left (the scheduler has dropped its copies): what only it
-        held during the retirement and a worker in service holds now is rescued, the
-        data a plain deletion would have lost. A key another retiring worker still
-        holds at risk is left for that one to count, so that a key is rescued once.
-        Costs the keys at risk, once."""
-        tasks = self.scheduler.tasks
-        gone = out_of_service(self.scheduler)
-        others = {r.ws: r for r in self.records.values() if r is not rt and r.watched}
-        keys = nbytes = 0
-        for key in rt.at_risk:
-            ts = tasks.get(key)
-            if ts is None or ts.state != "memory" or not ts.who_has:
-                continue
-            holders = ts.who_has
-            if all(ws in gone for ws in holders):
-                continue  # only on workers that go too: not saved yet
-            if any(key in others[ws].at_risk for ws in holders if ws in others):
-                continue  # at risk on another retiring worker too: counted when it leaves
-            keys += 1
-            nbytes += ts.get_nbytes()
-        rt.at_risk.clear()
-        rt.rescued_keys += keys
-        rt.rescued_bytes += nbytes
+        """``rt``'s worker left: what it rescued (amm_core.rescue)."""
+        keys, nbytes, deferred = self.at_risk.settle(rt, self.scheduler.tasks, out_of_service(self.scheduler))
+        rt.rescued_keys, rt.rescued_bytes = keys, nbytes
         if self.savings is not None:
-            self.savings.rescue(rt, keys, nbytes)
+            self.savings.rescue(rt, keys, nbytes, deferred)
 
     def _count_departure(
         self, name: str, address: str, keys: int, nbytes: int, rt: Retirement | None
@@ -978,7 +971,7 @@ class RetirementEngine:
         MAX_RECORDS; and expired bars."""
         now = time()
         for name in [n for n, rt in self.records.items() if rt.ended_before(now - RECORD_TTL)]:
-            del self.records[name]
+            self._delete(name)
         excess = len(self.records) - MAX_RECORDS
         if excess > 0:
             ended = sorted(
@@ -986,9 +979,12 @@ class RetirementEngine:
                 key=lambda rt: rt.ended or 0,
             )
             for rt in ended[:excess]:
-                del self.records[rt.name]
+                self._delete(rt.name)
         for name in [n for n, bar in self.bars.items() if bar[0] < now]:
             del self.bars[name]
+
+    def _delete(self, name: str) -> None:
+        self.at_risk.drop(self.records.pop(name))
 
     def mark(self, kind: str, name: str) -> None:
         if self.markers is not None:
@@ -1052,7 +1048,7 @@ class RetirementEngine:
         rt.state = "aborted"
         rt.abort_reason = why
         rt.ended = time()
-        rt.at_risk.clear()  # an aborted retirement rescues nothing when its worker leaves
+        self.at_risk.drop(rt)  # an aborted retirement rescues nothing when its worker leaves
         self.mark("retirement-aborted", rt.name)
         ws = rt.ws
         if (
@@ -1082,7 +1078,7 @@ class RetirementEngine:
             return []
         self._offer_queued(rt, recipients)
         unsafe = unsafe_keys(ws, retiring)
-        rt.at_risk.update(ts.key for ts in unsafe)
+        self.at_risk.add(rt, unsafe)
         rt.keys_left = len(unsafe)
         rt.bytes_left = sum(map(attrgetter("nbytes"), unsafe))
         rt.tasks_running = len(ws.processing)

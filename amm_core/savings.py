@@ -130,9 +130,11 @@ class Savings:
         self.departures = deque(maxlen=MAX_DEPARTURES)
         self.seq = 0
 
-    def rescue(self, rt: Retirement, keys: int, nbytes: int) -> None:
-        """``keys`` more copies (``nbytes``) moved off ``rt``'s worker, which left."""
-        if keys:
+    def rescue(self, rt: Retirement, keys: int, nbytes: int, deferred: bool = False) -> None:
+        """``rt``'s worker left, having rescued ``keys`` (``nbytes``) and, if
+        ``deferred``, left more for another retiring worker to count
+        (amm_core.rescue): a worker counts if it had a share in a rescue."""
+        if keys or deferred:
             self.rescued["operator" if rt.keep_out else "hook"].add(keys, nbytes)
 
     def departed(

@@ -8,6 +8,7 @@ driven with given times.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import dask
@@ -106,8 +107,49 @@ async def test_a_key_rescued_off_two_retiring_workers_counts_once() -> None:
         await ws[1].close()
         await until(lambda: len(s.workers) == 1, "w1 gone")
         out = await call(s, "amm_core_savings")
-        assert out["rescued"]["hook"] == {"workers": 1, "keys": 1, "bytes": s.tasks[x.key].nbytes}
+        # both had a share in it
+        assert out["rescued"]["hook"] == {"workers": 2, "keys": 1, "bytes": s.tasks[x.key].nbytes}
         assert await c.gather(x) == blob(0, MB)
+
+
+async def test_a_key_left_to_a_retirement_that_is_then_cancelled_is_counted_by_the_first() -> None:
+    """x on w0 (a preStop hook's retirement) and w1 (the operator's, still draining a
+    task, so cancellable). When w0 leaves, x (copied to w2) counts at once: w1 may be
+    put back in service and never leave."""
+    async with cluster(3) as (s, ws, c):
+        [x] = await c.scatter([blob(0, MB)], workers=[ws[0].address, ws[1].address], broadcast=True, hash=False)
+        running = c.submit(time.sleep, 60, workers=[ws[1].address], pure=False)
+        await until(lambda: s.workers[ws[1].address].processing, "a task running on w1")
+        await call(s, "amm_core_retire", workers=["w1"], limit=60)
+        await call(s, "amm_core_retire", workers=["w0"], limit=30, keep_out=False)
+        await until(lambda: records(s)["w0"]["state"] == "done", "w0 done")
+        assert records(s)["w1"]["state"] == "draining"
+        await ws[0].close()
+        await until(lambda: len(s.workers) == 2, "w0 gone")
+        assert (await call(s, "amm_core_savings"))["rescued"]["hook"] == {
+            "workers": 1, "keys": 1, "bytes": s.tasks[x.key].nbytes}
+        assert (await call(s, "amm_core_cancel_retirement", workers=["w1"]))["cancelled"] == ["w1"]
+        del running
+        await ws[1].close(executor_wait=False)  # its task sleeps on
+        await until(lambda: len(s.workers) == 1, "w1 gone")
+        out = await call(s, "amm_core_savings")
+        assert out["rescued"]["operator"]["keys"] == 0 and out["rescued"]["hook"]["keys"] == 1
+
+
+async def test_a_key_released_and_computed_again_under_its_name_is_not_rescued() -> None:
+    async with cluster(2) as (s, ws, c):
+        x = c.submit(blob, 0, MB, key="x", workers=[ws[0].address])
+        await x
+        with dask.config.set({"distributed.worker.memory.pause": 1e-6}):  # the scheduler's room check only
+            await call(s, "amm_core_retire", workers=["w0"], limit=30, keep_out=False)
+            await until(lambda: records(s)["w0"]["blocked"], "blocked: no room")
+            del x
+            await until(lambda: "x" not in s.tasks, "x forgotten")
+            x = c.submit(blob, 0, MB, key="x", workers=[ws[1].address])
+            await x
+            await ws[0].close()
+            await until(lambda: len(s.workers) == 1, "w0 gone")
+        assert (await call(s, "amm_core_savings"))["rescued"]["hook"]["keys"] == 0
 
 
 async def test_a_blocked_hook_retirement_that_leaves_counts_as_aborted() -> None:
