@@ -64,7 +64,8 @@ logger = logging.getLogger(__name__)
 
 class Watcher(Protocol):
     """Told of every new copy and of every key whose last copy went (the retirement
-    engine's copies in flight: amm_core.retirement.InFlight)."""
+    engine: its copies in flight, amm_core.retirement.InFlight, and its keys at
+    risk, amm_core.rescue.AtRisk)."""
 
     def copied(self, ts: TaskState, ws: WorkerState) -> None: ...
 
